@@ -1,0 +1,1 @@
+"""Exporters that rewrite a model according to a gatenorm plan (GGUF, ONNX)."""

@@ -1,0 +1,122 @@
+"""What gatenorm knows about each decoder architecture, one class per architecture.
+
+An architecture says how its attention tensors are named in a Hugging Face checkpoint and in a GGUF file,
+how llama.cpp's converter reorders q/k rows, and which transformers modules make up a decoder layer.
+Everything architecture-specific lives here; readers, scorers and exporters only ask the registry.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from gatenorm.errors import GatenormError
+
+ATTENTION_PARTS = ("q", "k", "v", "o")
+
+_REGISTRY: dict[str, type[Architecture]] = {}
+
+
+def register(*names: str):
+    """Class decorator: make an architecture findable by each of `names`.
+
+    Names are HF ``model_type`` values, HF class names (``LlamaForCausalLM``) and GGUF
+    ``general.architecture`` values.
+    """
+
+    def wrap(cls: type[Architecture]) -> type[Architecture]:
+        for name in (cls.name, *names):
+            _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_architecture(name: str) -> type[Architecture]:
+    """The architecture registered under `name`, or a GatenormError naming it as unsupported."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        supported = ", ".join(sorted({cls.name for cls in _REGISTRY.values()}))
+        raise GatenormError(f"unsupported architecture {name!r} (supported: {supported})") from None
+
+
+class Architecture:
+    """Base: a llama-like decoder (RMSNorm, rotary q/k, GQA, gated MLP)."""
+
+    name: ClassVar[str]
+    gguf_arch: ClassVar[str]
+    #: HF tensor names, ``{i}`` is the layer index.
+    hf_tensors: ClassVar[dict[str, str]] = {
+        "q": "model.layers.{i}.self_attn.q_proj.weight",
+        "k": "model.layers.{i}.self_attn.k_proj.weight",
+        "v": "model.layers.{i}.self_attn.v_proj.weight",
+        "o": "model.layers.{i}.self_attn.o_proj.weight",
+    }
+    #: GGUF tensor names, ``{i}`` is the layer index.
+    gguf_tensors: ClassVar[dict[str, str]] = {
+        "q": "blk.{i}.attn_q.weight",
+        "k": "blk.{i}.attn_k.weight",
+        "v": "blk.{i}.attn_v.weight",
+        "o": "blk.{i}.attn_output.weight",
+    }
+    #: llama.cpp's converter interleaves q/k rows of each head (NORM rope) for this architecture.
+    gguf_qk_permuted: ClassVar[bool] = False
+    #: Attribute names of a transformers decoder layer: the attention, its input norm, the MLP and its norm.
+    hf_attention_module: ClassVar[str] = "self_attn"
+    hf_attention_norm: ClassVar[str] = "input_layernorm"
+    hf_mlp_module: ClassVar[str] = "mlp"
+    hf_mlp_norm: ClassVar[str] = "post_attention_layernorm"
+
+    @classmethod
+    def gguf_to_hf_rows(cls, part: str, weight: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+        """Undo the row order llama.cpp's converter gave a q/k tensor, giving the HF layout back."""
+        if not cls.gguf_qk_permuted or part not in ("q", "k"):
+            return weight
+        heads = n_head if part == "q" else n_head_kv
+        rows = weight.shape[0]
+        half = rows // heads // 2
+        return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+    @classmethod
+    def hf_to_gguf_rows(cls, part: str, weight: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+        """The row order llama.cpp's converter writes for a q/k tensor in HF layout."""
+        if not cls.gguf_qk_permuted or part not in ("q", "k"):
+            return weight
+        heads = n_head if part == "q" else n_head_kv
+        rows = weight.shape[0]
+        half = rows // heads // 2
+        return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+@register("LlamaForCausalLM")
+class Llama(Architecture):
+    """Llama 1/2/3, SmolLM, and Mistral checkpoints converted as ``llama``."""
+
+    name = "llama"
+    gguf_arch = "llama"
+    gguf_qk_permuted = True
+
+
+@register("MistralForCausalLM")
+class Mistral(Llama):
+    """Mistral: llama layout (llama.cpp converts it as ``llama``, with the q/k permutation)."""
+
+    name = "mistral"
+
+
+@register("Qwen2ForCausalLM")
+class Qwen2(Architecture):
+    """Qwen2 / Qwen2.5: q/k/v biases, NEOX rope (llama.cpp keeps HF row order)."""
+
+    name = "qwen2"
+    gguf_arch = "qwen2"
+
+
+@register("Qwen3ForCausalLM")
+class Qwen3(Architecture):
+    """Qwen3: per-head q/k RMSNorm, explicit head_dim, NEOX rope (HF row order in GGUF)."""
+
+    name = "qwen3"
+    gguf_arch = "qwen3"

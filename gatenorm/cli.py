@@ -1,0 +1,116 @@
+"""The ``gatenorm`` command line: score, plan."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gatenorm.errors import GatenormError
+from gatenorm.io import atomic_write_text
+from gatenorm.models import resolve_model
+from gatenorm.plan import LayerAction, make_plan
+from gatenorm.readers import Checkpoint, open_checkpoint
+from gatenorm.scoring import LayerScores, Method, score_checkpoint
+
+app = typer.Typer(
+    help="Data-free attention-sublayer pruning (Gate-Norm) and edge export for decoder-only LLMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="GGUF file, HF model folder, or a shipped model: smollm2, tiny.", show_default=False),
+]
+MethodOpt = Annotated[Method, typer.Option("--method", "-m", help="Scoring method.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the random method.")]
+
+
+def _score(model: str, method: Method, seed: int) -> tuple[Checkpoint, LayerScores]:
+    ckpt = open_checkpoint(resolve_model(model))
+    return ckpt, score_checkpoint(ckpt, method, seed)
+
+
+def _table(scores: LayerScores, actions: list[LayerAction] | None = None) -> Table:
+    table = Table()
+    table.add_column("layer", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("rank", justify="right")
+    if actions is not None:
+        table.add_column("action")
+    for i, (s, r) in enumerate(zip(scores.scores, scores.ranks(), strict=True)):
+        row = [str(i), f"{s:.6g}", str(r)]
+        if actions is not None:
+            row.append(actions[i].value)
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+def score(
+    model: ModelArg,
+    method: MethodOpt = Method.GATE_NORM,
+    seed: SeedOpt = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw the scores per layer to this PNG.")] = None,
+) -> None:
+    """Score every layer's attention sublayer from the weights alone (rank 1 = dropped first)."""
+    ckpt, scores = _score(model, method, seed)
+    console.print(f"{method.value} scores of {ckpt.path} ({scores.seconds:.2f} s)")
+    console.print(_table(scores))
+    if json_out is not None:
+        doc = {
+            "method": method.value,
+            "model": str(ckpt.path),
+            "layers": [{"layer": i, "score": s} for i, s in enumerate(scores.scores)],
+        }
+        atomic_write_text(json_out, json.dumps(doc, indent=2) + "\n")
+    if plot is not None:
+        from gatenorm.plot import plot_scores
+
+        plot_scores(scores, ckpt.path.name, plot)
+
+
+@app.command()
+def plan(
+    model: ModelArg,
+    drop: Annotated[int, typer.Option("--drop", "-n", help="Number of attention sublayers to remove.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the plan JSON.")],
+    method: MethodOpt = Method.GATE_NORM,
+    seed: SeedOpt = 0,
+    allow_first_layer: Annotated[
+        bool, typer.Option(help="Allow dropping layer 0 (llama.cpp cannot run such a GGUF).")
+    ] = False,
+) -> None:
+    """Score the layers and write a plan that drops the attention of the N lowest-scored ones."""
+    ckpt, scores = _score(model, method, seed)
+    result = make_plan(ckpt, scores, drop, allow_first_layer)
+    result.save(output)
+    actions = [lp.action for lp in result.layers]
+    console.print(f"{method.value} plan for {ckpt.path}")
+    console.print(_table(scores, actions))
+    console.print(f"dropped attention of layers {result.dropped} -> {output}")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except GatenormError as e:
+        print(f"gatenorm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"gatenorm: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

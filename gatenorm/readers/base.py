@@ -1,0 +1,125 @@
+"""Common types of the checkpoint readers: model shape, per-layer attention weights, the reader interface."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gatenorm.architectures import ATTENTION_PARTS, Architecture
+from gatenorm.errors import GatenormError
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions a scorer needs, read from checkpoint metadata."""
+
+    architecture: str
+    n_layers: int
+    d_model: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        if min(self.n_layers, self.d_model, self.n_head, self.n_head_kv, self.head_dim) <= 0:
+            raise GatenormError(f"invalid model dimensions in metadata: {self}")
+        if self.n_head % self.n_head_kv:
+            raise GatenormError(f"n_head {self.n_head} is not a multiple of n_head_kv {self.n_head_kv}")
+
+
+@dataclass
+class AttentionWeights:
+    """One layer's attention projections in HF layout (``out_features x in_features``), float32.
+
+    q: (n_head*head_dim, d), k and v: (n_head_kv*head_dim, d), o: (d, n_head*head_dim).
+    """
+
+    layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    o: torch.Tensor | None = None
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head (GQA group size)."""
+        return self.n_head // self.n_head_kv
+
+
+@dataclass
+class ContentHash:
+    """sha256 over the raw bytes of the tensors a reader handed out, in reading order."""
+
+    sha: hashlib._Hash = field(default_factory=hashlib.sha256)
+    tensors: int = 0
+
+    def update(self, name: str, raw: memoryview | bytes) -> None:
+        self.sha.update(name.encode())
+        self.sha.update(raw)
+        self.tensors += 1
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+
+class Checkpoint(ABC):
+    """A model file or folder opened for lazy, per-tensor reads; nothing is loaded up front."""
+
+    format: str
+    path: Path
+    arch: type[Architecture]
+    shape: ModelShape
+
+    @abstractmethod
+    def tensor_name(self, part: str, layer: int) -> str:
+        """The checkpoint's name for attention `part` ('q', 'k', 'v', 'o') of `layer`."""
+
+    @abstractmethod
+    def _read(self, name: str) -> tuple[memoryview | bytes, torch.Tensor]:
+        """Raw stored bytes of tensor `name` and its float32 value in the checkpoint's own layout."""
+
+    def _to_hf_layout(self, part: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def read_attention(
+        self, layer: int, parts: Sequence[str] = ("q", "k"), digest: ContentHash | None = None
+    ) -> AttentionWeights:
+        """Read the attention projections `parts` of `layer`, in HF layout, as float32."""
+        if not 0 <= layer < self.shape.n_layers:
+            raise GatenormError(f"layer {layer} out of range: model has {self.shape.n_layers} layers")
+        s = self.shape
+        weights = AttentionWeights(layer, s.n_head, s.n_head_kv, s.head_dim)
+        for part in parts:
+            if part not in ATTENTION_PARTS:
+                raise ValueError(f"unknown attention part {part!r}")
+            name = self.tensor_name(part, layer)
+            raw, value = self._read(name)
+            if digest is not None:
+                digest.update(name, raw)
+            setattr(weights, part, self._to_hf_layout(part, value))
+        return weights
+
+    def iter_attention(
+        self, parts: Sequence[str] = ("q", "k"), digest: ContentHash | None = None
+    ) -> Iterator[AttentionWeights]:
+        """Yield every layer's attention weights in order, reading layer l+1 while layer l is in use.
+
+        At most two layers' tensors are alive at once; `digest` sees the raw bytes in layer order.
+        """
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gatenorm-read") as pool:
+            pending = pool.submit(self.read_attention, 0, parts, digest)
+            for layer in range(self.shape.n_layers):
+                current = pending.result()
+                if layer + 1 < self.shape.n_layers:
+                    pending = pool.submit(self.read_attention, layer + 1, parts, digest)
+                yield current
+                del current

@@ -1,0 +1,118 @@
+"""Lazy reader of GGUF files: metadata through gguf-py, tensor bytes by positional reads, one at a time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from gatenorm.architectures import get_architecture
+from gatenorm.errors import GatenormError
+from gatenorm.readers.base import Checkpoint, ModelShape
+
+GGUF_MAGIC = b"GGUF"
+
+_TORCH_DTYPES = {
+    gguf.GGMLQuantizationType.F32: torch.float32,
+    gguf.GGMLQuantizationType.F16: torch.float16,
+    gguf.GGMLQuantizationType.BF16: torch.bfloat16,
+}
+
+
+def is_gguf(path: Path) -> bool:
+    """True when `path` is a file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def open_gguf_reader(path: Path) -> gguf.GGUFReader:
+    """gguf-py's reader for `path`, with every tensor checked to lie inside the file."""
+    if not is_gguf(path):
+        raise GatenormError(f"not a GGUF file (bad magic): {path}")
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError) as e:
+        raise GatenormError(f"corrupt or truncated GGUF {path}: {e}") from None
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise GatenormError(f"truncated GGUF {path}: tensor {t.name} ends at byte {end}, file has {size}")
+    return reader
+
+
+def field_value(reader: gguf.GGUFReader, key: str, default=None):
+    """Value of metadata `key` (scalar, string or list), or `default` when absent."""
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+class GGUFCheckpoint(Checkpoint):
+    """A GGUF file; q/k rows are returned in HF order whatever llama.cpp's converter did to them."""
+
+    format = "gguf"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.reader = open_gguf_reader(path)
+        arch_name = field_value(self.reader, "general.architecture")
+        if arch_name is None:
+            raise GatenormError(f"GGUF {path} has no general.architecture")
+        self.arch = get_architecture(arch_name)
+        self.shape = self._shape(arch_name)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def _shape(self, prefix: str) -> ModelShape:
+        def key(name: str, default=None):
+            value = field_value(self.reader, f"{prefix}.{name}", default)
+            if value is None:
+                raise GatenormError(f"GGUF {self.path} lacks {prefix}.{name}")
+            if isinstance(value, list):
+                raise GatenormError(f"GGUF {self.path}: per-layer {prefix}.{name} is not supported here")
+            return int(value)
+
+        d_model, n_head = key("embedding_length"), key("attention.head_count")
+        return ModelShape(
+            architecture=self.arch.name,
+            n_layers=key("block_count"),
+            d_model=d_model,
+            n_head=n_head,
+            n_head_kv=key("attention.head_count_kv", n_head),
+            head_dim=key("attention.key_length", d_model // n_head),
+        )
+
+    def tensor_name(self, part: str, layer: int) -> str:
+        return self.arch.gguf_tensors[part].format(i=layer)
+
+    def _read(self, name: str) -> tuple[memoryview, torch.Tensor]:
+        t = self.tensors.get(name)
+        if t is None:
+            raise GatenormError(f"GGUF {self.path} has no tensor {name}")
+        n_bytes = int(t.n_bytes)
+        buf = bytearray(n_bytes)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [buf], int(t.data_offset))
+        finally:
+            os.close(fd)
+        if got != n_bytes:
+            raise GatenormError(f"truncated GGUF {self.path}: short read of {name}")
+        cols, rows = int(t.shape[0]), int(np.prod(t.shape[1:]))
+        qtype = gguf.GGMLQuantizationType(t.tensor_type)
+        dtype = _TORCH_DTYPES.get(qtype)
+        if dtype is not None:
+            value = torch.frombuffer(buf, dtype=dtype).view(rows, cols).float()
+        else:
+            raw = np.frombuffer(buf, dtype=np.uint8).reshape(rows, -1)
+            value = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(rows, cols))
+        return memoryview(buf), value
+
+    def _to_hf_layout(self, part: str, weight: torch.Tensor) -> torch.Tensor:
+        s = self.shape
+        return self.arch.gguf_to_hf_rows(part, weight, s.n_head, s.n_head_kv)

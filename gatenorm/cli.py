@@ -1,4 +1,4 @@
-"""The ``gatenorm`` command line: score, plan."""
+"""The ``gatenorm`` command line: score, plan, export."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rich.table import Table
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text
 from gatenorm.models import resolve_model
-from gatenorm.plan import LayerAction, make_plan
+from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.scoring import LayerScores, Method, score_checkpoint
 
@@ -98,6 +98,46 @@ def plan(
     console.print(f"{method.value} plan for {ckpt.path}")
     console.print(_table(scores, actions))
     console.print(f"dropped attention of layers {result.dropped} -> {output}")
+
+
+def _plan_for(model: str, plan_path: Path | None, drop: int | None, method: Method, seed: int) -> Plan:
+    """The plan given with --plan, or one made on the spot with --drop (exactly one of the two)."""
+    if (plan_path is None) == (drop is None):
+        raise GatenormError("give exactly one of --plan PLAN.json and --drop N")
+    if plan_path is not None:
+        return Plan.load(plan_path)
+    ckpt, scores = _score(model, method, seed)
+    return make_plan(ckpt, scores, drop)
+
+
+@app.command()
+def export(
+    model: ModelArg,
+    to: Annotated[str, typer.Option("--to", help="Target format: onnx.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (must not exist).")],
+    plan_path: Annotated[Path | None, typer.Option("--plan", help="Plan JSON from `gatenorm plan`.")] = None,
+    drop: Annotated[
+        int | None, typer.Option("--drop", "-n", help="Make a plan dropping N attention sublayers.")
+    ] = None,
+    method: MethodOpt = Method.GATE_NORM,
+    seed: SeedOpt = 0,
+    precision: Annotated[str, typer.Option(help="onnx weights: fp32, fp16, int8, int4.")] = "fp32",
+    block_size: Annotated[int, typer.Option(help="int4 quantization block size.")] = 32,
+    mobile: Annotated[bool, typer.Option(help="onnx: also write model.ort, ORT Mobile op list.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Export MODEL pruned by a plan (--plan, or --drop N to plan on the spot)."""
+    if to != "onnx":
+        raise GatenormError(f"--to {to!r}: supported targets: onnx")
+    from exporters.onnx import Precision, export_onnx
+
+    try:
+        precision = Precision(precision)
+    except ValueError:
+        raise GatenormError(f"--precision {precision!r}: use fp32, fp16, int8 or int4") from None
+    pruning = _plan_for(model, plan_path, drop, method, seed)
+    out = export_onnx(resolve_model(model), pruning, output, precision, mobile, block_size, overwrite)
+    console.print(f"exported {precision.value} ONNX, attention dropped in layers {pruning.dropped} -> {out}")
 
 
 def main() -> None:

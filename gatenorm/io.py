@@ -28,3 +28,34 @@ def atomic_write_text(target: Path, text: str) -> None:
     """Write `text` to `target` atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target`; it becomes `target` only if the block succeeds.
+
+    Without `overwrite` an existing `target` is an error; with it, the old folder is replaced at the end.
+    """
+    import shutil
+
+    from gatenorm.errors import GatenormError
+
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise GatenormError(f"{target} already exists (pass --overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; give it a normal folder's mode
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,102 @@
+"""``export_onnx``: a plan and a model in, a self-contained onnxruntime folder out."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import onnx
+
+from exporters.onnx.graph import trace_to_onnx
+from exporters.onnx.metadata import CONFIG_NAME, OnnxExportConfig, kv_layers, plan_metadata, set_metadata
+from exporters.onnx.mobile import ORT_NAME, REQUIRED_OPERATORS_NAME, write_mobile_package
+from exporters.onnx.precision import Precision, convert_precision, save_model
+from gatenorm.apply import apply_plan, load_model, load_tokenizer
+from gatenorm.errors import GatenormError
+from gatenorm.io import atomic_dir
+from gatenorm.plan import Plan
+
+MODEL_NAME = "model.onnx"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _eos_ids(config) -> list[int]:
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def has_tokenizer(model_path: str | Path) -> bool:
+    """Whether the model comes with a tokenizer: a GGUF always does, an HF folder if it has its files."""
+    path = Path(model_path)
+    if path.is_file():
+        return True
+    return any((path / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size < 16 or block_size & (block_size - 1):
+        raise GatenormError(f"--block-size {block_size}: use a power of two >= 16 (e.g. 32, 64, 128)")
+
+
+def export_onnx(
+    model_path: str | Path,
+    plan: Plan,
+    out_dir: str | Path,
+    precision: Precision | str = Precision.FP32,
+    mobile: bool = False,
+    block_size: int = 32,
+    overwrite: bool = False,
+) -> Path:
+    """Export the model at `model_path` (HF folder or GGUF), pruned by `plan`, to the folder `out_dir`.
+
+    The folder holds ``model.onnx`` (plan and provenance in its metadata_props), ``gatenorm_onnx.json``
+    (kept layers -> KV input/output names, shapes), ``plan.json`` and the tokenizer files (when the
+    model has them: test models built from a config may not); with `mobile`
+    also ``model.ort`` and ``required_operators.config``. It is built beside `out_dir` and renamed at
+    the end, so a failed export leaves nothing there. `block_size` is the int4 quantization block.
+    """
+    precision = Precision(precision)
+    if precision is Precision.INT4:
+        _check_block_size(block_size)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model = apply_plan(load_model(model_path), plan)
+        tokenizer = load_tokenizer(model_path) if has_tokenizer(model_path) else None
+        text_config = model.config
+        kv = kv_layers(plan)
+        onnx_path = tmp / MODEL_NAME
+        trace_to_onnx(model, [k.layer for k in kv], onnx_path)
+        del model
+        gc.collect()
+        graph = convert_precision(onnx.load(str(onnx_path)), precision, block_size)
+        set_metadata(graph, plan_metadata(plan, precision.value))
+        for stale in tmp.iterdir():  # the traced fp32 files, replaced below
+            stale.unlink()
+        save_model(graph, onnx_path)
+        del graph
+        if mobile:
+            write_mobile_package(onnx_path, tmp)
+        config = OnnxExportConfig(
+            model=MODEL_NAME,
+            ort_model=ORT_NAME if mobile else None,
+            required_operators=REQUIRED_OPERATORS_NAME if mobile else None,
+            precision=precision.value,
+            int4_block_size=block_size if precision is Precision.INT4 else None,
+            architecture=plan.source.architecture,
+            n_layers=plan.source.n_layers,
+            dropped_layers=plan.dropped,
+            num_key_value_heads=text_config.num_key_value_heads,
+            head_dim=getattr(text_config, "head_dim", None)
+            or text_config.hidden_size // text_config.num_attention_heads,
+            vocab_size=text_config.vocab_size,
+            eos_token_id=_eos_ids(text_config),
+            kv_cache=kv,
+            tokenizer=tokenizer is not None,
+        )
+        (tmp / CONFIG_NAME).write_text(config.model_dump_json(indent=2) + "\n")
+        (tmp / "plan.json").write_text(plan.to_json() + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out_dir

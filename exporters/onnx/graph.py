@@ -1,0 +1,76 @@
+"""Trace a pruned transformers model to ONNX with optimum's exporter, past-KV inputs only for kept layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from exporters.onnx.quiet import quiet
+from gatenorm.errors import GatenormError
+
+#: ONNX opset of the exported graph (ORT Mobile and MatMulNBits both support it).
+OPSET = 17
+TASK = "text-generation-with-past"
+
+
+def past_name(layer: int, part: str) -> str:
+    """Graph input holding the cached `part` ("key" or "value") of decoder `layer` (original index)."""
+    return f"past_key_values.{layer}.{part}"
+
+
+def present_name(layer: int, part: str) -> str:
+    """Graph output holding the updated cache of decoder `layer` (original index)."""
+    return f"present.{layer}.{part}"
+
+
+def _base_config_class(model: nn.Module) -> type:
+    from optimum.exporters.tasks import TasksManager
+
+    model_type = model.config.model_type
+    try:
+        constructor = TasksManager.get_exporter_config_constructor(
+            "onnx", model=model, task=TASK, library_name="transformers"
+        )
+    except (KeyError, ValueError) as e:
+        raise GatenormError(f"optimum cannot export {model_type!r} to ONNX: {e}") from None
+    return constructor.func
+
+
+def pruned_onnx_config(model: nn.Module, kept_layers: list[int]):
+    """optimum's OnnxConfig for `model`'s architecture whose past/present KV list follows the plan.
+
+    Cache entries are named by the original layer index and ordered like the kept layers, which
+    ``apply_plan`` gave the cache slots 0..K-1.
+    """
+    base = _base_config_class(model)
+
+    class PrunedDecoderOnnxConfig(base):
+        def add_past_key_values(self, inputs_or_outputs: dict, direction: str) -> None:
+            if direction == "inputs":
+                name, axis = past_name, "past_sequence_length"
+            else:
+                name, axis = present_name, "past_sequence_length + sequence_length"
+            for layer in kept_layers:
+                for part in ("key", "value"):
+                    inputs_or_outputs[name(layer, part)] = {0: "batch_size", 2: axis}
+
+        def generate_dummy_inputs(self, framework: str = "pt", **kwargs):
+            dummy = super().generate_dummy_inputs(framework=framework, **kwargs)
+            if "past_key_values" in dummy:
+                dummy["past_key_values"] = dummy["past_key_values"][: len(kept_layers)]
+            return dummy
+
+    PrunedDecoderOnnxConfig.__name__ = f"Pruned{base.__name__}"
+    return PrunedDecoderOnnxConfig(
+        model.config, task="text-generation", use_past=True, use_past_in_inputs=True
+    )
+
+
+def trace_to_onnx(model: nn.Module, kept_layers: list[int], output: Path) -> None:
+    """Write `model` (already pruned with ``apply_plan``) as an fp32 ONNX graph at `output`."""
+    from optimum.exporters.onnx.convert import export_pytorch
+
+    config = pruned_onnx_config(model, kept_layers)
+    with quiet("optimum", "torch.onnx", "transformers"):
+        export_pytorch(model, config, opset=OPSET, output=output)

@@ -1,0 +1,99 @@
+"""What an exported ONNX folder says about itself: model metadata_props and ``gatenorm_onnx.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+from pydantic import BaseModel, ConfigDict
+
+from exporters.onnx.graph import past_name, present_name
+from gatenorm import __version__
+from gatenorm.errors import GatenormError
+from gatenorm.plan import LayerAction, Plan
+
+CONFIG_NAME = "gatenorm_onnx.json"
+METADATA_PREFIX = "gatenorm."
+
+
+class KVLayer(BaseModel):
+    """The cache tensors of one kept layer (original layer index)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layer: int
+    past_key: str
+    past_value: str
+    present_key: str
+    present_value: str
+
+
+class OnnxExportConfig(BaseModel):
+    """The JSON written next to the model: files, shapes and the kept layers' KV names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str = "gatenorm-onnx"
+    tool_version: str = __version__
+    model: str
+    ort_model: str | None = None
+    required_operators: str | None = None
+    precision: str
+    int4_block_size: int | None = None
+    architecture: str
+    n_layers: int
+    dropped_layers: list[int]
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    eos_token_id: list[int]
+    kv_cache: list[KVLayer]
+    tokenizer: bool
+
+    @classmethod
+    def load(cls, folder: Path) -> OnnxExportConfig:
+        path = Path(folder) / CONFIG_NAME
+        if not path.is_file():
+            raise GatenormError(f"{folder} is not a gatenorm ONNX export (no {CONFIG_NAME})")
+        return cls.model_validate_json(path.read_text())
+
+
+def kv_layers(plan: Plan) -> list[KVLayer]:
+    """The KV-cache names of every layer the plan keeps, in cache-slot order."""
+    return [
+        KVLayer(
+            layer=lp.layer,
+            past_key=past_name(lp.layer, "key"),
+            past_value=past_name(lp.layer, "value"),
+            present_key=present_name(lp.layer, "key"),
+            present_value=present_name(lp.layer, "value"),
+        )
+        for lp in plan.layers
+        if lp.action is LayerAction.KEEP
+    ]
+
+
+def plan_metadata(plan: Plan, precision: str) -> dict[str, str]:
+    """The ``metadata_props`` of an export: plan, method, dropped layers, source hash, tool version."""
+    return {
+        f"{METADATA_PREFIX}plan": plan.model_dump_json(),
+        f"{METADATA_PREFIX}method": plan.method,
+        f"{METADATA_PREFIX}dropped_layers": json.dumps(plan.dropped),
+        f"{METADATA_PREFIX}source_sha256": plan.source.sha256,
+        f"{METADATA_PREFIX}tool_version": __version__,
+        f"{METADATA_PREFIX}precision": precision,
+    }
+
+
+def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    """Replace `model`'s metadata_props entries named in `props`, keeping the others."""
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **props})
+
+
+def plan_from_metadata(props: dict[str, str]) -> Plan:
+    """The plan stored in a model's metadata (``InferenceSession.get_modelmeta().custom_metadata_map``)."""
+    text = props.get(f"{METADATA_PREFIX}plan")
+    if text is None:
+        raise GatenormError("the model carries no gatenorm plan in its metadata")
+    return Plan.from_json(text)

@@ -1,0 +1,94 @@
+"""Weight precision of an exported graph: fp32 as traced, fp16, int8 (dynamic) or int4 (MatMulNBits)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import onnx
+
+from exporters.onnx.quiet import quiet
+
+#: Protobuf's hard limit; bigger models keep their weights in an external data file.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+class Precision(str, Enum):
+    """Weight precision of the exported model."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save `model` at `path`; weights go to ``<name>.data`` beside it when the file would pass 2 GB."""
+    external = _weight_bytes(model) > PROTOBUF_LIMIT - 64 * 2**20
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=1024,
+    )
+
+
+def convert_precision(model: onnx.ModelProto, precision: Precision, block_size: int = 32) -> onnx.ModelProto:
+    """A copy of the fp32 `model` with its weights in `precision`; inputs and outputs stay float32.
+
+    fp16 converts every float tensor (inputs and outputs keep float32 via Cast nodes); int8 is
+    onnxruntime's dynamic quantization of MatMul weights (per channel); int4 is onnxruntime's
+    weight-only MatMulNBits quantizer (symmetric, `block_size` weights per scale).
+    """
+    with quiet("onnxruntime"):
+        if precision is Precision.FP32:
+            return model
+        if precision is Precision.FP16:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+        if precision is Precision.INT8:
+            return _quantize_int8(model)
+        return _quantize_int4(model, block_size)
+
+
+def _quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="gatenorm-int8-") as tmp:
+        src, dst = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
+        save_model(model, src)
+        quantize_dynamic(
+            src,
+            dst,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            use_external_data_format=_weight_bytes(model) > PROTOBUF_LIMIT // 4,
+        )
+        return onnx.load(str(dst))
+
+
+def _quantize_int4(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # accuracy_level 4: int8 activations in the MatMulNBits kernel (fast CPU path)
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4
+    )
+    quantizer.process()
+    return quantizer.model.model

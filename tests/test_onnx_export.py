@@ -1,0 +1,323 @@
+"""ONNX export: graph structure, metadata, parity with PyTorch (prefill + 16 decode steps), precisions,
+ORT-format packaging, CLI and failure handling. Tiny random models for every architecture; one pruned
+SmolLM2 export (fp32, --mobile) and one int4 SmolLM2 export in the default run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from exporters.onnx import OnnxRunner, Precision, export_onnx
+from exporters.onnx.metadata import CONFIG_NAME
+from gatenorm.apply import apply_plan, load_model
+from gatenorm.architectures import get_architecture
+from gatenorm.errors import GatenormError
+from gatenorm.plan import Plan, make_plan
+from gatenorm.readers import open_checkpoint
+from gatenorm.scoring import score_checkpoint
+
+DECODE_STEPS = 16
+TOL = 1e-3
+TINY_ARCHS = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 8},
+}
+
+
+def plan_for(model_path: Path, drop: int, allow_first_layer: bool = False) -> Plan:
+    ckpt = open_checkpoint(model_path)
+    return make_plan(ckpt, score_checkpoint(ckpt, "gate-norm"), drop, allow_first_layer)
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.float().numpy()
+
+
+def onnx_decode_logits(runner: OnnxRunner, prompt: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy prefill + `steps` cached decode steps; returns all tokens and the logits of each step."""
+    state = runner.prefill(prompt)
+    tokens, logits = [], [state.logits]
+    for _ in range(steps):
+        tokens.append(int(state.logits[0].argmax()))
+        logits.append(runner.decode(state, [tokens[-1]]).copy())
+    return np.concatenate([prompt[0], tokens]), np.stack([x[0] for x in logits])
+
+
+def assert_matches_torch(runner: OnnxRunner, model, prompt: np.ndarray) -> None:
+    """Full-window logits and each cached decode step agree with the PyTorch model within TOL."""
+    ref = torch_logits(model, prompt)
+    np.testing.assert_allclose(runner.logits(prompt), ref, atol=TOL, rtol=0)
+    tokens, step_logits = onnx_decode_logits(runner, prompt, DECODE_STEPS)
+    ref_all = torch_logits(model, tokens[None])[0]  # one uncached pass over the same tokens
+    np.testing.assert_allclose(step_logits, ref_all[prompt.shape[1] - 1 :], atol=TOL, rtol=0)
+
+
+def layer_ops(model: onnx.ModelProto, layer: int, module: str) -> Counter:
+    """Op types of the nodes the exporter scoped under ``/model/layers.{layer}/{module}/``."""
+    scope = f"/model/layers.{layer}/{module}/"
+    return Counter(n.op_type for n in model.graph.node if n.name.startswith(scope))
+
+
+def assert_graph_follows_plan(folder: Path, plan: Plan) -> None:
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    arch = get_architecture(plan.source.architecture)
+    kept = [lp.layer for lp in plan.layers if lp.layer not in plan.dropped]
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    kv_in = [f"past_key_values.{i}.{p}" for i in kept for p in ("key", "value")]
+    kv_out = [f"present.{i}.{p}" for i in kept for p in ("key", "value")]
+    assert sorted(inputs) == sorted(["input_ids", "attention_mask", "position_ids", *kv_in])
+    assert outputs == ["logits", *kv_out]
+    for value in (*model.graph.input, *model.graph.output):
+        if value.name.startswith(("past_key_values.", "present.")):
+            dims = value.type.tensor_type.shape.dim
+            assert dims[0].dim_param == "batch_size" and dims[2].dim_param, value.name
+    attention_matmuls = 0
+    for i in range(plan.source.n_layers):
+        attn = layer_ops(model, i, arch.hf_attention_module)
+        norm = layer_ops(model, i, arch.hf_attention_norm)
+        matmuls = attn["MatMul"] + attn["MatMulNBits"] + attn["MatMulInteger"]
+        if i in plan.dropped:
+            assert not attn and not norm, f"layer {i} was dropped but has attention nodes"
+        else:
+            assert matmuls == 6, f"layer {i}: {attn}"  # q, k, v, o projections + QK^T + AV
+        assert layer_ops(model, i, arch.hf_mlp_module), f"layer {i} lost its MLP"
+        attention_matmuls += matmuls
+    assert attention_matmuls == 6 * len(kept)
+
+
+# ---------------------------------------------------------------- tiny models, every architecture
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-archs")
+    folders = {}
+    for arch, overrides in TINY_ARCHS.items():
+        folders[arch] = root / arch
+        make_tiny_model(folders[arch], arch, seed=1, **overrides)
+    return folders
+
+
+@pytest.mark.parametrize("drop", [0, 2])
+@pytest.mark.parametrize("arch", list(TINY_ARCHS))
+def test_tiny_fp32_export_matches_pytorch(tiny_models, tmp_path, arch, drop):
+    plan = plan_for(tiny_models[arch], drop)
+    out = export_onnx(tiny_models[arch], plan, tmp_path / "onnx")
+    assert_graph_follows_plan(out, plan)
+    runner = OnnxRunner(out)
+    assert runner.plan == plan
+    reference = apply_plan(load_model(tiny_models[arch]), plan)
+    prompt = np.random.default_rng(0).integers(0, 128, (1, 11))
+    assert_matches_torch(runner, reference, prompt)
+    # batched full-window logits too
+    batch = np.random.default_rng(1).integers(0, 128, (3, 9))
+    np.testing.assert_allclose(runner.logits(batch), torch_logits(reference, batch), atol=TOL, rtol=0)
+
+
+def test_tiny_first_layer_dropped_and_metadata(tiny_models, tmp_path):
+    plan = plan_for(tiny_models["llama"], 3, allow_first_layer=True)
+    out = export_onnx(tiny_models["llama"], plan, tmp_path / "onnx")
+    assert_graph_follows_plan(out, plan)
+    model = onnx.load(str(out / "model.onnx"))
+    props = {p.key: p.value for p in model.metadata_props}
+    assert Plan.from_json(props["gatenorm.plan"]) == plan
+    assert json.loads(props["gatenorm.dropped_layers"]) == plan.dropped
+    assert props["gatenorm.method"] == "gate-norm"
+    assert props["gatenorm.source_sha256"] == plan.source.sha256
+    assert props["gatenorm.tool_version"] == plan.tool_version
+    config = json.loads((out / CONFIG_NAME).read_text())
+    kept = [lp.layer for lp in plan.layers if lp.layer not in plan.dropped]
+    assert [k["layer"] for k in config["kv_cache"]] == kept
+    assert config["kv_cache"][0]["past_key"] == f"past_key_values.{kept[0]}.key"
+    assert config["dropped_layers"] == plan.dropped
+    assert Plan.load(out / "plan.json") == plan
+    reference = apply_plan(load_model(tiny_models["llama"]), plan)
+    assert_matches_torch(OnnxRunner(out), reference, np.arange(5, 17)[None])
+
+
+@pytest.mark.parametrize("precision", [Precision.FP16, Precision.INT8, Precision.INT4])
+def test_tiny_quantized_exports_run_close_to_fp32(tiny_models, tmp_path, precision):
+    plan = plan_for(tiny_models["llama"], 1)
+    out = export_onnx(tiny_models["llama"], plan, tmp_path / "onnx", precision, mobile=True, block_size=16)
+    assert_graph_follows_plan(out, plan)
+    ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    expected_op = {Precision.FP16: "Cast", Precision.INT8: "MatMulInteger", Precision.INT4: "MatMulNBits"}
+    assert ops[expected_op[precision]] > 0
+    runner = OnnxRunner(out)
+    reference = torch_logits(apply_plan(load_model(tiny_models["llama"]), plan), np.arange(3, 15)[None])
+    got = runner.logits(np.arange(3, 15)[None])
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    relative = np.linalg.norm(got - reference) / np.linalg.norm(reference)
+    assert relative < {Precision.FP16: 0.01, Precision.INT8: 0.15, Precision.INT4: 0.5}[precision]
+    ort_runner = OnnxRunner(out, ort_format=True)
+    np.testing.assert_allclose(ort_runner.logits(np.arange(3, 15)[None]), got, atol=1e-4, rtol=0)
+    assert ort_runner.generate([3, 4, 5], 6, stop_at_eos=False) == runner.generate([3, 4, 5], 6, False)
+
+
+# ---------------------------------------------------------------- failures leave nothing behind
+
+
+def assert_nothing_left(parent: Path) -> None:
+    assert sorted(p.name for p in parent.iterdir()) == []
+
+
+def test_plan_for_other_model_fails_cleanly(tiny_models, tmp_path):
+    plan = plan_for(tiny_models["llama"], 1)
+    out_parent = tmp_path / "exports"
+    out_parent.mkdir()
+    with pytest.raises(GatenormError, match="plan is for llama"):
+        export_onnx(tiny_models["qwen2"], plan, out_parent / "onnx")
+    assert_nothing_left(out_parent)
+
+
+def test_failure_mid_export_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    import exporters.onnx.export as export_module
+
+    def broken(*args, **kwargs):
+        raise GatenormError("quantizer exploded")
+
+    monkeypatch.setattr(export_module, "convert_precision", broken)
+    out_parent = tmp_path / "exports"
+    out_parent.mkdir()
+    with pytest.raises(GatenormError, match="quantizer exploded"):
+        export_onnx(tiny_models["llama"], plan_for(tiny_models["llama"], 1), out_parent / "onnx")
+    assert_nothing_left(out_parent)
+
+
+def test_existing_output_needs_overwrite(tiny_models, tmp_path):
+    plan = plan_for(tiny_models["llama"], 1)
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(GatenormError, match="already exists"):
+        export_onnx(tiny_models["llama"], plan, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_onnx(tiny_models["llama"], plan, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+def test_unsupported_architecture_is_a_clear_error(tiny_models, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(folder)
+    with pytest.raises(GatenormError, match="unsupported architecture 'gpt2'"):
+        export_onnx(folder, plan_for(tiny_models["llama"], 1), tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_bad_block_size(tiny_models, tmp_path):
+    with pytest.raises(GatenormError, match="block-size 24"):
+        export_onnx(
+            tiny_models["llama"], plan_for(tiny_models["llama"], 1), tmp_path / "o", "int4", block_size=24
+        )
+    assert not (tmp_path / "o").exists()
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from gatenorm.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["gatenorm", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_cli_export(tiny_models, tmp_path, monkeypatch, capsys):
+    model = str(tiny_models["qwen3"])
+    out = tmp_path / "cli-onnx"
+    code, stdout, _ = run_cli(
+        monkeypatch, capsys, "export", model, "--to", "onnx", "--drop", "2", "-o", str(out)
+    )
+    assert code == 0 and "exported fp32 ONNX" in stdout
+    assert OnnxRunner(out).plan.dropped == plan_for(tiny_models["qwen3"], 2).dropped
+
+    plan_path = tmp_path / "plan.json"
+    plan_for(tiny_models["qwen3"], 1).save(plan_path)
+    code, _, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "export",
+        model,
+        "--to",
+        "onnx",
+        "--plan",
+        str(plan_path),
+        "-o",
+        str(tmp_path / "b"),
+    )
+    assert code == 0 and OnnxRunner(tmp_path / "b").plan == Plan.load(plan_path)
+
+    for args, message in [
+        (["--precision", "int3", "--drop", "1"], "--precision 'int3'"),
+        (["--drop", "1", "--plan", str(plan_path)], "exactly one of --plan"),
+        (["--drop", "1", "--to", "tflite"], "--to 'tflite'"),
+        (["--drop", "1", "-o", str(out)], "already exists"),
+    ]:
+        argv = ["export", model, "--to", "onnx", "-o", str(tmp_path / "c"), *args]
+        code, _, stderr = run_cli(monkeypatch, capsys, *argv)
+        assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+        assert not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------------------- SmolLM2 end to end
+
+
+@pytest.fixture(scope="module")
+def smollm2_pruned(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 (GGUF source) with 8 attention sublayers dropped, fp32, with the ORT Mobile package."""
+    plan = plan_for(smollm2_gguf, 8)
+    out = export_onnx(smollm2_gguf, plan, tmp_path_factory.mktemp("smollm2-onnx") / "pruned", mobile=True)
+    yield plan, out
+    shutil.rmtree(out)
+
+
+def test_smollm2_pruned_fp32_matches_pytorch(smollm2_pruned, smollm2_gguf):
+    plan, out = smollm2_pruned
+    assert len(plan.dropped) == 8
+    assert_graph_follows_plan(out, plan)
+    runner = OnnxRunner(out)
+    assert runner.plan == plan
+    prompt = np.asarray([runner.tokenizer.encode("The quick brown fox jumps over the lazy dog because")])
+    reference = apply_plan(load_model(smollm2_gguf), plan)
+    assert_matches_torch(runner, reference, prompt)
+
+
+def test_smollm2_ort_format_matches_onnx(smollm2_pruned):
+    _, out = smollm2_pruned
+    assert (out / "model.ort").stat().st_size > 100_000_000
+    ops = (out / "required_operators.config").read_text()
+    assert "ai.onnx;" in ops and "MatMul" in ops
+    prompt = np.arange(100, 140)[None]
+    onnx_runner, ort_runner = OnnxRunner(out), OnnxRunner(out, ort_format=True)
+    np.testing.assert_allclose(ort_runner.logits(prompt), onnx_runner.logits(prompt), atol=1e-4, rtol=0)
+    assert ort_runner.plan == onnx_runner.plan
+    assert ort_runner.generate(prompt[0], 8) == onnx_runner.generate(prompt[0], 8)
+
+
+def test_smollm2_int4_generates_coherent_text(smollm2_gguf, tmp_path):
+    plan = plan_for(smollm2_gguf, 0)
+    out = export_onnx(smollm2_gguf, plan, tmp_path / "int4", "int4")
+    size = sum(p.stat().st_size for p in out.glob("model.onnx*"))
+    assert size < 300_000_000  # fp32 is ~650 MB
+    runner = OnnxRunner(out)
+    tok = runner.tokenizer
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = tok.decode(runner.generate(tok.apply_chat_template(messages, add_generation_prompt=True), 24))
+    assert "Paris" in answer, answer
+    shutil.rmtree(out)

@@ -68,6 +68,13 @@ class Architecture:
     hf_attention_norm: ClassVar[str] = "input_layernorm"
     hf_mlp_module: ClassVar[str] = "mlp"
     hf_mlp_norm: ClassVar[str] = "post_attention_layernorm"
+    #: Per-head RMSNorm modules applied to q and k before the rotary embedding, if any.
+    hf_qk_norms: ClassVar[tuple[str, str] | None] = None
+
+    @classmethod
+    def sliding_window(cls, attention, config) -> int | None:
+        """Tokens a transformers attention module looks back over (itself included), None if unlimited."""
+        return getattr(attention, "sliding_window", None)
 
     @classmethod
     def gguf_to_hf_rows(cls, part: str, weight: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
@@ -105,6 +112,10 @@ class Mistral(Llama):
 
     name = "mistral"
 
+    @classmethod
+    def sliding_window(cls, attention, config) -> int | None:
+        return getattr(config, "sliding_window", None)  # every Mistral layer uses the config's window
+
 
 @register("Qwen2ForCausalLM")
 class Qwen2(Architecture):
@@ -120,3 +131,4 @@ class Qwen3(Architecture):
 
     name = "qwen3"
     gguf_arch = "qwen3"
+    hf_qk_norms = ("q_norm", "k_norm")

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from torch import nn
 
+from exporters.onnx.fused_attention import fused_attention
 from exporters.onnx.quiet import quiet
+from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
 
 #: ONNX opset of the exported graph (ORT Mobile and MatMulNBits both support it).
@@ -72,5 +74,6 @@ def trace_to_onnx(model: nn.Module, kept_layers: list[int], output: Path) -> Non
     from optimum.exporters.onnx.convert import export_pytorch
 
     config = pruned_onnx_config(model, kept_layers)
-    with quiet("optimum", "torch.onnx", "transformers"):
+    arch = get_architecture(model.config.model_type)
+    with fused_attention(model, arch), quiet("optimum", "torch.onnx", "transformers"):
         export_pytorch(model, config, opset=OPSET, output=output)

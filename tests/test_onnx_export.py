@@ -299,6 +299,14 @@ def test_smollm2_pruned_fp32_matches_pytorch(smollm2_pruned, smollm2_gguf):
     prompt = np.asarray([runner.tokenizer.encode("The quick brown fox jumps over the lazy dog because")])
     reference = apply_plan(load_model(smollm2_gguf), plan)
     assert_matches_torch(runner, reference, prompt)
+    # the file holds each remaining weight once (tied LM head shares the embedding table), nothing else
+    weights = 4 * sum(p.numel() for p in reference.parameters())  # parameters() lists a tied one once
+    assert abs((out / "model.onnx").stat().st_size - weights) < 0.01 * weights
+    assert (
+        (out / "tokenizer.json").is_file()
+        and not list(out.glob("*.gguf"))
+        and not (out / "tokenizer.model").exists()
+    )
 
 
 def test_smollm2_ort_format_matches_onnx(smollm2_pruned):

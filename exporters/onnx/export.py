@@ -67,7 +67,7 @@ def export_onnx(
         text_config = model.config
         kv = kv_layers(plan)
         onnx_path = tmp / MODEL_NAME
-        trace_to_onnx(model, [k.layer for k in kv], onnx_path)
+        trace_to_onnx(model, [k.layer for k in kv], onnx_path, tie_embeddings=not precision.quantizes_matmuls)
         del model
         gc.collect()
         graph = convert_precision(onnx.load(str(onnx_path)), precision, block_size)
@@ -98,5 +98,6 @@ def export_onnx(
         (tmp / CONFIG_NAME).write_text(config.model_dump_json(indent=2) + "\n")
         (tmp / "plan.json").write_text(plan.to_json() + "\n")
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            # fast format only: a GGUF-loaded tokenizer would otherwise copy the whole GGUF as its vocab file
+            tokenizer.save_pretrained(tmp, legacy_format=False if tokenizer.is_fast else None)
     return out_dir

@@ -69,11 +69,21 @@ def pruned_onnx_config(model: nn.Module, kept_layers: list[int]):
     )
 
 
-def trace_to_onnx(model: nn.Module, kept_layers: list[int], output: Path) -> None:
-    """Write `model` (already pruned with ``apply_plan``) as an fp32 ONNX graph at `output`."""
+def trace_to_onnx(
+    model: nn.Module, kept_layers: list[int], output: Path, tie_embeddings: bool = True
+) -> None:
+    """Write `model` (already pruned with ``apply_plan``) as an fp32 ONNX graph at `output`.
+
+    With `tie_embeddings`, a tied LM head reads the embedding table through a Transpose node (optimum's
+    deduplication) instead of storing a transposed copy; leave it off when a quantizer will replace the
+    LM head's weight, as quantizers only handle weights stored as initializers.
+    """
     from optimum.exporters.onnx.convert import export_pytorch
 
     config = pruned_onnx_config(model, kept_layers)
     arch = get_architecture(model.config.model_type)
-    with fused_attention(model, arch), quiet("optimum", "torch.onnx", "transformers"):
-        export_pytorch(model, config, opset=OPSET, output=output)
+    with quiet("optimum", "torch.onnx", "transformers"):
+        with fused_attention(model, arch):
+            export_pytorch(model, config, opset=OPSET, output=output)
+        if tie_embeddings:
+            config.post_process_exported_models(output.parent, {"model": (model, config)}, [output.name])

@@ -21,10 +21,18 @@ class Precision(str, Enum):
     INT8 = "int8"
     INT4 = "int4"
 
+    @property
+    def quantizes_matmuls(self) -> bool:
+        """Whether MatMul weights get replaced by quantized ones (int8, int4)."""
+        return self in (Precision.INT8, Precision.INT4)
 
-def _weight_bytes(model: onnx.ModelProto) -> int:
+
+def initializer_bytes(model: onnx.ModelProto, skip: frozenset[str] = frozenset()) -> int:
+    """Bytes of `model`'s initializers (weights), leaving out those named in `skip`."""
     total = 0
     for t in model.graph.initializer:
+        if t.name in skip:
+            continue
         n = 1
         for d in t.dims:
             n *= d
@@ -34,7 +42,7 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Save `model` at `path`; weights go to ``<name>.data`` beside it when the file would pass 2 GB."""
-    external = _weight_bytes(model) > PROTOBUF_LIMIT - 64 * 2**20
+    external = initializer_bytes(model) > PROTOBUF_LIMIT - 64 * 2**20
     onnx.save_model(
         model,
         str(path),
@@ -78,7 +86,7 @@ def _quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul"],
             per_channel=True,
-            use_external_data_format=_weight_bytes(model) > PROTOBUF_LIMIT // 4,
+            use_external_data_format=initializer_bytes(model) > PROTOBUF_LIMIT // 4,
         )
         return onnx.load(str(dst))
 

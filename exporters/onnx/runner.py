@@ -11,9 +11,10 @@ Public API (what the validator and the benchmark use)::
     runner.decode(state, next_ids)                  # one step per row, cache updated in place; [batch, vocab]
     runner.generate(ids, max_new_tokens)            # greedy, batch 1: list of new token ids (stops at EOS)
 
-The KV cache stays in onnxruntime's memory: each step binds the previous step's ``present.*`` outputs
-as the next ``past_key_values.*`` inputs (IO binding), so no cache tensor is copied through numpy.
-Layers whose attention was pruned have no cache entry at all.
+Rows of a batch have the same length (no padding: the fused attention takes each row's cache as
+contiguous from position 0). The KV cache stays in onnxruntime's memory: each step binds the previous
+step's ``present.*`` outputs as the next ``past_key_values.*`` inputs (IO binding), so no cache tensor
+is copied through numpy. Layers whose attention was pruned have no cache entry at all.
 """
 
 from __future__ import annotations
@@ -35,15 +36,11 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 @dataclass
 class KVState:
-    """A decoding state: the kept layers' cache (onnxruntime values), the attention mask, the last logits."""
+    """A decoding state: the kept layers' cache (onnxruntime values), its length, the last logits."""
 
     past: list[ort.OrtValue]
-    attention_mask: np.ndarray  # int64 [batch, cached length]
+    length: int  # tokens in the cache (the same for every row)
     logits: np.ndarray = field(repr=False)  # float32 [batch, vocab] at the last position
-
-    @property
-    def length(self) -> int:
-        return self.attention_mask.shape[1]
 
 
 class OnnxRunner:
@@ -89,14 +86,15 @@ class OnnxRunner:
         return [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names]
 
     def _step(
-        self, ids: np.ndarray, mask: np.ndarray, past: list[ort.OrtValue], all_logits: bool
+        self, ids: np.ndarray, past_length: int, past: list[ort.OrtValue], all_logits: bool
     ) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        """One forward pass over `ids` after the cached `past`; returns logits and the new cache."""
+        """One forward pass over `ids` after `past_length` cached tokens; returns logits and the new cache."""
+        batch, length = ids.shape
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((batch, past_length + length), np.int64))
         if self._has_position_ids:
-            positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -ids.shape[1] :]
+            positions = np.broadcast_to(np.arange(past_length, past_length + length), (batch, length))
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
         for name, value in zip(self._past_names, past, strict=True):
             binding.bind_ortvalue_input(name, value)
@@ -118,25 +116,22 @@ class OnnxRunner:
             raise GatenormError(f"input_ids must be [batch, T] with T >= 1, got shape {ids.shape}")
         return ids
 
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    def logits(self, input_ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """float32 logits [batch, T, vocab] of every position, in one pass with an empty cache."""
         ids = self._as_batch(input_ids)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-        return self._step(ids, mask, self._empty_past(ids.shape[0]), all_logits=True)[0]
+        return self._step(ids, 0, self._empty_past(ids.shape[0]), all_logits=True)[0]
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> KVState:
-        """Run the prompt (left-padded rows need `attention_mask`) and return the cache after it."""
+    def prefill(self, input_ids: np.ndarray | Sequence[int]) -> KVState:
+        """Run the prompt rows (same length, no padding) and return the cache after them."""
         ids = self._as_batch(input_ids)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        logits, past = self._step(ids, mask, self._empty_past(ids.shape[0]), all_logits=False)
-        return KVState(past=past, attention_mask=mask, logits=logits)
+        logits, past = self._step(ids, 0, self._empty_past(ids.shape[0]), all_logits=False)
+        return KVState(past=past, length=ids.shape[1], logits=logits)
 
     def decode(self, state: KVState, next_ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """Feed one token per row after `state`; updates `state` and returns logits [batch, vocab]."""
         ids = np.asarray(next_ids, dtype=np.int64).reshape(-1, 1)
-        mask = np.concatenate([state.attention_mask, np.ones_like(ids)], axis=1)
-        state.logits, state.past = self._step(ids, mask, state.past, all_logits=False)
-        state.attention_mask = mask
+        state.logits, state.past = self._step(ids, state.length, state.past, all_logits=False)
+        state.length += 1
         return state.logits
 
     def generate(

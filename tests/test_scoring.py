@@ -154,3 +154,15 @@ def test_smollm2_hf_copy_scores_like_gguf(smollm2_gguf, smollm2_hf):
     gg = score_checkpoint(open_checkpoint(smollm2_gguf), Method.GATE_NORM_HEAD).scores
     hf = score_checkpoint(open_checkpoint(smollm2_hf), Method.GATE_NORM_HEAD).scores
     np.testing.assert_allclose(hf, gg, rtol=1e-6)
+
+
+@pytest.mark.parametrize("heads", [1, 3, 8])
+def test_llama_row_order_matches_llama_cpp_converter(heads):
+    from gatenorm.architectures import Llama, Qwen2
+    from tests.reference_gguf import llama_cpp_permute
+
+    w = np.random.default_rng(heads).standard_normal((heads * 16, 7))
+    stored = Llama.hf_to_gguf_rows("k", w, 8, heads)
+    np.testing.assert_array_equal(stored, llama_cpp_permute(w, heads))
+    np.testing.assert_array_equal(Llama.gguf_to_hf_rows("k", stored, 8, heads), w)
+    assert Qwen2.hf_to_gguf_rows("k", w, 8, heads) is w  # NEOX rope: HF order kept

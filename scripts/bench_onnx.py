@@ -105,6 +105,14 @@ def measure_plain_loop(model: Path, decode_steps: int) -> dict:
     return result
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it does not carry the parent's peak over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # ---------------------------------------------------------------- ideal speedups
 
 
@@ -204,7 +212,7 @@ def main() -> None:
         kind, path = args.measure
         fn = measure_ours if kind == "ours" else measure_plain_loop
         result = fn(Path(path), args.decode_steps)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
 

@@ -332,3 +332,15 @@ def test_smollm2_int4_generates_coherent_text(smollm2_gguf, tmp_path):
     answer = tok.decode(runner.generate(tok.apply_chat_template(messages, add_generation_prompt=True), 24))
     assert "Paris" in answer, answer
     shutil.rmtree(out)
+
+
+@pytest.mark.slow
+def test_smollm2_hf_folder_unpruned_fp32_matches_pytorch(smollm2_hf, tmp_path):
+    """The 0-drop gate on the real model, from an HF safetensors folder (tokenizer files included)."""
+    plan = plan_for(smollm2_hf, 0)
+    out = export_onnx(smollm2_hf, plan, tmp_path / "onnx")
+    assert_graph_follows_plan(out, plan)
+    runner = OnnxRunner(out)
+    prompt = np.asarray([runner.tokenizer.encode("Once upon a time, in a small village by the sea,")])
+    assert_matches_torch(runner, load_model(smollm2_hf), prompt)
+    shutil.rmtree(out)

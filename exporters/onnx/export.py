@@ -52,10 +52,10 @@ def export_onnx(
     """Export the model at `model_path` (HF folder or GGUF), pruned by `plan`, to the folder `out_dir`.
 
     The folder holds ``model.onnx`` (plan and provenance in its metadata_props), ``gatenorm_onnx.json``
-    (kept layers -> KV input/output names, shapes), ``plan.json`` and the tokenizer files (when the
-    model has them: test models built from a config may not); with `mobile`
-    also ``model.ort`` and ``required_operators.config``. It is built beside `out_dir` and renamed at
-    the end, so a failed export leaves nothing there. `block_size` is the int4 quantization block.
+    (kept layers -> KV input/output names, shapes), ``plan.json`` and the tokenizer files (if the model
+    has them: test models built from a config may not); with `mobile` also ``model.ort`` and
+    ``required_operators.config``. It is built beside `out_dir` and renamed at the end, so a failed
+    export leaves nothing there. `block_size` is the int4 quantization block.
     """
     precision = Precision(precision)
     if precision is Precision.INT4:

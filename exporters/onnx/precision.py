@@ -5,12 +5,15 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from exporters.onnx.quiet import quiet
 
 #: Protobuf's hard limit; bigger models keep their weights in an external data file.
 PROTOBUF_LIMIT = 2**31 - 1
+#: Opset of int4 exports: int4 tensors need 21.
+INT4_OPSET = 21
 
 
 class Precision(str, Enum):
@@ -58,7 +61,8 @@ def convert_precision(model: onnx.ModelProto, precision: Precision, block_size: 
 
     fp16 converts every float tensor (inputs and outputs keep float32 via Cast nodes); int8 is
     onnxruntime's dynamic quantization of MatMul weights (per channel); int4 is onnxruntime's
-    weight-only MatMulNBits quantizer (symmetric, `block_size` weights per scale).
+    weight-only MatMulNBits quantizer (symmetric, `block_size` weights per scale), which also turns the
+    embedding lookup into GatherBlockQuantized.
     """
     with quiet("onnxruntime"):
         if precision is Precision.FP32:
@@ -92,11 +96,42 @@ def _quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _quantize_int4(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
+    from onnx import version_converter
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    # int4 tensors (the quantized embedding table) need opset 21; the quantizer would only relabel the
+    # opset, so convert the graph properly first
+    model = version_converter.convert_version(model, INT4_OPSET)
     # accuracy_level 4: int8 activations in the MatMulNBits kernel (fast CPU path)
     quantizer = MatMulNBitsQuantizer(
-        model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4
+        model,
+        bits=4,
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=4,
+        op_types_to_quantize=("MatMul", "Gather"),  # Gather: the embedding table -> GatherBlockQuantized
     )
     quantizer.process()
-    return quantizer.model.model
+    return _pack_int4_gathers(quantizer.model.model)
+
+
+def _pack_int4_gathers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Store GatherBlockQuantized tables as uint8 (two 4-bit values a byte, zero point 8), not int4.
+
+    The ORT format that ORT Mobile loads has no int4 tensor type; GatherBlockQuantized reads the same
+    values from uint8 data packed along the last axis (low nibble first) with its ``bits`` attribute.
+    """
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        table = initializers.get(node.input[0]) if node.op_type == "GatherBlockQuantized" else None
+        if table is None or table.data_type != onnx.TensorProto.INT4 or len(node.input) > 3:
+            continue
+        values = numpy_helper.to_array(table).astype(np.int16) + 8  # signed int4 -> unsigned, zero point 8
+        packed = (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+        table.CopyFrom(numpy_helper.from_array(packed, table.name))
+        kept = [attr for attr in node.attribute if attr.name != "bits"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, onnx.helper.make_attribute("bits", 4)])
+    return model

@@ -64,7 +64,6 @@ class OnnxRunner:
         self._past_names = [n for k in self.config.kv_cache for n in (k.past_key, k.past_value)]
         self._present_names = [n for k in self.config.kv_cache for n in (k.present_key, k.present_value)]
         self._kv_dtype = _NUMPY_TYPES[inputs[self._past_names[0]].type]
-        self._has_position_ids = "position_ids" in inputs
 
     @cached_property
     def plan(self) -> Plan:
@@ -93,9 +92,8 @@ class OnnxRunner:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ones((batch, past_length + length), np.int64))
-        if self._has_position_ids:
-            positions = np.broadcast_to(np.arange(past_length, past_length + length), (batch, length))
-            binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        positions = np.broadcast_to(np.arange(past_length, past_length + length), (batch, length))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
         for name, value in zip(self._past_names, past, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")

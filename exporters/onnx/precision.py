@@ -10,8 +10,8 @@ import onnx
 
 from exporters.onnx.quiet import quiet
 
-#: Protobuf's hard limit; bigger models keep their weights in an external data file.
-PROTOBUF_LIMIT = 2**31 - 1
+#: Weight bytes past which a model keeps its weights in an external data file (protobuf stops at 2 GB).
+EXTERNAL_DATA_THRESHOLD = 2**31 - 1 - 64 * 2**20
 #: Opset of int4 exports: int4 tensors need 21.
 INT4_OPSET = 21
 
@@ -43,13 +43,17 @@ def initializer_bytes(model: onnx.ModelProto, skip: frozenset[str] = frozenset()
     return total
 
 
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """Whether `model` is too big for one protobuf file (and for passes that serialize it whole)."""
+    return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Save `model` at `path`; weights go to ``<name>.data`` beside it when the file would pass 2 GB."""
-    external = initializer_bytes(model) > PROTOBUF_LIMIT - 64 * 2**20
     onnx.save_model(
         model,
         str(path),
-        save_as_external_data=external,
+        save_as_external_data=needs_external_data(model),
         all_tensors_to_one_file=True,
         location=f"{path.name}.data",
         size_threshold=1024,
@@ -90,7 +94,7 @@ def _quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul"],
             per_channel=True,
-            use_external_data_format=initializer_bytes(model) > PROTOBUF_LIMIT // 4,
+            use_external_data_format=needs_external_data(model),
         )
         return onnx.load(str(dst))
 
@@ -99,9 +103,12 @@ def _quantize_int4(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
     from onnx import version_converter
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    # int4 tensors (the quantized embedding table) need opset 21; the quantizer would only relabel the
-    # opset, so convert the graph properly first
-    model = version_converter.convert_version(model, INT4_OPSET)
+    # The embedding table (Gather -> GatherBlockQuantized) needs opset 21 for its int4 tensor: the
+    # quantizer would only relabel the opset, so convert the graph first. onnx's converter serializes
+    # the model, so past 2 GB the table stays float32.
+    quantize_embedding = not needs_external_data(model)
+    if quantize_embedding:
+        model = version_converter.convert_version(model, INT4_OPSET)
     # accuracy_level 4: int8 activations in the MatMulNBits kernel (fast CPU path)
     quantizer = MatMulNBitsQuantizer(
         model,
@@ -109,7 +116,7 @@ def _quantize_int4(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
         block_size=block_size,
         is_symmetric=True,
         accuracy_level=4,
-        op_types_to_quantize=("MatMul", "Gather"),  # Gather: the embedding table -> GatherBlockQuantized
+        op_types_to_quantize=("MatMul", "Gather") if quantize_embedding else ("MatMul",),
     )
     quantizer.process()
     return _pack_int4_gathers(quantizer.model.model)

@@ -128,19 +128,19 @@ def prefill_flops(config, kept: int, tokens: int) -> float:
 
 
 def decode_bytes(folder: Path, config, kept: int, context: int) -> float:
-    """Bytes read per decoded token: every weight but the embedding table (one row is gathered), + cache."""
+    """Bytes read per decoded token: every weight but a lookup-only embedding table, plus the cache."""
     import onnx
 
     from exporters.onnx.precision import initializer_bytes
 
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    names = {t.name for t in model.graph.initializer}
-    gathered = frozenset(
-        n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in names
-    )
+    gathers = ("Gather", "GatherBlockQuantized")
+    gathered = {i for n in model.graph.node if n.op_type in gathers for i in n.input}
+    read_whole = {i for n in model.graph.node if n.op_type not in gathers for i in n.input}
+    lookup_only = frozenset(gathered - read_whole)  # a tied LM head reads the table whole: keep it
     head_dim = config.hidden_size // config.num_attention_heads
     cache = kept * 2 * config.num_key_value_heads * head_dim * context * 4
-    return initializer_bytes(model, skip=gathered) + cache
+    return initializer_bytes(model, skip=lookup_only) + cache
 
 
 # ---------------------------------------------------------------- preparing the models

@@ -246,6 +246,14 @@ def test_unsupported_architecture_is_a_clear_error(tiny_models, tmp_path):
     assert not (tmp_path / "onnx").exists()
 
 
+def test_runner_rejects_a_folder_that_is_no_export(tmp_path):
+    with pytest.raises(GatenormError, match="not a gatenorm ONNX export"):
+        OnnxRunner(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text("{}")
+    with pytest.raises(GatenormError, match="invalid"):
+        OnnxRunner(tmp_path)
+
+
 def test_bad_block_size(tiny_models, tmp_path):
     with pytest.raises(GatenormError, match="block-size 24"):
         export_onnx(

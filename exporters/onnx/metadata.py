@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import onnx
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from exporters.onnx.graph import past_name, present_name
 from gatenorm import __version__
@@ -56,7 +56,10 @@ class OnnxExportConfig(BaseModel):
         path = Path(folder) / CONFIG_NAME
         if not path.is_file():
             raise GatenormError(f"{folder} is not a gatenorm ONNX export (no {CONFIG_NAME})")
-        return cls.model_validate_json(path.read_text())
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValidationError as e:
+            raise GatenormError(f"{path}: invalid: {e.errors()[0]['msg']}") from None
 
 
 def kv_layers(plan: Plan) -> list[KVLayer]:

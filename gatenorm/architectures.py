@@ -69,25 +69,54 @@ class Architecture:
     hf_mlp_module: ClassVar[str] = "mlp"
     hf_mlp_norm: ClassVar[str] = "post_attention_layernorm"
 
+    #: Per-layer GGUF tensors (``blk.{i}.<part>.weight`` / ``.bias``) that make up the attention sublayer:
+    #: a layer whose attention is dropped loses all of them (its input norm included).
+    gguf_attention_sublayer: ClassVar[tuple[str, ...]] = (
+        "attn_norm",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+    )
+    #: llama.cpp's ``deci`` graph (per-layer head counts) can run this architecture's layers.
+    deci_exportable: ClassVar[bool] = True
+    deci_refusal: ClassVar[str] = ""
+
     @classmethod
     def gguf_to_hf_rows(cls, part: str, weight: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
         """Undo the row order llama.cpp's converter gave a q/k tensor, giving the HF layout back."""
         if not cls.gguf_qk_permuted or part not in ("q", "k"):
             return weight
-        heads = n_head if part == "q" else n_head_kv
-        rows = weight.shape[0]
-        half = rows // heads // 2
-        return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+        return norm_to_neox_rows(weight, n_head if part == "q" else n_head_kv)
 
     @classmethod
     def hf_to_gguf_rows(cls, part: str, weight: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
         """The row order llama.cpp's converter writes for a q/k tensor in HF layout."""
         if not cls.gguf_qk_permuted or part not in ("q", "k"):
             return weight
-        heads = n_head if part == "q" else n_head_kv
-        rows = weight.shape[0]
-        half = rows // heads // 2
-        return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+        return neox_to_norm_rows(weight, n_head if part == "q" else n_head_kv)
+
+    @classmethod
+    def gguf_to_deci_rows(cls, part: str, rows: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+        """Rows of this architecture's GGUF q/k weight or bias in the order ``deci`` (NORM rope) expects.
+
+        `rows` may be raw bytes, one row of a quantized tensor per first-axis entry: only rows move.
+        """
+        if cls.gguf_qk_permuted or part not in ("q", "k"):
+            return rows  # already NORM order, or not a rotary tensor
+        return neox_to_norm_rows(rows, n_head if part == "q" else n_head_kv)
+
+
+def neox_to_norm_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Interleave each head's two rotary halves (HF / NEOX order -> llama.cpp NORM order), by rows."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def norm_to_neox_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Inverse of `neox_to_norm_rows`."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 @register("LlamaForCausalLM")
@@ -108,7 +137,7 @@ class Mistral(Llama):
 
 @register("Qwen2ForCausalLM")
 class Qwen2(Architecture):
-    """Qwen2 / Qwen2.5: q/k/v biases, NEOX rope (llama.cpp keeps HF row order)."""
+    """Qwen2 / Qwen2.5: q/k/v biases, NEOX rope (llama.cpp keeps HF row order; deci export permutes it)."""
 
     name = "qwen2"
     gguf_arch = "qwen2"
@@ -120,3 +149,5 @@ class Qwen3(Architecture):
 
     name = "qwen3"
     gguf_arch = "qwen3"
+    deci_exportable = False
+    deci_refusal = "qwen3 has per-head q/k norms, which llama.cpp's deci graph cannot run"

@@ -1,9 +1,11 @@
-"""The ``gatenorm`` command line: score, plan."""
+"""The ``gatenorm`` command line: score, plan, export, inspect."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +16,7 @@ from rich.table import Table
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text
 from gatenorm.models import resolve_model
-from gatenorm.plan import LayerAction, make_plan
+from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.scoring import LayerScores, Method, score_checkpoint
 
@@ -98,6 +100,69 @@ def plan(
     console.print(f"{method.value} plan for {ckpt.path}")
     console.print(_table(scores, actions))
     console.print(f"dropped attention of layers {result.dropped} -> {output}")
+
+
+class ExportTarget(str, Enum):
+    """Formats of ``gatenorm export --to`` (mirrors `exporters.export.Target`)."""
+
+    GGUF = "gguf"
+
+
+@app.command()
+def export(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the exported model.")],
+    to: Annotated[ExportTarget, typer.Option("--to", help="Export format.")] = ExportTarget.GGUF,
+    plan_file: Annotated[
+        Path | None, typer.Option("--plan", "-p", help="Plan JSON made for MODEL (or use --drop).")
+    ] = None,
+    drop: Annotated[
+        int | None, typer.Option("--drop", "-n", help="Score, plan and export in one step, dropping N.")
+    ] = None,
+    method: MethodOpt = Method.GATE_NORM,
+    seed: SeedOpt = 0,
+    quant: Annotated[
+        str, typer.Option("--quant", "-q", help="keep (source types), F32, F16, BF16, Q8_0, Q4_K_M, ...")
+    ] = "keep",
+) -> None:
+    """Export MODEL with the plan's attention sublayers removed (GGUF: runs in stock llama.cpp)."""
+    from exporters.export import export as run_export
+
+    if (plan_file is None) == (drop is None):
+        raise GatenormError("give exactly one of --plan PLAN.json and --drop N")
+    if plan_file is not None:
+        ckpt, result, check = open_checkpoint(resolve_model(model)), Plan.load(plan_file), True
+    else:
+        ckpt, scores = _score(model, method, seed)
+        result, check = make_plan(ckpt, scores, drop), False  # the plan was made from this very checkpoint
+    start = time.perf_counter()
+    out = run_export(ckpt, result, output, to.value, quant, check_source=check)
+    console.print(
+        f"exported {ckpt.path} without the attention of layers {result.dropped} -> {out} "
+        f"({out.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s)"
+    )
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A GGUF file written by gatenorm export.", show_default=False)],
+) -> None:
+    """Print the gatenorm metadata and pruning plan stored in an exported GGUF."""
+    from exporters.gguf.metadata import read_gguf_metadata
+
+    meta = read_gguf_metadata(file)
+    stored = Plan.from_json(str(meta["gatenorm.plan"]))
+    console.print(f"{file}: {meta['general.name']} (architecture {meta['general.architecture']})")
+    for key, value in meta.items():
+        if key.startswith("gatenorm.") and key not in ("gatenorm.plan", "gatenorm.scores"):
+            console.print(f"  {key} = {value}")
+    table = Table()
+    for column in ("layer", "score", "action"):
+        table.add_column(column)
+    for lp in stored.layers:
+        table.add_row(str(lp.layer), f"{lp.score:.6g}", lp.action.value)
+    console.print(table)
+    console.print(f"dropped attention of layers {stored.dropped}")
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ class GGUFCheckpoint(Checkpoint):
     def tensor_name(self, part: str, layer: int) -> str:
         return self.arch.gguf_tensors[part].format(i=layer)
 
-    def _read(self, name: str) -> tuple[memoryview, torch.Tensor]:
+    def read_raw(self, name: str) -> memoryview:
         t = self.tensors.get(name)
         if t is None:
             raise GatenormError(f"GGUF {self.path} has no tensor {name}")
@@ -103,6 +103,11 @@ class GGUFCheckpoint(Checkpoint):
             os.close(fd)
         if got != n_bytes:
             raise GatenormError(f"truncated GGUF {self.path}: short read of {name}")
+        return memoryview(buf)
+
+    def _read(self, name: str) -> tuple[memoryview, torch.Tensor]:
+        buf = self.read_raw(name)
+        t = self.tensors[name]
         cols, rows = int(t.shape[0]), int(np.prod(t.shape[1:]))
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
         dtype = _TORCH_DTYPES.get(qtype)
@@ -111,7 +116,7 @@ class GGUFCheckpoint(Checkpoint):
         else:
             raw = np.frombuffer(buf, dtype=np.uint8).reshape(rows, -1)
             value = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(rows, cols))
-        return memoryview(buf), value
+        return buf, value
 
     def _to_hf_layout(self, part: str, weight: torch.Tensor) -> torch.Tensor:
         s = self.shape

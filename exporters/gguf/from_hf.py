@@ -7,6 +7,7 @@ NORM rope; ``qwen2``: HF row order), in F32, F16 or BF16, one tensor in memory a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -50,8 +51,25 @@ def load_vocab(folder: Path) -> gguf.Vocab:
     )
 
 
+def bpe_pre_tokenizer(folder: Path) -> str | None:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a GPT-2 style tokenizer.json, when it can be told for sure.
+
+    Only the plain GPT-2 byte-level split is recognised; for anything else None is returned, and llama.cpp
+    warns that it falls back to its default pre-tokenizer.
+    """
+    try:
+        pre = json.loads((folder / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
+    except (OSError, json.JSONDecodeError):
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    return None
+
+
 def _add_vocab(writer: gguf.GGUFWriter, folder: Path, n_vocab: int) -> None:
     vocab = load_vocab(folder)
+    if isinstance(vocab, gguf.BpeVocab) and (pre := bpe_pre_tokenizer(folder)) is not None:
+        writer.add_tokenizer_pre(pre)
     tokens, scores, types = [], [], []
     for text, score, token_type in vocab.all_tokens():
         tokens.append(text)

@@ -41,6 +41,17 @@ def llama_cpp_logits(path: Path, tokens: list[int], flash_attn: bool = False) ->
         llm.close()
 
 
+def llama_cpp_tokens(path: Path, text: str) -> list[int]:
+    """`text` tokenized by llama.cpp with the vocabulary stored in the GGUF at `path` (no BOS)."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode(), add_bos=False, special=True)
+    finally:
+        llm.close()
+
+
 def torch_logits(model, tokens: list[int]) -> np.ndarray:
     """Logits of a transformers causal LM for `tokens`, float32 (n, vocab)."""
     with torch.inference_mode():

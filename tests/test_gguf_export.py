@@ -11,7 +11,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from gguf_helpers import agreement, kv_state_bytes, llama_cpp_logits, torch_logits, wiki_text
+from gguf_helpers import (
+    agreement,
+    kv_state_bytes,
+    llama_cpp_logits,
+    llama_cpp_tokens,
+    torch_logits,
+    wiki_text,
+)
 from typer.testing import CliRunner
 
 from exporters.export import export, export_gguf
@@ -52,7 +59,7 @@ def smollm2(smollm2_gguf) -> tuple[Checkpoint, LayerScores]:
 
 @pytest.fixture(scope="module")
 def smollm2_tokens(smollm2_gguf) -> list[int]:
-    return load_tokenizer(smollm2_gguf)(wiki_text())["input_ids"][:320]
+    return llama_cpp_tokens(smollm2_gguf, wiki_text())[:320]
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +197,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, tiny_gguf):
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(from_gguf.gguf.GGUFWriter, "write_tensor_data", broken)
+    monkeypatch.setattr(from_gguf, "_copy_bytes", broken)
     (tmp_path / "out.gguf").write_bytes(b"previous")
     with pytest.raises(OSError):
         export_gguf(tiny_gguf, plan_for(tiny_gguf, 1), tmp_path / "out.gguf")
@@ -213,24 +220,48 @@ def test_unknown_quant_refused(tmp_path, tiny_gguf):
 
 
 @pytest.mark.parametrize(
-    ("model_type", "overrides"),
-    [("llama", {}), ("qwen2", {}), ("llama", {"attention_bias": True, "tie_word_embeddings": True})],
-    ids=["llama", "qwen2-bias-neox", "llama-bias-tied"],
+    ("model_type", "quant", "max_kl", "overrides"),
+    [
+        ("llama", "F32", 1e-5, {}),
+        ("qwen2", "F32", 1e-5, {}),
+        ("llama", "BF16", 2e-3, {"attention_bias": True, "tie_word_embeddings": True}),
+    ],
+    ids=["llama-f32", "qwen2-bias-neox-f32", "llama-bias-tied-bf16"],
 )
-def test_hf_export_matches_pytorch(tmp_path, tokenizer_dir, model_type, overrides):
+def test_hf_export_matches_pytorch(tmp_path, tokenizer_dir, model_type, quant, max_kl, overrides):
     folder = tiny_hf(tmp_path / model_type, tokenizer_dir, model_type, **overrides)
     plan = plan_for(folder, 2)
-    out = export_gguf(folder, plan, tmp_path / "out.gguf", quant="F32")
+    out = export_gguf(folder, plan, tmp_path / "out.gguf", quant=quant)
+    weight_types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if len(t.shape) > 1}
+    assert weight_types == {quant}
     tokens = list(range(200, 328))
     reference = torch_logits(apply_plan(load_model(folder), plan), tokens)
     for flash_attn in (False, True):
         kl, top1 = agreement(reference, llama_cpp_logits(out, tokens, flash_attn))
-        assert kl < 1e-5 and top1 > 0.98, (kl, top1)  # random weights: a near-tie may flip
+        assert kl < max_kl and top1 > 0.95, (kl, top1)  # random weights: near-ties may flip
     assert read_plan_metadata(out) == plan
 
 
+def test_qwen2_gguf_source_quantized_rows_reordered(tmp_path, tokenizer_dir):
+    """A qwen2 GGUF (NEOX rope, HF row order) with Q8_0 q/k: deci needs NORM order, moved as raw rows."""
+    from exporters.gguf.from_hf import hf_to_gguf
+    from exporters.gguf.quantize import quantize_gguf
+
+    folder = tiny_hf(tmp_path / "qwen2", tokenizer_dir, "qwen2")
+    hf_to_gguf(open_checkpoint(folder), tmp_path / "qwen2-f32.gguf", "F32")
+    source = tmp_path / "qwen2-q8.gguf"
+    quantize_gguf(tmp_path / "qwen2-f32.gguf", source, "Q8_0")
+    ckpt = open_checkpoint(source)
+    assert ckpt.tensors["blk.1.attn_q.weight"].tensor_type.name == "Q8_0"
+    tokens = list(range(300, 364))
+    reference = llama_cpp_logits(source, tokens)
+    out = export_gguf(ckpt, plan_for(ckpt, 0), tmp_path / "deci.gguf")
+    assert np.abs(llama_cpp_logits(out, tokens) - reference).max() < 1e-3
+    pruned = export_gguf(ckpt, plan_for(ckpt, 2), tmp_path / "deci-d2.gguf")
+    assert np.abs(llama_cpp_logits(pruned, tokens) - reference).max() > 1e-2  # pruning does change it
+
+
 def test_hf_export_tokenizer_and_quant(tmp_path, tokenizer_dir):
-    from llama_cpp import Llama
 
     folder = tiny_hf(tmp_path / "llama", tokenizer_dir, "llama")
     plan = plan_for(folder, 1)
@@ -239,12 +270,7 @@ def test_hf_export_tokenizer_and_quant(tmp_path, tokenizer_dir):
     assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
     assert reader.fields["tokenizer.chat_template"].contents().startswith("{% for message")
     text = wiki_text(1)
-    llm = Llama(str(out), n_ctx=64, vocab_only=True, verbose=False)
-    try:
-        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-    finally:
-        llm.close()
-    assert ids == load_tokenizer(folder)(text)["input_ids"]
+    assert llama_cpp_tokens(out, text) == load_tokenizer(folder)(text)["input_ids"]
 
 
 # --- CLI ----------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ attention tensors (llama.cpp rejects extra tensors); every other tensor's bytes 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import BinaryIO
 
 import gguf
 import numpy as np
@@ -110,13 +112,34 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path) -> None:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in kept:
-            data = t.data
-            part = rotary.get(t.name)
-            if part is not None:
-                n_rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else int(t.shape[0])
-                rows = np.ascontiguousarray(data).view(np.uint8).reshape(n_rows, -1)
-                data = arch.gguf_to_deci_rows(part, rows, shape.n_head, shape.n_head_kv)
-            writer.write_tensor_data(np.ascontiguousarray(data))
+        with open(ckpt.path, "rb") as src:
+            (fout,) = writer.fout
+            for t in kept:
+                writer.write_padding(fout, fout.tell())
+                part = rotary.get(t.name)
+                if part is None:
+                    _copy_bytes(src.fileno(), int(t.data_offset), int(t.n_bytes), fout)
+                else:
+                    n_rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else int(t.shape[0])
+                    rows = np.ascontiguousarray(t.data).view(np.uint8).reshape(n_rows, -1)
+                    fout.write(arch.gguf_to_deci_rows(part, rows, shape.n_head, shape.n_head_kv).tobytes())
+                writer.write_padding(fout, int(t.n_bytes))
     finally:
         writer.close()
+
+
+def _copy_bytes(src_fd: int, offset: int, n_bytes: int, fout: BinaryIO) -> None:
+    """Append `n_bytes` of the source file at `offset` to `fout`, copied by the kernel.
+
+    The tensor data section is written like ``GGUFWriter.write_tensor_data`` lays it out (the caller
+    pads), but the bytes never pass through Python: no page of the tensor is mapped or buffered here.
+    """
+    fout.flush()
+    dst_fd = fout.fileno()
+    while n_bytes:
+        copied = os.copy_file_range(src_fd, dst_fd, n_bytes, offset)
+        if copied == 0:
+            raise GatenormError(f"source GGUF ended early while copying tensor bytes at {offset}")
+        offset += copied
+        n_bytes -= copied
+    fout.seek(0, os.SEEK_END)

@@ -9,6 +9,17 @@ from pathlib import Path
 from exporters.source_check import verify_plan_source
 from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint, open_checkpoint
+from gatenorm.readers.gguf_file import is_gguf
+
+
+def open_model(model: str | Path) -> Checkpoint:
+    """`open_checkpoint`, except that GGUF files get the fast header scanner (no token decoding)."""
+    from exporters.gguf.header import ScannedGGUFCheckpoint
+
+    path = Path(model)
+    if path.is_file() and is_gguf(path):
+        return ScannedGGUFCheckpoint(path)
+    return open_checkpoint(path)
 
 
 class Target(str, Enum):
@@ -42,7 +53,7 @@ def export(
     With `check_source`, the plan is first checked to belong to this model (architecture, layer count,
     content hash); pass False only for a plan just made from the same opened checkpoint.
     """
-    ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
+    ckpt = model if isinstance(model, Checkpoint) else open_model(model)
     if check_source:
         verify_plan_source(plan, ckpt)
     return EXPORTERS[Target(target)](ckpt, plan, Path(out), quant)

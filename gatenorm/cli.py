@@ -127,14 +127,15 @@ def export(
 ) -> None:
     """Export MODEL with the plan's attention sublayers removed (GGUF: runs in stock llama.cpp)."""
     from exporters.export import export as run_export
+    from exporters.export import open_model
 
     if (plan_file is None) == (drop is None):
         raise GatenormError("give exactly one of --plan PLAN.json and --drop N")
+    ckpt = open_model(resolve_model(model))
     if plan_file is not None:
-        ckpt, result, check = open_checkpoint(resolve_model(model)), Plan.load(plan_file), True
-    else:
-        ckpt, scores = _score(model, method, seed)
-        result, check = make_plan(ckpt, scores, drop), False  # the plan was made from this very checkpoint
+        result, check = Plan.load(plan_file), True
+    else:  # the plan is made from this very checkpoint: no need to check it against it
+        result, check = make_plan(ckpt, score_checkpoint(ckpt, method, seed), drop), False
     start = time.perf_counter()
     out = run_export(ckpt, result, output, to.value, quant, check_source=check)
     console.print(

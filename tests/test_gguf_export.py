@@ -171,6 +171,35 @@ def test_quantized_export_with_llama_cpp_quantizer(tmp_path, smollm2, smollm2_pr
     assert kl < 0.05 and top1 > 0.8, (kl, top1)  # Q4_1 -> Q8_0: requantized, close to the Q4_1 file
 
 
+def test_header_scanner_reads_what_gguf_py_reads(smollm2_gguf, tiny_gguf):
+    from exporters.gguf.header import ScannedGGUF
+
+    for path in (smollm2_gguf, tiny_gguf):
+        scanned, reader = ScannedGGUF(path), gguf.GGUFReader(path)
+        assert list(scanned.fields) == [k for k in reader.fields if not k.startswith("GGUF.")]
+        for key, field in scanned.fields.items():
+            theirs = reader.fields[key]
+            assert (field.types, field.contents()) == (theirs.types, theirs.contents())
+
+        def table(tensors):
+            return [(t.name, list(t.shape), t.tensor_type, t.data_offset, t.n_bytes) for t in tensors]
+
+        assert table(scanned.tensors) == table(reader.tensors)
+
+
+def test_truncated_source_refused(tmp_path, smollm2_gguf):
+    from exporters.export import open_model
+
+    truncated = tmp_path / "cut.gguf"
+    with open(smollm2_gguf, "rb") as f:
+        truncated.write_bytes(f.read(50_000_000))
+    with pytest.raises(GatenormError, match="truncated"):
+        open_model(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:100_000])  # inside the tokenizer metadata
+    with pytest.raises(GatenormError, match="corrupt or truncated"):
+        open_model(truncated)
+
+
 # --- refusals and atomic writes -----------------------------------------------------------------------
 
 

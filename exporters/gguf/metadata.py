@@ -9,7 +9,6 @@ import gguf
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.plan import Plan
-from gatenorm.readers.gguf_file import field_value, open_gguf_reader
 
 PREFIX = "gatenorm."
 KEY_PLAN = "gatenorm.plan"
@@ -42,12 +41,17 @@ def pruned_name(name: str | None, plan: Plan) -> str:
 
 def read_gguf_metadata(path: str | Path) -> dict[str, object]:
     """Every ``gatenorm.*`` key of a GGUF file with its value; a GatenormError if it has none."""
-    reader = open_gguf_reader(Path(path))
-    found = {key: field.contents() for key, field in reader.fields.items() if key.startswith(PREFIX)}
+    from exporters.gguf.header import ScannedGGUF
+
+    path = Path(path)
+    if not path.is_file():
+        raise GatenormError(f"no such file: {path}")
+    fields = ScannedGGUF(path).fields
+    found = {key: field.contents() for key, field in fields.items() if key.startswith(PREFIX)}
     if not found:
         raise GatenormError(f"{path} has no gatenorm metadata: it is not a gatenorm export")
-    found["general.name"] = field_value(reader, "general.name")
-    found["general.architecture"] = field_value(reader, "general.architecture")
+    for key in ("general.name", "general.architecture"):
+        found[key] = fields[key].contents() if key in fields else None
     return found
 
 

@@ -60,13 +60,17 @@ class GGUFCheckpoint(Checkpoint):
 
     def __init__(self, path: Path):
         self.path = path
-        self.reader = open_gguf_reader(path)
+        self.reader = self._open_reader(path)
         arch_name = field_value(self.reader, "general.architecture")
         if arch_name is None:
             raise GatenormError(f"GGUF {path} has no general.architecture")
         self.arch = get_architecture(arch_name)
         self.shape = self._shape(arch_name)
         self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def _open_reader(self, path: Path) -> gguf.GGUFReader:
+        """The metadata/tensor-table reader; subclasses may return any object with the same fields/tensors."""
+        return open_gguf_reader(path)
 
     def _shape(self, prefix: str) -> ModelShape:
         def key(name: str, default=None):

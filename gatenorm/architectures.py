@@ -7,13 +7,16 @@ Everything architecture-specific lives here; readers, scorers and exporters only
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
+import torch
 
 from gatenorm.errors import GatenormError
 
 ATTENTION_PARTS = ("q", "k", "v", "o")
+
+T = TypeVar("T", np.ndarray, torch.Tensor)
 
 _REGISTRY: dict[str, type[Architecture]] = {}
 
@@ -83,18 +86,21 @@ class Architecture:
     deci_refusal: ClassVar[str] = ""
 
     @classmethod
-    def gguf_to_hf_rows(cls, part: str, weight: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    def gguf_to_hf_rows(cls, part: str, weight: T, n_head: int, n_head_kv: int) -> T:
         """Undo the row order llama.cpp's converter gave a q/k tensor, giving the HF layout back."""
-        if not cls.gguf_qk_permuted or part not in ("q", "k"):
-            return weight
-        return norm_to_neox_rows(weight, n_head if part == "q" else n_head_kv)
+        return cls._reorder_qk(part, weight, n_head, n_head_kv, to_gguf=False)
 
     @classmethod
-    def hf_to_gguf_rows(cls, part: str, weight: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    def hf_to_gguf_rows(cls, part: str, weight: T, n_head: int, n_head_kv: int) -> T:
         """The row order llama.cpp's converter writes for a q/k tensor in HF layout."""
+        return cls._reorder_qk(part, weight, n_head, n_head_kv, to_gguf=True)
+
+    @classmethod
+    def _reorder_qk(cls, part: str, weight: T, n_head: int, n_head_kv: int, to_gguf: bool) -> T:
+        """Within each head, HF keeps the two rotary halves apart; llama.cpp (NORM rope) interleaves them."""
         if not cls.gguf_qk_permuted or part not in ("q", "k"):
             return weight
-        return neox_to_norm_rows(weight, n_head if part == "q" else n_head_kv)
+        return reorder_rotary_rows(weight, n_head if part == "q" else n_head_kv, to_norm=to_gguf)
 
     @classmethod
     def gguf_to_deci_rows(cls, part: str, rows: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
@@ -104,19 +110,14 @@ class Architecture:
         """
         if cls.gguf_qk_permuted or part not in ("q", "k"):
             return rows  # already NORM order, or not a rotary tensor
-        return neox_to_norm_rows(rows, n_head if part == "q" else n_head_kv)
+        return reorder_rotary_rows(rows, n_head if part == "q" else n_head_kv, to_norm=True)
 
 
-def neox_to_norm_rows(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Interleave each head's two rotary halves (HF / NEOX order -> llama.cpp NORM order), by rows."""
+def reorder_rotary_rows(weight: T, heads: int, to_norm: bool) -> T:
+    """Interleave each head's two rotary halves (HF / NEOX order -> NORM order), or undo it, by rows."""
     half = weight.shape[0] // heads // 2
-    return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def norm_to_neox_rows(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Inverse of `neox_to_norm_rows`."""
-    half = weight.shape[0] // heads // 2
-    return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    split = (heads, 2, half) if to_norm else (heads, half, 2)
+    return weight.reshape(*split, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 @register("LlamaForCausalLM")

@@ -29,9 +29,9 @@ class Target(str, Enum):
 
 
 def _gguf(ckpt: Checkpoint, plan: Plan, out: Path, quant: str) -> Path:
-    from exporters.gguf import export_gguf
+    from exporters.gguf import write_gguf
 
-    return export_gguf(ckpt, plan, out, quant)
+    return write_gguf(ckpt, plan, out, quant)
 
 
 #: target -> exporter(checkpoint, plan, out, quant); a new target adds one entry here.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from exporters.export import Target, open_model
+from exporters.export import export as run_export
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text
 from gatenorm.models import resolve_model
@@ -102,17 +103,11 @@ def plan(
     console.print(f"dropped attention of layers {result.dropped} -> {output}")
 
 
-class ExportTarget(str, Enum):
-    """Formats of ``gatenorm export --to`` (mirrors `exporters.export.Target`)."""
-
-    GGUF = "gguf"
-
-
 @app.command()
 def export(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the exported model.")],
-    to: Annotated[ExportTarget, typer.Option("--to", help="Export format.")] = ExportTarget.GGUF,
+    to: Annotated[Target, typer.Option("--to", help="Export format.")] = Target.GGUF,
     plan_file: Annotated[
         Path | None, typer.Option("--plan", "-p", help="Plan JSON made for MODEL (or use --drop).")
     ] = None,
@@ -126,9 +121,6 @@ def export(
     ] = "keep",
 ) -> None:
     """Export MODEL with the plan's attention sublayers removed (GGUF: runs in stock llama.cpp)."""
-    from exporters.export import export as run_export
-    from exporters.export import open_model
-
     if (plan_file is None) == (drop is None):
         raise GatenormError("give exactly one of --plan PLAN.json and --drop N")
     ckpt = open_model(resolve_model(model))
@@ -137,7 +129,7 @@ def export(
     else:  # the plan is made from this very checkpoint: no need to check it against it
         result, check = make_plan(ckpt, score_checkpoint(ckpt, method, seed), drop), False
     start = time.perf_counter()
-    out = run_export(ckpt, result, output, to.value, quant, check_source=check)
+    out = run_export(ckpt, result, output, to, quant, check_source=check)
     console.print(
         f"exported {ckpt.path} without the attention of layers {result.dropped} -> {out} "
         f"({out.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s)"
@@ -149,10 +141,9 @@ def inspect(
     file: Annotated[Path, typer.Argument(help="A GGUF file written by gatenorm export.", show_default=False)],
 ) -> None:
     """Print the gatenorm metadata and pruning plan stored in an exported GGUF."""
-    from exporters.gguf.metadata import read_gguf_metadata
+    from exporters.gguf.metadata import read_gguf_metadata, read_plan_metadata
 
-    meta = read_gguf_metadata(file)
-    stored = Plan.from_json(str(meta["gatenorm.plan"]))
+    meta, stored = read_gguf_metadata(file), read_plan_metadata(file)
     console.print(f"{file}: {meta['general.name']} (architecture {meta['general.architecture']})")
     for key, value in meta.items():
         if key.startswith("gatenorm.") and key not in ("gatenorm.plan", "gatenorm.scores"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -149,13 +150,13 @@ def test_pruned_export_generates_with_flash_attention(smollm2_pruned):
 
 
 def test_f32_export_matches_pytorch_pruned_model(
-    tmp_path, smollm2, smollm2_gguf, smollm2_pruned, smollm2_tokens
+    tmp_path, smollm2, smollm2_model, smollm2_pruned, smollm2_tokens
 ):
     _, plan = smollm2_pruned
     out = export_gguf(smollm2[0], plan, tmp_path / "d8-f32.gguf", quant="F32")
     types = {gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(out).tensors}
     assert types == {"F32"}
-    reference = torch_logits(apply_plan(load_model(smollm2_gguf), plan), smollm2_tokens)
+    reference = torch_logits(apply_plan(copy.deepcopy(smollm2_model), plan), smollm2_tokens)
     kl, top1 = agreement(reference, llama_cpp_logits(out, smollm2_tokens, flash_attn=True))
     assert kl < 1e-3 and top1 > 0.99, (kl, top1)
 
@@ -353,3 +354,26 @@ def test_inspect_refuses_plain_gguf(smollm2_gguf):
 def test_export_entry_point_dispatches_by_target(tmp_path, tiny_gguf):
     with pytest.raises(ValueError):
         export(tiny_gguf, plan_for(tiny_gguf, 1), tmp_path / "x", target="tflite")
+
+
+@pytest.mark.slow
+def test_smollm2_hf_folder_export_matches_gguf_export(tmp_path, smollm2, smollm2_model, tokenizer_dir):
+    """SmolLM2 as an HF folder (fp32 safetensors, GPT-2 BPE tokenizer) -> F32 GGUF: same as from the GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "smollm2-hf"
+    model = AutoModelForCausalLM.from_config(smollm2_model.config)
+    model.load_state_dict(smollm2_model.state_dict())
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    plan_gguf = plan_for(smollm2[0], 8, smollm2[1])
+    plan_hf = plan_for(folder, 8)
+    assert plan_hf.dropped == plan_gguf.dropped  # Gate-Norm does not depend on the file format
+    from_hf = export_gguf(folder, plan_hf, tmp_path / "from-hf.gguf", quant="F32")
+    from_gguf = export_gguf(smollm2[0], plan_gguf, tmp_path / "from-gguf.gguf", quant="F32")
+    text = wiki_text(2)
+    tokens = llama_cpp_tokens(from_hf, text)
+    assert tokens == llama_cpp_tokens(smollm2[0].path, text)
+    kl, top1 = agreement(llama_cpp_logits(from_gguf, tokens[:256]), llama_cpp_logits(from_hf, tokens[:256]))
+    assert kl < 1e-6 and top1 > 0.99, (kl, top1)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from exporters.gguf.from_gguf import check_deci_plan, prune_gguf
 from exporters.gguf.from_hf import hf_to_gguf
+from exporters.gguf.header import ScannedGGUFCheckpoint
 from exporters.gguf.metadata import read_gguf_metadata, read_plan_metadata
 from exporters.gguf.quantize import FLOAT_TYPES, KEEP, parse_quant, quantize_gguf
 from gatenorm.io import atomic_path
@@ -17,7 +18,7 @@ from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.readers.gguf_file import GGUFCheckpoint
 
-__all__ = ["export_gguf", "read_gguf_metadata", "read_plan_metadata"]
+__all__ = ["read_gguf_metadata", "read_plan_metadata", "write_gguf"]
 
 
 @contextlib.contextmanager
@@ -31,7 +32,7 @@ def _scratch(beside: Path, label: str) -> Iterator[Path]:
         Path(name).unlink(missing_ok=True)
 
 
-def export_gguf(ckpt: Checkpoint, plan: Plan, out: Path, quant: str = KEEP) -> Path:
+def write_gguf(ckpt: Checkpoint, plan: Plan, out: Path, quant: str = KEEP) -> Path:
     """Write `ckpt` pruned by `plan` as a ``deci`` GGUF at `out`, atomically.
 
     A GGUF source is rewritten tensor by tensor with its bytes unchanged; an HF folder is converted first
@@ -48,7 +49,7 @@ def export_gguf(ckpt: Checkpoint, plan: Plan, out: Path, quant: str = KEEP) -> P
         else:
             converted = stack.enter_context(_scratch(out, "f"))
             hf_to_gguf(ckpt, converted, quant if quant in FLOAT_TYPES else KEEP)
-            source = GGUFCheckpoint(converted)
+            source = ScannedGGUFCheckpoint(converted)
         requantize = quant != KEEP and not (quant in FLOAT_TYPES and source is not ckpt)
         final = stack.enter_context(atomic_path(out))
         if requantize:

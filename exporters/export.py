@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
 
-from exporters.source_check import verify_plan_source
+from exporters.source_check import verify_plan_content, verify_plan_shape
 from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.readers.gguf_file import is_gguf
@@ -28,14 +29,19 @@ class Target(str, Enum):
     GGUF = "gguf"
 
 
-def _gguf(ckpt: Checkpoint, plan: Plan, out: Path, quant: str) -> Path:
+#: Called by an exporter once its output is complete, before moving it to OUT: raises if the plan turned
+#: out not to belong to the model (its content hash is checked while the exporter works).
+BeforeCommit = Callable[[], None]
+
+
+def _gguf(ckpt: Checkpoint, plan: Plan, out: Path, quant: str, before_commit: BeforeCommit) -> Path:
     from exporters.gguf import write_gguf
 
-    return write_gguf(ckpt, plan, out, quant)
+    return write_gguf(ckpt, plan, out, quant, before_commit)
 
 
-#: target -> exporter(checkpoint, plan, out, quant); a new target adds one entry here.
-EXPORTERS: dict[Target, Callable[[Checkpoint, Plan, Path, str], Path]] = {
+#: target -> exporter(checkpoint, plan, out, quant, before_commit); a new target adds one entry here.
+EXPORTERS: dict[Target, Callable[[Checkpoint, Plan, Path, str, BeforeCommit], Path]] = {
     Target.GGUF: _gguf,
 }
 
@@ -50,13 +56,18 @@ def export(
 ) -> Path:
     """Export `model` pruned by `plan` to `target` at `out` (written atomically; nothing there on failure).
 
-    With `check_source`, the plan is first checked to belong to this model (architecture, layer count,
-    content hash); pass False only for a plan just made from the same opened checkpoint.
+    With `check_source`, the plan must belong to this model: architecture and layer count are checked
+    first, the content hash (a read of every q/k tensor) while the exporter writes, before the output is
+    moved to `out`. Pass False only for a plan just made from the same opened checkpoint.
     """
     ckpt = model if isinstance(model, Checkpoint) else open_model(model)
-    if check_source:
-        verify_plan_source(plan, ckpt)
-    return EXPORTERS[Target(target)](ckpt, plan, Path(out), quant)
+    exporter = EXPORTERS[Target(target)]
+    if not check_source:
+        return exporter(ckpt, plan, Path(out), quant, lambda: None)
+    verify_plan_shape(plan, ckpt)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gatenorm-verify") as pool:
+        content_check = pool.submit(verify_plan_content, plan, ckpt)
+        return exporter(ckpt, plan, Path(out), quant, content_check.result)
 
 
 def export_gguf(model: str | Path | Checkpoint, plan: Plan, out: str | Path, quant: str = "keep") -> Path:

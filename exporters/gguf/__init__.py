@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from exporters.gguf.from_gguf import check_deci_plan, prune_gguf
@@ -32,12 +32,19 @@ def _scratch(beside: Path, label: str) -> Iterator[Path]:
         Path(name).unlink(missing_ok=True)
 
 
-def write_gguf(ckpt: Checkpoint, plan: Plan, out: Path, quant: str = KEEP) -> Path:
+def write_gguf(
+    ckpt: Checkpoint,
+    plan: Plan,
+    out: Path,
+    quant: str = KEEP,
+    before_commit: Callable[[], None] = lambda: None,
+) -> Path:
     """Write `ckpt` pruned by `plan` as a ``deci`` GGUF at `out`, atomically.
 
     A GGUF source is rewritten tensor by tensor with its bytes unchanged; an HF folder is converted first
     (F32/F16/BF16, or its own dtype for ``keep``). Any other `quant` goes through llama.cpp's quantizer
-    after pruning. The plan must already be checked against `ckpt` (`verify_plan_source`).
+    after pruning. `before_commit` runs once the file is complete and may refuse it by raising; the plan's
+    fit to `ckpt` is the caller's business (`exporters.export.export` checks it).
     """
     quant = parse_quant(quant)
     check_deci_plan(ckpt.arch, plan)  # before any long conversion
@@ -58,4 +65,5 @@ def write_gguf(ckpt: Checkpoint, plan: Plan, out: Path, quant: str = KEEP) -> Pa
             quantize_gguf(pruned, final, quant)
         else:
             prune_gguf(source, plan, final)
+        before_commit()
     return out

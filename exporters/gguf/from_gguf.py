@@ -106,7 +106,8 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path) -> None:
     check_deci_plan(arch, plan)
     header = ckpt.reader if isinstance(ckpt.reader, ScannedGGUF) else ScannedGGUF(ckpt.path)
     skip = dropped_tensor_names(arch, plan.dropped)
-    rotary = rotary_tensor_parts(arch, shape.n_layers)
+    # q/k rows move only where the source GGUF keeps NEOX order; elsewhere every tensor is a kernel copy
+    rotary = {} if arch.gguf_qk_permuted else rotary_tensor_parts(arch, shape.n_layers)
     kept = [t for t in header.tensors if t.name not in skip]
     kv = deci_metadata(header, shape, plan)
     align = header.alignment

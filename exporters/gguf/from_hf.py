@@ -23,7 +23,6 @@ _GGML_TYPES = {
     "F16": (gguf.GGMLQuantizationType.F16, torch.float16, np.float16),
     "BF16": (gguf.GGMLQuantizationType.BF16, torch.bfloat16, np.int16),  # numpy has no bfloat16: raw bits
 }
-_SAFETENSORS_TYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
 _FILE_TYPES = {
     "F32": gguf.LlamaFileType.ALL_F32,
     "F16": gguf.LlamaFileType.MOSTLY_F16,
@@ -145,8 +144,8 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
         if len(dims) == 1:
             kind = "F32"
         elif dtype == "keep":
-            kind = _SAFETENSORS_TYPES.get(stored)
-            if kind is None:
+            kind = stored  # safetensors names F32 / F16 / BF16 as GGUF does
+            if kind not in _GGML_TYPES:
                 raise GatenormError(f"tensor {name} has type {stored}; pass --quant F16 or F32")
         else:
             kind = dtype

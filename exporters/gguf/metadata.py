@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gguf
 
+from exporters.gguf.header import ScannedGGUF
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.plan import Plan
@@ -41,8 +42,6 @@ def pruned_name(name: str | None, plan: Plan) -> str:
 
 def read_gguf_metadata(path: str | Path) -> dict[str, object]:
     """Every ``gatenorm.*`` key of a GGUF file with its value; a GatenormError if it has none."""
-    from exporters.gguf.header import ScannedGGUF
-
     path = Path(path)
     if not path.is_file():
         raise GatenormError(f"no such file: {path}")

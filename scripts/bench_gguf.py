@@ -26,7 +26,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from exporters.export import export_gguf
+from exporters.export import export, export_gguf
 from gatenorm.models import smollm2, tiny
 from gatenorm.plan import Plan, make_plan
 from gatenorm.readers.gguf_file import GGUFCheckpoint
@@ -109,21 +109,31 @@ def write_synthetic_7b(path: Path) -> None:
 # --- export time against a plain copy ------------------------------------------------------------------
 
 
-def bench_export(source: Path, plan: Plan, work: Path, reps: int) -> tuple[float, float]:
-    """Median seconds of a plain copy and of a GGUF -> GGUF export of `source`, runs interleaved."""
-    copies, exports = [], []
+def bench_export(source: Path, plan: Plan, work: Path, reps: int) -> tuple[float, float, float]:
+    """Median seconds of a plain copy of `source`, of a GGUF -> GGUF export, and of the same export without
+    the plan's content-hash check (which reads every q/k tensor); the three interleaved."""
+    runs: dict[str, list[float]] = {"copy": [], "export": [], "unchecked": []}
     shutil.copyfile(source, work / "warm.gguf")  # first read of the source into the page cache
     (work / "warm.gguf").unlink()
     for _ in range(reps):
         start = time.perf_counter()
         shutil.copyfile(source, work / "copy.gguf")
-        copies.append(time.perf_counter() - start)
+        runs["copy"].append(time.perf_counter() - start)
         (work / "copy.gguf").unlink()
-        start = time.perf_counter()
-        export_gguf(source, plan, work / "export.gguf")  # opens, checks the plan's hash, writes
-        exports.append(time.perf_counter() - start)
-        (work / "export.gguf").unlink()
-    return statistics.median(copies), statistics.median(exports)
+        for kind in ("export", "unchecked"):
+            start = time.perf_counter()
+            export(source, plan, work / "export.gguf", check_source=kind == "export")  # opens, writes
+            runs[kind].append(time.perf_counter() - start)
+            (work / "export.gguf").unlink()
+    return tuple(statistics.median(runs[k]) for k in ("copy", "export", "unchecked"))
+
+
+def print_export(name: str, size: str, times: tuple[float, float, float], reps: int) -> None:
+    copy_s, export_s, unchecked_s = times
+    print(
+        f"  {name} ({size}): copy {copy_s:.3f} s, export {export_s:.3f} s (ratio {export_s / copy_s:.2f}), "
+        f"without the hash check {unchecked_s:.3f} s (ratio {unchecked_s / copy_s:.2f}); median of {reps}"
+    )
 
 
 # --- llama.cpp speed -----------------------------------------------------------------------------------
@@ -258,6 +268,7 @@ def main() -> None:
     parser.add_argument("--pp-7b", type=int, default=64, help="prefill length on the 7B file")
     parser.add_argument("--tg-7b", type=int, default=16, help="decode steps on the 7B file")
     parser.add_argument("--skip-7b", action="store_true", help="SmolLM2 only")
+    parser.add_argument("--export-only", action="store_true", help="export time only, no llama.cpp runs")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new one in /tmp)")
     args = parser.parse_args()
 
@@ -269,11 +280,8 @@ def main() -> None:
             "export time / plain copy time (GGUF -> GGUF, 8 attention sublayers dropped, Gate-Norm plan "
             "checked against the file's hash, page cache warm, interleaved runs)"
         )
-        copy_s, export_s = bench_export(small.path, make_plan(small, small_scores, 8), work, args.reps)
-        print(
-            f"  SmolLM2-135M Q4_1 ({small.path.stat().st_size / 2**20:.0f} MiB): copy {copy_s:.3f} s, "
-            f"export {export_s:.3f} s, ratio {export_s / copy_s:.2f} (median of {args.reps})"
-        )
+        times = bench_export(small.path, make_plan(small, small_scores, 8), work, args.reps)
+        print_export("SmolLM2-135M Q4_1", f"{small.path.stat().st_size / 2**20:.0f} MiB", times, args.reps)
         if not args.skip_7b:
             path = work / "synthetic-7b-q4_k.gguf"
             start = time.perf_counter()
@@ -284,11 +292,10 @@ def main() -> None:
             big_scores = score_checkpoint(big, "gate-norm")
             print(f"  (Gate-Norm scores of the 7B file: {time.perf_counter() - start:.0f} s)")
             reps = min(args.reps, 3)
-            copy_s, export_s = bench_export(path, make_plan(big, big_scores, 8), work, reps)
-            print(
-                f"  synthetic Llama-7B Q4_K ({path.stat().st_size / 2**30:.2f} GiB): copy {copy_s:.2f} s, "
-                f"export {export_s:.2f} s, ratio {export_s / copy_s:.2f} (median of {reps})"
-            )
+            times = bench_export(path, make_plan(big, big_scores, 8), work, reps)
+            print_export("synthetic Llama-7B Q4_K", f"{path.stat().st_size / 2**30:.2f} GiB", times, reps)
+        if args.export_only:
+            return
         bench_runtime("SmolLM2-135M-Q4_1", small, small_scores, work, args.reps, [512, 2048], 128)
         if not args.skip_7b:
             bench_runtime(

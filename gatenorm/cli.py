@@ -1,4 +1,4 @@
-"""The ``gatenorm`` command line: score, plan."""
+"""The ``gatenorm`` command line: score, plan, validate."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from gatenorm.models import resolve_model
 from gatenorm.plan import LayerAction, make_plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.scoring import LayerScores, Method, score_checkpoint
+from gatenorm.validate.command import validate_command
 
 app = typer.Typer(
     help="Data-free attention-sublayer pruning (Gate-Norm) and edge export for decoder-only LLMs.",
@@ -98,6 +99,9 @@ def plan(
     console.print(f"{method.value} plan for {ckpt.path}")
     console.print(_table(scores, actions))
     console.print(f"dropped attention of layers {result.dropped} -> {output}")
+
+
+app.command("validate")(validate_command)
 
 
 def main() -> None:

@@ -1,0 +1,137 @@
+"""One validation: agreement on a text, zero-shot accuracy, optional latency, gates. Returns the report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from gatenorm import __version__
+from gatenorm.errors import GatenormError
+from gatenorm.validate.agreement import compare_logits
+from gatenorm.validate.bench import BenchConfig, run_bench
+from gatenorm.validate.gates import Gates, check_gates
+from gatenorm.validate.runtimes import ModelSpec, Runtime, open_runtime
+from gatenorm.validate.text import token_windows
+from gatenorm.validate.zeroshot import build_requests, evaluate_task, load_items
+
+
+@dataclass
+class Settings:
+    """What to measure (see `gatenorm validate --help`)."""
+
+    text: str = "wiki"
+    ctx: int = 512
+    max_tokens: int | None = 20480
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = 200
+    threads: int = 2
+    bench: BenchConfig | None = None
+
+
+def _spec_dict(spec: ModelSpec) -> dict:
+    return {"path": str(spec.path), "runtime": spec.runtime, "plan": str(spec.plan) if spec.plan else None}
+
+
+def _check_vocab(ref: Runtime, cand: Runtime) -> None:
+    if ref.vocab_size != cand.vocab_size:
+        raise GatenormError(
+            f"vocabularies differ: reference has {ref.vocab_size} tokens, candidate {cand.vocab_size}; "
+            "both models must share the reference's tokenizer"
+        )
+
+
+def _zeroshot(ref: Runtime, cand: Runtime, settings: Settings, log: Callable[[str], None]) -> dict:
+    tasks = {}
+    for task in settings.tasks:
+        items = load_items(task, settings.limit)
+        requests = build_requests(items, ref.tokenize, ref.bos_id)  # one token stream for both models
+        scores = [evaluate_task(rt, items, requests, task).to_dict() for rt in (ref, cand)]
+        drop = 100 * (scores[0]["main"] - scores[1]["main"])
+        tasks[task] = {"reference": scores[0], "candidate": scores[1], "drop_points": drop}
+        log(f"{task}: {scores[0]['metric']} {100 * scores[0]['main']:.1f} -> {100 * scores[1]['main']:.1f}")
+    ref_avg = float(np.mean([t["reference"]["main"] for t in tasks.values()]))
+    cand_avg = float(np.mean([t["candidate"]["main"] for t in tasks.values()]))
+    average = {"reference": ref_avg, "candidate": cand_avg, "drop_points": 100 * (ref_avg - cand_avg)}
+    return {"tasks": tasks, "average": average}
+
+
+def validate(
+    ref_spec: ModelSpec,
+    cand_spec: ModelSpec,
+    settings: Settings,
+    gates: Gates,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Run every requested measurement of `cand_spec` against `ref_spec` and evaluate the gates."""
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    n_ctx = max(settings.ctx, 1024)
+    ref = open_runtime(ref_spec, settings.threads, n_ctx)
+    cand = None
+    try:
+        cand = open_runtime(cand_spec, settings.threads, n_ctx)
+        _check_vocab(ref, cand)
+        seconds["load"] = time.perf_counter() - t0
+
+        agreement = None
+        if settings.max_tokens != 0:
+            t0 = time.perf_counter()
+            windows = token_windows(
+                settings.text, ref.tokenize, settings.ctx, settings.max_tokens, ref.bos_id
+            )
+            first = settings.ctx // 2
+            log(f"agreement: {len(windows)} windows of {settings.ctx} tokens")
+            result = compare_logits(
+                ref.window_logits(windows, first), cand.window_logits(windows, first), windows, first
+            )
+            agreement = result.to_dict()
+            seconds["agreement"] = time.perf_counter() - t0
+            log(
+                f"agreement: KLD {result.kld_mean:.4f}, top-1 {100 * result.top1:.1f} %, ppl ratio "
+                f"{result.ppl_ratio:.4f} ({seconds['agreement']:.0f} s)"
+            )
+
+        zeroshot = None
+        if settings.tasks:
+            t0 = time.perf_counter()
+            zeroshot = _zeroshot(ref, cand, settings, log)
+            seconds["zeroshot"] = time.perf_counter() - t0
+
+        bench_tokens = None
+        if settings.bench is not None:
+            need = max(settings.bench.prompt, settings.bench.long_prompt)
+            bench_tokens = token_windows(settings.text, ref.tokenize, need, need, None)[0].tolist()
+    finally:
+        ref.close()
+        if cand is not None:
+            cand.close()
+
+    bench = None
+    if settings.bench is not None:
+        t0 = time.perf_counter()
+        log("bench: running interleaved latency runs")
+        bench = run_bench(ref_spec, cand_spec, bench_tokens, settings.bench)
+        seconds["bench"] = time.perf_counter() - t0
+
+    gate_results = check_gates(gates, agreement, zeroshot)
+    passed = all(g.passed is not False for g in gate_results)
+    settings_doc = asdict(settings)
+    return {
+        "gatenorm_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reference": _spec_dict(ref_spec),
+        "candidate": _spec_dict(cand_spec),
+        "settings": settings_doc,
+        "agreement": agreement,
+        "zeroshot": zeroshot,
+        "bench": bench,
+        "gates": [g.to_dict() for g in gate_results],
+        "gate_lines": [g.describe() for g in gate_results],
+        "failed_gates": [g.name for g in gate_results if g.passed is False],
+        "passed": passed,
+        "seconds": seconds,
+    }

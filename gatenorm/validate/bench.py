@@ -34,8 +34,7 @@ def _worker(conn, spec: ModelSpec, threads: int, n_ctx: int) -> None:
             if cmd == "stop":
                 conn.send(("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
                 break
-            prompt, n_new = args
-            conn.send(("ok", runtime.generate(prompt, n_new)))
+            conn.send(("ok", runtime.generate(*args)))
         runtime.close()
     except Exception as e:  # reported to the parent as one line
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -84,9 +83,9 @@ def _median_stats(samples: list[dict[str, float]]) -> dict[str, float]:
 def _one_run(
     worker: _Worker, prompt: list[int], long_prompt: list[int], cfg: BenchConfig
 ) -> dict[str, float]:
-    short = worker.call(prompt, 1)
-    long = worker.call(long_prompt, 1)
-    gen = worker.call(prompt[:1], cfg.generate + 1)  # one prefill token, then `generate` decode steps
+    short = worker.call("generate", prompt, 1)
+    long = worker.call("generate", long_prompt, 1)
+    gen = worker.call("generate", prompt[:1], cfg.generate + 1)  # 1 prefill token, then decode steps
     return {
         f"pp{cfg.prompt}_tok_s": cfg.prompt / short.first_token_s,
         f"pp{cfg.long_prompt}_tok_s": cfg.long_prompt / long.first_token_s,

@@ -182,6 +182,44 @@ class TorchRuntime(BatchLogitsRuntime):
             out = self.model(torch.from_numpy(ids), use_cache=False, logits_to_keep=keep)
         return out.logits.float().numpy()
 
+    def loglikelihoods(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:
+        """Adjacent requests with the same context (the choices of one question) run the context once and
+        the continuations as one batch on copies of its KV cache; the rest go through padded batches."""
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        singles: list[int] = []
+        start = 0
+        while start < len(requests):
+            end = start + 1
+            while end < len(requests) and list(requests[end][0]) == list(requests[start][0]):
+                end += 1
+            ctx = list(requests[start][0])
+            conts = [list(requests[i][1]) for i in range(start, end)]
+            if end - start > 1 and len(ctx) + max(map(len, conts)) <= self.max_len:
+                out[start:end] = self._shared_context(ctx, conts)
+            else:
+                singles.extend(range(start, end))
+            start = end
+        for i, result in zip(singles, super().loglikelihoods([requests[i] for i in singles]), strict=True):
+            out[i] = result
+        return out  # type: ignore[return-value]
+
+    def _shared_context(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
+        import torch
+
+        with torch.inference_mode():
+            head = self.model(torch.tensor([ctx]), use_cache=True, logits_to_keep=1)
+            cache = head.past_key_values
+            cache.batch_repeat_interleave(len(conts))
+            ids = torch.zeros((len(conts), max(map(len, conts))), dtype=torch.long)
+            for row, cont in enumerate(conts):
+                ids[row, : len(cont)] = torch.tensor(cont)
+            tail = self.model(ids, past_key_values=cache, use_cache=True).logits.float().numpy()
+        last_ctx = head.logits[0, -1:].float().numpy()
+        return [
+            continuation_scores(np.concatenate([last_ctx, tail[row, : len(cont) - 1]]), cont)
+            for row, cont in enumerate(conts)
+        ]
+
     def generate(self, prompt: list[int], n_new: int) -> Timing:
         import torch
 

@@ -5,7 +5,7 @@ that only one window's logits are ever held."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -127,10 +127,16 @@ class AgreementAccumulator:
 
 
 def compare_logits(
-    ref_windows: Iterable[np.ndarray], cand_windows: Iterable[np.ndarray], windows: np.ndarray, first: int
+    ref_windows: Iterable[np.ndarray],
+    cand_windows: Iterable[np.ndarray],
+    windows: np.ndarray,
+    first: int,
+    log: Callable[[str], None] | None = None,
 ) -> Agreement:
     """Agreement over `windows` [n, T], given each model's logits at positions first..T-2 per window."""
     acc = AgreementAccumulator()
-    for row, ref, cand in zip(windows, ref_windows, cand_windows, strict=True):
+    for i, (row, ref, cand) in enumerate(zip(windows, ref_windows, cand_windows, strict=True)):
         acc.add(ref, cand, row[first + 1 :])
+        if log is not None and (i + 1) % 10 == 0:
+            log(f"agreement: {i + 1}/{len(windows)} windows, mean KLD so far {np.mean(acc.window_kld):.4f}")
     return acc.result()

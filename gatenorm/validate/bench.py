@@ -24,6 +24,18 @@ class BenchConfig:
     threads: int = 2
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process: VmHWM (Linux; reset by exec, unlike ru_maxrss, which a spawned
+    child inherits from its parent), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _worker(conn, spec: ModelSpec, threads: int, n_ctx: int) -> None:
     """Serve timing commands for one model until told to stop; reply with ('ok', value) or ('error', msg)."""
     try:
@@ -32,7 +44,7 @@ def _worker(conn, spec: ModelSpec, threads: int, n_ctx: int) -> None:
         while True:
             cmd, *args = conn.recv()
             if cmd == "stop":
-                conn.send(("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+                conn.send(("ok", peak_rss_bytes()))
                 break
             conn.send(("ok", runtime.generate(*args)))
         runtime.close()

@@ -86,7 +86,7 @@ def validate(
             first = settings.ctx // 2
             log(f"agreement: {len(windows)} windows of {settings.ctx} tokens")
             result = compare_logits(
-                ref.window_logits(windows, first), cand.window_logits(windows, first), windows, first
+                ref.window_logits(windows, first), cand.window_logits(windows, first), windows, first, log
             )
             agreement = result.to_dict()
             seconds["agreement"] = time.perf_counter() - t0

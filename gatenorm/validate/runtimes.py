@@ -2,7 +2,7 @@
 
 Every runtime answers the same few questions on the same token ids: logits of text windows, log-likelihoods
 of (context, continuation) pairs, and timed greedy generation. Adapters that can only compute logits of a
-right-padded batch (PyTorch, onnxruntime) subclass `BatchLogitsRuntime` and implement one method.
+right-padded batch plus prefill/decode (PyTorch, onnxruntime) subclass `BatchLogitsRuntime`.
 """
 
 from __future__ import annotations
@@ -107,9 +107,38 @@ class BatchLogitsRuntime(ABC):
     max_batch_logits = 2048 * 49152
     max_len = 2048
 
+    #: a transformers tokenizer (the adapters here all ship one); override `tokenize` otherwise
+    tokenizer: object
+
     @abstractmethod
     def batch_logits(self, ids: np.ndarray, keep: int) -> np.ndarray:
         """float32 logits [B, keep, vocab] at the last `keep` positions of int64 ids [B, T]."""
+
+    @abstractmethod
+    def prefill(self, prompt: list[int]) -> tuple[object, np.ndarray]:
+        """Run `prompt` with a KV cache: (decoding state, logits [vocab] of its last position)."""
+
+    @abstractmethod
+    def decode(self, state: object, token: int) -> np.ndarray:
+        """Feed one token after `state` (updated in place or returned anew): logits [vocab]."""
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _set_bos(self) -> None:
+        """BOS is the tokenizer's when encoding with special tokens puts it first."""
+        probe = self.tokenizer("a").input_ids
+        bos = self.tokenizer.bos_token_id
+        self.bos_id = bos if bos is not None and probe and probe[0] == bos else None
+
+    def generate(self, prompt: list[int], n_new: int) -> Timing:
+        start = time.perf_counter()
+        state, logits = self.prefill(prompt)
+        token = int(np.argmax(logits))
+        first = time.perf_counter() - start
+        for _ in range(n_new - 1):
+            token = int(np.argmax(self.decode(state, token)))
+        return Timing(first, time.perf_counter() - start, n_new)
 
     def window_logits(self, windows: np.ndarray, first: int) -> Iterator[np.ndarray]:
         t = windows.shape[1]
@@ -168,12 +197,7 @@ class TorchRuntime(BatchLogitsRuntime):
         self.tokenizer = load_tokenizer(path)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
-        probe = self.tokenizer("a").input_ids
-        bos = self.tokenizer.bos_token_id
-        self.bos_id = bos if bos is not None and probe and probe[0] == bos else None
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        self._set_bos()
 
     def batch_logits(self, ids: np.ndarray, keep: int) -> np.ndarray:
         import torch
@@ -220,21 +244,50 @@ class TorchRuntime(BatchLogitsRuntime):
             for row, cont in enumerate(conts)
         ]
 
-    def generate(self, prompt: list[int], n_new: int) -> Timing:
+    def prefill(self, prompt: list[int]) -> tuple[list, np.ndarray]:
         import torch
 
         with torch.inference_mode():
-            start = time.perf_counter()
             out = self.model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1:].argmax(-1)
-            first = time.perf_counter() - start
-            past = out.past_key_values
-            for _ in range(n_new - 1):
-                out = self.model(token, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                token = out.logits[:, -1:].argmax(-1)
-            total = time.perf_counter() - start
-        return Timing(first, total, n_new)
+        return [out.past_key_values], out.logits[0, -1].float().numpy()
+
+    def decode(self, state: list, token: int) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.tensor([[token]]), past_key_values=state[0], use_cache=True)
+        state[0] = out.past_key_values
+        return out.logits[0, -1].float().numpy()
+
+
+class OnnxRuntime(BatchLogitsRuntime):
+    """onnxruntime: a folder exported by gatenorm's ONNX exporter (model.onnx, its JSON config, tokenizer)."""
+
+    name = "onnx"
+    max_batch_tokens = 1024  # the runner returns logits of every position
+
+    def __init__(self, path: Path, threads: int = 2, **_: object):
+        try:
+            from exporters.onnx.runner import OnnxRunner
+        except ImportError as e:
+            raise GatenormError(
+                f"the onnx runtime needs gatenorm's ONNX exporter and onnxruntime ({e})"
+            ) from None
+        self.path = path
+        self.runner = OnnxRunner(path, threads=threads)
+        self.tokenizer = self.runner.tokenizer
+        self.vocab_size = int(self.runner.logits(np.zeros((1, 1), dtype=np.int64)).shape[-1])
+        self._set_bos()
+
+    def batch_logits(self, ids: np.ndarray, keep: int) -> np.ndarray:
+        return self.runner.logits(ids)[:, -keep:]
+
+    def prefill(self, prompt: list[int]) -> tuple[object, np.ndarray]:
+        state = self.runner.prefill(np.asarray([prompt], dtype=np.int64))
+        return state, state.logits[0]
+
+    def decode(self, state: object, token: int) -> np.ndarray:
+        return self.runner.decode(state, [token])[0]
 
 
 class LlamaCppRuntime:
@@ -327,10 +380,11 @@ def _last_argmax(llm) -> int:
     return int(logits.argmax())
 
 
-#: runtime name -> constructor(path, plan=..., threads=..., n_ctx=...). The ONNX adapter plugs in here.
+#: runtime name -> constructor(path, plan=..., threads=..., n_ctx=...); a new runtime is one more entry.
 RUNTIMES: dict[str, Callable[..., Runtime]] = {
     "torch": TorchRuntime,
     "llama.cpp": LlamaCppRuntime,
+    "onnx": OnnxRuntime,
 }
 
 
@@ -362,8 +416,8 @@ def model_spec(model: str, runtime: str | None = None, plan: Path | None = None)
     if plan is not None and not plan.is_file():
         raise GatenormError(f"no such plan file: {plan}")
     name = detect_runtime(path, plan) if runtime in (None, "auto") else runtime
-    if name not in RUNTIMES and name != "onnx":
-        raise GatenormError(f"unknown runtime {name!r} (choose from auto, {', '.join(RUNTIMES)}, onnx)")
+    if name not in RUNTIMES:
+        raise GatenormError(f"unknown runtime {name!r} (choose from auto, {', '.join(RUNTIMES)})")
     if plan is not None and name != "torch":
         raise GatenormError(f"a plan can only be applied in the torch runtime, not {name}")
     if name == "llama.cpp" and not path.is_file():
@@ -373,8 +427,5 @@ def model_spec(model: str, runtime: str | None = None, plan: Path | None = None)
 
 def open_runtime(spec: ModelSpec, threads: int = 2, n_ctx: int = 2048) -> Runtime:
     """Load the model of `spec` in its runtime."""
-    factory = RUNTIMES.get(spec.runtime)
-    if factory is None:
-        raise GatenormError(f"the {spec.runtime} runtime is not available in this build of gatenorm")
     threads = threads or os.cpu_count() or 1
-    return factory(spec.path, plan=spec.plan, threads=threads, n_ctx=n_ctx)
+    return RUNTIMES[spec.runtime](spec.path, plan=spec.plan, threads=threads, n_ctx=n_ctx)

@@ -14,9 +14,9 @@ from gatenorm.errors import GatenormError
 from gatenorm.validate.agreement import compare_logits
 from gatenorm.validate.bench import BenchConfig, run_bench
 from gatenorm.validate.gates import Gates, check_gates
-from gatenorm.validate.runtimes import ModelSpec, Runtime, open_runtime
+from gatenorm.validate.runtimes import ModelSpec, Request, Runtime, open_runtime
 from gatenorm.validate.text import token_windows
-from gatenorm.validate.zeroshot import build_requests, evaluate_task, load_items
+from gatenorm.validate.zeroshot import Item, build_requests, evaluate_task, load_items
 
 
 @dataclass
@@ -44,11 +44,11 @@ def _check_vocab(ref: Runtime, cand: Runtime) -> None:
         )
 
 
-def _zeroshot(ref: Runtime, cand: Runtime, settings: Settings, log: Callable[[str], None]) -> dict:
+def _zeroshot(
+    ref: Runtime, cand: Runtime, work: dict[str, tuple[list[Item], list[Request]]], log: Callable[[str], None]
+) -> dict:
     tasks = {}
-    for task in settings.tasks:
-        items = load_items(task, settings.limit)
-        requests = build_requests(items, ref.tokenize, ref.bos_id)  # one token stream for both models
+    for task, (items, requests) in work.items():
         scores = [evaluate_task(rt, items, requests, task).to_dict() for rt in (ref, cand)]
         drop = 100 * (scores[0]["main"] - scores[1]["main"])
         tasks[task] = {"reference": scores[0], "candidate": scores[1], "drop_points": drop}
@@ -66,24 +66,36 @@ def validate(
     gates: Gates,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
-    """Run every requested measurement of `cand_spec` against `ref_spec` and evaluate the gates."""
+    """Run every requested measurement of `cand_spec` against `ref_spec` and evaluate the gates.
+
+    All inputs (text, task data, benchmark prompt) are read and tokenized, with the reference's tokenizer,
+    before the first measurement, so bad input fails fast."""
+    if settings.max_tokens == 0 and not settings.tasks and settings.bench is None:
+        raise GatenormError("nothing to validate: --max-tokens 0, --tasks none and no --bench")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    n_ctx = max(settings.ctx, 1024)
-    ref = open_runtime(ref_spec, settings.threads, n_ctx)
+    ref = open_runtime(ref_spec, settings.threads, max(settings.ctx, 1024))
     cand = None
     try:
-        cand = open_runtime(cand_spec, settings.threads, n_ctx)
+        cand = open_runtime(cand_spec, settings.threads, max(settings.ctx, 1024))
         _check_vocab(ref, cand)
         seconds["load"] = time.perf_counter() - t0
+        first = settings.ctx // 2
+        windows = bench_tokens = None
+        if settings.max_tokens != 0:
+            text, ctx = settings.text, settings.ctx
+            windows = token_windows(text, ref.tokenize, ctx, settings.max_tokens, ref.bos_id)
+        if settings.bench is not None:
+            need = max(settings.bench.prompt, settings.bench.long_prompt)
+            bench_tokens = token_windows(settings.text, ref.tokenize, need, need, None)[0].tolist()
+        work = {}
+        for task in settings.tasks:  # one token stream for both models
+            items = load_items(task, settings.limit)
+            work[task] = (items, build_requests(items, ref.tokenize, ref.bos_id))
 
         agreement = None
-        if settings.max_tokens != 0:
+        if windows is not None:
             t0 = time.perf_counter()
-            windows = token_windows(
-                settings.text, ref.tokenize, settings.ctx, settings.max_tokens, ref.bos_id
-            )
-            first = settings.ctx // 2
             log(f"agreement: {len(windows)} windows of {settings.ctx} tokens")
             result = compare_logits(
                 ref.window_logits(windows, first), cand.window_logits(windows, first), windows, first, log
@@ -96,22 +108,17 @@ def validate(
             )
 
         zeroshot = None
-        if settings.tasks:
+        if work:
             t0 = time.perf_counter()
-            zeroshot = _zeroshot(ref, cand, settings, log)
+            zeroshot = _zeroshot(ref, cand, work, log)
             seconds["zeroshot"] = time.perf_counter() - t0
-
-        bench_tokens = None
-        if settings.bench is not None:
-            need = max(settings.bench.prompt, settings.bench.long_prompt)
-            bench_tokens = token_windows(settings.text, ref.tokenize, need, need, None)[0].tolist()
     finally:
         ref.close()
         if cand is not None:
             cand.close()
 
     bench = None
-    if settings.bench is not None:
+    if bench_tokens is not None:
         t0 = time.perf_counter()
         log("bench: running interleaved latency runs")
         bench = run_bench(ref_spec, cand_spec, bench_tokens, settings.bench)

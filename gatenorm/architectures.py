@@ -7,13 +7,16 @@ Everything architecture-specific lives here; readers, scorers and exporters only
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
+import torch
 
 from gatenorm.errors import GatenormError
 
 ATTENTION_PARTS = ("q", "k", "v", "o")
+
+T = TypeVar("T", np.ndarray, torch.Tensor)
 
 _REGISTRY: dict[str, type[Architecture]] = {}
 
@@ -70,24 +73,24 @@ class Architecture:
     hf_mlp_norm: ClassVar[str] = "post_attention_layernorm"
 
     @classmethod
-    def gguf_to_hf_rows(cls, part: str, weight: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    def gguf_to_hf_rows(cls, part: str, weight: T, n_head: int, n_head_kv: int) -> T:
         """Undo the row order llama.cpp's converter gave a q/k tensor, giving the HF layout back."""
-        if not cls.gguf_qk_permuted or part not in ("q", "k"):
-            return weight
-        heads = n_head if part == "q" else n_head_kv
-        rows = weight.shape[0]
-        half = rows // heads // 2
-        return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+        return cls._reorder_qk(part, weight, n_head, n_head_kv, to_gguf=False)
 
     @classmethod
-    def hf_to_gguf_rows(cls, part: str, weight: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    def hf_to_gguf_rows(cls, part: str, weight: T, n_head: int, n_head_kv: int) -> T:
         """The row order llama.cpp's converter writes for a q/k tensor in HF layout."""
+        return cls._reorder_qk(part, weight, n_head, n_head_kv, to_gguf=True)
+
+    @classmethod
+    def _reorder_qk(cls, part: str, weight: T, n_head: int, n_head_kv: int, to_gguf: bool) -> T:
+        """Within each head, HF keeps the two rotary halves apart; llama.cpp (NORM rope) interleaves them."""
         if not cls.gguf_qk_permuted or part not in ("q", "k"):
             return weight
         heads = n_head if part == "q" else n_head_kv
-        rows = weight.shape[0]
-        half = rows // heads // 2
-        return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+        half = weight.shape[0] // heads // 2
+        split = (heads, 2, half) if to_gguf else (heads, half, 2)
+        return weight.reshape(*split, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 @register("LlamaForCausalLM")

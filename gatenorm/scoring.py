@@ -32,6 +32,8 @@ def grouped_queries(w: AttentionWeights) -> torch.Tensor:
     With K_r = repeat_kv(K), Q^T K_r = sum_h Q_h^T K_g(h) = sum_g (sum_{h in g} Q_h)^T K_g, so the
     whole-layer coupling only needs the group sums.
     """
+    if w.n_rep == 1:
+        return w.q
     d = w.q.shape[1]
     return w.q.view(w.n_head_kv, w.n_rep, w.head_dim, d).sum(dim=1).reshape(w.n_head_kv * w.head_dim, d)
 
@@ -41,18 +43,36 @@ def _frobenius_inner(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
 
 
+def gram_inner(a: torch.Tensor, b: torch.Tensor, blocks: int = 4) -> float:
+    """<a a^T, b b^T>_F for a, b of shape (r, d), computing only the upper block triangle of each Gram.
+
+    Block row i gives a_i [a_i, ..., a_last]^T: the diagonal block counts once, the others twice (both Grams
+    are symmetric), which saves (blocks - 1) / (2 * blocks) of the flops of two full Gram matrices.
+    """
+    r = a.shape[0]
+    step = -(-r // blocks)
+    total = 0.0
+    for start in range(0, r, step):
+        end = min(start + step, r)
+        ga, gb = a[start:end] @ a[start:].T, b[start:end] @ b[start:].T
+        total += _frobenius_inner(ga[:, : end - start], gb[:, : end - start])
+        total += 2.0 * _frobenius_inner(ga[:, end - start :], gb[:, end - start :])
+    return total
+
+
 def gate_norm(w: AttentionWeights) -> float:
     """m_l = ||W_q W_k^T||_F = ||q_proj.weight^T @ repeat_kv(k_proj.weight)||_F, exactly.
 
     With P the group-summed queries and K the keys (both r x d, r = n_head_kv*head_dim), m^2 = ||P^T K||_F^2,
-    computed as <P P^T, K K^T>_F (two r x r Gram matrices, 2 r^2 d flops) when 2r < d, else from the d x d
-    product P^T K (r d^2 flops).
+    computed as <P P^T, K K^T>_F from the upper block triangles of two r x r Gram matrices (about 1.25 r^2 d
+    multiply-adds) when that is cheaper than the d x d product P^T K (r d^2), else from that product.
     """
     p, k = grouped_queries(w), w.k
     r, d = k.shape
-    if 2 * r < d:
-        return math.sqrt(max(_frobenius_inner(p @ p.T, k @ k.T), 0.0))
-    return float(torch.linalg.vector_norm(p.T @ k, dtype=torch.float64))
+    if 1.25 * r < d:
+        return math.sqrt(max(gram_inner(p, k), 0.0))
+    row_norms = torch.linalg.vector_norm(p.T @ k, dim=1)  # d float32 values; no float64 copy of d x d
+    return float(torch.linalg.vector_norm(row_norms.double()))
 
 
 def gate_norm_head(w: AttentionWeights) -> float:
@@ -102,7 +122,9 @@ def score_checkpoint(ckpt: Checkpoint, method: Method | str, seed: int = 0) -> L
         digest = ContentHash()
         scores = []
         with torch.inference_mode():
-            for weights in ckpt.iter_attention(("q", "k"), digest):
+            # Scores are invariant to the same row permutation inside every q and k head, so GGUF rows
+            # need not be put back in HF order (tests/test_scoring.py checks the invariance).
+            for weights in ckpt.iter_attention(("q", "k"), digest, hf_rows=False):
                 scores.append(scorer(weights))
                 del weights  # let the reader's prefetch buffer be the only other layer alive
         seconds = time.perf_counter() - start

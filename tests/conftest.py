@@ -59,16 +59,21 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf(tmp_path_factory, smollm2_gguf) -> Path:
+def smollm2_model(smollm2_gguf):
+    """SmolLM2 loaded by transformers from the GGUF (fp32). Shared: deep-copy it before mutating."""
+    from gatenorm.apply import load_model
+
+    return load_model(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory, smollm2_gguf, smollm2_model) -> Path:
     """An HF safetensors folder with SmolLM2's dequantized (fp32) weights and tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tmp_path_factory.mktemp("smollm2-hf")
-    loaded = AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    )
-    model = AutoModelForCausalLM.from_config(loaded.config)
-    model.load_state_dict(loaded.state_dict())
+    model = AutoModelForCausalLM.from_config(smollm2_model.config)
+    model.load_state_dict(smollm2_model.state_dict())
     model.save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(folder)
     return folder

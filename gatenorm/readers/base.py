@@ -91,9 +91,18 @@ class Checkpoint(ABC):
         return weight
 
     def read_attention(
-        self, layer: int, parts: Sequence[str] = ("q", "k"), digest: ContentHash | None = None
+        self,
+        layer: int,
+        parts: Sequence[str] = ("q", "k"),
+        digest: ContentHash | None = None,
+        hf_rows: bool = True,
     ) -> AttentionWeights:
-        """Read the attention projections `parts` of `layer`, in HF layout, as float32."""
+        """Read the attention projections `parts` of `layer` as float32.
+
+        With `hf_rows` (default) q/k rows are in HF order; without it they stay in the checkpoint's order,
+        which differs from HF only by the same permutation inside every head of q and k (llama GGUF) and
+        so leaves any q/k coupling score unchanged, at the cost of no copy.
+        """
         if not 0 <= layer < self.shape.n_layers:
             raise GatenormError(f"layer {layer} out of range: model has {self.shape.n_layers} layers")
         s = self.shape
@@ -105,21 +114,21 @@ class Checkpoint(ABC):
             raw, value = self._read(name)
             if digest is not None:
                 digest.update(name, raw)
-            setattr(weights, part, self._to_hf_layout(part, value))
+            setattr(weights, part, self._to_hf_layout(part, value) if hf_rows else value)
         return weights
 
     def iter_attention(
-        self, parts: Sequence[str] = ("q", "k"), digest: ContentHash | None = None
+        self, parts: Sequence[str] = ("q", "k"), digest: ContentHash | None = None, hf_rows: bool = True
     ) -> Iterator[AttentionWeights]:
         """Yield every layer's attention weights in order, reading layer l+1 while layer l is in use.
 
         At most two layers' tensors are alive at once; `digest` sees the raw bytes in layer order.
         """
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gatenorm-read") as pool:
-            pending = pool.submit(self.read_attention, 0, parts, digest)
+            pending = pool.submit(self.read_attention, 0, parts, digest, hf_rows)
             for layer in range(self.shape.n_layers):
                 current = pending.result()
                 if layer + 1 < self.shape.n_layers:
-                    pending = pool.submit(self.read_attention, layer + 1, parts, digest)
+                    pending = pool.submit(self.read_attention, layer + 1, parts, digest, hf_rows)
                 yield current
                 del current

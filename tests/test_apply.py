@@ -1,0 +1,153 @@
+"""Applying a plan in PyTorch: hand-written reference forward, KV cache, generation, SmolLM2."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gatenorm.apply import AttentionFreeLayer, apply_plan, load_model, load_tokenizer
+from gatenorm.errors import GatenormError
+from gatenorm.plan import make_plan
+from gatenorm.readers import open_checkpoint
+from gatenorm.scoring import LayerScores, Method, score_checkpoint
+from tests.conftest import make_tiny_model
+
+
+def plan_dropping(ckpt, layers: list[int]):
+    """A plan for `ckpt` that drops exactly `layers` (scores rigged so they are the lowest)."""
+    n = ckpt.shape.n_layers
+    scores = [0.0 if i in layers else 1.0 + i for i in range(n)]
+    s = LayerScores(Method.GATE_NORM, scores, "0" * 64, "attention-tensors", 0.0)
+    return make_plan(ckpt, s, drop=len(layers), allow_first_layer=0 in layers)
+
+
+def reference_logits(sd: dict, cfg, ids: torch.Tensor, dropped: set[int]) -> torch.Tensor:
+    """Llama forward written out by hand (RMSNorm, rotate-half RoPE, causal GQA, SwiGLU), float64."""
+    sd = {k: v.double() for k, v in sd.items()}
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    dh = cfg.hidden_size // n_head
+    t = ids.shape[0]
+
+    def rms(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.rms_norm_eps) * w
+
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+    ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+    def rope(x):  # x: (heads, t, dh)
+        rot = torch.cat([-x[..., dh // 2 :], x[..., : dh // 2]], -1)
+        return x * cos + rot * sin
+
+    h = sd["model.embed_tokens.weight"][ids]
+    mask = torch.full((t, t), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        if i not in dropped:
+            x = rms(h, sd[p + "input_layernorm.weight"])
+            q = (x @ sd[p + "self_attn.q_proj.weight"].T).view(t, n_head, dh).transpose(0, 1)
+            k = (x @ sd[p + "self_attn.k_proj.weight"].T).view(t, n_kv, dh).transpose(0, 1)
+            v = (x @ sd[p + "self_attn.v_proj.weight"].T).view(t, n_kv, dh).transpose(0, 1)
+            q, k = rope(q), rope(k)
+            k = k.repeat_interleave(n_head // n_kv, 0)
+            v = v.repeat_interleave(n_head // n_kv, 0)
+            att = torch.softmax(q @ k.transpose(1, 2) / dh**0.5 + mask, -1) @ v
+            h = h + att.transpose(0, 1).reshape(t, -1) @ sd[p + "self_attn.o_proj.weight"].T
+        x = rms(h, sd[p + "post_attention_layernorm.weight"])
+        gate = torch.nn.functional.silu(x @ sd[p + "mlp.gate_proj.weight"].T)
+        h = h + (gate * (x @ sd[p + "mlp.up_proj.weight"].T)) @ sd[p + "mlp.down_proj.weight"].T
+    return rms(h, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return open_checkpoint(tiny_llama_dir), load_model(tiny_llama_dir)
+
+
+IDS = torch.tensor([5, 17, 99, 3, 64, 12, 7, 120, 44, 1, 0, 77])
+
+
+@pytest.mark.parametrize("dropped", [[], [2], [1, 3], [0, 2]])
+def test_pruned_forward_matches_hand_written_reference(tiny, dropped):
+    ckpt, base = tiny
+    sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    model = apply_plan(copy.deepcopy(base), plan_dropping(ckpt, dropped))
+    with torch.no_grad():
+        got = model(IDS[None]).logits[0].double()
+    ref = reference_logits(sd, base.config, IDS, set(dropped))
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+    if dropped:  # the pruning really changes the output
+        assert (got - reference_logits(sd, base.config, IDS, set())).abs().max() > 1e-2
+
+
+def test_dropped_layers_hold_no_attention_and_no_cache(tiny):
+    ckpt, base = tiny
+    model = apply_plan(copy.deepcopy(base), plan_dropping(ckpt, [1, 3]))
+    for i in (1, 3):
+        layer = model.model.layers[i]
+        assert isinstance(layer, AttentionFreeLayer)
+        assert not hasattr(layer, "self_attn") and not hasattr(layer, "input_layernorm")
+        assert not any("proj" in n and "mlp" not in n for n, _ in layer.named_parameters())
+    assert [model.model.layers[i].self_attn.layer_idx for i in (0, 2)] == [0, 1]
+    n_params = sum(p.numel() for p in model.parameters())
+    attn = base.model.layers[1].self_attn
+    removed = sum(p.numel() for p in attn.parameters()) + base.model.layers[1].input_layernorm.weight.numel()
+    assert n_params == sum(p.numel() for p in base.parameters()) - 2 * removed
+    with torch.no_grad():
+        out = model(IDS[None], use_cache=True)
+    cache = out.past_key_values
+    filled = [i for i, layer in enumerate(cache.layers) if getattr(layer, "keys", None) is not None]
+    assert filled == [0, 1]  # two kept layers, two cache entries
+
+
+@pytest.mark.parametrize("dropped", [[2, 3], [0, 1]])
+def test_generate_with_cache_matches_full_recompute(tiny, dropped):
+    ckpt, base = tiny
+    model = apply_plan(copy.deepcopy(base), plan_dropping(ckpt, dropped))
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(IDS[None, :5], use_cache=True, **kwargs)
+        recomputed = model.generate(IDS[None, :5], use_cache=False, **kwargs)
+    assert cached.tolist() == recomputed.tolist()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_apply_on_other_architectures(tmp_path, model_type):
+    make_tiny_model(tmp_path, model_type)
+    ckpt, base = open_checkpoint(tmp_path), load_model(tmp_path)
+    model = apply_plan(copy.deepcopy(base), plan_dropping(ckpt, [1, 2]))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert (
+            model.generate(IDS[None, :4], use_cache=True, **kwargs).tolist()
+            == model.generate(IDS[None, :4], use_cache=False, **kwargs).tolist()
+        )
+        assert not torch.allclose(model(IDS[None]).logits, base(IDS[None]).logits)
+
+
+def test_plan_must_fit_model(tiny, tmp_path):
+    ckpt, base = tiny
+    make_tiny_model(tmp_path, num_hidden_layers=3)
+    other = load_model(tmp_path)
+    with pytest.raises(GatenormError, match="plan is for 4 layers"):
+        apply_plan(other, plan_dropping(ckpt, [1]))
+    pruned = apply_plan(copy.deepcopy(base), plan_dropping(ckpt, [1]))
+    with pytest.raises(GatenormError, match="already pruned"):
+        apply_plan(pruned, plan_dropping(ckpt, [2]))
+
+
+def test_smollm2_pruned_generates(smollm2_gguf, smollm2_model):
+    ckpt = open_checkpoint(smollm2_gguf)
+    plan = make_plan(ckpt, score_checkpoint(ckpt, Method.GATE_NORM), drop=4)
+    model = apply_plan(copy.deepcopy(smollm2_model), plan)
+    tok = load_tokenizer(smollm2_gguf)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        full = smollm2_model.generate(ids, max_new_tokens=8, do_sample=False)
+    text = tok.decode(out[0, ids.shape[1] :])
+    assert len(out[0]) == ids.shape[1] + 8 and text.strip()
+    assert "Paris" in tok.decode(full[0, ids.shape[1] :])  # the reference model itself is sane
+    assert sum(isinstance(layer, AttentionFreeLayer) for layer in model.model.layers) == 4

@@ -174,3 +174,15 @@ def test_bench_interleaved(smollm2_gguf):
         assert m["pp32_tok_s"] > 0 and m["pp64_tok_s"] > 0 and m["tg4_tok_s"] > 0 and m["ttft32_ms"] > 0
         assert m["peak_rss_mib"] > 50 and m["file_mib"] == pytest.approx(smollm2_gguf.stat().st_size / 2**20)
     assert b["ratio"]["file_mib"] == 1
+
+
+@pytest.mark.slow
+def test_full_default_validation(smollm2_gguf, tmp_path, monkeypatch):
+    """The full default run (20k tokens, 7 tasks x 200 items, latency) of SmolLM2 against itself."""
+    out = tmp_path / "r.json"
+    assert run_cli(str(smollm2_gguf), "smollm2", "--bench", "--json", str(out), monkeypatch=monkeypatch) == 0
+    report = json.loads(out.read_text())
+    assert report["agreement"]["n_windows"] == 40 and report["agreement"]["kld_mean"] == 0
+    assert len(report["zeroshot"]["tasks"]) == 7
+    assert all(t["reference"] == t["candidate"] for t in report["zeroshot"]["tasks"].values())
+    assert all(0.5 < r < 2 for k, r in report["bench"]["ratio"].items() if k != "peak_rss_mib")

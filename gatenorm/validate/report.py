@@ -100,7 +100,8 @@ def to_markdown(report: dict) -> str:
         lines += [*_zeroshot_md(report["zeroshot"]), ""]
     if report.get("bench"):
         lines += [*_bench_md(report["bench"]), ""]
-    secs = ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items())
+    cpu = report.get("cpu_seconds", {})
+    secs = ", ".join(f"{k} {v:.1f} s (CPU {cpu.get(k, 0):.1f} s)" for k, v in report["seconds"].items())
     lines += [f"Time: {secs}.", ""]
     return "\n".join(lines)
 

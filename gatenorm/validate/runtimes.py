@@ -320,64 +320,71 @@ class LlamaCppRuntime:
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=False, special=False)
 
-    def _eval_from(self, tokens: list[int], reuse: int) -> None:
-        """Evaluate `tokens`, keeping the first `reuse` positions already in the KV cache."""
-        if len(tokens) > self.n_ctx:
-            raise GatenormError(f"{len(tokens)} tokens exceed llama.cpp's context of {self.n_ctx}")
-        self.llm.n_tokens = reuse
-        self.llm.eval(tokens[reuse:])
+    def _eval(self, tokens: Sequence[int], n_past: int, all_logits: bool) -> np.ndarray | None:
+        """Evaluate `tokens` after the first `n_past` cached positions. With `all_logits` their logits land in
+        ``llm.scores[n_past:]``; without, only the last position's logits are computed, and returned."""
+        llm = self.llm
+        if n_past + len(tokens) > self.n_ctx:
+            raise GatenormError(f"{n_past + len(tokens)} tokens exceed llama.cpp's context of {self.n_ctx}")
+        llm.n_tokens = n_past
+        saved, llm._logits_all = llm._logits_all, all_logits  # llama-cpp-python reads this flag per eval
+        try:
+            llm.eval(tokens)
+        finally:
+            llm._logits_all = saved
+        if all_logits:
+            return None
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(self.vocab_size,)).copy()
 
     def window_logits(self, windows: np.ndarray, first: int) -> Iterator[np.ndarray]:
+        """The first half of a window runs without logits (they are not scored)."""
         t = windows.shape[1]
         for row in windows:
-            self._eval_from([int(x) for x in row], 0)
+            tokens = [int(x) for x in row]
+            self._eval(tokens[:first], 0, all_logits=False)
+            self._eval(tokens[first:], first, all_logits=True)
             yield self.llm.scores[first : t - 1].copy()
 
     def loglikelihoods(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:
-        """Reuses the KV cache of the longest prefix shared with the previous request (choices share it)."""
+        """Reuses the KV cache of the longest prefix shared with the previous request (choices share their
+        context) and computes logits only where the continuation is scored."""
         out = []
-        held: list[int] = []
+        held: list[int] = []  # the tokens in the KV cache
+        head_ctx: list[int] | None = None  # the last context evaluated, and the logits of its last token
+        head = np.empty(0)
         for ctx, cont in requests:
             ctx, cont = truncate_left(list(ctx), list(cont), self.n_ctx)
-            seq = ctx + cont
-            common = 0
-            for a, b in zip(held, seq, strict=False):
-                if a != b:
-                    break
-                common += 1
-            self._eval_from(seq, min(common, len(seq) - 1))
-            held = seq
-            out.append(continuation_scores(self.llm.scores[len(ctx) - 1 : len(seq) - 1], cont))
+            if ctx != head_ctx:  # a new context: evaluate what the cache lacks of it
+                common = 0
+                for a, b in zip(held, ctx, strict=False):
+                    if a != b:
+                        break
+                    common += 1
+                reuse = min(common, len(ctx) - 1)  # at least the last context token, for its logits
+                head, head_ctx = self._eval(ctx[reuse:], reuse, all_logits=False), ctx
+            # The same context reuses its logits rather than re-running its last token alone: llama.cpp's
+            # numerics depend on the batch shape, and all choices of a question must see the same context.
+            rows = [head[None]]
+            if len(cont) > 1:
+                self._eval(cont[:-1], len(ctx), all_logits=True)
+                rows.append(self.llm.scores[len(ctx) : len(ctx) + len(cont) - 1])
+            held = ctx + cont[:-1]
+            out.append(continuation_scores(np.concatenate(rows), cont))
         return out
 
     def generate(self, prompt: list[int], n_new: int) -> Timing:
-        llm = self.llm
+        """Logits of the last position only, as in serving."""
         if len(prompt) + n_new > self.n_ctx:
             raise GatenormError(f"{len(prompt) + n_new} tokens exceed llama.cpp's context of {self.n_ctx}")
-        saved, llm._logits_all = llm._logits_all, False  # logits of the last position only, as in serving
-        try:
-            llm.reset()
-            start = time.perf_counter()
-            llm.eval(prompt)
-            token = _last_argmax(llm)
-            first = time.perf_counter() - start
-            for _ in range(n_new - 1):
-                llm.eval([token])
-                token = _last_argmax(llm)
-            total = time.perf_counter() - start
-        finally:
-            llm._logits_all = saved
-            llm.reset()
-        return Timing(first, total, n_new)
+        start = time.perf_counter()
+        token = int(self._eval(prompt, 0, all_logits=False).argmax())
+        first = time.perf_counter() - start
+        for i in range(n_new - 1):
+            token = int(self._eval([token], len(prompt) + i, all_logits=False).argmax())
+        return Timing(first, time.perf_counter() - start, n_new)
 
     def close(self) -> None:
         self.llm.close()
-
-
-def _last_argmax(llm) -> int:
-    """Greedy token from the logits of the last evaluated position of a llama-cpp-python model."""
-    logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
-    return int(logits.argmax())
 
 
 #: runtime name -> constructor(path, plan=..., threads=..., n_ctx=...); a new runtime is one more entry.

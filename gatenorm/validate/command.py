@@ -16,7 +16,7 @@ from gatenorm.validate.run import Settings, validate
 from gatenorm.validate.runtimes import model_spec
 from gatenorm.validate.zeroshot import DEFAULT_TASKS, parse_tasks
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False, highlight=False)
 RUNTIME_HELP = (
     "auto (GGUF: llama.cpp, HF folder: torch, folder with model.onnx: onnx), torch, llama.cpp, onnx."
 )
@@ -73,6 +73,7 @@ def validate_command(
         ("--max-tokens", max_tokens, 0),
         ("--limit", limit, 0),
         ("--bench-runs", bench_runs, 1),
+        ("--bench-long", bench_long, 1),
         ("--threads", threads, 0),
     ):
         if value < low:

@@ -79,6 +79,19 @@ class Architecture:
         """Tokens a transformers attention module looks back over (itself included), None if unlimited."""
         return getattr(attention, "sliding_window", None)
 
+    #: Per-layer GGUF tensors (``blk.{i}.<part>.weight`` / ``.bias``) that make up the attention sublayer:
+    #: a layer whose attention is dropped loses all of them (its input norm included).
+    gguf_attention_sublayer: ClassVar[tuple[str, ...]] = (
+        "attn_norm",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+    )
+    #: llama.cpp's ``deci`` graph (per-layer head counts) can run this architecture's layers.
+    deci_exportable: ClassVar[bool] = True
+    deci_refusal: ClassVar[str] = ""
+
     @classmethod
     def gguf_to_hf_rows(cls, part: str, weight: T, n_head: int, n_head_kv: int) -> T:
         """Undo the row order llama.cpp's converter gave a q/k tensor, giving the HF layout back."""
@@ -94,10 +107,24 @@ class Architecture:
         """Within each head, HF keeps the two rotary halves apart; llama.cpp (NORM rope) interleaves them."""
         if not cls.gguf_qk_permuted or part not in ("q", "k"):
             return weight
-        heads = n_head if part == "q" else n_head_kv
-        half = weight.shape[0] // heads // 2
-        split = (heads, 2, half) if to_gguf else (heads, half, 2)
-        return weight.reshape(*split, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+        return reorder_rotary_rows(weight, n_head if part == "q" else n_head_kv, to_norm=to_gguf)
+
+    @classmethod
+    def gguf_to_deci_rows(cls, part: str, rows: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+        """Rows of this architecture's GGUF q/k weight or bias in the order ``deci`` (NORM rope) expects.
+
+        `rows` may be raw bytes, one row of a quantized tensor per first-axis entry: only rows move.
+        """
+        if cls.gguf_qk_permuted or part not in ("q", "k"):
+            return rows  # already NORM order, or not a rotary tensor
+        return reorder_rotary_rows(rows, n_head if part == "q" else n_head_kv, to_norm=True)
+
+
+def reorder_rotary_rows(weight: T, heads: int, to_norm: bool) -> T:
+    """Interleave each head's two rotary halves (HF / NEOX order -> NORM order), or undo it, by rows."""
+    half = weight.shape[0] // heads // 2
+    split = (heads, 2, half) if to_norm else (heads, half, 2)
+    return weight.reshape(*split, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 @register("LlamaForCausalLM")
@@ -122,7 +149,7 @@ class Mistral(Llama):
 
 @register("Qwen2ForCausalLM")
 class Qwen2(Architecture):
-    """Qwen2 / Qwen2.5: q/k/v biases, NEOX rope (llama.cpp keeps HF row order)."""
+    """Qwen2 / Qwen2.5: q/k/v biases, NEOX rope (llama.cpp keeps HF row order; deci export permutes it)."""
 
     name = "qwen2"
     gguf_arch = "qwen2"
@@ -135,3 +162,5 @@ class Qwen3(Architecture):
     name = "qwen3"
     gguf_arch = "qwen3"
     hf_qk_norms = ("q_norm", "k_norm")
+    deci_exportable = False
+    deci_refusal = "qwen3 has per-head q/k norms, which llama.cpp's deci graph cannot run"

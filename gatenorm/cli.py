@@ -1,9 +1,10 @@
-"""The ``gatenorm`` command line: score, plan, export."""
+"""The ``gatenorm`` command line: score, plan, export, inspect, validate."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -11,12 +12,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from exporters.export import Target, open_model
+from exporters.export import export as run_export
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text
 from gatenorm.models import resolve_model
 from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.scoring import LayerScores, Method, score_checkpoint
+from gatenorm.validate.command import validate_command
 
 app = typer.Typer(
     help="Data-free attention-sublayer pruning (Gate-Norm) and edge export for decoder-only LLMs.",
@@ -100,44 +104,73 @@ def plan(
     console.print(f"dropped attention of layers {result.dropped} -> {output}")
 
 
-def _plan_for(model: str, plan_path: Path | None, drop: int | None, method: Method, seed: int) -> Plan:
-    """The plan given with --plan, or one made on the spot with --drop (exactly one of the two)."""
-    if (plan_path is None) == (drop is None):
-        raise GatenormError("give exactly one of --plan PLAN.json and --drop N")
-    if plan_path is not None:
-        return Plan.load(plan_path)
-    ckpt, scores = _score(model, method, seed)
-    return make_plan(ckpt, scores, drop)
-
-
 @app.command()
 def export(
     model: ModelArg,
-    to: Annotated[str, typer.Option("--to", help="Target format: onnx.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (must not exist).")],
-    plan_path: Annotated[Path | None, typer.Option("--plan", help="Plan JSON from `gatenorm plan`.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the exported model.")],
+    to: Annotated[Target, typer.Option("--to", help="Export format.")] = Target.GGUF,
+    plan_file: Annotated[
+        Path | None, typer.Option("--plan", "-p", help="Plan JSON made for MODEL (or use --drop).")
+    ] = None,
     drop: Annotated[
-        int | None, typer.Option("--drop", "-n", help="Make a plan dropping N attention sublayers.")
+        int | None, typer.Option("--drop", "-n", help="Score, plan and export in one step, dropping N.")
     ] = None,
     method: MethodOpt = Method.GATE_NORM,
     seed: SeedOpt = 0,
-    precision: Annotated[str, typer.Option(help="onnx weights: fp32, fp16, int8, int4.")] = "fp32",
-    block_size: Annotated[int, typer.Option(help="int4 quantization block size.")] = 32,
-    mobile: Annotated[bool, typer.Option(help="onnx: also write model.ort, ORT Mobile op list.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    quant: Annotated[
+        str,
+        typer.Option(
+            "--quant",
+            "-q",
+            help="gguf: keep (source types), F32, F16, BF16, Q8_0, Q4_K_M, ...; "
+            "onnx: fp32 (= keep), fp16, int8, int4",
+        ),
+    ] = "keep",
+    mobile: Annotated[
+        bool | None, typer.Option("--mobile", help="onnx: also write model.ort and its ORT Mobile op list.")
+    ] = None,
+    block_size: Annotated[int | None, typer.Option(help="onnx int4: weights per scale (default 32).")] = None,
 ) -> None:
-    """Export MODEL pruned by a plan (--plan, or --drop N to plan on the spot)."""
-    if to != "onnx":
-        raise GatenormError(f"--to {to!r}: supported targets: onnx")
-    from exporters.onnx import Precision, export_onnx
+    """Export MODEL with the plan's attention sublayers removed (GGUF: runs in stock llama.cpp)."""
+    if (plan_file is None) == (drop is None):
+        raise GatenormError("give exactly one of --plan PLAN.json and --drop N")
+    ckpt = open_model(resolve_model(model))
+    if plan_file is not None:
+        result, check = Plan.load(plan_file), True
+    else:  # the plan is made from this very checkpoint: no need to check it against it
+        result, check = make_plan(ckpt, score_checkpoint(ckpt, method, seed), drop), False
+    start = time.perf_counter()
+    options = {k: v for k, v in {"mobile": mobile, "block_size": block_size}.items() if v is not None}
+    out = run_export(ckpt, result, output, to, quant, check_source=check, **options)
+    size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
+    console.print(
+        f"exported {ckpt.path} without the attention of layers {result.dropped} -> {out} "
+        f"({size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s)"
+    )
 
-    try:
-        precision = Precision(precision)
-    except ValueError:
-        raise GatenormError(f"--precision {precision!r}: use fp32, fp16, int8 or int4") from None
-    pruning = _plan_for(model, plan_path, drop, method, seed)
-    out = export_onnx(resolve_model(model), pruning, output, precision, mobile, block_size, overwrite)
-    console.print(f"exported {precision.value} ONNX, attention dropped in layers {pruning.dropped} -> {out}")
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A GGUF file written by gatenorm export.", show_default=False)],
+) -> None:
+    """Print the gatenorm metadata and pruning plan stored in an exported GGUF."""
+    from exporters.gguf.metadata import read_gguf_metadata, read_plan_metadata
+
+    meta, stored = read_gguf_metadata(file), read_plan_metadata(file)
+    console.print(f"{file}: {meta['general.name']} (architecture {meta['general.architecture']})")
+    for key, value in meta.items():
+        if key.startswith("gatenorm.") and key not in ("gatenorm.plan", "gatenorm.scores"):
+            console.print(f"  {key} = {value}")
+    table = Table()
+    for column in ("layer", "score", "action"):
+        table.add_column(column)
+    for lp in stored.layers:
+        table.add_row(str(lp.layer), f"{lp.score:.6g}", lp.action.value)
+    console.print(table)
+    console.print(f"dropped attention of layers {stored.dropped}")
+
+
+app.command("validate")(validate_command)
 
 
 def main() -> None:

@@ -134,12 +134,10 @@ def score_checkpoint(ckpt: Checkpoint, method: Method | str, seed: int = 0) -> L
         scores = [rng.random() for _ in range(n)]
     else:  # Method.LAST: deepest layer has the lowest score
         scores = [float(n - 1 - i) for i in range(n)]
-    digest = ContentHash()
-    digest.update("shape", repr(ckpt.shape).encode())
     return LayerScores(
         method,
         scores,
-        digest.hexdigest(),
+        ContentHash.of_shape(ckpt.shape).hexdigest(),
         "shape",
         time.perf_counter() - start,
         seed if method is Method.RANDOM else None,

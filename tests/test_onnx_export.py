@@ -275,10 +275,13 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 def test_cli_export(tiny_models, tmp_path, monkeypatch, capsys):
     model = str(tiny_models["qwen3"])
     out = tmp_path / "cli-onnx"
-    code, stdout, _ = run_cli(
-        monkeypatch, capsys, "export", model, "--to", "onnx", "--drop", "2", "-o", str(out)
+    argv = ["export", model, "--to", "onnx", "--quant", "keep", "--drop", "2", "-o", str(out)]
+    code, stdout, _ = run_cli(monkeypatch, capsys, *argv)
+    assert (
+        code == 0
+        and "without the attention" in stdout
+        and str(plan_for(tiny_models["qwen3"], 2).dropped) in stdout
     )
-    assert code == 0 and "exported fp32 ONNX" in stdout
     assert OnnxRunner(out).plan.dropped == plan_for(tiny_models["qwen3"], 2).dropped
 
     plan_path = tmp_path / "plan.json"
@@ -298,12 +301,12 @@ def test_cli_export(tiny_models, tmp_path, monkeypatch, capsys):
     assert code == 0 and OnnxRunner(tmp_path / "b").plan == Plan.load(plan_path)
 
     for args, message in [
-        (["--precision", "int3", "--drop", "1"], "--precision 'int3'"),
-        (["--drop", "1", "--plan", str(plan_path)], "exactly one of --plan"),
-        (["--drop", "1", "--to", "tflite"], "--to 'tflite'"),
-        (["--drop", "1", "-o", str(out)], "already exists"),
+        (["--to", "onnx", "--quant", "int3", "--drop", "1"], "--quant 'int3'"),
+        (["--to", "onnx", "--drop", "1", "--plan", str(plan_path)], "exactly one of --plan"),
+        (["--to", "gguf", "--drop", "1", "--mobile"], "--mobile applies to --to onnx only"),
+        (["--to", "onnx", "--drop", "1", "-o", str(out)], "already exists"),
     ]:
-        argv = ["export", model, "--to", "onnx", "-o", str(tmp_path / "c"), *args]
+        argv = ["export", model, "-o", str(tmp_path / "c"), *args]
         code, _, stderr = run_cli(monkeypatch, capsys, *argv)
         assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
         assert not (tmp_path / "c").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -48,6 +49,7 @@ def export_onnx(
     mobile: bool = False,
     block_size: int = 32,
     overwrite: bool = False,
+    before_commit: Callable[[], None] | None = None,
 ) -> Path:
     """Export the model at `model_path` (HF folder or GGUF), pruned by `plan`, to the folder `out_dir`.
 
@@ -55,7 +57,8 @@ def export_onnx(
     (kept layers -> KV input/output names, shapes), ``plan.json`` and the tokenizer files (if the model
     has them: test models built from a config may not); with `mobile` also ``model.ort`` and
     ``required_operators.config``. It is built beside `out_dir` and renamed at the end, so a failed
-    export leaves nothing there. `block_size` is the int4 quantization block.
+    export leaves nothing there. `block_size` is the int4 quantization block. `before_commit` runs
+    once the folder is complete and may refuse it by raising (the plan's source check).
     """
     precision = Precision(precision)
     if precision is Precision.INT4:
@@ -100,4 +103,6 @@ def export_onnx(
         if tokenizer is not None:
             # fast format only: a GGUF-loaded tokenizer would otherwise copy the whole GGUF as its vocab file
             tokenizer.save_pretrained(tmp, legacy_format=False if tokenizer.is_fast else None)
+        if before_commit is not None:
+            before_commit()
     return out_dir

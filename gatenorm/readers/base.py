@@ -70,6 +70,13 @@ class ContentHash:
     def hexdigest(self) -> str:
         return self.sha.hexdigest()
 
+    @classmethod
+    def of_shape(cls, shape: ModelShape) -> ContentHash:
+        """The hash recorded by methods that read no tensors: it covers the model's shape only."""
+        digest = cls()
+        digest.update("shape", repr(shape).encode())
+        return digest
+
 
 class Checkpoint(ABC):
     """A model file or folder opened for lazy, per-tensor reads; nothing is loaded up front."""
@@ -89,6 +96,19 @@ class Checkpoint(ABC):
 
     def _to_hf_layout(self, part: str, weight: torch.Tensor) -> torch.Tensor:
         return weight
+
+    def read_raw(self, name: str) -> memoryview | bytes:
+        """The stored bytes of tensor `name`, as `ContentHash` sees them (readers may skip decoding)."""
+        return self._read(name)[0]
+
+    def attention_sha256(self, parts: Sequence[str] = ("q", "k")) -> str:
+        """sha256 of the raw bytes of `parts` of every layer, in the order `iter_attention` reads them."""
+        digest = ContentHash()
+        for layer in range(self.shape.n_layers):
+            for part in parts:
+                name = self.tensor_name(part, layer)
+                digest.update(name, self.read_raw(name))
+        return digest.hexdigest()
 
     def read_attention(
         self,

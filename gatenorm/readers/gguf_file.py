@@ -60,13 +60,17 @@ class GGUFCheckpoint(Checkpoint):
 
     def __init__(self, path: Path):
         self.path = path
-        self.reader = open_gguf_reader(path)
+        self.reader = self._open_reader(path)
         arch_name = field_value(self.reader, "general.architecture")
         if arch_name is None:
             raise GatenormError(f"GGUF {path} has no general.architecture")
         self.arch = get_architecture(arch_name)
         self.shape = self._shape(arch_name)
         self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def _open_reader(self, path: Path) -> gguf.GGUFReader:
+        """The metadata/tensor-table reader; subclasses may return any object with the same fields/tensors."""
+        return open_gguf_reader(path)
 
     def _shape(self, prefix: str) -> ModelShape:
         def key(name: str, default=None):
@@ -90,7 +94,7 @@ class GGUFCheckpoint(Checkpoint):
     def tensor_name(self, part: str, layer: int) -> str:
         return self.arch.gguf_tensors[part].format(i=layer)
 
-    def _read(self, name: str) -> tuple[memoryview, torch.Tensor]:
+    def read_raw(self, name: str) -> memoryview:
         t = self.tensors.get(name)
         if t is None:
             raise GatenormError(f"GGUF {self.path} has no tensor {name}")
@@ -103,6 +107,11 @@ class GGUFCheckpoint(Checkpoint):
             os.close(fd)
         if got != n_bytes:
             raise GatenormError(f"truncated GGUF {self.path}: short read of {name}")
+        return memoryview(buf)
+
+    def _read(self, name: str) -> tuple[memoryview, torch.Tensor]:
+        buf = self.read_raw(name)
+        t = self.tensors[name]
         cols, rows = int(t.shape[0]), int(np.prod(t.shape[1:]))
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
         dtype = _TORCH_DTYPES.get(qtype)
@@ -111,7 +120,7 @@ class GGUFCheckpoint(Checkpoint):
         else:
             raw = np.frombuffer(buf, dtype=np.uint8).reshape(rows, -1)
             value = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(rows, cols))
-        return memoryview(buf), value
+        return buf, value
 
     def _to_hf_layout(self, part: str, weight: torch.Tensor) -> torch.Tensor:
         s = self.shape

@@ -1,0 +1,69 @@
+"""GGUF export: pruned models as llama.cpp ``deci`` files that stock llama.cpp runs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from exporters.gguf.from_gguf import check_deci_plan, prune_gguf
+from exporters.gguf.from_hf import hf_to_gguf
+from exporters.gguf.header import ScannedGGUFCheckpoint
+from exporters.gguf.metadata import read_gguf_metadata, read_plan_metadata
+from exporters.gguf.quantize import FLOAT_TYPES, KEEP, parse_quant, quantize_gguf
+from gatenorm.io import atomic_path
+from gatenorm.plan import Plan
+from gatenorm.readers import Checkpoint
+from gatenorm.readers.gguf_file import GGUFCheckpoint
+
+__all__ = ["read_gguf_metadata", "read_plan_metadata", "write_gguf"]
+
+
+@contextlib.contextmanager
+def _scratch(beside: Path, label: str) -> Iterator[Path]:
+    """A temporary file path in `beside`'s folder (same file system as the output), always removed."""
+    fd, name = tempfile.mkstemp(prefix=f".{beside.name}.{label}.", suffix=".tmp", dir=beside.parent)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def write_gguf(
+    ckpt: Checkpoint,
+    plan: Plan,
+    out: Path,
+    quant: str = KEEP,
+    before_commit: Callable[[], None] = lambda: None,
+) -> Path:
+    """Write `ckpt` pruned by `plan` as a ``deci`` GGUF at `out`, atomically.
+
+    A GGUF source is rewritten tensor by tensor with its bytes unchanged; an HF folder is converted first
+    (F32/F16/BF16, or its own dtype for ``keep``). Any other `quant` goes through llama.cpp's quantizer
+    after pruning. `before_commit` runs once the file is complete and may refuse it by raising; the plan's
+    fit to `ckpt` is the caller's business (`exporters.export.export` checks it).
+    """
+    quant = parse_quant(quant)
+    check_deci_plan(ckpt.arch, plan)  # before any long conversion
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if isinstance(ckpt, GGUFCheckpoint):
+            source = ckpt
+        else:
+            converted = stack.enter_context(_scratch(out, "f"))
+            hf_to_gguf(ckpt, converted, quant if quant in FLOAT_TYPES else KEEP)
+            source = ScannedGGUFCheckpoint(converted)
+        requantize = quant != KEEP and not (quant in FLOAT_TYPES and source is not ckpt)
+        final = stack.enter_context(atomic_path(out))
+        if requantize:
+            pruned = stack.enter_context(_scratch(out, "pruned"))
+            prune_gguf(source, plan, pruned)
+            quantize_gguf(pruned, final, quant)
+        else:
+            prune_gguf(source, plan, final)
+        before_commit()
+    return out

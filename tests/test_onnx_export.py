@@ -378,3 +378,18 @@ def test_smollm2_hf_folder_unpruned_fp32_matches_pytorch(smollm2_hf, tmp_path):
     prompt = np.asarray([runner.tokenizer.encode("Once upon a time, in a small village by the sea,")])
     assert_matches_torch(runner, load_model(smollm2_hf), prompt)
     shutil.rmtree(out)
+
+
+def test_plan_of_another_checkpoint_is_refused_before_commit(tiny_models, tmp_path):
+    """Through the common entry point, a plan whose content hash is not this model's leaves nothing."""
+    from exporters.export import export
+
+    twin = tmp_path / "twin"
+    make_tiny_model(twin, "llama", seed=7)  # same shapes, other weights
+    out_parent = tmp_path / "exports"
+    out_parent.mkdir()
+    with pytest.raises(GatenormError):
+        export(twin, plan_for(tiny_models["llama"], 1), out_parent / "onnx", "onnx", "int8")
+    assert_nothing_left(out_parent)
+    out = export(twin, plan_for(twin, 1), out_parent / "onnx", "onnx", "int8", mobile=True)
+    assert (out / "model.ort").is_file() and OnnxRunner(out).config.precision == "int8"

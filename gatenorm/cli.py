@@ -1,4 +1,4 @@
-"""The ``gatenorm`` command line: score, plan, export, inspect."""
+"""The ``gatenorm`` command line: score, plan, export, inspect, validate."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from gatenorm.models import resolve_model
 from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.scoring import LayerScores, Method, score_checkpoint
+from gatenorm.validate.command import validate_command
 
 app = typer.Typer(
     help="Data-free attention-sublayer pruning (Gate-Norm) and edge export for decoder-only LLMs.",
@@ -155,6 +156,9 @@ def inspect(
         table.add_row(str(lp.layer), f"{lp.score:.6g}", lp.action.value)
     console.print(table)
     console.print(f"dropped attention of layers {stored.dropped}")
+
+
+app.command("validate")(validate_command)
 
 
 def main() -> None:

@@ -1,0 +1,55 @@
+"""Pass/fail gates on the validation results: each names the metric, the measured value and the limit."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Limits a candidate must meet; None disables a gate. Defaults catch a broken model, not a pruned one."""
+
+    max_kld: float | None = 0.5
+    min_top1: float | None = 0.70
+    max_ppl_ratio: float | None = 1.5
+    max_acc_drop: float | None = 5.0  # percentage points of the average headline accuracy
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    metric: str
+    value: float | None  # None: the metric was not measured in this run
+    limit: float
+    passed: bool | None  # None: not evaluated
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.passed is None:
+            return f"{self.name}: not evaluated ({self.metric} was not measured)"
+        op = "<=" if self.name.startswith("max") else ">="
+        verdict = "ok" if self.passed else "FAILED"
+        return f"{self.name}: {self.metric} = {self.value:.4g} (limit {op} {self.limit:g}) {verdict}"
+
+
+def check_gates(gates: Gates, agreement: dict | None, zeroshot: dict | None) -> list[GateResult]:
+    """Evaluate every enabled gate on the report sections (`agreement`, `zeroshot`), which may be absent."""
+    measured = {
+        "max_kld": ("mean KLD", agreement and agreement["kld_mean"]),
+        "min_top1": ("top-1 agreement", agreement and agreement["top1"]),
+        "max_ppl_ratio": ("PPL(cand)/PPL(ref)", agreement and agreement["ppl_ratio"]),
+        "max_acc_drop": ("average accuracy drop (points)", zeroshot and zeroshot["average"]["drop_points"]),
+    }
+    results = []
+    for name, limit in asdict(gates).items():
+        if limit is None:
+            continue
+        metric, value = measured[name]
+        if value is None:
+            results.append(GateResult(name, metric, None, limit, None))
+            continue
+        passed = value <= limit if name.startswith("max") else value >= limit
+        results.append(GateResult(name, metric, float(value), limit, bool(passed)))
+    return results

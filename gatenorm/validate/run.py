@@ -1,0 +1,158 @@
+"""One validation: agreement on a text, zero-shot accuracy, optional latency, gates. Returns the report."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from gatenorm import __version__
+from gatenorm.errors import GatenormError
+from gatenorm.validate.agreement import compare_logits
+from gatenorm.validate.bench import BenchConfig, run_bench
+from gatenorm.validate.gates import Gates, check_gates
+from gatenorm.validate.runtimes import ModelSpec, Request, Runtime, open_runtime
+from gatenorm.validate.text import token_windows
+from gatenorm.validate.zeroshot import Item, build_requests, evaluate_task, load_items
+
+
+@dataclass
+class Settings:
+    """What to measure (see `gatenorm validate --help`)."""
+
+    text: str = "wiki"
+    ctx: int = 512
+    max_tokens: int | None = 20480
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = 200
+    threads: int = 2
+    bench: BenchConfig | None = None
+
+
+class _Clock:
+    """Wall and CPU seconds (this process, all threads) per stage: CPU time is robust to a busy machine."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.wall[stage] = self.wall.get(stage, 0.0) + time.perf_counter() - wall
+        self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - cpu
+
+
+def _spec_dict(spec: ModelSpec) -> dict:
+    return {"path": str(spec.path), "runtime": spec.runtime, "plan": str(spec.plan) if spec.plan else None}
+
+
+def _check_vocab(ref: Runtime, cand: Runtime) -> None:
+    if ref.vocab_size != cand.vocab_size:
+        raise GatenormError(
+            f"vocabularies differ: reference has {ref.vocab_size} tokens, candidate {cand.vocab_size}; "
+            "both models must share the reference's tokenizer"
+        )
+
+
+def _zeroshot(
+    ref: Runtime, cand: Runtime, work: dict[str, tuple[list[Item], list[Request]]], log: Callable[[str], None]
+) -> dict:
+    tasks = {}
+    for task, (items, requests) in work.items():
+        scores = [evaluate_task(rt, items, requests, task).to_dict() for rt in (ref, cand)]
+        drop = 100 * (scores[0]["main"] - scores[1]["main"])
+        tasks[task] = {"reference": scores[0], "candidate": scores[1], "drop_points": drop}
+        log(f"{task}: {scores[0]['metric']} {100 * scores[0]['main']:.1f} -> {100 * scores[1]['main']:.1f}")
+    ref_avg = float(np.mean([t["reference"]["main"] for t in tasks.values()]))
+    cand_avg = float(np.mean([t["candidate"]["main"] for t in tasks.values()]))
+    average = {"reference": ref_avg, "candidate": cand_avg, "drop_points": 100 * (ref_avg - cand_avg)}
+    return {"tasks": tasks, "average": average}
+
+
+def validate(
+    ref_spec: ModelSpec,
+    cand_spec: ModelSpec,
+    settings: Settings,
+    gates: Gates,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Run every requested measurement of `cand_spec` against `ref_spec` and evaluate the gates.
+
+    All inputs (text, task data, benchmark prompt) are read and tokenized, with the reference's tokenizer,
+    before the first measurement, so bad input fails fast."""
+    if settings.max_tokens == 0 and not settings.tasks and settings.bench is None:
+        raise GatenormError("nothing to validate: --max-tokens 0, --tasks none and no --bench")
+    clock = _Clock()
+    cand = None
+    with clock("load"):
+        ref = open_runtime(ref_spec, settings.threads, max(settings.ctx, 1024))
+    try:
+        with clock("load"):
+            cand = open_runtime(cand_spec, settings.threads, max(settings.ctx, 1024))
+        _check_vocab(ref, cand)
+        first = settings.ctx // 2
+        windows = bench_tokens = None
+        if settings.max_tokens != 0:
+            text, ctx = settings.text, settings.ctx
+            windows = token_windows(text, ref.tokenize, ctx, settings.max_tokens, ref.bos_id)
+        if settings.bench is not None:
+            need = max(settings.bench.prompt, settings.bench.long_prompt)
+            bench_tokens = token_windows(settings.text, ref.tokenize, need, need, None)[0].tolist()
+        work = {}
+        for task in settings.tasks:  # one token stream for both models
+            items = load_items(task, settings.limit)
+            work[task] = (items, build_requests(items, ref.tokenize, ref.bos_id))
+
+        agreement = None
+        if windows is not None:
+            log(f"agreement: {len(windows)} windows of {settings.ctx} tokens")
+            with clock("agreement"):
+                result = compare_logits(
+                    ref.window_logits(windows, first), cand.window_logits(windows, first), windows, first, log
+                )
+            agreement = result.to_dict()
+            log(
+                f"agreement: KLD {result.kld_mean:.4f}, top-1 {100 * result.top1:.1f} %, ppl ratio "
+                f"{result.ppl_ratio:.4f} ({clock.wall['agreement']:.0f} s)"
+            )
+
+        zeroshot = None
+        if work:
+            with clock("zeroshot"):
+                zeroshot = _zeroshot(ref, cand, work, log)
+    finally:
+        ref.close()
+        if cand is not None:
+            cand.close()
+
+    bench = None
+    if bench_tokens is not None:
+        log("bench: running interleaved latency runs")
+        with clock("bench"):
+            bench = run_bench(ref_spec, cand_spec, bench_tokens, settings.bench)
+
+    gate_results = check_gates(gates, agreement, zeroshot)
+    passed = all(g.passed is not False for g in gate_results)
+    settings_doc = asdict(settings)
+    return {
+        "gatenorm_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reference": _spec_dict(ref_spec),
+        "candidate": _spec_dict(cand_spec),
+        "settings": settings_doc,
+        "agreement": agreement,
+        "zeroshot": zeroshot,
+        "bench": bench,
+        "gates": [g.to_dict() for g in gate_results],
+        "gate_lines": [g.describe() for g in gate_results],
+        "failed_gates": [g.name for g in gate_results if g.passed is False],
+        "passed": passed,
+        "seconds": clock.wall,
+        "cpu_seconds": clock.cpu,
+    }

@@ -115,7 +115,7 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path) -> None:
     for t in kept:
         infos.append(encode_tensor_info(t.name, [int(n) for n in t.shape], t.tensor_type, offset))
         offset += -(-t.n_bytes // align) * align
-    with open(out, "wb") as fout, open(ckpt.path, "rb") as src:
+    with _open_for_writing(out) as fout, open(ckpt.path, "rb") as src:
         fout.write(struct.pack("<IIQQ", gguf.GGUF_MAGIC, gguf.GGUF_VERSION, len(kept), len(kv)))
         fout.write(b"".join(kv))
         fout.write(b"".join(infos))
@@ -129,6 +129,19 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path) -> None:
                 rows = np.frombuffer(ckpt.read_raw(t.name), dtype=np.uint8).reshape(n_rows, -1)
                 fout.write(arch.gguf_to_deci_rows(part, rows, shape.n_head, shape.n_head_kv).tobytes())
         fout.write(b"\0" * (-fout.tell() % align))
+
+
+def _open_for_writing(path: Path) -> BinaryIO:
+    """`path` opened for writing from byte 0, without O_TRUNC on an existing empty file.
+
+    ext4 flushes a file on close when it was truncated to zero on open (its "replace via truncate"
+    safeguard), which costs about half a plain copy on a 7B file; the temporary file `atomic_path` made is
+    empty already, so it is opened as is.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    if os.fstat(fd).st_size:
+        os.ftruncate(fd, 0)
+    return os.fdopen(fd, "wb")
 
 
 def _copy_bytes(src_fd: int, offset: int, n_bytes: int, fout: BinaryIO) -> None:

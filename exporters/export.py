@@ -9,7 +9,7 @@ from pathlib import Path
 
 from exporters.source_check import verify_plan_content, verify_plan_shape
 from gatenorm.errors import GatenormError
-from gatenorm.plan import Plan
+from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.readers.gguf_file import is_gguf
 
@@ -66,6 +66,13 @@ EXPORTERS: dict[Target, Callable[..., Path]] = {
 }
 
 
+#: The plan actions each target can write.
+SUPPORTED_ACTIONS: dict[Target, set[LayerAction]] = {
+    Target.GGUF: {LayerAction.KEEP, LayerAction.DROP_ATTENTION},
+    Target.ONNX: {LayerAction.KEEP, LayerAction.DROP_ATTENTION},
+}
+
+
 def export(
     model: str | Path | Checkpoint,
     plan: Plan,
@@ -82,8 +89,10 @@ def export(
     moved to `out`. Pass False only for a plan just made from the same opened checkpoint. `options` go
     to the target's exporter (onnx: ``mobile``, ``block_size``).
     """
+    target = Target(target)
+    plan.require(SUPPORTED_ACTIONS[target], f"the {target.value} exporter")
     ckpt = model if isinstance(model, Checkpoint) else open_model(model)
-    exporter = EXPORTERS[Target(target)]
+    exporter = EXPORTERS[target]
     if not check_source:
         return exporter(ckpt, plan, Path(out), quant, lambda: None, **options)
     verify_plan_shape(plan, ckpt)

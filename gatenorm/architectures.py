@@ -71,6 +71,9 @@ class Architecture:
     hf_attention_norm: ClassVar[str] = "input_layernorm"
     hf_mlp_module: ClassVar[str] = "mlp"
     hf_mlp_norm: ClassVar[str] = "post_attention_layernorm"
+    #: Attribute names of the value and output projections inside the attention module.
+    hf_value_proj: ClassVar[str] = "v_proj"
+    hf_output_proj: ClassVar[str] = "o_proj"
     #: Per-head RMSNorm modules applied to q and k before the rotary embedding, if any.
     hf_qk_norms: ClassVar[tuple[str, str] | None] = None
 

@@ -101,7 +101,7 @@ def plan(
     actions = [lp.action for lp in result.layers]
     console.print(f"{method.value} plan for {ckpt.path}")
     console.print(_table(scores, actions))
-    console.print(f"dropped attention of layers {result.dropped} -> {output}")
+    console.print(f"{result.describe()} -> {output}")
 
 
 @app.command()
@@ -144,7 +144,7 @@ def export(
     out = run_export(ckpt, result, output, to, quant, check_source=check, **options)
     size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
     console.print(
-        f"exported {ckpt.path} without the attention of layers {result.dropped} -> {out} "
+        f"exported {ckpt.path} ({result.describe()}) -> {out} "
         f"({size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s)"
     )
 
@@ -167,7 +167,7 @@ def inspect(
     for lp in stored.layers:
         table.add_row(str(lp.layer), f"{lp.score:.6g}", lp.action.value)
     console.print(table)
-    console.print(f"dropped attention of layers {stored.dropped}")
+    console.print(stored.describe())
 
 
 app.command("validate")(validate_command)

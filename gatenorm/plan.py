@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from enum import Enum
 from pathlib import Path
@@ -15,14 +16,20 @@ from gatenorm.io import atomic_write_text
 from gatenorm.readers import Checkpoint
 from gatenorm.scoring import LayerScores
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 
 
 class LayerAction(str, Enum):
     """What happens to one decoder layer."""
 
     KEEP = "keep"
-    DROP_ATTENTION = "drop-attention"  # skip input norm and attention; keep the MLP and its norm
+    #: skip the input norm and attention; keep the MLP and its norm: ``h + mlp(post_norm(h))``
+    DROP_ATTENTION = "drop-attention"
+    #: HARP: no Q/K (each token attends to itself only), the rest rescaled by the layer's alpha:
+    #: ``h + alpha * o_proj(repeat_kv(v_proj(norm(h))))``, one fused d x d matmul, no KV cache
+    LINEARIZE = "linearize"
+    #: the whole block (attention and MLP) is the identity: ShortGPT's block removal
+    DROP_BLOCK = "drop-block"
 
 
 class Source(BaseModel):
@@ -46,6 +53,16 @@ class LayerPlan(BaseModel):
     layer: int
     score: float
     action: LayerAction
+    #: HARP's rescaling of a linearized attention sublayer; set exactly when action is linearize.
+    alpha: float | None = None
+
+    @model_validator(mode="after")
+    def _alpha(self) -> LayerPlan:
+        if (self.alpha is not None) != (self.action is LayerAction.LINEARIZE):
+            raise ValueError(f"layer {self.layer}: alpha goes with action 'linearize' and only with it")
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise ValueError(f"layer {self.layer}: alpha must be finite")
+        return self
 
 
 class Plan(BaseModel):
@@ -53,7 +70,7 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = PLAN_SCHEMA_VERSION
+    schema_version: Literal[1, 2] = PLAN_SCHEMA_VERSION  # 1: keep / drop-attention only
     tool_version: str = __version__
     method: str
     seed: int | None = None
@@ -65,14 +82,64 @@ class Plan(BaseModel):
     def _consistent(self) -> Plan:
         if [lp.layer for lp in self.layers] != list(range(self.source.n_layers)):
             raise ValueError(f"layers must list 0..{self.source.n_layers - 1} in order")
-        if len(self.dropped) != self.budget:
-            raise ValueError(f"budget {self.budget} but {len(self.dropped)} layers dropped")
+        if len(self.changed) != self.budget:
+            raise ValueError(f"budget {self.budget} but {len(self.changed)} layers changed")
+        if self.schema_version == 1 and self.actions - {LayerAction.KEEP, LayerAction.DROP_ATTENTION}:
+            raise ValueError("schema_version 1 plans only keep or drop-attention")
         return self
+
+    def with_action(self, action: LayerAction) -> list[int]:
+        """Indices of the layers the plan gives `action`."""
+        return [lp.layer for lp in self.layers if lp.action is action]
 
     @property
     def dropped(self) -> list[int]:
-        """Indices of the layers whose attention is removed."""
-        return [lp.layer for lp in self.layers if lp.action is LayerAction.DROP_ATTENTION]
+        """Indices of the layers whose attention sublayer is removed (the MLP stays)."""
+        return self.with_action(LayerAction.DROP_ATTENTION)
+
+    @property
+    def linearized(self) -> list[int]:
+        """Indices of the layers whose attention becomes HARP's rescaled value-output matmul."""
+        return self.with_action(LayerAction.LINEARIZE)
+
+    @property
+    def blocks_dropped(self) -> list[int]:
+        """Indices of the layers removed whole (attention and MLP)."""
+        return self.with_action(LayerAction.DROP_BLOCK)
+
+    @property
+    def changed(self) -> list[int]:
+        """Indices of every layer that is not kept as is: the budget spent."""
+        return [lp.layer for lp in self.layers if lp.action is not LayerAction.KEEP]
+
+    @property
+    def actions(self) -> set[LayerAction]:
+        """The actions the plan uses."""
+        return {lp.action for lp in self.layers}
+
+    @property
+    def kv_layers(self) -> list[int]:
+        """Indices of the layers that keep full attention, hence a KV-cache entry."""
+        return self.with_action(LayerAction.KEEP)
+
+    def describe(self) -> str:
+        """One line naming what the plan changes, e.g. ``dropped attention of layers [3, 7]``."""
+        parts = [
+            f"{label} {layers}"
+            for label, layers in (
+                ("dropped attention of layers", self.dropped),
+                ("linearized the attention of layers", self.linearized),
+                ("dropped whole blocks", self.blocks_dropped),
+            )
+            if layers
+        ]
+        return "; ".join(parts) or "kept every layer"
+
+    def require(self, supported: set[LayerAction], what: str) -> None:
+        """Raise a GatenormError if the plan uses an action `what` (e.g. "the GGUF exporter") cannot do."""
+        missing = sorted(a.value for a in self.actions - supported)
+        if missing:
+            raise GatenormError(f"{what} cannot apply plan action(s) {', '.join(missing)} yet")
 
     @property
     def scores(self) -> list[float]:
@@ -102,39 +169,69 @@ class Plan(BaseModel):
         return cls.from_json(path.read_text())
 
 
-def make_plan(ckpt: Checkpoint, scores: LayerScores, drop: int, allow_first_layer: bool = False) -> Plan:
-    """Drop the attention of the `drop` lowest-scored layers (ties: deeper first).
+def source_of(ckpt: Checkpoint, scores: LayerScores) -> Source:
+    """The `Source` of a plan made from `scores` of `ckpt`."""
+    return Source(
+        path=str(ckpt.path),
+        format=ckpt.format,
+        architecture=ckpt.arch.name,
+        n_layers=ckpt.shape.n_layers,
+        sha256=scores.content_sha256,
+        hashed=scores.hashed,
+    )
 
-    Layer 0 is never dropped unless `allow_first_layer` (llama.cpp reads the head size from layer 0).
-    """
-    n = ckpt.shape.n_layers
-    candidates = [i for i in range(n) if i > 0 or allow_first_layer]
-    if not 0 <= drop < n:
-        raise GatenormError(f"--drop {drop} out of range: the model has {n} layers, so use 0..{n - 1}")
-    if drop > len(candidates):
-        raise GatenormError(f"--drop {drop} out of range: only {len(candidates)} layers may be dropped")
-    if any(s != s for s in scores.scores):
-        raise GatenormError(f"{scores.method.value} produced NaN scores; the checkpoint weights are invalid")
-    order = sorted(candidates, key=lambda i: (scores.scores[i], -i))
-    dropped = set(order[:drop])
+
+def plan_from_actions(
+    ckpt: Checkpoint,
+    scores: LayerScores,
+    actions: list[LayerAction],
+    alphas: dict[int, float] | None = None,
+    method: str | None = None,
+) -> Plan:
+    """A plan giving layer i `actions[i]` (and `alphas[i]` where it linearizes), with `scores` recorded."""
+    alphas = alphas or {}
     return Plan(
-        method=scores.method.value,
+        method=method or scores.method.value,
         seed=scores.seed,
-        budget=drop,
-        source=Source(
-            path=str(ckpt.path),
-            format=ckpt.format,
-            architecture=ckpt.arch.name,
-            n_layers=n,
-            sha256=scores.content_sha256,
-            hashed=scores.hashed,
-        ),
+        budget=sum(a is not LayerAction.KEEP for a in actions),
+        source=source_of(ckpt, scores),
         layers=[
-            LayerPlan(
-                layer=i,
-                score=s,
-                action=LayerAction.DROP_ATTENTION if i in dropped else LayerAction.KEEP,
-            )
-            for i, s in enumerate(scores.scores)
+            LayerPlan(layer=i, score=s, action=a, alpha=alphas.get(i) if a is LayerAction.LINEARIZE else None)
+            for i, (s, a) in enumerate(zip(scores.scores, actions, strict=True))
         ],
     )
+
+
+def lowest_scored(
+    ckpt: Checkpoint, scores: LayerScores, n: int, allow_first_layer: bool = False
+) -> list[int]:
+    """The `n` lowest-scored layers (ties: deeper first), never layer 0 unless `allow_first_layer`.
+
+    Raises a GatenormError naming the problem if `n` is out of range or the scores hold NaN.
+    """
+    total = ckpt.shape.n_layers
+    candidates = [i for i in range(total) if i > 0 or allow_first_layer]
+    if not 0 <= n < total:
+        raise GatenormError(f"--drop {n} out of range: the model has {total} layers, so use 0..{total - 1}")
+    if n > len(candidates):
+        raise GatenormError(f"--drop {n} out of range: only {len(candidates)} layers may be dropped")
+    if any(s != s for s in scores.scores):
+        raise GatenormError(f"{scores.method.value} produced NaN scores; the checkpoint weights are invalid")
+    return sorted(candidates, key=lambda i: (scores.scores[i], -i))[:n]
+
+
+def make_plan(
+    ckpt: Checkpoint,
+    scores: LayerScores,
+    drop: int,
+    allow_first_layer: bool = False,
+    action: LayerAction = LayerAction.DROP_ATTENTION,
+) -> Plan:
+    """Give the `drop` lowest-scored layers `action` (ties: deeper first; default: drop their attention).
+
+    Layer 0 is never changed unless `allow_first_layer` (llama.cpp reads the head size from layer 0).
+    A linearize action gets alpha 1 (HARP without rescaling).
+    """
+    chosen = set(lowest_scored(ckpt, scores, drop, allow_first_layer))
+    actions = [action if i in chosen else LayerAction.KEEP for i in range(ckpt.shape.n_layers)]
+    return plan_from_actions(ckpt, scores, actions, dict.fromkeys(chosen, 1.0))

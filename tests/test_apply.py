@@ -7,9 +7,16 @@ import copy
 import pytest
 import torch
 
-from gatenorm.apply import AttentionFreeLayer, apply_plan, load_model, load_tokenizer
+from gatenorm.apply import (
+    AttentionFreeLayer,
+    IdentityLayer,
+    LinearAttentionLayer,
+    apply_plan,
+    load_model,
+    load_tokenizer,
+)
 from gatenorm.errors import GatenormError
-from gatenorm.plan import make_plan
+from gatenorm.plan import LayerAction, make_plan, plan_from_actions
 from gatenorm.readers import open_checkpoint
 from gatenorm.scoring import LayerScores, Method, score_checkpoint
 from tests.conftest import make_tiny_model
@@ -23,8 +30,20 @@ def plan_dropping(ckpt, layers: list[int]):
     return make_plan(ckpt, s, drop=len(layers), allow_first_layer=0 in layers)
 
 
-def reference_logits(sd: dict, cfg, ids: torch.Tensor, dropped: set[int]) -> torch.Tensor:
-    """Llama forward written out by hand (RMSNorm, rotate-half RoPE, causal GQA, SwiGLU), float64."""
+def reference_logits(
+    sd: dict,
+    cfg,
+    ids: torch.Tensor,
+    dropped: set[int],
+    linear: dict[int, float] | None = None,
+    blocks: frozenset[int] = frozenset(),
+) -> torch.Tensor:
+    """Llama forward written out by hand (RMSNorm, rotate-half RoPE, causal GQA, SwiGLU), float64.
+
+    Layers in `dropped` skip attention, those in `linear` attend each token to itself only with the output
+    scaled by alpha (HARP), those in `blocks` are skipped whole.
+    """
+    linear = linear or {}
     sd = {k: v.double() for k, v in sd.items()}
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     dh = cfg.hidden_size // n_head
@@ -45,7 +64,14 @@ def reference_logits(sd: dict, cfg, ids: torch.Tensor, dropped: set[int]) -> tor
     mask = torch.full((t, t), float("-inf"), dtype=torch.float64).triu(1)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        if i not in dropped:
+        if i in blocks:
+            continue
+        if i in linear:
+            x = rms(h, sd[p + "input_layernorm.weight"])
+            v = (x @ sd[p + "self_attn.v_proj.weight"].T).view(t, n_kv, dh)
+            v = v.repeat_interleave(n_head // n_kv, 1).reshape(t, -1)  # softmax over itself alone is 1
+            h = h + linear[i] * (v @ sd[p + "self_attn.o_proj.weight"].T)
+        elif i not in dropped:
             x = rms(h, sd[p + "input_layernorm.weight"])
             q = (x @ sd[p + "self_attn.q_proj.weight"].T).view(t, n_head, dh).transpose(0, 1)
             k = (x @ sd[p + "self_attn.k_proj.weight"].T).view(t, n_kv, dh).transpose(0, 1)
@@ -59,6 +85,13 @@ def reference_logits(sd: dict, cfg, ids: torch.Tensor, dropped: set[int]) -> tor
         gate = torch.nn.functional.silu(x @ sd[p + "mlp.gate_proj.weight"].T)
         h = h + (gate * (x @ sd[p + "mlp.up_proj.weight"].T)) @ sd[p + "mlp.down_proj.weight"].T
     return rms(h, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+
+
+def plan_with(ckpt, actions: dict[int, LayerAction], alphas: dict[int, float] | None = None):
+    """A plan for `ckpt` giving the listed layers their action, the others keep."""
+    scores = LayerScores(Method.GATE_NORM, [1.0] * ckpt.shape.n_layers, "0" * 64, "attention-tensors", 0.0)
+    full = [actions.get(i, LayerAction.KEEP) for i in range(ckpt.shape.n_layers)]
+    return plan_from_actions(ckpt, scores, full, alphas, method="mixed")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +113,50 @@ def test_pruned_forward_matches_hand_written_reference(tiny, dropped):
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
     if dropped:  # the pruning really changes the output
         assert (got - reference_logits(sd, base.config, IDS, set())).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("linear", "blocks", "dropped"),
+    [({2: 1.0}, set(), set()), ({1: 0.35, 3: -0.5}, set(), set()), ({3: 0.7}, {2}, {1}), ({}, {1, 3}, set())],
+)
+def test_linearized_and_dropped_blocks_match_hand_written_reference(tiny, linear, blocks, dropped):
+    ckpt, base = tiny
+    sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    actions = {i: LayerAction.LINEARIZE for i in linear}
+    actions |= {i: LayerAction.DROP_BLOCK for i in blocks} | {i: LayerAction.DROP_ATTENTION for i in dropped}
+    plan = plan_with(ckpt, actions, linear)
+    model = apply_plan(copy.deepcopy(base), plan)
+    with torch.no_grad():
+        got = model(IDS[None]).logits[0].double()
+        ref = reference_logits(sd, base.config, IDS, dropped, linear, frozenset(blocks))
+        torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+        assert (got - reference_logits(sd, base.config, IDS, set())).abs().max() > 1e-2
+    for i in linear:
+        layer = model.model.layers[i]
+        assert isinstance(layer, LinearAttentionLayer) and not hasattr(layer, "self_attn")
+    assert all(isinstance(model.model.layers[i], IdentityLayer) for i in blocks)
+    kept = [i for i in range(4) if i not in actions]
+    assert [model.model.layers[i].self_attn.layer_idx for i in kept] == list(range(len(kept)))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(IDS[None, :5], use_cache=True, **kwargs)
+        assert cached.tolist() == model.generate(IDS[None, :5], use_cache=False, **kwargs).tolist()
+
+
+def test_linearized_qwen2_folds_the_value_bias(tmp_path):
+    make_tiny_model(tmp_path, "qwen2")
+    ckpt, base = open_checkpoint(tmp_path), load_model(tmp_path)
+    layer = base.model.layers[1]
+    assert layer.self_attn.v_proj.bias is not None
+    with torch.no_grad():
+        layer.self_attn.v_proj.bias.normal_()
+        x = torch.randn(3, base.config.hidden_size)
+        model = apply_plan(copy.deepcopy(base), plan_with(ckpt, {1: LayerAction.LINEARIZE}, {1: 0.5}))
+        got = model.model.layers[1].fused_attention(x)
+        n_rep = base.config.num_attention_heads // base.config.num_key_value_heads
+        dh = base.config.hidden_size // base.config.num_attention_heads
+        v = layer.self_attn.v_proj(x).view(3, -1, dh).repeat_interleave(n_rep, 1).reshape(3, -1)
+        torch.testing.assert_close(got, 0.5 * layer.self_attn.o_proj(v), atol=1e-5, rtol=1e-5)
 
 
 def test_dropped_layers_hold_no_attention_and_no_cache(tiny):

@@ -279,7 +279,7 @@ def test_cli_export(tiny_models, tmp_path, monkeypatch, capsys):
     code, stdout, _ = run_cli(monkeypatch, capsys, *argv)
     assert (
         code == 0
-        and "without the attention" in stdout
+        and "dropped attention of layers" in stdout
         and str(plan_for(tiny_models["qwen3"], 2).dropped) in stdout
     )
     assert OnnxRunner(out).plan.dropped == plan_for(tiny_models["qwen3"], 2).dropped

@@ -79,3 +79,35 @@ def test_inconsistent_plan_rejected(ckpt, tmp_path):
     doc["layers"][0]["action"] = "delete"
     with pytest.raises(GatenormError, match=r"invalid plan: layers\.0\.action"):
         Plan.from_json(json.dumps(doc))
+
+
+def test_mixed_actions_round_trip_and_alpha_rules(ckpt):
+    from gatenorm.plan import plan_from_actions
+
+    actions = [LayerAction.KEEP, LayerAction.LINEARIZE, LayerAction.DROP_BLOCK, LayerAction.DROP_ATTENTION]
+    plan = plan_from_actions(ckpt, fixed_scores([1.0, 2.0, 3.0, 4.0]), actions, {1: 0.25}, method="mixed")
+    assert plan.budget == 3 and plan.changed == [1, 2, 3] and plan.kv_layers == [0]
+    assert (plan.dropped, plan.linearized, plan.blocks_dropped) == ([3], [1], [2])
+    assert plan.layers[1].alpha == 0.25 and plan.layers[3].alpha is None
+    assert Plan.from_json(plan.to_json()) == plan
+    assert plan.describe() == (
+        "dropped attention of layers [3]; linearized the attention of layers [1]; dropped whole blocks [2]"
+    )
+    doc = json.loads(plan.to_json())
+    doc["layers"][1]["alpha"] = None
+    with pytest.raises(GatenormError, match="alpha goes with action 'linearize'"):
+        Plan.from_json(json.dumps(doc))
+    doc["layers"][1]["alpha"], doc["layers"][3]["alpha"] = 0.25, 1.0
+    with pytest.raises(GatenormError, match="alpha goes with action 'linearize'"):
+        Plan.from_json(json.dumps(doc))
+    doc["layers"][3]["alpha"], doc["schema_version"] = None, 1
+    with pytest.raises(GatenormError, match="schema_version 1"):
+        Plan.from_json(json.dumps(doc))
+    with pytest.raises(GatenormError, match=r"cannot apply plan action.*drop-block, linearize"):
+        plan.require({LayerAction.KEEP, LayerAction.DROP_ATTENTION}, "the gguf exporter")
+
+
+def test_version_1_plans_still_load(ckpt):
+    doc = json.loads(make_plan(ckpt, fixed_scores([1.0, 2.0, 3.0, 4.0]), drop=1).to_json())
+    doc["schema_version"] = 1
+    assert Plan.from_json(json.dumps(doc)).dropped == [1]

@@ -103,6 +103,11 @@ class Plan(BaseModel):
         return self.with_action(LayerAction.LINEARIZE)
 
     @property
+    def linearize_alphas(self) -> list[float]:
+        """The alpha of each linearized layer, in the order of `linearized`."""
+        return [float(lp.alpha) for lp in self.layers if lp.action is LayerAction.LINEARIZE]
+
+    @property
     def blocks_dropped(self) -> list[int]:
         """Indices of the layers removed whole (attention and MLP)."""
         return self.with_action(LayerAction.DROP_BLOCK)

@@ -5,7 +5,8 @@ Prints ratios measured within one run (interleaved runs, medians), never absolut
 1. export time / plain-copy time of the source file (GGUF -> GGUF, tensor bytes unchanged);
 2. llama-cpp-python speed (2 threads, flash attention on) of exports dropping 0, 8 and 16 attention
    sublayers: prefill (pp) and generation (tg) speedups next to the ideal ones (fraction of FLOPs and of
-   bytes read per token removed), and the KV-cache size;
+   bytes read per token removed), and the KV-cache size; on SmolLM2 also 8 linearized layers (HARP) and 8
+   dropped blocks (ShortGPT), the same 8 Gate-Norm layers, in the same interleaved runs;
 
 on the shipped SmolLM2-135M (Q4_1) and on a synthetic Llama-7B-shaped Q4_K file with random weights that
 the script writes (speed does not depend on the values).
@@ -28,12 +29,18 @@ import numpy as np
 
 from exporters.export import export, export_gguf
 from gatenorm.models import smollm2, tiny
-from gatenorm.plan import Plan, make_plan
+from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers.gguf_file import GGUFCheckpoint
 from gatenorm.scoring import LayerScores, score_checkpoint
 
 THREADS = 2
-DROPS = (0, 8, 16)
+#: label -> (layers changed, action): the runs compared, the first is the baseline.
+ATTENTION_VARIANTS = {
+    "unpruned": (0, LayerAction.DROP_ATTENTION),
+    "8 attn": (8, LayerAction.DROP_ATTENTION),
+    "16 attn": (16, LayerAction.DROP_ATTENTION),
+}
+LAYER_VARIANTS = {"8 linear": (8, LayerAction.LINEARIZE), "8 blocks": (8, LayerAction.DROP_BLOCK)}
 
 
 # --- synthetic Llama-7B-shaped Q4_K file ---------------------------------------------------------------
@@ -169,8 +176,8 @@ def model_cost(path: Path, pp: int, tg: int) -> Cost:
     head_flops = 2 * int(np.prod(head.shape))
     weight_bytes = sum(int(t.n_bytes) for t in layer_tensors) + int(head.n_bytes)  # embedding: a lookup
 
-    def attention_flops(ctx: float) -> float:  # q.k and p.v over `ctx` positions
-        return sum(4 * h * head_dim * ctx for h in heads)
+    def attention_flops(ctx: float) -> float:  # q.k and p.v over `ctx` positions, layers with a KV cache
+        return sum(4 * h * head_dim * ctx for h, hk in zip(heads, heads_kv, strict=True) if hk)
 
     kv_bytes_per_pos = sum(2 * hk * head_dim * 2 for hk in heads_kv)  # K and V, f16
     return Cost(
@@ -214,50 +221,55 @@ def time_llama(path: Path, tokens: list[int], pp: list[int], tg: int) -> tuple[d
 
 
 def bench_runtime(
-    name: str, ckpt: GGUFCheckpoint, scores: LayerScores, work: Path, reps: int, pp: list[int], tg: int
+    name: str,
+    ckpt: GGUFCheckpoint,
+    scores: LayerScores,
+    variants: dict[str, tuple[int, LayerAction]],
+    work: Path,
+    reps: int,
+    pp: list[int],
+    tg: int,
 ) -> None:
-    """Export 0/8/16-dropped variants of `ckpt`, time them interleaved, print speedups vs ideal."""
+    """Export each variant of `ckpt`, time them interleaved, print speedups over the first vs ideal."""
     tokens = [int(t) for t in np.random.default_rng(0).integers(100, 30000, size=max(*pp, tg))]
-    files = {}
-    for drop in DROPS:
-        files[drop] = work / f"{name}-d{drop}.gguf"
-        export_gguf(ckpt, make_plan(ckpt, scores, drop), files[drop])
-    costs = {drop: model_cost(f, max(pp), tg) for drop, f in files.items()}
-    runs: dict[int, list[dict[str, float]]] = {drop: [] for drop in DROPS}
+    files, plans = {}, {}
+    for i, (label, (n, action)) in enumerate(variants.items()):
+        plans[label] = make_plan(ckpt, scores, n, action=action)
+        files[label] = export_gguf(ckpt, plans[label], work / f"{name}-v{i}.gguf")
+    base = next(iter(variants))
+    costs = {label: model_cost(f, max(pp), tg) for label, f in files.items()}
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label in variants}
     states = {}
     for _ in range(reps):
-        for drop in DROPS:
-            times, states[drop] = time_llama(files[drop], tokens, pp, tg)
-            runs[drop].append(times)
+        for label in variants:
+            times, states[label] = time_llama(files[label], tokens, pp, tg)
+            runs[label].append(times)
     metrics = [f"pp{n}" for n in pp] + [f"tg{tg}"]
-    median = {d: {m: statistics.median(r[m] for r in runs[d]) for m in metrics} for d in DROPS}
+    median = {v: {m: statistics.median(r[m] for r in runs[v]) for m in metrics} for v in variants}
     print(f"\n{name}: llama-cpp-python {THREADS} threads, flash attention, median of {reps} interleaved runs")
     print(
-        f"{'dropped':>8} {'metric':>7} {'tok/s':>9} {'speedup':>8} {'ideal FLOPs':>12} {'ideal bytes':>12}"
+        f"{'variant':>9} {'metric':>7} {'tok/s':>9} {'speedup':>8} {'ideal FLOPs':>12} {'ideal bytes':>12}"
         f" {'measured/ideal':>15}"
     )
-    for drop in DROPS:
+    for label in variants:
         for m in metrics:
             n_tokens = int(m[2:])
-            speedup = median[0][m] / median[drop][m]
+            speedup = median[base][m] / median[label][m]
+            ideal_bytes = costs[base].bytes_tg / costs[label].bytes_tg
             if m.startswith("pp"):
-                pp_cost = {dd: model_cost(files[dd], n_tokens, tg).flops_pp for dd in (0, drop)}
-                ideal_flops = pp_cost[0] / pp_cost[drop]
-                ideal_bytes = costs[0].bytes_tg / costs[drop].bytes_tg
-                target = ideal_flops
+                pp_cost = {v: model_cost(files[v], n_tokens, tg).flops_pp for v in (base, label)}
+                ideal_flops = target = pp_cost[base] / pp_cost[label]
             else:
-                ideal_flops = costs[0].flops_tg / costs[drop].flops_tg
-                ideal_bytes = costs[0].bytes_tg / costs[drop].bytes_tg
+                ideal_flops = costs[base].flops_tg / costs[label].flops_tg
                 target = ideal_bytes
             print(
-                f"{drop:>8} {m:>7} {n_tokens / median[drop][m]:>9.1f} {speedup:>8.3f} {ideal_flops:>12.3f}"
+                f"{label:>9} {m:>7} {n_tokens / median[label][m]:>9.1f} {speedup:>8.3f} {ideal_flops:>12.3f}"
                 f" {ideal_bytes:>12.3f} {speedup / target:>15.3f}"
             )
-    print(f"{'dropped':>8} {'KV state bytes after pp' + str(max(pp)):>30} {'ratio':>7} {'ideal':>7}")
-    n_layers = ckpt.shape.n_layers
-    for drop in DROPS:
-        ideal = (n_layers - drop) / n_layers
-        print(f"{drop:>8} {states[drop]:>30,} {states[drop] / states[0]:>7.3f} {ideal:>7.3f}")
+    print(f"{'variant':>9} {'KV state bytes after pp' + str(max(pp)):>30} {'ratio':>7} {'ideal':>7}")
+    for label, plan in plans.items():
+        ideal = len(plan.kv_layers) / ckpt.shape.n_layers
+        print(f"{label:>9} {states[label]:>30,} {states[label] / states[base]:>7.3f} {ideal:>7.3f}")
 
 
 def main() -> None:
@@ -296,10 +308,18 @@ def main() -> None:
             print_export("synthetic Llama-7B Q4_K", f"{path.stat().st_size / 2**30:.2f} GiB", times, reps)
         if args.export_only:
             return
-        bench_runtime("SmolLM2-135M-Q4_1", small, small_scores, work, args.reps, [512, 2048], 128)
+        variants = ATTENTION_VARIANTS | LAYER_VARIANTS
+        bench_runtime("SmolLM2-135M-Q4_1", small, small_scores, variants, work, args.reps, [512, 2048], 128)
         if not args.skip_7b:
             bench_runtime(
-                "synthetic-Llama-7B-Q4_K", big, big_scores, work, args.reps_7b, [args.pp_7b], args.tg_7b
+                "synthetic-Llama-7B-Q4_K",
+                big,
+                big_scores,
+                ATTENTION_VARIANTS,
+                work,
+                args.reps_7b,
+                [args.pp_7b],
+                args.tg_7b,
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)

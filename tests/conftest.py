@@ -24,6 +24,22 @@ TINY_LLAMA = dict(
 )
 
 
+#: SmolLM2 (30 layers): attention dropped in 5, 7, 8; 17, 25 linearized; blocks 26, 29 (the last) dropped.
+SMOLLM2_MIXED_ACTIONS = {5: "drop-attention", 7: "drop-attention", 8: "drop-attention", 17: "linearize"}
+SMOLLM2_MIXED_ACTIONS |= {25: "linearize", 26: "drop-block", 29: "drop-block"}
+SMOLLM2_MIXED_ALPHAS = {17: 0.6, 25: 1.4}
+
+
+def mixed_plan(ckpt, actions: dict[int, str], alphas: dict[int, float], scores=None):
+    """A Gate-Norm-scored plan for `ckpt` giving layer i `actions[i]` (keep elsewhere) and `alphas`."""
+    from gatenorm.plan import LayerAction, plan_from_actions
+    from gatenorm.scoring import score_checkpoint
+
+    scores = scores or score_checkpoint(ckpt, "gate-norm")
+    per_layer = [LayerAction(actions.get(i, "keep")) for i in range(ckpt.shape.n_layers)]
+    return plan_from_actions(ckpt, scores, per_layer, alphas)
+
+
 def make_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0, **overrides):
     """Save a randomly initialised tiny causal LM of `model_type` as an HF safetensors folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -31,10 +47,12 @@ def make_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0, **ov
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **{**TINY_LLAMA, **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # default init is tiny (std 0.02): make attention matter in the forward pass
+    with torch.no_grad():  # default init is tiny (std 0.02): make attention (and biases) matter
         for name, p in model.named_parameters():
             if name.endswith("proj.weight"):
                 p.normal_(0.0, 0.15)
+            elif name.endswith("proj.bias"):  # transformers initialises biases to 0: make them count
+                p.normal_(0.0, 0.1)
             elif "norm" in name:
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(folder, safe_serialization=True)

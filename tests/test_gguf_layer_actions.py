@@ -16,23 +16,12 @@ from exporters.gguf import read_gguf_metadata, read_plan_metadata
 from gatenorm.apply import apply_plan, load_model
 from gatenorm.cli import app
 from gatenorm.errors import GatenormError
-from gatenorm.plan import LayerAction, Plan, plan_from_actions
+from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.scoring import LayerScores, score_checkpoint
-from tests.conftest import tiny_hf
+from tests.conftest import SMOLLM2_MIXED_ACTIONS, SMOLLM2_MIXED_ALPHAS, mixed_plan, tiny_hf
 
 A = LayerAction
-#: SmolLM2 (30 layers): attention dropped in 5, 7, 8; 17, 25 linearized; blocks 26, 29 (the last) dropped.
-SMOLLM2_ACTIONS = {5: A.DROP_ATTENTION, 7: A.DROP_ATTENTION, 8: A.DROP_ATTENTION, 17: A.LINEARIZE}
-SMOLLM2_ACTIONS |= {25: A.LINEARIZE, 26: A.DROP_BLOCK, 29: A.DROP_BLOCK}
-SMOLLM2_ALPHAS = {17: 0.6, 25: 1.4}
-
-
-def mixed_plan(ckpt: Checkpoint, actions: dict[int, A], alphas: dict[int, float], scores=None) -> Plan:
-    """A plan for `ckpt` giving layer i `actions[i]` (keep elsewhere), linearized with `alphas`."""
-    scores = scores or score_checkpoint(ckpt, "gate-norm")
-    per_layer = [actions.get(i, A.KEEP) for i in range(ckpt.shape.n_layers)]
-    return plan_from_actions(ckpt, scores, per_layer, alphas)
 
 
 def with_alphas(plan: Plan, alphas: dict[int, float]) -> Plan:
@@ -51,7 +40,7 @@ def smollm2(smollm2_gguf) -> tuple[Checkpoint, LayerScores]:
 @pytest.fixture(scope="module")
 def smollm2_mixed(tmp_path_factory, smollm2) -> tuple[Path, Plan]:
     """SmolLM2 pruned by the mixed plan, its tensors kept as Q4_1 (the fused ones written as Q8_0)."""
-    plan = mixed_plan(*smollm2[:1], SMOLLM2_ACTIONS, SMOLLM2_ALPHAS, smollm2[1])
+    plan = mixed_plan(smollm2[0], SMOLLM2_MIXED_ACTIONS, SMOLLM2_MIXED_ALPHAS, smollm2[1])
     out = tmp_path_factory.mktemp("smollm2-mixed") / "mixed.gguf"
     return export_gguf(smollm2[0], plan, out), plan
 

@@ -14,14 +14,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import SMOLLM2_MIXED_ACTIONS, SMOLLM2_MIXED_ALPHAS, make_tiny_model, mixed_plan
 
 from exporters.onnx import OnnxRunner, Precision, export_onnx
 from exporters.onnx.metadata import CONFIG_NAME
 from gatenorm.apply import apply_plan, load_model
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
-from gatenorm.plan import Plan, make_plan
+from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers import open_checkpoint
 from gatenorm.scoring import score_checkpoint
 
@@ -71,9 +71,14 @@ def layer_ops(model: onnx.ModelProto, layer: int, module: str) -> Counter:
 
 
 def assert_graph_follows_plan(folder: Path, plan: Plan) -> None:
+    """Inputs/outputs carry exactly the kept layers' cache; each layer has the nodes its action leaves.
+
+    keep: q/k/v/o MatMuls, two RotaryEmbedding, one GroupQueryAttention; drop-attention: no attention or
+    input norm; linearize: the input norm and one fused MatMul; drop-block: no node at all.
+    """
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     arch = get_architecture(plan.source.architecture)
-    kept = [lp.layer for lp in plan.layers if lp.layer not in plan.dropped]
+    kept = plan.kv_layers
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     kv_in = [f"past_key_values.{i}.{p}" for i in kept for p in ("key", "value")]
@@ -85,18 +90,26 @@ def assert_graph_follows_plan(folder: Path, plan: Plan) -> None:
             dims = value.type.tensor_type.shape.dim
             assert dims[0].dim_param == "batch_size" and dims[2].dim_param, value.name
     attention_matmuls = 0
-    for i in range(plan.source.n_layers):
+    for lp in plan.layers:
+        i = lp.layer
         attn = layer_ops(model, i, arch.hf_attention_module)
+        fused = layer_ops(model, i, "fused_attention")
         norm = layer_ops(model, i, arch.hf_attention_norm)
-        matmuls = attn["MatMul"] + attn["MatMulNBits"] + attn["MatMulInteger"]
-        if i in plan.dropped:
-            assert not attn and not norm, f"layer {i} was dropped but has attention nodes"
-        else:  # q, k, v, o projections; rotary on q and k; one fused attention reading the cache
-            assert matmuls == 4, f"layer {i}: {attn}"
+        matmuls = sum(attn[op] + fused[op] for op in ("MatMul", "MatMulNBits", "MatMulInteger"))
+        if lp.action is LayerAction.DROP_BLOCK:
+            everything = [n for n in model.graph.node if n.name.startswith(f"/model/layers.{i}/")]
+            assert not everything, f"layer {i} was dropped whole but has nodes"
+            continue
+        if lp.action is LayerAction.KEEP:
+            assert matmuls == 4 and not fused, f"layer {i}: {attn}"
             assert attn["RotaryEmbedding"] == 2 and attn["GroupQueryAttention"] == 1, f"layer {i}: {attn}"
+        elif lp.action is LayerAction.LINEARIZE:
+            assert matmuls == 1 and not attn and norm, f"layer {i}: {fused} {attn}"
+        else:
+            assert not attn and not fused and not norm, f"layer {i} was dropped but has attention nodes"
         assert layer_ops(model, i, arch.hf_mlp_module), f"layer {i} lost its MLP"
         attention_matmuls += matmuls
-    assert attention_matmuls == 4 * len(kept)
+    assert attention_matmuls == 4 * len(kept) + len(plan.linearized)
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["GroupQueryAttention"] == len(kept) and ops["Softmax"] == 0
 
@@ -149,6 +162,49 @@ def test_tiny_first_layer_dropped_and_metadata(tiny_models, tmp_path):
     assert Plan.load(out / "plan.json") == plan
     reference = apply_plan(load_model(tiny_models["llama"]), plan)
     assert_matches_torch(OnnxRunner(out), reference, np.arange(5, 17)[None])
+
+
+#: 4 tiny layers: layer 0 linearized, 1 without attention, 2 kept, 3 (the last) dropped whole.
+TINY_MIXED = {0: "linearize", 1: "drop-attention", 3: "drop-block"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_tiny_mixed_plan_matches_pytorch(tiny_models, tmp_path, arch):
+    """Linearized (alpha; qwen2: v bias folded in), no-attention and dropped layers: graph, cache, logits."""
+    ckpt = open_checkpoint(tiny_models[arch])
+    plan = mixed_plan(ckpt, TINY_MIXED, {0: 0.5})
+    out = export_onnx(tiny_models[arch], plan, tmp_path / "onnx", mobile=arch == "llama")
+    assert_graph_follows_plan(out, plan)
+    runner = OnnxRunner(out)
+    assert runner.plan == plan and [k.layer for k in runner.config.kv_cache] == [2]
+    config = runner.config
+    assert (config.linearized_layers, config.linearize_alphas, config.dropped_blocks) == ([0], [0.5], [3])
+    props = runner.session.get_modelmeta().custom_metadata_map
+    assert json.loads(props["gatenorm.linearize_alphas"]) == [0.5]
+    assert json.loads(props["gatenorm.dropped_blocks"]) == [3]
+    prompt = np.random.default_rng(2).integers(0, 128, (1, 11))
+    assert_matches_torch(runner, apply_plan(load_model(tiny_models[arch]), plan), prompt)
+    wrong = apply_plan(load_model(tiny_models[arch]), mixed_plan(ckpt, TINY_MIXED, {0: 1.0}))
+    assert np.abs(runner.logits(prompt) - torch_logits(wrong, prompt)).max() > 10 * TOL  # alpha matters
+    if arch == "llama":
+        ort_logits = OnnxRunner(out, ort_format=True).logits(prompt)
+        np.testing.assert_allclose(ort_logits, runner.logits(prompt), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("precision", [Precision.FP16, Precision.INT8, Precision.INT4])
+def test_tiny_mixed_plan_quantized(tiny_models, tmp_path, precision):
+    """Each quantizer also takes the linearized layer's fused MatMul (int4: MatMulNBits)."""
+    plan = mixed_plan(open_checkpoint(tiny_models["llama"]), TINY_MIXED, {0: 0.5})
+    out = export_onnx(tiny_models["llama"], plan, tmp_path / "onnx", precision, block_size=16)
+    assert_graph_follows_plan(out, plan)
+    fused = layer_ops(onnx.load(str(out / "model.onnx")), 0, "fused_attention")
+    expected_op = {Precision.FP16: "MatMul", Precision.INT8: "MatMulInteger", Precision.INT4: "MatMulNBits"}
+    assert fused[expected_op[precision]] == 1, fused
+    prompt = np.arange(3, 15)[None]
+    reference = torch_logits(apply_plan(load_model(tiny_models["llama"]), plan), prompt)
+    got = OnnxRunner(out).logits(prompt)
+    relative = np.linalg.norm(got - reference) / np.linalg.norm(reference)
+    assert relative < {Precision.FP16: 0.01, Precision.INT8: 0.15, Precision.INT4: 0.5}[precision]
 
 
 @pytest.mark.parametrize("precision", [Precision.FP16, Precision.INT8, Precision.INT4])
@@ -277,6 +333,7 @@ def test_cli_export(tiny_models, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cli-onnx"
     argv = ["export", model, "--to", "onnx", "--quant", "keep", "--drop", "2", "-o", str(out)]
     code, stdout, _ = run_cli(monkeypatch, capsys, *argv)
+    stdout = " ".join(stdout.split())  # rich wraps long lines at the terminal width
     assert (
         code == 0
         and "dropped attention of layers" in stdout
@@ -317,8 +374,9 @@ def test_cli_export(tiny_models, tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def smollm2_pruned(smollm2_gguf, tmp_path_factory):
-    """SmolLM2 (GGUF source) with 8 attention sublayers dropped, fp32, with the ORT Mobile package."""
-    plan = plan_for(smollm2_gguf, 8)
+    """SmolLM2 (GGUF source) pruned by the mixed plan (3 attention drops, 2 linearized layers with alpha
+    != 1, 2 dropped blocks, the last among them), fp32, with the ORT Mobile package."""
+    plan = mixed_plan(open_checkpoint(smollm2_gguf), SMOLLM2_MIXED_ACTIONS, SMOLLM2_MIXED_ALPHAS)
     out = export_onnx(smollm2_gguf, plan, tmp_path_factory.mktemp("smollm2-onnx") / "pruned", mobile=True)
     yield plan, out
     shutil.rmtree(out)
@@ -326,7 +384,7 @@ def smollm2_pruned(smollm2_gguf, tmp_path_factory):
 
 def test_smollm2_pruned_fp32_matches_pytorch(smollm2_pruned, smollm2_gguf):
     plan, out = smollm2_pruned
-    assert len(plan.dropped) == 8
+    assert (plan.dropped, plan.linearized, plan.blocks_dropped) == ([5, 7, 8], [17, 25], [26, 29])
     assert_graph_follows_plan(out, plan)
     runner = OnnxRunner(out)
     assert runner.plan == plan

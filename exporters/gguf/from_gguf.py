@@ -223,7 +223,7 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = 
     Kept tensors are copied byte for byte by the kernel, one at a time; only the q/k rows of architectures
     whose GGUF stores NEOX rope order are reordered (as raw rows, so quantized tensors stay as they are).
     A linearized layer's fused ``attn_output`` is computed when written: F32 with `fused_exact` (a
-    quantizer runs next), else in the source's type where gguf-py can write it (`fused_type`).
+    quantizer runs next), else as `fused_type` says (float and Q8_0 sources' type, else Q8_0).
     """
     check_deci_plan(ckpt, plan)
     header = ckpt.reader if isinstance(ckpt.reader, ScannedGGUF) else ScannedGGUF(ckpt.path)

@@ -9,7 +9,7 @@ import gguf
 from exporters.gguf.header import ScannedGGUF
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
-from gatenorm.plan import LayerAction, Plan
+from gatenorm.plan import Plan
 
 PREFIX = "gatenorm."
 KEY_PLAN = "gatenorm.plan"
@@ -34,15 +34,10 @@ def plan_metadata(plan: Plan) -> dict[str, tuple[object, gguf.GGUFValueType, ggu
         keys["gatenorm.dropped_layers"] = (plan.dropped, t.ARRAY, t.INT32)
     if plan.linearized:
         keys["gatenorm.linearized_layers"] = (plan.linearized, t.ARRAY, t.INT32)
-        keys["gatenorm.linearize_alphas"] = (linearize_alphas(plan), t.ARRAY, t.FLOAT32)
+        keys["gatenorm.linearize_alphas"] = (plan.linearize_alphas, t.ARRAY, t.FLOAT32)
     if plan.blocks_dropped:
         keys["gatenorm.dropped_blocks"] = (plan.blocks_dropped, t.ARRAY, t.INT32)
     return keys
-
-
-def linearize_alphas(plan: Plan) -> list[float]:
-    """The alpha of each linearized layer, in the order of ``plan.linearized``."""
-    return [float(lp.alpha) for lp in plan.layers if lp.action is LayerAction.LINEARIZE]
 
 
 def pruned_name(name: str | None, plan: Plan) -> str:

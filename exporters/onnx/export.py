@@ -9,7 +9,13 @@ from pathlib import Path
 import onnx
 
 from exporters.onnx.graph import trace_to_onnx
-from exporters.onnx.metadata import CONFIG_NAME, OnnxExportConfig, kv_layers, plan_metadata, set_metadata
+from exporters.onnx.metadata import (
+    CONFIG_NAME,
+    OnnxExportConfig,
+    kv_layers,
+    plan_metadata,
+    set_metadata,
+)
 from exporters.onnx.mobile import ORT_NAME, REQUIRED_OPERATORS_NAME, write_mobile_package
 from exporters.onnx.precision import Precision, convert_precision, save_model
 from gatenorm.apply import apply_plan, load_model, load_tokenizer
@@ -90,6 +96,9 @@ def export_onnx(
             architecture=plan.source.architecture,
             n_layers=plan.source.n_layers,
             dropped_layers=plan.dropped,
+            linearized_layers=plan.linearized,
+            linearize_alphas=plan.linearize_alphas,
+            dropped_blocks=plan.blocks_dropped,
             num_key_value_heads=text_config.num_key_value_heads,
             head_dim=getattr(text_config, "head_dim", None)
             or text_config.hidden_size // text_config.num_attention_heads,

@@ -44,6 +44,9 @@ class OnnxExportConfig(BaseModel):
     architecture: str
     n_layers: int
     dropped_layers: list[int]
+    linearized_layers: list[int] = []
+    linearize_alphas: list[float] = []
+    dropped_blocks: list[int] = []
     num_key_value_heads: int
     head_dim: int
     vocab_size: int
@@ -78,11 +81,14 @@ def kv_layers(plan: Plan) -> list[KVLayer]:
 
 
 def plan_metadata(plan: Plan, precision: str) -> dict[str, str]:
-    """The ``metadata_props`` of an export: plan, method, dropped layers, source hash, tool version."""
+    """The ``metadata_props`` of an export: plan, method, changed layers, source hash, tool version."""
     return {
         f"{METADATA_PREFIX}plan": plan.model_dump_json(),
         f"{METADATA_PREFIX}method": plan.method,
         f"{METADATA_PREFIX}dropped_layers": json.dumps(plan.dropped),
+        f"{METADATA_PREFIX}linearized_layers": json.dumps(plan.linearized),
+        f"{METADATA_PREFIX}linearize_alphas": json.dumps(plan.linearize_alphas),
+        f"{METADATA_PREFIX}dropped_blocks": json.dumps(plan.blocks_dropped),
         f"{METADATA_PREFIX}source_sha256": plan.source.sha256,
         f"{METADATA_PREFIX}tool_version": __version__,
         f"{METADATA_PREFIX}precision": precision,

@@ -65,6 +65,16 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_scored(smollm2_gguf):
+    """SmolLM2 opened once (opening parses 100k tokenizer strings) and its Gate-Norm scores."""
+    from gatenorm.readers import open_checkpoint
+    from gatenorm.scoring import score_checkpoint
+
+    ckpt = open_checkpoint(smollm2_gguf)
+    return ckpt, score_checkpoint(ckpt, "gate-norm")
+
+
+@pytest.fixture(scope="session")
 def tiny_gguf() -> Path:
     return tiny()
 

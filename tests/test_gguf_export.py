@@ -52,27 +52,24 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf) -> tuple[Checkpoint, LayerScores]:
-    """SmolLM2 opened once (opening parses 100k tokenizer strings) and its Gate-Norm scores."""
-    ckpt = open_checkpoint(smollm2_gguf)
-    return ckpt, score_checkpoint(ckpt, "gate-norm")
-
-
-@pytest.fixture(scope="module")
-def smollm2_pruned(tmp_path_factory, smollm2) -> tuple[Path, Plan]:
+def smollm2_pruned(tmp_path_factory, smollm2_scored) -> tuple[Path, Plan]:
     """SmolLM2 with 8 attention sublayers removed by Gate-Norm, its tensors kept as Q4_1."""
-    plan = plan_for(smollm2[0], 8, smollm2[1])
+    plan = plan_for(smollm2_scored[0], 8, smollm2_scored[1])
     out = tmp_path_factory.mktemp("smollm2-pruned") / "smollm2-d8.gguf"
-    export_gguf(smollm2[0], plan, out)
+    export_gguf(smollm2_scored[0], plan, out)
     return out, plan
 
 
 # --- GGUF in -> GGUF out, on the real SmolLM2 ---------------------------------------------------------
 
 
-def test_unpruned_export_is_logit_identical_and_copies_bytes(tmp_path, smollm2, smollm2_gguf, smollm2_tokens):
-    out = export_gguf(smollm2[0], plan_for(smollm2[0], 0, smollm2[1]), tmp_path / "d0.gguf")
-    src, dst = smollm2[0].reader, gguf.GGUFReader(out)
+def test_unpruned_export_is_logit_identical_and_copies_bytes(
+    tmp_path, smollm2_scored, smollm2_gguf, smollm2_tokens
+):
+    out = export_gguf(
+        smollm2_scored[0], plan_for(smollm2_scored[0], 0, smollm2_scored[1]), tmp_path / "d0.gguf"
+    )
+    src, dst = smollm2_scored[0].reader, gguf.GGUFReader(out)
     assert dst.fields["general.architecture"].contents() == "deci"
     assert [t.name for t in dst.tensors] == [t.name for t in src.tensors]
     for a, b in zip(src.tensors, dst.tensors, strict=True):
@@ -118,10 +115,10 @@ def test_pruned_export_generates_with_flash_attention(smollm2_pruned):
 
 
 def test_f32_export_matches_pytorch_pruned_model(
-    tmp_path, smollm2, smollm2_model, smollm2_pruned, smollm2_tokens
+    tmp_path, smollm2_scored, smollm2_model, smollm2_pruned, smollm2_tokens
 ):
     _, plan = smollm2_pruned
-    out = export_gguf(smollm2[0], plan, tmp_path / "d8-f32.gguf", quant="F32")
+    out = export_gguf(smollm2_scored[0], plan, tmp_path / "d8-f32.gguf", quant="F32")
     types = {gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(out).tensors}
     assert types == {"F32"}
     reference = torch_logits(apply_plan(copy.deepcopy(smollm2_model), plan), smollm2_tokens)
@@ -129,8 +126,8 @@ def test_f32_export_matches_pytorch_pruned_model(
     assert kl < 1e-3 and top1 > 0.99, (kl, top1)
 
 
-def test_quantized_export_with_llama_cpp_quantizer(tmp_path, smollm2, smollm2_pruned, smollm2_tokens):
-    out = export_gguf(smollm2[0], smollm2_pruned[1], tmp_path / "d8-q8.gguf", quant="Q8_0")
+def test_quantized_export_with_llama_cpp_quantizer(tmp_path, smollm2_scored, smollm2_pruned, smollm2_tokens):
+    out = export_gguf(smollm2_scored[0], smollm2_pruned[1], tmp_path / "d8-q8.gguf", quant="Q8_0")
     reader = gguf.GGUFReader(out)
     assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
     assert read_plan_metadata(out) == smollm2_pruned[1]
@@ -172,20 +169,20 @@ def test_truncated_source_refused(tmp_path, smollm2_gguf):
 # --- refusals and atomic writes -----------------------------------------------------------------------
 
 
-def test_layer0_refused_and_nothing_written(tmp_path, smollm2):
-    plan = only_plan_keeping(plan_for(smollm2[0], 1, smollm2[1]), [0, 5])
+def test_layer0_refused_and_nothing_written(tmp_path, smollm2_scored):
+    plan = only_plan_keeping(plan_for(smollm2_scored[0], 1, smollm2_scored[1]), [0, 5])
     with pytest.raises(GatenormError, match="layer 0"):
-        export_gguf(smollm2[0], plan, tmp_path / "out.gguf")
+        export_gguf(smollm2_scored[0], plan, tmp_path / "out.gguf")
     assert leftovers(tmp_path) == []
 
 
-def test_plan_for_another_model_refused(tmp_path, smollm2, tiny_gguf):
+def test_plan_for_another_model_refused(tmp_path, smollm2_scored, tiny_gguf):
     with pytest.raises(GatenormError, match="2-layer"):
-        export_gguf(smollm2[0], plan_for(tiny_gguf, 1), tmp_path / "out.gguf")
-    tampered = plan_for(smollm2[0], 2, smollm2[1]).model_dump(mode="json")
+        export_gguf(smollm2_scored[0], plan_for(tiny_gguf, 1), tmp_path / "out.gguf")
+    tampered = plan_for(smollm2_scored[0], 2, smollm2_scored[1]).model_dump(mode="json")
     tampered["source"]["sha256"] = "0" * 64
     with pytest.raises(GatenormError, match="made for"):
-        export_gguf(smollm2[0], Plan.model_validate(tampered), tmp_path / "out.gguf")
+        export_gguf(smollm2_scored[0], Plan.model_validate(tampered), tmp_path / "out.gguf")
     assert leftovers(tmp_path) == []
 
 
@@ -325,7 +322,7 @@ def test_export_entry_point_dispatches_by_target(tmp_path, tiny_gguf):
 
 
 @pytest.mark.slow
-def test_smollm2_hf_folder_export_matches_gguf_export(tmp_path, smollm2, smollm2_model, tokenizer_dir):
+def test_smollm2_hf_folder_export_matches_gguf_export(tmp_path, smollm2_scored, smollm2_model, tokenizer_dir):
     """SmolLM2 as an HF folder (fp32 safetensors, GPT-2 BPE tokenizer) -> F32 GGUF: same as from the GGUF."""
     from transformers import AutoModelForCausalLM
 
@@ -335,11 +332,11 @@ def test_smollm2_hf_folder_export_matches_gguf_export(tmp_path, smollm2, smollm2
     model.save_pretrained(folder, safe_serialization=True)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, folder / f.name)
-    plan_gguf = plan_for(smollm2[0], 8, smollm2[1])
+    plan_gguf = plan_for(smollm2_scored[0], 8, smollm2_scored[1])
     plan_hf = plan_for(folder, 8)
     assert plan_hf.dropped == plan_gguf.dropped  # Gate-Norm does not depend on the file format
     from_hf = export_gguf(folder, plan_hf, tmp_path / "from-hf.gguf", quant="F32")
-    from_gguf = export_gguf(smollm2[0], plan_gguf, tmp_path / "from-gguf.gguf", quant="F32")
+    from_gguf = export_gguf(smollm2_scored[0], plan_gguf, tmp_path / "from-gguf.gguf", quant="F32")
     text = wiki_text(2)
     tokens = load_tokenizer(folder)(text)["input_ids"]  # this folder's GPT-2 tokenizer, not SmolLM2's own
     assert llama_cpp_tokens(from_hf, text) == tokens

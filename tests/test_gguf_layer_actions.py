@@ -17,8 +17,7 @@ from gatenorm.apply import apply_plan, load_model
 from gatenorm.cli import app
 from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction, Plan
-from gatenorm.readers import Checkpoint, open_checkpoint
-from gatenorm.scoring import LayerScores, score_checkpoint
+from gatenorm.readers import open_checkpoint
 from tests.conftest import SMOLLM2_MIXED_ACTIONS, SMOLLM2_MIXED_ALPHAS, mixed_plan, tiny_hf
 
 A = LayerAction
@@ -32,17 +31,11 @@ def with_alphas(plan: Plan, alphas: dict[int, float]) -> Plan:
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf) -> tuple[Checkpoint, LayerScores]:
-    ckpt = open_checkpoint(smollm2_gguf)
-    return ckpt, score_checkpoint(ckpt, "gate-norm")
-
-
-@pytest.fixture(scope="module")
-def smollm2_mixed(tmp_path_factory, smollm2) -> tuple[Path, Plan]:
+def smollm2_mixed(tmp_path_factory, smollm2_scored) -> tuple[Path, Plan]:
     """SmolLM2 pruned by the mixed plan, its tensors kept as Q4_1 (the fused ones written as Q8_0)."""
-    plan = mixed_plan(smollm2[0], SMOLLM2_MIXED_ACTIONS, SMOLLM2_MIXED_ALPHAS, smollm2[1])
+    plan = mixed_plan(smollm2_scored[0], SMOLLM2_MIXED_ACTIONS, SMOLLM2_MIXED_ALPHAS, smollm2_scored[1])
     out = tmp_path_factory.mktemp("smollm2-mixed") / "mixed.gguf"
-    return export_gguf(smollm2[0], plan, out), plan
+    return export_gguf(smollm2_scored[0], plan, out), plan
 
 
 def test_mixed_plan_file_layout_kv_cache_and_generation(smollm2_gguf, smollm2_mixed, smollm2_tokens):
@@ -87,10 +80,10 @@ def test_mixed_plan_file_layout_kv_cache_and_generation(smollm2_gguf, smollm2_mi
 
 
 def test_mixed_plan_f32_matches_pytorch_and_alpha_matters(
-    tmp_path, smollm2, smollm2_model, smollm2_mixed, smollm2_tokens
+    tmp_path, smollm2_scored, smollm2_model, smollm2_mixed, smollm2_tokens
 ):
     _, plan = smollm2_mixed
-    out = export_gguf(smollm2[0], plan, tmp_path / "mixed-f32.gguf", quant="F32")
+    out = export_gguf(smollm2_scored[0], plan, tmp_path / "mixed-f32.gguf", quant="F32")
     assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors} == {"F32"}
     exported = llama_cpp_logits(out, smollm2_tokens, flash_attn=True)
     kl, top1 = agreement(

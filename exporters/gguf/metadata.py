@@ -43,15 +43,12 @@ def plan_metadata(plan: Plan) -> dict[str, tuple[object, gguf.GGUFValueType, ggu
 def pruned_name(name: str | None, plan: Plan) -> str:
     """``general.name`` of a pruned export: the source name, saying how many layers were pruned and how."""
     base = name or Path(plan.source.path).stem
-    counts = [
-        f"{len(layers)} {label}"
-        for label, layers in (
-            ("attention dropped", plan.dropped),
-            ("linearized", plan.linearized),
-            ("blocks dropped", plan.blocks_dropped),
-        )
-        if layers
-    ]
+    changed = {
+        "attention dropped": plan.dropped,
+        "linearized": plan.linearized,
+        "blocks dropped": plan.blocks_dropped,
+    }
+    counts = [f"{len(layers)} {label}" for label, layers in changed.items() if layers]
     detail = f": {', '.join(counts)}" if counts else ""
     return f"{base} (gatenorm: pruned {plan.budget} of {plan.source.n_layers} layers{detail})"
 

@@ -202,7 +202,10 @@ def plan_batch(recipe: Recipe, name: str, log: Callable[[str], None] = lambda _:
                 else:
                     n = budget
                     resolved[str(n)] = n
-                plan = make_plan(ckpt, scores, n, recipe.allow_first_layer)
+                try:
+                    plan = make_plan(ckpt, scores, n, recipe.allow_first_layer)
+                except GatenormError as e:
+                    raise GatenormError(f"{source.name}: {str(e).replace('--drop', 'budget')}") from None
                 plan_json = plan.to_json()
                 target = budget.label if isinstance(budget, Target) else None
                 shown_method = method.name if n else None

@@ -78,7 +78,8 @@ def plot_quality(points: Sequence[Point], path: Path) -> None:
         ax.set_xlabel("attention sublayers dropped")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle("Quality against budget")
     _save(fig, path)
 

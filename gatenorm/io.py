@@ -71,3 +71,16 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_text_file(path: Path, what: str = "text file") -> str:
+    """The UTF-8 text of the file at `path`; a GatenormError naming `what` if it is missing or not UTF-8."""
+    from gatenorm.errors import GatenormError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GatenormError(f"no such {what}: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GatenormError(f"{path} is not UTF-8 text (byte {e.start})") from None

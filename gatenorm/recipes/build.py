@@ -69,12 +69,16 @@ def describe_files(root: Path, path: Path) -> dict[str, dict]:
     return out
 
 
-def read_record(folder: Path) -> dict | None:
-    """The variant folder's build record, or None when absent or unreadable."""
+def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads((folder / BUILD_RECORD).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_record(folder: Path) -> dict | None:
+    """The variant folder's build record, or None when absent or unreadable."""
+    return _read_json(folder / BUILD_RECORD)
 
 
 def artifact_current(out: Path, variant: Variant) -> bool:
@@ -140,10 +144,7 @@ def _write_report(report: dict, folder: Path) -> None:
 
 def read_report(folder: Path) -> dict | None:
     """The variant's validation report, or None when absent or unreadable."""
-    try:
-        return json.loads((folder / REPORT_JSON).read_text())
-    except (OSError, ValueError):
-        return None
+    return _read_json(folder / REPORT_JSON)
 
 
 def _regate(report: dict, variant: Variant) -> bool:

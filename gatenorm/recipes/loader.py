@@ -8,6 +8,7 @@ import yaml
 from pydantic import ValidationError
 
 from gatenorm.errors import GatenormError
+from gatenorm.io import read_text_file
 from gatenorm.recipes.schema import Recipe
 
 
@@ -96,10 +97,5 @@ def parse_recipe(text: str, path: Path) -> Recipe:
 def load_recipe(path: str | Path) -> tuple[Recipe, str]:
     """The validated recipe at `path` and its text."""
     path = Path(path)
-    if not path.is_file():
-        raise GatenormError(f"no such recipe file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GatenormError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    text = read_text_file(path, "recipe file")
     return parse_recipe(text, path), text

@@ -156,6 +156,9 @@ def test_rerun_skips_unchanged_and_rebuilds_only_what_changed(tmp_path):
     built = artifacts(out)
     assert len(built) == 4
     mtimes = {p: (out / p).stat().st_mtime_ns for p in built}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(out / p).stat().st_mode & 0o777 for p in built} == {0o666 & ~umask}  # not mkstemp's 0600
     doc = manifest(out)
     for rel, entry in doc["files"].items():
         assert entry == {"size": (out / rel).stat().st_size, "sha256": sha(out / rel)}, rel

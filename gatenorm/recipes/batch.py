@@ -162,6 +162,15 @@ def score_with(ckpt: Checkpoint, method: MethodEntry) -> LayerScores:
     return score_checkpoint(ckpt, method.name, **options)
 
 
+def _method_labels(methods: list[MethodEntry]) -> list[str]:
+    """The method part of variant names: the name, with the seed when two entries share a name."""
+    names = [m.name for m in methods]
+    labels = [f"{m.name}-s{m.seed}" if names.count(m.name) > 1 else m.name for m in methods]
+    if len(set(labels)) != len(labels):
+        raise GatenormError(f"methods {', '.join(labels)} repeat; give repeated methods different seeds")
+    return labels
+
+
 def _variant_name(model: str, method: str | None, budget: int, export: ExportSpec) -> str:
     middle = f"{method}-d{budget:02d}" if method else f"d{budget:02d}"
     return f"{model}-{middle}-{export.label}"
@@ -186,13 +195,19 @@ def plan_batch(recipe: Recipe, name: str, log: Callable[[str], None] = lambda _:
     from gatenorm.recipes.search import resolve_target
 
     exports = _exports(recipe)
+    labels = _method_labels(recipe.methods)
+    sources = [resolve_source(entry) for entry in recipe.models]
+    seen = [s.name for s in sources]
+    if len(set(seen)) != len(seen):
+        raise GatenormError(
+            f"models share a name ({', '.join(seen)}); give each its own `name:` in the recipe"
+        )
     variants: dict[str, Variant] = {}
     budgets: dict[str, dict[str, int]] = {}
-    for entry in recipe.models:
-        source = resolve_source(entry)
+    for source in sources:
         ckpt = open_model(source.path)
         log(f"{source.name}: {source.path} ({ckpt.shape.n_layers} layers, sha256 {source.sha256[:12]})")
-        for method in recipe.methods:
+        for method, label in zip(recipe.methods, labels, strict=True):
             scores = score_with(ckpt, method)
             resolved: dict[str, int] = {}
             for budget in recipe.budgets:
@@ -208,7 +223,7 @@ def plan_batch(recipe: Recipe, name: str, log: Callable[[str], None] = lambda _:
                     raise GatenormError(f"{source.name}: {str(e).replace('--drop', 'budget')}") from None
                 plan_json = plan.to_json()
                 target = budget.label if isinstance(budget, Target) else None
-                shown_method = method.name if n else None
+                shown_method = label if n else None
                 for export in exports:
                     vname = _variant_name(source.name, shown_method, n, export)
                     if vname in variants:  # budget 0 of a second method, or a target equal to a budget
@@ -227,8 +242,5 @@ def plan_batch(recipe: Recipe, name: str, log: Callable[[str], None] = lambda _:
                         key=key,
                         validation=_validation(source, export, key, recipe),
                     )
-            budgets[f"{source.name} / {method.name}"] = resolved
-    names = [v.model for v in variants.values()]
-    if len(set(names)) != len({v.source_path for v in variants.values()}):
-        raise GatenormError("two models share a name; give them distinct `name:` entries in the recipe")
+            budgets[f"{source.name} / {label}"] = resolved
     return BatchPlan(recipe_name=name, variants=list(variants.values()), budgets=budgets)

@@ -1,4 +1,4 @@
-"""The ``gatenorm`` command line: score, plan, export, inspect, validate."""
+"""The ``gatenorm`` command line: score, plan, export, inspect, validate, run."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from gatenorm.io import atomic_write_text
 from gatenorm.models import resolve_model
 from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers import Checkpoint, open_checkpoint
+from gatenorm.recipes.command import run_command
 from gatenorm.scoring import LayerScores, Method, score_checkpoint
 from gatenorm.validate.command import validate_command
 
@@ -172,6 +173,7 @@ def inspect(
 
 
 app.command("validate")(validate_command)
+app.command("run")(run_command)
 
 
 def main() -> None:

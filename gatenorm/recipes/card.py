@@ -1,0 +1,140 @@
+"""The model card (``README.md``) beside each artifact: what it is, how to run it, how well it does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gatenorm import __version__
+from gatenorm.recipes.batch import Variant
+
+_RUN_GGUF = """```bash
+llama-cli -m {file} -fa on -p "Hello"        # llama.cpp; flash attention shrinks the V cache too
+```
+
+```python
+from llama_cpp import Llama
+
+llm = Llama("{file}", flash_attn=True)
+print(llm("Hello", max_tokens=32)["choices"][0]["text"])
+```
+
+The file uses llama.cpp's `deci` architecture (per-layer head counts): stock llama.cpp and everything built
+on it (llama-cpp-python, LM Studio, Ollama's llama.cpp engine) run it with no patch. Transformers cannot
+load `deci` GGUFs."""
+
+_RUN_ONNX = """```python
+from exporters.onnx import OnnxRunner  # part of gatenorm
+
+runner = OnnxRunner("onnx", threads=2)
+ids = runner.tokenizer.encode("Hello")
+print(runner.tokenizer.decode(runner.generate(ids, max_new_tokens=32)))
+```
+
+`onnx/model.onnx` takes `input_ids`, `attention_mask`, `position_ids` and the KV cache of the layers that
+keep attention (`onnx/gatenorm_onnx.json` lists their input and output names); any onnxruntime loop that
+feeds `present.*` back as `past_key_values.*` runs it. Kept attention uses onnxruntime's fused
+`com.microsoft` operators, so it needs onnxruntime (CPU EP), not another ONNX runtime."""
+
+
+def source_info(path: Path) -> dict[str, str]:
+    """Name, license and organization of a source GGUF from its ``general.*`` keys (empty for a folder)."""
+    if not path.is_file():
+        return {}
+    from exporters.gguf.header import ScannedGGUF
+
+    fields = ScannedGGUF(path).fields
+    keys = {"name": "general.name", "license": "general.license", "organization": "general.organization"}
+    return {k: str(fields[v].contents()) for k, v in keys.items() if v in fields}
+
+
+def _front_matter(variant: Variant, info: dict[str, str]) -> list[str]:
+    tags = ["gatenorm", "pruned", "attention-pruning", variant.export.target]
+    lines = ["---"]
+    if "license" in info:
+        lines.append(f"license: {info['license']}")
+    lines += ["tags:", *(f"- {t}" for t in tags)]
+    if variant.export.target == "onnx":
+        lines.append("library_name: onnxruntime")
+    return [*lines, "---", ""]
+
+
+def _quality_rows(report: dict) -> list[str]:
+    rows = []
+    if a := report.get("agreement"):
+        rows += [
+            f"| perplexity (source -> this) | {a['ppl_ref']:.3f} -> {a['ppl_cand']:.3f} "
+            f"(x{a['ppl_ratio']:.3f}) |",
+            f"| mean KL divergence from the source | {a['kld_mean']:.4f} ± {a['kld_err']:.4f} |",
+            f"| same top token as the source | {100 * a['top1']:.1f} % |",
+        ]
+    if z := report.get("zeroshot"):
+        avg = z["average"]
+        tasks = ", ".join(z["tasks"])
+        rows.append(
+            f"| zero-shot average ({tasks}) | {100 * avg['reference']:.1f} -> "
+            f"{100 * avg['candidate']:.1f} % |"
+        )
+    if b := report.get("bench"):
+        for k, v in b["candidate"].items():
+            if k.endswith("tok_s"):
+                rows.append(
+                    f"| {k.replace('_tok_s', '')} tokens/s (x source) | {v:.1f} (x{b['ratio'][k]:.2f}) |"
+                )
+    return rows
+
+
+def model_card(variant: Variant, report: dict | None) -> str:
+    """A README.md that can be published beside the artifact as is."""
+    plan = variant.load_plan()
+    src = Path(variant.source_path)
+    info = source_info(src)
+    title = info.get("name", variant.model)
+    n = plan.source.n_layers
+    what = (
+        f"the attention sublayers of {plan.budget} of its {n} layers removed ({plan.describe()})"
+        if plan.budget
+        else f"no layer removed (the unpruned baseline of this batch, {n} layers)"
+    )
+    method = f", ranked by **{plan.method}**" if plan.budget else ""
+    artifact = Path(variant.artifact).relative_to(variant.folder).as_posix()
+    lines = [
+        *_front_matter(variant, info),
+        f"# {title}: {variant.export.target.upper()} {variant.export.quant}, "
+        f"{plan.budget} attention sublayers pruned",
+        "",
+        f"`{artifact}` is {variant.model} ({src.name}) with {what}{method}, exported to "
+        f"{variant.export.target.upper()} ({variant.export.quant}) by gatenorm {__version__}. A layer whose "
+        "attention is removed computes `h + mlp(norm(h))` and keeps no KV cache: prefill and decode are "
+        "faster and the KV cache is smaller.",
+        "",
+        "## Use",
+        "",
+        (_RUN_GGUF.format(file=artifact) if variant.export.target == "gguf" else _RUN_ONNX),
+        "",
+    ]
+    if report is not None:
+        ref = "llama.cpp" if report["reference"]["runtime"] == "llama.cpp" else report["reference"]["runtime"]
+        lines += [
+            "## Quality and speed",
+            "",
+            f"Measured by `gatenorm validate` in {report['candidate']['runtime']} against the unpruned "
+            f"source run in {ref}, on the same tokens "
+            f"({'passes' if report['passed'] else 'FAILS'} its gates; full report in `validation.md`).",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            *_quality_rows(report),
+            "",
+        ]
+    lines += [
+        "## Provenance",
+        "",
+        f"- source: `{src.name}`, sha256 `{variant.source_sha256}`",
+        f"- plan: method `{plan.method}`, removed attention of layers {plan.dropped or 'none'}; the plan "
+        "JSON travels inside the model file (`gatenorm.plan`)",
+        f"- build key: `{variant.key}` (source content, plan, export settings, tool version)",
+        f"- made with gatenorm {__version__}: Gate-Norm attention-sublayer pruning "
+        "(Saikumar & Varghese, arXiv 2512.20636)",
+        "",
+    ]
+    return "\n".join(lines)

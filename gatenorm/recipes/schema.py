@@ -1,0 +1,238 @@
+"""The recipe: one YAML file that names the models, scoring methods, budgets, exports and validation of a
+batch. Every model here forbids unknown keys, so a typo is an error before any work starts."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from gatenorm.scoring import Method
+from gatenorm.validate.zeroshot import TASKS
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _short(key: str):
+    """A list item may be a plain string, short for ``{key: string}``."""
+
+    def expand(value: Any) -> Any:
+        return {key: value} if isinstance(value, str) else value
+
+    return expand
+
+
+def _check_name(value: str | None) -> str | None:
+    if value is not None and not _NAME.match(value):
+        raise ValueError(f"{value!r} is not a file-name-safe name (letters, digits, '.', '_', '-')")
+    return value
+
+
+class ModelEntry(_Strict):
+    """A source model: a GGUF file or HF folder, a shipped alias (smollm2, tiny), or a hub repository."""
+
+    path: str | None = None
+    hub: str | None = Field(None, description="Hugging Face repository id, downloaded when online.")
+    revision: str | None = None
+    file: str | None = Field(None, description="The GGUF file inside the hub repository, if it holds GGUFs.")
+    name: str | None = Field(None, description="Short name used in variant names (default: from the path).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelEntry:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of path and hub")
+        if self.hub is None and (self.revision or self.file):
+            raise ValueError("revision and file go with hub")
+        _check_name(self.name)
+        return self
+
+
+class MethodEntry(_Strict):
+    """A scoring method (a name of `gatenorm.scoring.Method`) and the options passed on to it."""
+
+    name: str
+    seed: int = 0
+    calib: str | None = Field(None, description="Calibration text (file or 'wiki') for data-driven methods.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Further keyword options of the method."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        known = [m.value for m in Method]
+        if value not in known:
+            raise ValueError(f"unknown method {value!r} (known: {', '.join(known)})")
+        return value
+
+
+class Target(_Strict):
+    """A budget searched for: the most layers dropped whose quality holds, or the fewest reaching a speedup.
+
+    Quality targets are measured in PyTorch against the unpruned model on the search text (see `Search`);
+    `min_speedup` uses the ideal prefill speedup from FLOP counts at the validation context.
+    """
+
+    max_kld: float | None = Field(None, gt=0)
+    min_top1: float | None = Field(None, gt=0, le=1)
+    max_ppl_ratio: float | None = Field(None, gt=1)
+    min_speedup: float | None = Field(None, gt=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Target:
+        given = [k for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a target budget names exactly one of max_kld, min_top1, max_ppl_ratio, min_speedup"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k, v in self.model_dump().items() if v is not None)
+
+    @property
+    def value(self) -> float:
+        return getattr(self, self.kind)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+
+#: A budget is a number of layers to drop, or a `Target` to search for.
+Budget = Annotated[
+    Annotated[Annotated[int, Field(ge=0)], Tag("layers")] | Annotated[Target, Tag("target")],
+    Discriminator(lambda v: "target" if isinstance(v, dict | Target) else "layers"),
+]
+
+
+class Search(_Strict):
+    """How quality targets are resolved: PyTorch forward passes of the pruned model on this much text."""
+
+    text: str = "wiki"
+    ctx: int = Field(256, ge=8)
+    max_tokens: int = Field(1024, ge=8)
+    threads: int = Field(2, ge=0)
+
+
+def _quant(name: str) -> str:
+    from exporters.gguf.quantize import parse_quant
+    from gatenorm.errors import GatenormError
+
+    try:
+        return parse_quant(name)
+    except GatenormError as e:
+        raise ValueError(str(e).replace("--quant ", "quant ")) from None
+
+
+class GgufExports(_Strict):
+    """GGUF files for llama.cpp, one per llama.cpp quant type (keep = the source's types)."""
+
+    quants: list[Annotated[str, AfterValidator(_quant)]] = Field(min_length=1)
+
+
+class OnnxExports(_Strict):
+    """ONNX folders for onnxruntime, one per weight precision."""
+
+    precisions: list[Literal["fp32", "fp16", "int8", "int4"]] = Field(min_length=1)
+    block_size: int = Field(32, ge=16, description="int4: weights per scale (a power of two).")
+    mobile: bool = Field(False, description="Also write model.ort and its ORT Mobile operator list.")
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size {value} is not a power of two")
+        return value
+
+
+class Exports(_Strict):
+    gguf: GgufExports | None = None
+    onnx: OnnxExports | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> Exports:
+        if self.gguf is None and self.onnx is None:
+            raise ValueError("name at least one export: gguf or onnx")
+        return self
+
+
+class Bench(_Strict):
+    """Latency runs of `gatenorm validate --bench` (the short prompt is the validation's ctx)."""
+
+    runs: int = Field(5, ge=1)
+    warmup: int = Field(1, ge=0)
+    long_prompt: int = Field(2048, ge=1)
+    generate: int = Field(128, ge=2)
+
+
+class Gates(_Strict):
+    """Pass/fail limits of each variant (None disables one); see `gatenorm validate`."""
+
+    max_kld: float | None = 0.5
+    min_top1: float | None = 0.7
+    max_ppl_ratio: float | None = 1.5
+    max_acc_drop: float | None = 5.0
+
+
+class Validation(_Strict):
+    """What every variant is measured on, against the unpruned source model."""
+
+    enabled: bool = True
+    text: str = "wiki"
+    ctx: int = Field(512, ge=8)
+    max_tokens: int = Field(20480, ge=0)
+    tasks: list[str] = Field(default_factory=lambda: ["arc_easy", "hellaswag"])
+    limit: int = Field(200, ge=0, description="Items per task; 0 = all.")
+    threads: int = Field(2, ge=0)
+    bench: Bench | None = Field(default_factory=Bench)
+    gates: Gates = Field(default_factory=Gates)
+    fail_on_gates: bool = Field(
+        False, description="Exit 1 when a variant fails a gate (else: reported only)."
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
+        return list(dict.fromkeys(value))
+
+
+class Recipe(_Strict):
+    """A batch: every model x method x budget x export, validated, in one output folder."""
+
+    name: str | None = None
+    output: str | None = Field(None, description="Output folder (default: out/<name>); -o overrides it.")
+    models: list[Annotated[ModelEntry, BeforeValidator(_short("path"))]] = Field(min_length=1)
+    methods: list[Annotated[MethodEntry, BeforeValidator(_short("name"))]] = Field(
+        default_factory=lambda: [MethodEntry(name="gate-norm")], min_length=1
+    )
+    budgets: list[Budget] = Field(min_length=1)
+    allow_first_layer: bool = False
+    exports: Exports
+    validation: Validation = Field(default_factory=Validation)
+    search: Search = Field(default_factory=Search)
+    jobs: int = Field(1, ge=1, description="Variants built at once (--jobs overrides it).")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return _check_name(value)

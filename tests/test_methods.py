@@ -54,7 +54,7 @@ def mixed(smollm2_ckpt):
 
 
 def _brute_force(model, windows):
-    """Per layer: mean cos(X, X + Attn(norm X)), cos(X, layer(X)), ||Attn|| / ||X||, layer by layer by hand."""
+    """Per layer, by hand: mean cos(X, X + Attn(norm X)), cos(X, layer(X)), ||Attn|| / ||X||."""
     ids = torch.from_numpy(windows)
     t = ids.shape[1]
     mask = torch.full((t, t), float("-inf")).triu(1)[None, None]
@@ -151,7 +151,7 @@ def test_self_weight_rule_on_constructed_heads():
     # no Q/K coupling: uniform attention over i + 1 tokens, so the mean self weight is H_ctx / ctx
     harmonic = sum(1.0 / (i + 1) for i in range(ctx)) / ctx
     assert head_self_weights(zero, gain, ctx)[0] == pytest.approx(harmonic, rel=1e-12)
-    # q = k = s * (a dh-row projector) with s^2 = sqrt(dh): self logit dh / 2 above the others' log-normal mean
+    # q = k = s * (a dh-row projector), s^2 = sqrt(dh): self logit dh / 2 above the others' log-normal mean
     s = dh**0.25
     proj = torch.eye(d)[:dh] * s
     strong = head_self_weights(_weights(proj, proj), gain, ctx)[0]

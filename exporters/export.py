@@ -68,7 +68,7 @@ EXPORTERS: dict[Target, Callable[..., Path]] = {
 
 #: The plan actions each target can write.
 SUPPORTED_ACTIONS: dict[Target, set[LayerAction]] = {
-    Target.GGUF: {LayerAction.KEEP, LayerAction.DROP_ATTENTION},
+    Target.GGUF: set(LayerAction),
     Target.ONNX: {LayerAction.KEEP, LayerAction.DROP_ATTENTION},
 }
 

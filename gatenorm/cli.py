@@ -246,10 +246,11 @@ def inspect(
         if key.startswith("gatenorm.") and key not in ("gatenorm.plan", "gatenorm.scores"):
             console.print(f"  {key} = {value}")
     table = Table()
-    for column in ("layer", "score", "action"):
+    for column in ("layer", "score", "action", "alpha"):
         table.add_column(column)
     for lp in stored.layers:
-        table.add_row(str(lp.layer), f"{lp.score:.6g}", lp.action.value)
+        alpha = "" if lp.alpha is None else f"{lp.alpha:.6g}"
+        table.add_row(str(lp.layer), f"{lp.score:.6g}", lp.action.value, alpha)
     console.print(table)
     console.print(stored.describe())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,4 +77,42 @@ def smollm2_hf(tmp_path_factory, smollm2_gguf, smollm2_model) -> Path:
     model.load_state_dict(smollm2_model.state_dict())
     model.save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokens(smollm2_gguf) -> list[int]:
+    """320 tokens of the shipped Wikipedia text, tokenized by llama.cpp with SmolLM2's vocabulary."""
+    from gguf_helpers import llama_cpp_tokens, wiki_text
+
+    return llama_cpp_tokens(smollm2_gguf, wiki_text())[:320]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, smollm2_gguf) -> Path:
+    """SmolLM2's vocabulary and merges as a GPT-2 style byte-level BPE tokenizer.json, for tiny HF models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from exporters.gguf.header import ScannedGGUF
+
+    fields = ScannedGGUF(smollm2_gguf).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
+    bpe = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>"}
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, **specials)
+    fast.chat_template = fields["tokenizer.chat_template"].contents()
+    folder = tmp_path_factory.mktemp("bpe-tokenizer")
+    fast.save_pretrained(folder)
+    return folder
+
+
+def tiny_hf(folder: Path, tokenizer_dir: Path, model_type: str, **overrides) -> Path:
+    """A tiny random `model_type` HF folder with SmolLM2's vocabulary size and `tokenizer_dir`'s files."""
+    make_tiny_model(folder, model_type, vocab_size=49152, **overrides)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
     return folder

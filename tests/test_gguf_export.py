@@ -30,7 +30,7 @@ from gatenorm.errors import GatenormError
 from gatenorm.plan import Plan, make_plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.scoring import LayerScores, score_checkpoint
-from tests.conftest import make_tiny_model
+from tests.conftest import tiny_hf
 
 
 def plan_for(model: Path | Checkpoint, drop: int, scores: LayerScores | None = None) -> Plan:
@@ -59,44 +59,12 @@ def smollm2(smollm2_gguf) -> tuple[Checkpoint, LayerScores]:
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokens(smollm2_gguf) -> list[int]:
-    return llama_cpp_tokens(smollm2_gguf, wiki_text())[:320]
-
-
-@pytest.fixture(scope="module")
 def smollm2_pruned(tmp_path_factory, smollm2) -> tuple[Path, Plan]:
     """SmolLM2 with 8 attention sublayers removed by Gate-Norm, its tensors kept as Q4_1."""
     plan = plan_for(smollm2[0], 8, smollm2[1])
     out = tmp_path_factory.mktemp("smollm2-pruned") / "smollm2-d8.gguf"
     export_gguf(smollm2[0], plan, out)
     return out, plan
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, smollm2) -> Path:
-    """SmolLM2's vocabulary and merges as a GPT-2 style byte-level BPE tokenizer.json, for tiny HF models."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    fields = smollm2[0].reader.fields
-    tokens = fields["tokenizer.ggml.tokens"].contents()
-    merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
-    bpe = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    specials = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>"}
-    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, **specials)
-    fast.chat_template = fields["tokenizer.chat_template"].contents()
-    folder = tmp_path_factory.mktemp("bpe-tokenizer")
-    fast.save_pretrained(folder)
-    return folder
-
-
-def tiny_hf(folder: Path, tokenizer_dir: Path, model_type: str, **overrides) -> Path:
-    make_tiny_model(folder, model_type, vocab_size=49152, **overrides)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
 
 
 # --- GGUF in -> GGUF out, on the real SmolLM2 ---------------------------------------------------------

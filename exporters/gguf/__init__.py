@@ -47,7 +47,7 @@ def write_gguf(
     fit to `ckpt` is the caller's business (`exporters.export.export` checks it).
     """
     quant = parse_quant(quant)
-    check_deci_plan(ckpt.arch, plan)  # before any long conversion
+    check_deci_plan(ckpt, plan)  # before any long conversion
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -61,7 +61,7 @@ def write_gguf(
         final = stack.enter_context(atomic_path(out))
         if requantize:
             pruned = stack.enter_context(_scratch(out, "pruned"))
-            prune_gguf(source, plan, pruned)
+            prune_gguf(source, plan, pruned, fused_exact=True)
             quantize_gguf(pruned, final, quant)
         else:
             prune_gguf(source, plan, final)

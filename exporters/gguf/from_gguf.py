@@ -1,15 +1,26 @@
 """GGUF in -> pruned GGUF out: rewrite a model as llama.cpp's ``deci`` architecture, tensor by tensor.
 
-``deci`` reads per-layer ``attention.head_count`` / ``head_count_kv`` arrays; a layer with 0 heads has no
-attention and no KV cache (``h + ffn(ffn_norm(h))``). So the dropped layers get 0 heads and lose their
-attention tensors (llama.cpp rejects extra tensors); every other tensor's bytes and every metadata value
-(tokenizer, chat template) are copied unchanged, apart from the ``{arch}.*`` -> ``deci.*`` rename.
+``deci`` reads per-layer ``attention.head_count`` / ``head_count_kv`` / ``feed_forward_length`` arrays
+(llama.cpp ``src/models/deci.cpp``). Each plan action is one per-layer setting:
+
+- keep: the source's head counts, every tensor;
+- drop-attention: 0 heads, so no attention and no KV cache (``h + ffn(ffn_norm(h))``), attention tensors
+  (``attn_norm`` included) omitted;
+- linearize: 0 KV heads, "linear attention" ``h + attn_output @ attn_norm(h)``, with ``attn_output`` the
+  fused HARP matrix (`exporters.gguf.linearize`) and q/k/v omitted; no KV cache;
+- drop-block: the layer is not written at all; later layers are renumbered and ``block_count`` shrinks.
+
+llama.cpp rejects extra tensors, so omitted means absent. Every other tensor's bytes and every metadata
+value (tokenizer, chat template) are copied unchanged, apart from the ``{arch}.*`` -> ``deci.*`` rename.
+The ``gatenorm.*`` keys keep the plan with its source layer numbers.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,38 +28,94 @@ import gguf
 import numpy as np
 
 from exporters.gguf.header import ScannedGGUF, encode_kv, encode_raw_kv, encode_tensor_info
+from exporters.gguf.linearize import fused_nbytes, fused_type, fused_value_output_bytes
 from exporters.gguf.metadata import plan_metadata, pruned_name
 from gatenorm.architectures import Architecture
 from gatenorm.errors import GatenormError
-from gatenorm.plan import Plan
+from gatenorm.plan import LayerAction, Plan
+from gatenorm.readers import Checkpoint
 from gatenorm.readers.base import ModelShape
 from gatenorm.readers.gguf_file import GGUFCheckpoint
 
 DECI = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI]
-#: Keys that become per-layer arrays in ``deci``; the first two are 0 on a layer without attention.
+#: Keys that become per-layer arrays in ``deci``.
 HEAD_COUNT, HEAD_COUNT_KV = "attention.head_count", "attention.head_count_kv"
 FFN_LENGTH = "feed_forward_length"
+BLOCK_COUNT = "block_count"
+#: First component of every per-layer GGUF tensor name (``blk.{i}.attn_q.weight``).
+BLOCK = "blk"
 
 
-def check_deci_plan(arch: type[Architecture], plan: Plan) -> None:
+def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
     """Refuse, with one clear line, plans that llama.cpp could not run as a ``deci`` GGUF."""
+    arch = ckpt.arch
     if not arch.deci_exportable:
         raise GatenormError(f"cannot export {arch.name} to GGUF: {arch.deci_refusal}")
-    if 0 in plan.dropped:
+    first = next(lp for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK)
+    if first.action is LayerAction.DROP_ATTENTION:
         raise GatenormError(
-            "the plan drops layer 0's attention, which a GGUF export cannot do: llama.cpp reads the head "
-            "size from layer 0 (make the plan without --allow-first-layer)"
+            f"the plan drops the attention of layer {first.layer}, the first layer a GGUF export writes, "
+            "which it cannot do: llama.cpp reads the head size from the first layer (make the plan "
+            "without --allow-first-layer)"
+        )
+    biased = [i for i in plan.linearized if ckpt.has_attention_bias(i, ("v", "o"))]
+    if biased:
+        raise GatenormError(
+            f"cannot linearize layers {biased} of this {arch.name} model in GGUF: llama.cpp's deci linear "
+            "attention adds no bias, and these layers have v/o biases (use drop-attention or ONNX)"
         )
 
 
-def dropped_tensor_names(arch: type[Architecture], dropped: list[int]) -> set[str]:
-    """Names of the attention-sublayer tensors (weights and biases) of the `dropped` layers."""
-    return {
-        f"blk.{i}.{part}.{suffix}"
-        for i in dropped
-        for part in arch.gguf_attention_sublayer
-        for suffix in ("weight", "bias")
+def layer_of(name: str) -> int | None:
+    """The layer index of a per-layer GGUF tensor (``blk.{i}.<part>.<kind>``), None for a global one."""
+    head, _, rest = name.partition(".")
+    index, _, _ = rest.partition(".")
+    return int(index) if head == BLOCK and index.isdigit() else None
+
+
+def renamed(name: str, layer: int, new_index: dict[int, int]) -> str:
+    """`name` of a tensor of `layer` under the layer's index in the written file."""
+    return f"{BLOCK}.{new_index[layer]}.{name.split('.', 2)[2]}"
+
+
+def written_layers(plan: Plan) -> dict[int, int]:
+    """Source layer -> layer index in the written file: dropped blocks are left out, later ones move up."""
+    kept = [lp.layer for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
+    return {layer: i for i, layer in enumerate(kept)}
+
+
+def removed_tensor_names(arch: type[Architecture], plan: Plan) -> set[str]:
+    """Attention tensors (weights and biases) that the plan removes from the layers it writes.
+
+    A linearized layer keeps ``attn_norm`` and ``attn_output`` (with new contents); dropped blocks lose
+    every tensor and are not listed here.
+    """
+    removed = set()
+    for lp in plan.layers:
+        i = lp.layer
+        if lp.action is LayerAction.DROP_ATTENTION:
+            weights = [f"{BLOCK}.{i}.{part}.weight" for part in arch.gguf_attention_sublayer]
+        elif lp.action is LayerAction.LINEARIZE:
+            weights = [arch.gguf_tensors[part].format(i=i) for part in ("q", "k", "v")]
+        else:
+            continue
+        removed |= {w.removesuffix("weight") + suffix for w in weights for suffix in ("weight", "bias")}
+    return removed
+
+
+def deci_layer_hparams(plan: Plan, shape: ModelShape, ffn: int) -> dict[str, list[int]]:
+    """The per-layer ``deci`` arrays (head_count, head_count_kv, feed_forward_length) of the written layers.
+
+    Dropped blocks are not written at all (`written_layers`): deci's own identity layer (0 heads, 0
+    feed-forward length) aborts llama.cpp (``GGML_ASSERT(buffer)``) when it is the last layer.
+    """
+    per_action = {
+        LayerAction.KEEP: (shape.n_head, shape.n_head_kv, ffn),
+        LayerAction.DROP_ATTENTION: (0, 0, ffn),
+        LayerAction.LINEARIZE: (shape.n_head, 0, ffn),
     }
+    rows = [per_action[lp.action] for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
+    return {key: [row[k] for row in rows] for k, key in enumerate((HEAD_COUNT, HEAD_COUNT_KV, FFN_LENGTH))}
 
 
 def rotary_tensor_parts(arch: type[Architecture], n_layers: int) -> dict[str, str]:
@@ -66,16 +133,12 @@ def deci_metadata(header: ScannedGGUF, shape: ModelShape, plan: Plan) -> list[by
     """The encoded key/value pairs of the pruned file: the source's, renamed, plus per-layer and plan keys."""
     t = gguf.GGUFValueType
     prefix = f"{header.fields['general.architecture'].contents()}."
-    dropped = set(plan.dropped)
     ffn_field = header.fields.get(prefix + FFN_LENGTH)
     ffn = ffn_field.contents() if ffn_field else None
     if not isinstance(ffn, int) or ffn <= 0:
         raise GatenormError(f"GGUF {header.path} has no usable {prefix}{FFN_LENGTH}")
-    per_layer = {
-        HEAD_COUNT: [0 if i in dropped else shape.n_head for i in range(shape.n_layers)],
-        HEAD_COUNT_KV: [0 if i in dropped else shape.n_head_kv for i in range(shape.n_layers)],
-        FFN_LENGTH: [ffn] * shape.n_layers,  # 0 on a layer that keeps attention is broken upstream
-    }
+    per_layer = deci_layer_hparams(plan, shape, ffn)
+    n_written = len(per_layer[HEAD_COUNT])
     name = header.fields.get("general.name")
     kv = [
         encode_kv("general.architecture", DECI, t.STRING),
@@ -89,6 +152,9 @@ def deci_metadata(header: ScannedGGUF, shape: ModelShape, plan: Plan) -> list[by
             if (suffix := key.removeprefix(f"{DECI}.")) in per_layer:
                 kv.append(encode_kv(key, per_layer.pop(suffix), t.ARRAY, t.INT32))
                 continue
+            if suffix == BLOCK_COUNT:
+                kv.append(encode_kv(key, n_written, field.types[0]))
+                continue
         kv.append(encode_raw_kv(key, field.raw_value))
     for suffix, values in per_layer.items():  # head_count_kv may be implicit in the source
         kv.append(encode_kv(f"{DECI}.{suffix}", values, t.ARRAY, t.INT32))
@@ -96,38 +162,90 @@ def deci_metadata(header: ScannedGGUF, shape: ModelShape, plan: Plan) -> list[by
     return kv
 
 
-def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path) -> None:
-    """Write `ckpt` without the plan's dropped attention sublayers, as a ``deci`` GGUF at `out`.
+@dataclass(frozen=True)
+class _OutTensor:
+    """One tensor of the output file: its info, and how its bytes get written."""
 
-    Kept tensors are copied byte for byte by the kernel, one at a time; only the q/k rows of architectures
-    whose GGUF stores NEOX rope order are reordered (as raw rows, so quantized tensors stay as they are).
-    """
+    name: str
+    ne: list[int]
+    ggml_type: gguf.GGMLQuantizationType
+    n_bytes: int
+    write: Callable[[BinaryIO], None]
+
+
+def _output_tensors(ckpt: GGUFCheckpoint, header: ScannedGGUF, plan: Plan, src_fd: int, exact: bool):
+    """The output tensors in source order: kernel copies, reordered q/k rows, fused linear attention."""
     arch, shape = ckpt.arch, ckpt.shape
-    check_deci_plan(arch, plan)
-    header = ckpt.reader if isinstance(ckpt.reader, ScannedGGUF) else ScannedGGUF(ckpt.path)
-    skip = dropped_tensor_names(arch, plan.dropped)
+    removed = removed_tensor_names(arch, plan)
+    new_index = written_layers(plan)
     # q/k rows move only where the source GGUF keeps NEOX order; elsewhere every tensor is a kernel copy
     rotary = {} if arch.gguf_qk_permuted else rotary_tensor_parts(arch, shape.n_layers)
-    kept = [t for t in header.tensors if t.name not in skip]
-    kv = deci_metadata(header, shape, plan)
-    align = header.alignment
-    infos, offset = [], 0
-    for t in kept:
-        infos.append(encode_tensor_info(t.name, [int(n) for n in t.shape], t.tensor_type, offset))
-        offset += -(-t.n_bytes // align) * align
-    with _open_for_writing(out) as fout, open(ckpt.path, "rb") as src:
-        fout.write(struct.pack("<IIQQ", gguf.GGUF_MAGIC, gguf.GGUF_VERSION, len(kept), len(kv)))
-        fout.write(b"".join(kv))
-        fout.write(b"".join(infos))
-        for t in kept:
-            fout.write(b"\0" * (-fout.tell() % align))
-            part = rotary.get(t.name)
-            if part is None:
-                _copy_bytes(src.fileno(), t.data_offset, t.n_bytes, fout)
-            else:
+    fused = {
+        arch.gguf_tensors["o"].format(i=lp.layer): lp
+        for lp in plan.layers
+        if lp.action is LayerAction.LINEARIZE
+    }
+    d = shape.d_model
+    for t in header.tensors:
+        layer = layer_of(t.name)
+        if t.name in removed or (layer is not None and layer not in new_index):
+            continue
+        name = t.name if layer is None else renamed(t.name, layer, new_index)
+        ne = [int(n) for n in t.shape]
+        if t.name in fused:
+            lp, qtype = fused[t.name], fused_type(t.tensor_type, d, exact)
+
+            def write(fout, lp=lp, qtype=qtype):
+                fout.write(fused_value_output_bytes(ckpt, lp.layer, lp.alpha, qtype))
+
+            yield _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write)
+        elif (part := rotary.get(t.name)) is not None:
+
+            def write(fout, t=t, part=part):
                 n_rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else int(t.shape[0])
                 rows = np.frombuffer(ckpt.read_raw(t.name), dtype=np.uint8).reshape(n_rows, -1)
                 fout.write(arch.gguf_to_deci_rows(part, rows, shape.n_head, shape.n_head_kv).tobytes())
+
+            yield _OutTensor(name, ne, t.tensor_type, t.n_bytes, write)
+        else:
+            yield _OutTensor(
+                name,
+                ne,
+                t.tensor_type,
+                t.n_bytes,
+                lambda fout, t=t: _copy_bytes(src_fd, t.data_offset, t.n_bytes, fout),
+            )
+
+
+def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = False) -> None:
+    """Write `ckpt` pruned by `plan` as a ``deci`` GGUF at `out`.
+
+    Kept tensors are copied byte for byte by the kernel, one at a time; only the q/k rows of architectures
+    whose GGUF stores NEOX rope order are reordered (as raw rows, so quantized tensors stay as they are).
+    A linearized layer's fused ``attn_output`` is computed when written: F32 with `fused_exact` (a
+    quantizer runs next), else in the source's type where gguf-py can write it (`fused_type`).
+    """
+    check_deci_plan(ckpt, plan)
+    header = ckpt.reader if isinstance(ckpt.reader, ScannedGGUF) else ScannedGGUF(ckpt.path)
+    kv = deci_metadata(header, ckpt.shape, plan)
+    align = header.alignment
+    with _open_for_writing(out) as fout, open(ckpt.path, "rb") as src:
+        tensors = list(_output_tensors(ckpt, header, plan, src.fileno(), fused_exact))
+        infos, offset = [], 0
+        for t in tensors:
+            infos.append(encode_tensor_info(t.name, t.ne, t.ggml_type, offset))
+            offset += -(-t.n_bytes // align) * align
+        fout.write(struct.pack("<IIQQ", gguf.GGUF_MAGIC, gguf.GGUF_VERSION, len(tensors), len(kv)))
+        fout.write(b"".join(kv))
+        fout.write(b"".join(infos))
+        for t in tensors:
+            fout.write(b"\0" * (-fout.tell() % align))
+            start = fout.tell()
+            t.write(fout)
+            if fout.tell() - start != t.n_bytes:
+                raise GatenormError(
+                    f"internal error: wrote {fout.tell() - start} bytes of {t.name}, not {t.n_bytes}"
+                )
         fout.write(b"\0" * (-fout.tell() % align))
 
 

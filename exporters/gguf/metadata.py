@@ -9,7 +9,7 @@ import gguf
 from exporters.gguf.header import ScannedGGUF
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
-from gatenorm.plan import Plan
+from gatenorm.plan import LayerAction, Plan
 
 PREFIX = "gatenorm."
 KEY_PLAN = "gatenorm.plan"
@@ -29,15 +29,36 @@ def plan_metadata(plan: Plan) -> dict[str, tuple[object, gguf.GGUFValueType, ggu
         "gatenorm.source.sha256": (plan.source.sha256, t.STRING, None),
         "gatenorm.source.hashed": (plan.source.hashed, t.STRING, None),
     }
-    if plan.dropped:  # gguf-py cannot write an empty array; `budget` 0 says the same
+    # gguf-py cannot read back an empty array: a key is written only when the plan uses its action
+    if plan.dropped:
         keys["gatenorm.dropped_layers"] = (plan.dropped, t.ARRAY, t.INT32)
+    if plan.linearized:
+        keys["gatenorm.linearized_layers"] = (plan.linearized, t.ARRAY, t.INT32)
+        keys["gatenorm.linearize_alphas"] = (linearize_alphas(plan), t.ARRAY, t.FLOAT32)
+    if plan.blocks_dropped:
+        keys["gatenorm.dropped_blocks"] = (plan.blocks_dropped, t.ARRAY, t.INT32)
     return keys
 
 
+def linearize_alphas(plan: Plan) -> list[float]:
+    """The alpha of each linearized layer, in the order of ``plan.linearized``."""
+    return [float(lp.alpha) for lp in plan.layers if lp.action is LayerAction.LINEARIZE]
+
+
 def pruned_name(name: str | None, plan: Plan) -> str:
-    """``general.name`` of a pruned export: the source name, saying how much attention was removed."""
+    """``general.name`` of a pruned export: the source name, saying how many layers were pruned and how."""
     base = name or Path(plan.source.path).stem
-    return f"{base} (gatenorm: attention pruned in {plan.budget} of {plan.source.n_layers} layers)"
+    counts = [
+        f"{len(layers)} {label}"
+        for label, layers in (
+            ("attention dropped", plan.dropped),
+            ("linearized", plan.linearized),
+            ("blocks dropped", plan.blocks_dropped),
+        )
+        if layers
+    ]
+    detail = f": {', '.join(counts)}" if counts else ""
+    return f"{base} (gatenorm: pruned {plan.budget} of {plan.source.n_layers} layers{detail})"
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, object]:

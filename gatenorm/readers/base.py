@@ -97,6 +97,16 @@ class Checkpoint(ABC):
     def _to_hf_layout(self, part: str, weight: torch.Tensor) -> torch.Tensor:
         return weight
 
+    @abstractmethod
+    def has_tensor(self, name: str) -> bool:
+        """Whether the checkpoint stores a tensor called `name`."""
+
+    def has_attention_bias(self, layer: int, parts: Sequence[str] = ATTENTION_PARTS) -> bool:
+        """Whether any of the attention projections `parts` of `layer` has a bias tensor."""
+        return any(
+            self.has_tensor(self.tensor_name(part, layer).removesuffix(".weight") + ".bias") for part in parts
+        )
+
     def read_raw(self, name: str) -> memoryview | bytes:
         """The stored bytes of tensor `name`, as `ContentHash` sees them (readers may skip decoding)."""
         return self._read(name)[0]

@@ -94,6 +94,9 @@ class GGUFCheckpoint(Checkpoint):
     def tensor_name(self, part: str, layer: int) -> str:
         return self.arch.gguf_tensors[part].format(i=layer)
 
+    def has_tensor(self, name: str) -> bool:
+        return name in self.tensors
+
     def read_raw(self, name: str) -> memoryview:
         t = self.tensors.get(name)
         if t is None:

@@ -85,6 +85,9 @@ class HFCheckpoint(Checkpoint):
     def tensor_name(self, part: str, layer: int) -> str:
         return self.arch.hf_tensors[part].format(i=layer)
 
+    def has_tensor(self, name: str) -> bool:
+        return name in self.weight_map
+
     def _read(self, name: str) -> tuple[memoryview, torch.Tensor]:
         shard = self.weight_map.get(name)
         if shard is None:

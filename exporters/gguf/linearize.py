@@ -1,0 +1,48 @@
+"""HARP's fused value-output matrix of a linearized layer, as the ``attn_output`` tensor of a ``deci`` GGUF.
+
+llama.cpp's ``deci`` runs a layer with ``head_count > 0`` and ``head_count_kv == 0`` as "linear attention":
+``h + wo @ attn_norm(h)`` with a ``{n_embd, n_embd}`` ``attn_output`` and no bias, q/k/v or KV cache. So the
+layer keeps its ``attn_norm``, and ``attn_output`` becomes ``alpha * W_o @ repeat_kv(W_v)``, computed in
+float64 from the dequantized v/o tensors (which llama's converter stores unpermuted, in HF layout).
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from gatenorm.harp import fuse_value_output
+from gatenorm.readers import Checkpoint
+
+Q = gguf.GGMLQuantizationType
+#: Source types a fused weight keeps; from any lower-bit type it becomes `LOW_BIT_FUSED`.
+KEPT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0})
+LOW_BIT_FUSED = Q.Q8_0
+
+
+def fused_type(source: Q, d_model: int, exact: bool) -> Q:
+    """The type of a fused ``d x d`` weight that replaces an ``attn_output`` of type `source`.
+
+    `exact` (llama.cpp's quantizer runs afterwards and picks the final type): F32. Otherwise float and
+    Q8_0 sources keep their type; lower-bit ones (Q4_1, K-quants, ...) give Q8_0, since the fused matrix
+    already carries the rounding of two quantized ones: on SmolLM2 Q4_1 with two layers linearized, a
+    Q4_1 fused weight added KL 0.012 against PyTorch where Q8_0 added none (0.0027, F16: 0.0031).
+    """
+    if exact:
+        return Q.F32
+    chosen = source if source in KEPT_TYPES else LOW_BIT_FUSED
+    return chosen if d_model % gguf.GGML_QUANT_SIZES[chosen][0] == 0 else Q.F16
+
+
+def fused_nbytes(ggml_type: Q, d_model: int) -> int:
+    """Bytes of a ``d x d`` tensor of `ggml_type`."""
+    block, size = gguf.GGML_QUANT_SIZES[ggml_type]
+    return d_model * d_model // block * size
+
+
+def fused_value_output_bytes(ckpt: Checkpoint, layer: int, alpha: float, ggml_type: Q) -> bytes:
+    """The stored bytes of `layer`'s ``alpha * W_o @ repeat_kv(W_v)`` (rows = outputs) as `ggml_type`."""
+    s = ckpt.shape
+    w = ckpt.read_attention(layer, ("v", "o"))
+    weight, _ = fuse_value_output(w.v, w.o, s.n_head, s.n_head_kv, alpha)
+    return gguf.quants.quantize(weight.numpy().astype(np.float32), ggml_type).tobytes()

@@ -54,11 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--harp-samples", type=int, default=4, help="calibration windows of HARP's alpha search")
     p.add_argument("--ctx", type=int, default=256, help="context of the cost model and the data-free alpha")
     p.add_argument("--tasks", default=TASKS)
-    p.add_argument("--limit", type=int, default=20, help="zero-shot items per task")
-    p.add_argument("--zeroshot-budgets", default="4,8,16")
+    p.add_argument("--limit", type=int, default=10, help="zero-shot items per task")
+    p.add_argument("--zeroshot-budgets", default="8")
     p.add_argument("--bench-prompt", type=int, default=256)
     p.add_argument("--bench-gen", type=int, default=64)
-    p.add_argument("--bench-runs", type=int, default=3)
+    p.add_argument("--bench-runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=Path("docs/study_results.json"))
     p.add_argument("--docs", type=Path, default=Path("docs"))
@@ -195,9 +195,8 @@ def stage_quality(args, cache: Cache, ckpt) -> None:
             "top1": a.top1,
             "tokens": a.n_tokens,
         }
-        log(
-            f"quality: {name} budget {b}: PPL {a.ppl_cand:.2f} KLD {a.kld_mean:.4f} ({time.perf_counter() - start:.0f} s)"
-        )
+        took = time.perf_counter() - start
+        log(f"quality: {name} budget {b}: PPL {a.ppl_cand:.2f} KLD {a.kld_mean:.4f} ({took:.0f} s)")
         cache.save()
         del model
 
@@ -240,39 +239,36 @@ def stage_speed(args, cache: Cache, ckpt) -> None:
             "candidate": result["candidate"],
             "plan": f"{name}/{b}",
         }
-        log(
-            f"speed: {key} ({name} budget {b}): {json.dumps({k: round(v, 3) for k, v in result['ratio'].items()})}"
-        )
+        ratios = json.dumps({k: round(v, 3) for k, v in result["ratio"].items()})
+        log(f"speed: {key} ({name} budget {b}): {ratios}")
         cache.save()
 
 
 def stage_zeroshot(args, cache: Cache, ckpt) -> None:
+    """Zero-shot accuracy; one loaded runtime whose model is swapped for each pruned copy."""
+    from gatenorm.apply import apply_plan
     from gatenorm.validate.runtimes import TorchRuntime
     from gatenorm.validate.zeroshot import build_requests, evaluate_task, load_items
 
     section = cache.section("zeroshot")
     zb = [int(b) for b in args.zeroshot_budgets.split(",")] if args.zeroshot_budgets else []
-    tasks = args.tasks.split(",")
     todo = [("unpruned", 0, None)] + [(n, b, p) for (n, b), p in plans(args, cache, ckpt).items() if b in zb]
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, b, plan in todo:
-            key = f"{name}/{b}"
-            if key in section:
-                continue
-            plan_path = None
-            if plan is not None:
-                plan_path = Path(tmp) / "plan.json"
-                plan.save(plan_path)
-            rt = TorchRuntime(ckpt.path, plan_path, threads=args.threads)
-            scores = {}
-            for task in tasks:
-                items = load_items(task, args.limit)
-                scores[task] = evaluate_task(
-                    rt, items, build_requests(items, rt.tokenize, rt.bos_id), task
-                ).main
-            section[key] = {"tasks": scores, "average": float(np.mean(list(scores.values())))}
-            log(f"zeroshot: {key}: average {100 * section[key]['average']:.1f}")
-            cache.save()
+    todo = [t for t in todo if f"{t[0]}/{t[1]}" not in section]
+    if not todo:
+        return
+    rt = TorchRuntime(ckpt.path, threads=args.threads)
+    base = rt.model
+    work = {}
+    for task in args.tasks.split(","):
+        items = load_items(task, args.limit)
+        work[task] = (items, build_requests(items, rt.tokenize, rt.bos_id))
+    for name, b, plan in todo:
+        rt.model = base if plan is None else apply_plan(copy.deepcopy(base), plan)
+        scores = {task: evaluate_task(rt, items, reqs, task).main for task, (items, reqs) in work.items()}
+        key = f"{name}/{b}"
+        section[key] = {"tasks": scores, "average": float(np.mean(list(scores.values())))}
+        log(f"zeroshot: {key}: average {100 * section[key]['average']:.1f}")
+        cache.save()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,7 +82,7 @@ class Rows:
             q = data.get("quality", {}).get(f"{name}/{b}")
             if q is None:
                 continue
-            s = speed.get(combo(plan), {}).get("ratio", {})
+            s = speed.get(combo(plan), {}).get("ratio", {})  # measured once per action count
             entry = {
                 "kld": q["kld"],
                 "ppl": q["ppl"],
@@ -121,34 +121,39 @@ def write_report(data: dict, args, ckpt, plans, cost) -> None:
     rows = Rows(data, args, plans, cost)
     ranks = data["rankings"]
     settings = data["settings"]
+    split = settings["text_split"]
     families = [f for f in NAMES if f in rows.rows]
     speed_key = "pp" if data.get("speed") else "est"
     md: list[str] = ["# Methods study: SmolLM2-135M", ""]
     md += [
-        "Produced by `scripts/study_methods.py` (all numbers below come from `docs/study_results.json`, which "
-        "the script writes; rerun with the same flags to reproduce). Settings:",
+        "Produced by `scripts/study_methods.py`: every number below comes from `docs/study_results.json`, "
+        "which the script writes (rerun with the same flags to reproduce). Settings:",
         "",
         f"- evaluation: {settings['eval_windows']} windows x {settings['eval_len']} tokens of the shipped "
-        f"Wikipedia leads (articles {settings['text_split']['eval_articles']}), fp32 PyTorch with `apply_plan`, "
+        f"Wikipedia leads (articles {split['eval_articles']}), fp32 PyTorch with `apply_plan`, "
         "PPL of the pruned model and KLD(unpruned || pruned) per token;",
         f"- calibration (data-driven methods): `wiki-heldout`, {settings['calib_samples']} x "
         f"{settings['calib_len']} tokens ({settings['harp_samples']} windows for HARP's alpha search), "
-        f"articles {settings['text_split']['calib_articles']}: disjoint from the evaluation text (checked);",
-        f"- speed: llama.cpp (llama-cpp-python, {settings['threads']} threads, flash attention), the exported "
-        f"GGUF (Q4_1 tensors as shipped) vs the unpruned shipped GGUF, interleaved in one run, median of "
-        f"{settings['bench_runs']} runs after a warm-up: prompt processing of {settings['bench_prompt']} tokens "
-        f"(pp) and {settings['bench_gen']} generated tokens (tg); one measurement per distinct count of "
-        "dropped / linearized / removed layers (speed depends on the counts, not on which layers);",
-        f"- cost model and data-free alpha at context {settings['ctx']}; random: seeds 0..{settings['seeds'] - 1}.",
+        f"articles {split['calib_articles']}: disjoint from the evaluation text (checked);",
+        f"- speed: llama.cpp (llama-cpp-python, {settings['threads']} threads, flash attention), the "
+        "exported GGUF (Q4_1 tensors as shipped) vs the unpruned shipped GGUF, interleaved in one run, "
+        f"median of {settings['bench_runs']} runs after a warm-up: prompt processing of "
+        f"{settings['bench_prompt']} tokens (pp) and {settings['bench_gen']} generated tokens (tg); one "
+        "measurement per distinct count of dropped / linearized / removed layers (speed depends on the "
+        "counts, not on which layers); the machine was shared (load ~5 on 2 cores), so ratios are noisy;",
+        f"- cost model and data-free alpha at context {settings['ctx']}; random: seeds "
+        f"0..{settings['seeds'] - 1}.",
         "",
     ]
     md += target_section(rows, families, speed_key)
+    if speed_key == "pp":
+        md += target_section(rows, families, "tg")
     md += quality_table(rows, families)
     md += timing_section(ranks)
     md += correlation_section(ranks)
     md += alpha_section(ranks, docs)
     md += zeroshot_section(data, families)
-    md += speed_section(data, rows, families)
+    md += speed_section(data, plans, cost, args)
     mechanism_plot(ranks, docs / "study_mechanism.png")
     pareto_plot(rows, families, docs / "study_pareto.png")
     md += [
@@ -165,14 +170,19 @@ def write_report(data: dict, args, ckpt, plans, cost) -> None:
 
 
 def target_section(rows: Rows, families: list[str], key: str) -> list[str]:
-    label = "measured prompt-processing speedup" if key == "pp" else "estimated speedup (no measurement)"
+    label = {
+        "pp": "measured prompt-processing speedup",
+        "tg": "measured generation speedup",
+        "est": "estimated speedup (no measurement)",
+    }[key]
     md = [
-        "## Target: mixed (data-free) vs Gate-Norm, HARP, attention-cosine at equal speedup",
+        f"## Target: mixed (data-free) vs Gate-Norm, HARP, attention-cosine at equal {label}",
         "",
-        f"For each mixed plan, the best KLD each other method's Pareto front reaches at a {label} at least as "
-        "high (no extrapolation; – where that method never gets as fast).",
+        f"For each mixed plan, the best KLD each other method's Pareto front reaches at a {label} at least "
+        "as high (no extrapolation; – where that method never gets as fast).",
         "",
-        "| mixed budget | speedup | mixed KLD | Gate-Norm | HARP (calibrated) | attention-cosine | mixed / cosine |",
+        "| mixed budget | speedup | mixed KLD | Gate-Norm | HARP (calibrated) | attention-cosine "
+        "| mixed / cosine |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     fronts = {f: pareto(rows.points(f, key)) for f in families}
@@ -195,8 +205,9 @@ def target_section(rows: Rows, families: list[str], key: str) -> list[str]:
     n = sum(rows.value("mixed", b, key) is not None for b in rows.budgets)
     md += [
         "",
-        f"Mixed beats Gate-Norm at {wins['gate-norm']} of {n} budgets and calibrated HARP at {wins['harp']} of "
-        f"{n}; it is within 10 % of attention-cosine's KLD at {within} of {compared} comparable budgets.",
+        f"Mixed beats Gate-Norm at {wins['gate-norm']} of {n} budgets and calibrated HARP at "
+        f"{wins['harp']} of {n}; it is within 10 % of attention-cosine's KLD at {within} of {compared} "
+        "comparable budgets.",
         "",
     ]
     return md
@@ -237,10 +248,8 @@ def quality_table(rows: Rows, families: list[str]) -> list[str]:
 
 
 def unpruned_ppl(rows: Rows) -> str:
-    for family in rows.rows.values():
-        for entries in family.values():
-            return f"{rows.data['quality'][next(iter(rows.data['quality']))]['ppl_ref']:.2f}"
-    return "–"
+    quality = rows.data.get("quality")
+    return f"{next(iter(quality.values()))['ppl_ref']:.2f}" if quality else "–"
 
 
 def timing_section(ranks: dict) -> list[str]:
@@ -248,9 +257,9 @@ def timing_section(ranks: dict) -> list[str]:
     md = [
         "## Scoring time",
         "",
-        "Wall time of ranking all 30 layers on this shared 2-core machine (data-driven: loading the model "
-        "with transformers, the calibration pass, the q/k content hash; HARP: its alpha search for the layers "
-        "the largest budget linearizes).",
+        "Wall time of ranking all 30 layers on this shared 2-core machine (data-driven: loading the "
+        "model with transformers, the calibration pass, the q/k content hash; HARP: its alpha search for "
+        "the layers the largest budget linearizes).",
         "",
         "| method | seconds | x Gate-Norm |",
         "| --- | --- | --- |",
@@ -326,10 +335,10 @@ def zeroshot_section(data: dict, families: list[str]) -> list[str]:
     base = z.get("unpruned/0", {}).get("average")
     budgets = sorted({int(k.split("/")[1]) for k in z if not k.startswith("unpruned")})
     md = [
-        "## Zero-shot average (7 tasks)",
+        f"## Zero-shot average ({len(data['settings']['tasks'].split(','))} tasks)",
         "",
-        f"`--limit {data['settings']['limit']}` items per task (so each average has a standard error of a few "
-        f"points); unpruned: {100 * base:.1f} %."
+        f"`--limit {data['settings']['limit']}` items per task (so each average has a standard error of "
+        f"several points); unpruned: {100 * base:.1f} %."
         if base is not None
         else "",
         "",
@@ -355,28 +364,32 @@ def _seeds(family: str, z: dict) -> list[str]:
     return sorted({k.rsplit("/", 1)[0] for k in z if k.startswith("random-")})
 
 
-def speed_section(data: dict, rows: Rows, families: list[str]) -> list[str]:
+def speed_section(data: dict, plans, cost, args) -> list[str]:
     speed = data.get("speed")
     if not speed:
         return ["## Measured speed", "", "Not measured in this run (estimates only).", ""]
+    from study_methods import combo
+
+    estimate = {combo(p): cost.speedup([lp.action for lp in p.layers]) for p in plans.values()}
+    pp, tg = f"pp{args.bench_prompt}_tok_s", f"tg{args.bench_gen}_tok_s"
     md = [
         "## Measured llama.cpp speed per action count",
         "",
-        "| drop-attention / linearize / drop-block | pp ratio | tg ratio | cost model | plan measured |",
+        "Ratios pruned / unpruned of tokens per second (median of the interleaved runs); the cost model's "
+        "estimate beside them.",
+        "",
+        "| drop-attention / linearize / drop-block | prompt (pp) | generation (tg) | cost model "
+        "| measured on |",
         "| --- | --- | --- | --- | --- |",
     ]
-    est = {}
-    for f in families:
-        for b, entries in rows.rows[f].items():
-            est.setdefault(entries[0]["pp"], entries[0]["est"])
-    for key, s in sorted(speed.items()):
-        r = s["ratio"]
-        pp = next(v for k, v in r.items() if k.startswith("pp") and k != "pp")
-        tg = next(v for k, v in r.items() if k.startswith("tg"))
+    for key, s in sorted(speed.items(), key=lambda kv: [int(x[1:]) for x in kv[0].split("-")]):
         d, lin, blk = (int(x[1:]) for x in key.split("-"))
-        md.append(
-            f"| {d} / {lin} / {blk} | {pp:.3f} | {tg:.3f} | {est.get(pp, math.nan):.3f} | {s['plan']} |"
-        )
+        r = s["ratio"]
+        md.append(f"| {d} / {lin} / {blk} | {r[pp]:.3f} | {r[tg]:.3f} | {estimate.get(key, math.nan):.3f} | "
+                  f"{s['plan']} |")  # fmt: skip
+    ref = next(iter(speed.values()))["reference"]
+    md += ["", f"Unpruned reference (median of one run): {ref[pp]:.0f} tok/s prompt, {ref[tg]:.1f} tok/s "
+           "generation."]  # fmt: skip
     return [*md, ""]
 
 

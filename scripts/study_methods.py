@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=Path("docs/study_results.json"))
     p.add_argument("--docs", type=Path, default=Path("docs"))
+    p.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        help="Copy the speed / zeroshot entries of another results JSON (a stage run in parallel) into --cache.",
+    )
     return p.parse_args(argv)
 
 
@@ -275,6 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     cache = Cache(args.cache)
+    for other in args.merge:
+        for name, entries in json.loads(other.read_text()).items():
+            if name in ("speed", "zeroshot"):
+                cache.section(name).update(entries)
     ckpt = open_checkpoint(smollm2())
     settings = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("stages",)

@@ -227,6 +227,34 @@ def test_speedup_budget_is_met_minimally(smollm2_ckpt, mixed):
         make_method_plan(smollm2_ckpt, "mixed", 2, 1.1, options=options, ranking=ranking)
 
 
+def test_every_method_plans_the_tiny_model(tiny_llama_dir, tiny_model, tiny_windows, monkeypatch):
+    """Each registry method on the 4-layer model (calibration windows of random ids: it has no tokenizer)."""
+    from gatenorm.methods import METHODS, data_driven
+
+    monkeypatch.setattr(data_driven, "_model_and_windows", lambda ckpt, options: (tiny_model, tiny_windows))
+    ckpt = open_checkpoint(tiny_llama_dir)
+    options = MethodOptions(calib=Calibration(WIKI_HELDOUT, 3, 24), ctx=16)
+    gate = make_method_plan(ckpt, "gate-norm", 2)
+    expected = {
+        Method.BLOCK_INFLUENCE: {LayerAction.DROP_BLOCK},
+        Method.HARP: {LayerAction.LINEARIZE},
+        Method.HARP_FREE: {LayerAction.LINEARIZE},
+    }
+    for method, info in METHODS.items():
+        plan = make_method_plan(ckpt, method, 2, options=options)
+        assert plan.method == method.value and plan.budget == 2 and 0 not in plan.changed
+        allowed = expected.get(method, {LayerAction.DROP_ATTENTION, LayerAction.LINEARIZE})
+        assert plan.actions - {LayerAction.KEEP} <= allowed
+        assert all((lp.alpha is not None) == (lp.action is LayerAction.LINEARIZE) for lp in plan.layers)
+        assert Plan.from_json(plan.to_json()) == plan
+        if info.data or method in (Method.MIXED, Method.HARP_FREE, Method.GATE_NORM_HEAD):
+            assert plan.source == gate.source  # the exporters' source check accepts every such plan
+    assert make_method_plan(ckpt, "harp", 2, options=options).linearized == [2, 3]
+    with pytest.raises(GatenormError, match="needs calibration text"):
+        make_method_plan(ckpt, "attention-cosine", 1)
+
+
+@pytest.mark.slow
 def test_data_driven_plans_on_smollm2(smollm2_ckpt, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(a for _, a in wiki_articles(WIKI_HELDOUT, 4000)))

@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         action="append",
         default=[],
-        help="Copy the speed / zeroshot entries of another results JSON (a parallel run) into --cache.",
+        help="Copy the quality / speed / zeroshot entries of another results JSON (a parallel run).",
     )
     return p.parse_args(argv)
 
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = Cache(args.cache)
     for other in args.merge:
         for name, entries in json.loads(other.read_text()).items():
-            if name in ("speed", "zeroshot"):
+            if name in ("quality", "speed", "zeroshot"):
                 cache.section(name).update(entries)
     ckpt = open_checkpoint(smollm2())
     settings = {

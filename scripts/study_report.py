@@ -319,13 +319,13 @@ def correlation_section(ranks: dict) -> list[str]:
     for key, label in (
         ("alpha", "data-free alpha"),
         ("self_weight", "predicted self-attention weight"),
-        ("value_gain", "value-output gain ||W_o W_v G||"),
+        ("value_gain", "value-output gain, Frobenius norm of W_o W_v G"),
     ):
         if key in extra:
             pairs.append((label, extra[key]))
     ratio = ranks["attention-cosine"]["extra"].get("attention_ratio")
     if ratio:
-        pairs.append(("measured ||Attn|| / ||X|| (data)", ratio))
+        pairs.append(("measured attention-output / residual norm (data)", ratio))
     md += ["| score | Spearman vs 1 - cos |", "| --- | --- |"]
     md += [f"| {label} | {spearman(v[1:], cos[1:]):.2f} |" for label, v in pairs]
     return [*md, ""]

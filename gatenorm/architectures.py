@@ -56,6 +56,8 @@ class Architecture:
         "k": "model.layers.{i}.self_attn.k_proj.weight",
         "v": "model.layers.{i}.self_attn.v_proj.weight",
         "o": "model.layers.{i}.self_attn.o_proj.weight",
+        "norm": "model.layers.{i}.input_layernorm.weight",  # the attention's input RMSNorm gain
+        "embed": "model.embed_tokens.weight",
     }
     #: GGUF tensor names, ``{i}`` is the layer index.
     gguf_tensors: ClassVar[dict[str, str]] = {
@@ -63,6 +65,8 @@ class Architecture:
         "k": "blk.{i}.attn_k.weight",
         "v": "blk.{i}.attn_v.weight",
         "o": "blk.{i}.attn_output.weight",
+        "norm": "blk.{i}.attn_norm.weight",
+        "embed": "token_embd.weight",
     }
     #: llama.cpp's converter interleaves q/k rows of each head (NORM rope) for this architecture.
     gguf_qk_permuted: ClassVar[bool] = False

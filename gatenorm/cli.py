@@ -16,6 +16,8 @@ from exporters.export import Target, open_model
 from exporters.export import export as run_export
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text
+from gatenorm.methods import MethodOptions, Ranking, make_method_plan, rank_layers
+from gatenorm.methods.cost import cost_model
 from gatenorm.models import resolve_model
 from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers import Checkpoint, open_checkpoint
@@ -35,26 +37,61 @@ ModelArg = Annotated[
     str,
     typer.Argument(help="GGUF file, HF model folder, or a shipped model: smollm2, tiny.", show_default=False),
 ]
-MethodOpt = Annotated[Method, typer.Option("--method", "-m", help="Scoring method.")]
+MethodOpt = Annotated[
+    Method,
+    typer.Option(
+        "--method",
+        "-m",
+        help="Method (see README, Methods): attention-cosine, block-influence and harp need --calib.",
+    ),
+]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the random method.")]
+#: Methods that only score layers (drop-attention plans); they alone may drop layer 0 on request.
+SCORE_ONLY = {Method.GATE_NORM, Method.GATE_NORM_HEAD, Method.RANDOM, Method.LAST}
+CalibOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--calib",
+        help="Calibration text of data-driven methods: a UTF-8 file, or wiki-heldout (the shipped Wikipedia "
+        "leads read from the end, never reached by the evaluation text).",
+    ),
+]
+CalibSamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Calibration windows.")]
+CalibLenOpt = Annotated[int, typer.Option("--calib-len", help="Tokens per calibration window.")]
+CtxOpt = Annotated[
+    int, typer.Option("--ctx", help="Context length of the cost model and of the data-free HARP alpha.")
+]
 
 
-def _score(model: str, method: Method, seed: int) -> tuple[Checkpoint, LayerScores]:
+def _options(seed: int, calib: str | None, calib_samples: int, calib_len: int, ctx: int) -> MethodOptions:
+    from gatenorm.methods.calibration import Calibration
+
+    calibration = None if calib is None else Calibration(calib, calib_samples, calib_len)
+    return MethodOptions(seed=seed, calib=calibration, ctx=ctx, log=lambda m: console.print(m, style="dim"))
+
+
+def _rank(
+    model: str, method: Method, options: MethodOptions, needed: int | None = None
+) -> tuple[Checkpoint, Ranking]:
     ckpt = open_checkpoint(resolve_model(model))
-    return ckpt, score_checkpoint(ckpt, method, seed)
+    return ckpt, rank_layers(ckpt, method, options, needed)
 
 
-def _table(scores: LayerScores, actions: list[LayerAction] | None = None) -> Table:
+def _table(
+    scores: LayerScores, actions: list[LayerAction] | None = None, alphas: dict[int, float] | None = None
+) -> Table:
     table = Table()
     table.add_column("layer", justify="right")
     table.add_column("score", justify="right")
     table.add_column("rank", justify="right")
     if actions is not None:
         table.add_column("action")
+        table.add_column("alpha", justify="right")
     for i, (s, r) in enumerate(zip(scores.scores, scores.ranks(), strict=True)):
         row = [str(i), f"{s:.6g}", str(r)]
         if actions is not None:
-            row.append(actions[i].value)
+            alpha = (alphas or {}).get(i) if actions[i] is LayerAction.LINEARIZE else None
+            row += [actions[i].value, "" if alpha is None else f"{alpha:.3f}"]
         table.add_row(*row)
     return table
 
@@ -64,18 +101,27 @@ def score(
     model: ModelArg,
     method: MethodOpt = Method.GATE_NORM,
     seed: SeedOpt = 0,
+    calib: CalibOpt = None,
+    calib_samples: CalibSamplesOpt = 16,
+    calib_len: CalibLenOpt = 256,
+    ctx: CtxOpt = 512,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Draw the scores per layer to this PNG.")] = None,
 ) -> None:
-    """Score every layer's attention sublayer from the weights alone (rank 1 = dropped first)."""
-    ckpt, scores = _score(model, method, seed)
+    """Score every layer (rank 1 = changed first) and show the action the method would give it."""
+    ckpt, ranking = _rank(model, method, _options(seed, calib, calib_samples, calib_len, ctx))
+    scores = ranking.scores
     console.print(f"{method.value} scores of {ckpt.path} ({scores.seconds:.2f} s)")
-    console.print(_table(scores))
+    console.print(_table(scores, ranking.actions, ranking.alphas))
     if json_out is not None:
         doc = {
             "method": method.value,
             "model": str(ckpt.path),
-            "layers": [{"layer": i, "score": s} for i, s in enumerate(scores.scores)],
+            "seconds": scores.seconds,
+            "layers": [
+                {"layer": i, "score": s, "action": a.value, "alpha": ranking.alphas.get(i)}
+                for i, (s, a) in enumerate(zip(scores.scores, ranking.actions, strict=True))
+            ],
         }
         atomic_write_text(json_out, json.dumps(doc, indent=2) + "\n")
     if plot is not None:
@@ -84,25 +130,58 @@ def score(
         plot_scores(scores, ckpt.path.name, plot)
 
 
+SpeedupOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--budget-speedup",
+        help="Instead of --drop: change the fewest layers whose estimated speedup (cost model at --ctx) "
+        "reaches this, e.g. 1.2.",
+    ),
+]
+
+
 @app.command()
 def plan(
     model: ModelArg,
-    drop: Annotated[int, typer.Option("--drop", "-n", help="Number of attention sublayers to remove.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the plan JSON.")],
+    drop: Annotated[
+        int | None, typer.Option("--drop", "-n", help="Number of layers to change (drop/linearize).")
+    ] = None,
+    budget_speedup: SpeedupOpt = None,
     method: MethodOpt = Method.GATE_NORM,
     seed: SeedOpt = 0,
+    calib: CalibOpt = None,
+    calib_samples: CalibSamplesOpt = 16,
+    calib_len: CalibLenOpt = 256,
+    ctx: CtxOpt = 512,
     allow_first_layer: Annotated[
-        bool, typer.Option(help="Allow dropping layer 0 (llama.cpp cannot run such a GGUF).")
+        bool, typer.Option(help="Allow dropping layer 0 (gate-norm-type methods; llama.cpp cannot run it).")
     ] = False,
 ) -> None:
-    """Score the layers and write a plan that drops the attention of the N lowest-scored ones."""
-    ckpt, scores = _score(model, method, seed)
-    result = make_plan(ckpt, scores, drop, allow_first_layer)
+    """Rank the layers with a method and write a plan changing the N lowest-ranked (or reaching a speedup)."""
+    if (drop is None) == (budget_speedup is None):
+        raise GatenormError("give exactly one of --drop N and --budget-speedup X")
+    if allow_first_layer:
+        if drop is None or method not in SCORE_ONLY:
+            raise GatenormError(
+                "--allow-first-layer goes with --drop and gate-norm, gate-norm-head, random, last"
+            )
+        ckpt = open_checkpoint(resolve_model(model))
+        scores = score_checkpoint(ckpt, method, seed)
+        result = make_plan(ckpt, scores, drop, allow_first_layer)
+    else:
+        options = _options(seed, calib, calib_samples, calib_len, ctx)
+        ckpt, ranking = _rank(model, method, options, drop)
+        scores = ranking.scores
+        result = make_method_plan(ckpt, method, drop, budget_speedup, options, ranking)
     result.save(output)
     actions = [lp.action for lp in result.layers]
     console.print(f"{method.value} plan for {ckpt.path}")
-    console.print(_table(scores, actions))
-    console.print(f"{result.describe()} -> {output}")
+    console.print(
+        _table(scores, actions, {lp.layer: lp.alpha for lp in result.layers if lp.alpha is not None})
+    )
+    speedup = cost_model(ckpt, ctx).speedup(actions)
+    console.print(f"{result.describe()} (estimated speedup {speedup:.3f} at ctx {ctx}) -> {output}")
 
 
 @app.command()
@@ -118,6 +197,10 @@ def export(
     ] = None,
     method: MethodOpt = Method.GATE_NORM,
     seed: SeedOpt = 0,
+    calib: CalibOpt = None,
+    calib_samples: CalibSamplesOpt = 16,
+    calib_len: CalibLenOpt = 256,
+    ctx: CtxOpt = 512,
     quant: Annotated[
         str,
         typer.Option(
@@ -139,7 +222,8 @@ def export(
     if plan_file is not None:
         result, check = Plan.load(plan_file), True
     else:  # the plan is made from this very checkpoint: no need to check it against it
-        result, check = make_plan(ckpt, score_checkpoint(ckpt, method, seed), drop), False
+        options = _options(seed, calib, calib_samples, calib_len, ctx)
+        result, check = make_method_plan(ckpt, method, drop, options=options), False
     start = time.perf_counter()
     options = {k: v for k, v in {"mobile": mobile, "block_size": block_size}.items() if v is not None}
     out = run_export(ckpt, result, output, to, quant, check_source=check, **options)

@@ -14,6 +14,7 @@ from enum import Enum
 
 import torch
 
+from gatenorm.errors import GatenormError
 from gatenorm.readers import AttentionWeights, Checkpoint, ContentHash
 
 
@@ -24,6 +25,12 @@ class Method(str, Enum):
     GATE_NORM_HEAD = "gate-norm-head"
     RANDOM = "random"
     LAST = "last"
+    # Methods that need calibration text or more than q/k: ranked by `gatenorm.methods`.
+    ATTENTION_COSINE = "attention-cosine"
+    BLOCK_INFLUENCE = "block-influence"
+    HARP = "harp"
+    HARP_FREE = "harp-free"
+    MIXED = "mixed"
 
 
 def grouped_queries(w: AttentionWeights) -> torch.Tensor:
@@ -129,6 +136,8 @@ def score_checkpoint(ckpt: Checkpoint, method: Method | str, seed: int = 0) -> L
                 del weights  # let the reader's prefetch buffer be the only other layer alive
         seconds = time.perf_counter() - start
         return LayerScores(method, scores, digest.hexdigest(), "attention-tensors", seconds)
+    if method not in (Method.RANDOM, Method.LAST):
+        raise GatenormError(f"{method.value} is ranked by gatenorm.methods.rank_layers, not score_checkpoint")
     if method is Method.RANDOM:
         rng = _random.Random(seed)
         scores = [rng.random() for _ in range(n)]

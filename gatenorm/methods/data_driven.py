@@ -1,0 +1,87 @@
+"""Data-driven rankings: LLM-Drop's attention cosine, ShortGPT's block influence, HARP's calibrated alpha.
+
+Each loads the model with transformers (`gatenorm.apply.load_model`) and runs it on the calibration text;
+the plan records the same q/k content hash as a Gate-Norm plan, so exporters accept it for this model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from gatenorm.methods.calibration import LayerStatistics, TailRunner, layer_statistics
+from gatenorm.methods.harp_alpha import calibrate_alphas
+from gatenorm.methods.registry import MethodOptions, Ranking
+from gatenorm.plan import LayerAction
+from gatenorm.readers import Checkpoint
+from gatenorm.scoring import LayerScores, Method
+
+
+def _model_and_windows(ckpt: Checkpoint, options: MethodOptions):
+    from gatenorm.apply import load_model, load_tokenizer
+
+    model = load_model(ckpt.path)
+    windows = options.calib.windows(load_tokenizer(ckpt.path))
+    options.log(
+        f"calibration: {windows.shape[0]} windows of {windows.shape[1]} tokens from {options.calib.source}"
+    )
+    return model, windows
+
+
+def _scores(ckpt: Checkpoint, method: Method, values: list[float]) -> LayerScores:
+    return LayerScores(method, values, ckpt.attention_sha256(("q", "k")), "attention-tensors", 0.0)
+
+
+@functools.lru_cache(maxsize=2)
+def _statistics(ckpt: Checkpoint, options: MethodOptions) -> tuple[LayerStatistics, str]:
+    """The calibration pass and the q/k hash, shared by attention-cosine and block-influence (one pass)."""
+    model, windows = _model_and_windows(ckpt, options)
+    return layer_statistics(model, windows), ckpt.attention_sha256(("q", "k"))
+
+
+def _statistics_ranking(ckpt: Checkpoint, options: MethodOptions, method: Method) -> Ranking:
+    stats, sha = _statistics(ckpt, options)
+    extra = {
+        "attention_cosine": stats.attention_cosine,
+        "block_cosine": stats.block_cosine,
+        "attention_ratio": stats.attention_ratio,
+    }
+    if method is Method.BLOCK_INFLUENCE:
+        scores, action = [1.0 - c for c in stats.block_cosine], LayerAction.DROP_BLOCK
+    else:
+        scores, action = [1.0 - c for c in stats.attention_cosine], LayerAction.DROP_ATTENTION
+    scored = LayerScores(method, scores, sha, "attention-tensors", 0.0)
+    return Ranking(scored, [action] * len(scores), extra=extra)
+
+
+def attention_cosine(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
+    """Importance 1 - mean cos(X_l, X_l + Attn_l(norm X_l)); the least important attention is dropped."""
+    return _statistics_ranking(ckpt, options, Method.ATTENTION_COSINE)
+
+
+def block_influence(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
+    """ShortGPT's block influence 1 - mean cos(block input, block output); the least influential blocks go."""
+    return _statistics_ranking(ckpt, options, Method.BLOCK_INFLUENCE)
+
+
+def depth_scores(n: int) -> list[float]:
+    """Scores that rank the deepest layer lowest (changed first), as the `last` method does."""
+    return [float(n - 1 - i) for i in range(n)]
+
+
+def harp(ckpt: Checkpoint, options: MethodOptions, needed: int | None) -> Ranking:
+    """HARP: linearize the highest layers; alphas by the top-down calibration-perplexity search, for the
+    `needed` highest layers (all but layer 0 if None)."""
+    n = ckpt.shape.n_layers
+    count = n - 1 if needed is None else min(needed, n - 1)
+    layers = list(range(n - count, n))
+    alphas: dict[int, float] = {}
+    extra: dict[str, list[float]] = {}
+    if layers:
+        model, windows = _model_and_windows(ckpt, options)
+        runner = TailRunner(model, windows, keep_from=layers[0])
+        alphas = calibrate_alphas(model, runner, layers, log=options.log)
+        extra["calib_nll_unpruned"] = [runner.nll(layers[0])]
+    extra["alpha"] = [alphas.get(i, np.nan) for i in range(n)]
+    return Ranking(_scores(ckpt, Method.HARP, depth_scores(n)), [LayerAction.LINEARIZE] * n, alphas, extra)

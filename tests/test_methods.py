@@ -1,0 +1,330 @@
+"""Pruning methods: hook statistics against brute force, HARP's alpha search and data-free rule, the mixed
+plan's budgets, the plan contract, held-out calibration text, and the command line."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from exporters.source_check import verify_plan_source
+from gatenorm.errors import GatenormError
+from gatenorm.methods import MethodOptions, make_method_plan, rank_layers
+from gatenorm.methods.calibration import Calibration, TailRunner, layer_statistics
+from gatenorm.methods.cost import cost_model
+from gatenorm.methods.data_free import linearize_threshold
+from gatenorm.methods.harp_alpha import (
+    calibrate_alphas,
+    data_free_alpha,
+    golden_section,
+    head_self_weights,
+    shared_energy,
+)
+from gatenorm.plan import LayerAction, Plan
+from gatenorm.readers import AttentionWeights, open_checkpoint
+from gatenorm.scoring import Method, score_checkpoint
+from gatenorm.validate.text import WIKI_HELDOUT, wiki_articles, window_chars
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama_dir):
+    from gatenorm.apply import load_model
+
+    return load_model(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_windows():
+    return np.random.default_rng(0).integers(0, 128, size=(3, 24))
+
+
+@pytest.fixture(scope="module")
+def smollm2_ckpt(smollm2_gguf):
+    return open_checkpoint(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def mixed(smollm2_ckpt):
+    """The mixed ranking of SmolLM2 at a 256-token context (read once: every data-free statistic)."""
+    return rank_layers(smollm2_ckpt, "mixed", MethodOptions(ctx=256))
+
+
+def _brute_force(model, windows):
+    """Per layer, by hand: mean cos(X, X + Attn(norm X)), cos(X, layer(X)), ||Attn|| / ||X||."""
+    ids = torch.from_numpy(windows)
+    t = ids.shape[1]
+    mask = torch.full((t, t), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids)
+        pe = model.model.rotary_emb(h, torch.arange(t)[None])
+        out = []
+        for layer in model.model.layers:
+            a = layer.self_attn(layer.input_layernorm(h), position_embeddings=pe, attention_mask=mask)[0]
+            nxt = layer(h, attention_mask=mask, position_embeddings=pe)
+            nxt = nxt[0] if isinstance(nxt, tuple) else nxt
+            cos = torch.nn.functional.cosine_similarity
+            out.append(
+                (
+                    float(cos(h, h + a, dim=-1).mean()),
+                    float(cos(h, nxt, dim=-1).mean()),
+                    float((a.norm(dim=-1) / h.norm(dim=-1)).mean()),
+                )
+            )
+            h = nxt
+    return out
+
+
+def test_hook_statistics_match_brute_force(tiny_model, tiny_windows):
+    stats = layer_statistics(tiny_model, tiny_windows, batch=2)
+    expected = _brute_force(tiny_model, tiny_windows)
+    assert stats.tokens == tiny_windows.size
+    for i, (att, block, ratio) in enumerate(expected):
+        assert stats.attention_cosine[i] == pytest.approx(att, abs=1e-5)
+        assert stats.block_cosine[i] == pytest.approx(block, abs=1e-5)
+        assert stats.attention_ratio[i] == pytest.approx(ratio, rel=1e-4)
+    assert min(stats.attention_cosine) < 0.999  # attention matters in this model: the check is not vacuous
+
+
+def test_tail_runner_matches_full_forward(tiny_model, tiny_windows):
+    runner = TailRunner(tiny_model, tiny_windows, keep_from=0, batch=2)
+    ids = torch.from_numpy(tiny_windows)
+    with torch.no_grad():
+        logits = tiny_model(ids).logits[:, :-1]
+    full = float(torch.nn.functional.cross_entropy(logits.reshape(-1, 128), ids[:, 1:].reshape(-1)))
+    for start in (0, 2, 3):
+        assert runner.nll(start) == pytest.approx(full, rel=1e-5)
+
+
+def test_golden_section_finds_minimum():
+    x, seen = golden_section(lambda a: (a - 0.77) ** 2, (0.0, 0.5, 1.0, 1.5), refine=12)
+    assert x == pytest.approx(0.77, abs=0.01)
+    assert len(seen) <= 4 + 2 + 12  # the grid, the two golden points, one point per step
+
+
+def test_calibrated_alpha_beats_alpha_one_and_restores_model(tiny_model, tiny_windows):
+    from gatenorm.apply import apply_plan
+    from gatenorm.plan import LayerPlan, Source
+
+    layers = [2, 3]
+    runner = TailRunner(tiny_model, tiny_windows, keep_from=min(layers))
+    before = runner.nll(0) if 0 in runner.inputs else None
+    alphas = calibrate_alphas(tiny_model, runner, layers)
+    assert not any(type(layer).__name__ == "LinearAttentionLayer" for layer in tiny_model.model.layers)
+
+    def nll_with(values: dict[int, float]) -> float:
+        import copy
+
+        source = Source(path="x", format="safetensors", architecture="llama", n_layers=4, sha256="0",
+                        hashed="shape")  # fmt: skip
+        plan = Plan(
+            method="harp",
+            budget=len(values),
+            source=source,
+            layers=[
+                LayerPlan(layer=i, score=0.0, action=LayerAction.LINEARIZE, alpha=values[i])
+                if i in values
+                else LayerPlan(layer=i, score=0.0, action=LayerAction.KEEP)
+                for i in range(4)
+            ],
+        )
+        model = apply_plan(copy.deepcopy(tiny_model), plan)
+        probe = TailRunner(model, tiny_windows, keep_from=0)
+        return probe.nll(0)
+
+    calibrated, ones = nll_with(alphas), nll_with(dict.fromkeys(layers, 1.0))
+    assert calibrated < ones
+    assert before is None
+
+
+def _weights(q: torch.Tensor, k: torch.Tensor) -> AttentionWeights:
+    return AttentionWeights(0, n_head=1, n_head_kv=1, head_dim=q.shape[0], q=q, k=k)
+
+
+def test_self_weight_rule_on_constructed_heads():
+    dh, d, ctx = 8, 16, 16
+    gain = torch.ones(d)
+    zero = _weights(torch.zeros(dh, d), torch.randn(dh, d))
+    # no Q/K coupling: uniform attention over i + 1 tokens, so the mean self weight is H_ctx / ctx
+    harmonic = sum(1.0 / (i + 1) for i in range(ctx)) / ctx
+    assert head_self_weights(zero, gain, ctx)[0] == pytest.approx(harmonic, rel=1e-12)
+    # q = k = s * (a dh-row projector), s^2 = sqrt(dh): self logit dh / 2 above the others' log-normal mean
+    s = dh**0.25
+    proj = torch.eye(d)[:dh] * s
+    strong = head_self_weights(_weights(proj, proj), gain, ctx)[0]
+    assert strong == pytest.approx(np.mean([1 / (1 + i * math.exp(-dh / 2)) for i in range(ctx)]), rel=1e-9)
+    assert strong > 0.85 > harmonic
+
+
+def test_shared_energy_and_alpha_rule():
+    fused = torch.randn(6, 6, dtype=torch.float64)
+    x = torch.randn(1, 6)
+    assert shared_energy(fused, torch.ones(6), x.repeat(5, 1)) == pytest.approx(1.0)  # identical tokens
+    assert shared_energy(fused, torch.ones(6), torch.cat([x, -x])) == pytest.approx(0.0, abs=1e-12)
+    assert data_free_alpha(0.0, 0.4) == pytest.approx(0.4)
+    assert data_free_alpha(1.0, 0.4) == pytest.approx(1.0)
+    assert data_free_alpha(0.5, 0.5) == pytest.approx(0.75)
+
+
+def test_cost_model_orders_actions(smollm2_ckpt):
+    model = cost_model(smollm2_ckpt, ctx=256)
+    one = [LayerAction.KEEP] * 29
+
+    def speed(action):
+        return model.speedup([*one, action])
+
+    assert (
+        speed(LayerAction.DROP_BLOCK) > speed(LayerAction.DROP_ATTENTION) > speed(LayerAction.LINEARIZE) > 1
+    )
+    assert model.speedup([LayerAction.KEEP] * 30) == 1.0
+    assert cost_model(smollm2_ckpt, ctx=4096).speedup([*one, LayerAction.DROP_ATTENTION]) > speed(
+        LayerAction.DROP_ATTENTION
+    )  # attention's share grows with the context
+    with pytest.raises(GatenormError):
+        cost_model(smollm2_ckpt, ctx=0)
+
+
+def test_data_free_plans_on_smollm2(smollm2_ckpt, mixed):
+    options = MethodOptions(ctx=256)
+    gate_ranking = rank_layers(smollm2_ckpt, "gate-norm")
+    gate = make_method_plan(smollm2_ckpt, "gate-norm", 6, ranking=gate_ranking)
+    threshold = linearize_threshold(smollm2_ckpt, 256)
+    assert 0 < threshold < 1
+    for budget in (1, 6, 16):
+        plan = make_method_plan(smollm2_ckpt, "mixed", budget, options=options, ranking=mixed)
+        assert plan.budget == budget and plan.method == "mixed" and 0 not in plan.changed
+        same = make_method_plan(smollm2_ckpt, "gate-norm", budget, ranking=gate_ranking)
+        assert set(plan.changed) == set(same.changed)
+        for lp in plan.layers:
+            assert (lp.alpha is not None) == (lp.action is LayerAction.LINEARIZE)
+            if lp.action is LayerAction.LINEARIZE:
+                assert lp.alpha > threshold
+            elif lp.action is LayerAction.DROP_ATTENTION:
+                assert mixed.extra["alpha"][lp.layer] <= threshold
+        assert Plan.from_json(plan.to_json()) == plan
+    # same content hash as Gate-Norm's plan: the exporters' source check accepts it
+    assert plan.source == gate.source
+    verify_plan_source(plan, smollm2_ckpt)
+    free = make_method_plan(smollm2_ckpt, "harp-free", 4, options=options)
+    assert free.linearized == [26, 27, 28, 29] and free.source == gate.source
+    assert [free.layers[i].alpha for i in free.linearized] == [
+        mixed.extra["alpha"][i] for i in free.linearized
+    ]
+
+
+def test_speedup_budget_is_met_minimally(smollm2_ckpt, mixed):
+    options, ranking = MethodOptions(ctx=256), mixed
+    model = cost_model(smollm2_ckpt, 256)
+    plan = make_method_plan(smollm2_ckpt, "mixed", speedup=1.06, options=options, ranking=ranking)
+    actions = [lp.action for lp in plan.layers]
+    assert model.speedup(actions) >= 1.06
+    fewer = make_method_plan(smollm2_ckpt, "mixed", plan.budget - 1, options=options, ranking=ranking)
+    assert model.speedup([lp.action for lp in fewer.layers]) < 1.06
+    with pytest.raises(GatenormError, match="at most"):
+        make_method_plan(smollm2_ckpt, "mixed", speedup=5.0, options=options, ranking=ranking)
+    with pytest.raises(GatenormError, match="exactly one"):
+        make_method_plan(smollm2_ckpt, "mixed", 2, 1.1, options=options, ranking=ranking)
+
+
+def test_every_method_plans_the_tiny_model(tiny_llama_dir, tiny_model, tiny_windows, monkeypatch):
+    """Each registry method on the 4-layer model (calibration windows of random ids: it has no tokenizer)."""
+    from gatenorm.methods import METHODS, data_driven
+
+    monkeypatch.setattr(data_driven, "_model_and_windows", lambda ckpt, options: (tiny_model, tiny_windows))
+    ckpt = open_checkpoint(tiny_llama_dir)
+    options = MethodOptions(calib=Calibration(WIKI_HELDOUT, 3, 24), ctx=16)
+    gate = make_method_plan(ckpt, "gate-norm", 2)
+    expected = {
+        Method.BLOCK_INFLUENCE: {LayerAction.DROP_BLOCK},
+        Method.HARP: {LayerAction.LINEARIZE},
+        Method.HARP_FREE: {LayerAction.LINEARIZE},
+    }
+    for method, info in METHODS.items():
+        plan = make_method_plan(ckpt, method, 2, options=options)
+        assert plan.method == method.value and plan.budget == 2 and 0 not in plan.changed
+        allowed = expected.get(method, {LayerAction.DROP_ATTENTION, LayerAction.LINEARIZE})
+        assert plan.actions - {LayerAction.KEEP} <= allowed
+        assert all((lp.alpha is not None) == (lp.action is LayerAction.LINEARIZE) for lp in plan.layers)
+        assert Plan.from_json(plan.to_json()) == plan
+        if info.data or method in (Method.MIXED, Method.HARP_FREE, Method.GATE_NORM_HEAD):
+            assert plan.source == gate.source  # the exporters' source check accepts every such plan
+    assert make_method_plan(ckpt, "harp", 2, options=options).linearized == [2, 3]
+    with pytest.raises(GatenormError, match="needs calibration text"):
+        make_method_plan(ckpt, "attention-cosine", 1)
+
+
+@pytest.mark.slow
+def test_data_driven_plans_on_smollm2(smollm2_ckpt, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(a for _, a in wiki_articles(WIKI_HELDOUT, 4000)))
+    options = MethodOptions(calib=Calibration(str(text), samples=2, length=32))
+    gate = make_method_plan(smollm2_ckpt, "gate-norm", 4)
+    cosine = rank_layers(smollm2_ckpt, "attention-cosine", options)
+    plan = make_method_plan(smollm2_ckpt, "attention-cosine", 4, options=options, ranking=cosine)
+    assert plan.dropped == sorted(plan.dropped) and len(plan.dropped) == 4 and plan.source == gate.source
+    assert plan.scores == pytest.approx([1 - c for c in cosine.extra["attention_cosine"]])
+    blocks = make_method_plan(smollm2_ckpt, "block-influence", 3, options=options)
+    assert len(blocks.blocks_dropped) == 3 and blocks.actions == {LayerAction.KEEP, LayerAction.DROP_BLOCK}
+    assert blocks.source == gate.source
+
+
+@pytest.mark.slow
+def test_harp_plan_on_smollm2(smollm2_ckpt):
+    options = MethodOptions(calib=Calibration(WIKI_HELDOUT, samples=2, length=64))
+    plan = make_method_plan(smollm2_ckpt, "harp", 2, options=options)
+    assert plan.linearized == [28, 29] and all(0 <= lp.alpha <= 1.5 for lp in plan.layers if lp.alpha)
+
+
+def test_calibration_text_is_held_out():
+    # the study's and validate's defaults: evaluation from the start, calibration from the end of the leads
+    for eval_tokens, ctx, calib_tokens in ((8 * 256, 256, 16 * 256), (20480, 512, 64 * 1024)):
+        ev = {i for i, _ in wiki_articles("wiki", window_chars(eval_tokens, ctx))}
+        cal = {i for i, _ in wiki_articles(WIKI_HELDOUT, window_chars(calib_tokens, 256))}
+        assert ev and cal and not ev & cal
+    with pytest.raises(GatenormError, match="evaluation text"):
+        Calibration("wiki")
+    with pytest.raises(GatenormError, match="no such"):
+        Calibration("/nonexistent/calib.txt")
+    with pytest.raises(GatenormError):
+        Calibration(WIKI_HELDOUT, samples=0)
+
+
+def test_score_checkpoint_refuses_registry_methods(smollm2_ckpt):
+    with pytest.raises(GatenormError, match="rank_layers"):
+        score_checkpoint(smollm2_ckpt, Method.MIXED)
+
+
+def gatenorm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gatenorm.cli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("plan", "smollm2", "--drop", "2", "--method", "attention-cosine"), "needs calibration text"),
+        (("plan", "smollm2", "--drop", "2", "--method", "harp", "--calib", "/no/file"), "no such"),
+        (("plan", "smollm2", "--drop", "2", "--budget-speedup", "1.1"), "exactly one"),
+        (("plan", "smollm2", "--budget-speedup", "0.9"), "above 1"),
+        (("score", "smollm2", "--method", "block-influence", "--calib", "wiki"), "evaluation text"),
+    ],
+)
+def test_cli_bad_method_input(tmp_path, args, message):
+    out = gatenorm(*args, "-o", tmp_path / "p.json") if args[0] == "plan" else gatenorm(*args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_mixed_plan_by_speedup(tmp_path):
+    out = gatenorm("plan", "smollm2", "--method", "mixed", "--budget-speedup", "1.05", "--ctx", "256",
+                   "-o", tmp_path / "p.json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    plan = Plan.load(tmp_path / "p.json")
+    assert plan.method == "mixed" and plan.linearized and "estimated speedup" in out.stdout
+    assert (
+        cost_model(open_checkpoint(plan.source.path), 256).speedup([lp.action for lp in plan.layers]) >= 1.05
+    )

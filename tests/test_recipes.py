@@ -349,3 +349,21 @@ def test_ray_executor_builds_the_same_artifacts(tmp_path):
     assert "12 built" in result.stderr
     assert artifacts(local) == artifacts(distributed)
     assert (distributed / "tiny-gate-norm-d01-gguf-Q8_0/validation.json").is_file()
+
+
+def test_recipe_methods_make_their_own_plans(tmp_path, tiny_llama_dir):
+    from gatenorm.plan import Plan
+    from gatenorm.recipes.batch import plan_batch
+
+    text = TINY.replace("  - tiny\n", f"  - path: {tiny_llama_dir}\n    name: t\n").replace("[0, 1]", "[2]")
+    recipe = write(tmp_path / "r.yaml", text + "methods: [mixed, harp-free, gate-norm]\n")
+    batch = plan_batch(load_recipe(recipe)[0], "r")
+    plans = {v.name: Plan.from_json(v.plan) for v in batch.variants if v.name.endswith("-keep")}
+    assert {p.method for p in plans.values()} == {"mixed", "harp-free", "gate-norm"}
+    harp = next(p for p in plans.values() if p.method == "harp-free")
+    assert len(harp.linearized) == 2 and all(lp.alpha is not None for lp in harp.layers if lp.alpha)
+    gate = next(p for p in plans.values() if p.method == "gate-norm")
+    assert len(gate.dropped) == 2 and not gate.linearized
+    bad = write(tmp_path / "b.yaml", text + "methods: [{name: mixed, options: {alpha: 1}}]\n")
+    with pytest.raises(GatenormError, match="takes no option"):
+        plan_batch(load_recipe(bad)[0], "b")

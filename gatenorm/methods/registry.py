@@ -107,14 +107,19 @@ def rank_layers(
 
 
 def chosen_layers(
-    ckpt: Checkpoint, ranking: Ranking, budget: int | None, speedup: float | None, ctx: int
+    ckpt: Checkpoint,
+    ranking: Ranking,
+    budget: int | None,
+    speedup: float | None,
+    ctx: int,
+    allow_first_layer: bool = False,
 ) -> list[int]:
     """The layers to change: the `budget` lowest-ranked, or the fewest lowest-ranked whose actions reach the
     estimated `speedup` (cost model at context `ctx`)."""
     if (budget is None) == (speedup is None):
         raise GatenormError("give exactly one of a budget in layers (--drop N) and --budget-speedup X")
     if budget is not None:
-        return lowest_scored(ckpt, ranking.scores, budget)
+        return lowest_scored(ckpt, ranking.scores, budget, allow_first_layer)
     if not speedup > 1.0:
         raise GatenormError(f"--budget-speedup {speedup}: a speedup target must be above 1")
     model = cost_model(ckpt, ctx)
@@ -135,13 +140,14 @@ def make_method_plan(
     speedup: float | None = None,
     options: MethodOptions | None = None,
     ranking: Ranking | None = None,
+    allow_first_layer: bool = False,
 ) -> Plan:
     """The plan of `method` for `budget` changed layers or an estimated `speedup` (reuses `ranking` if
     given: a ranking made once serves every budget)."""
     options = options or MethodOptions()
     if ranking is None:
         ranking = rank_layers(ckpt, method, options, budget)
-    chosen = set(chosen_layers(ckpt, ranking, budget, speedup, options.ctx))
+    chosen = set(chosen_layers(ckpt, ranking, budget, speedup, options.ctx, allow_first_layer))
     actions = [ranking.actions[i] if i in chosen else LayerAction.KEEP for i in range(ckpt.shape.n_layers)]
     missing = [i for i in chosen if actions[i] is LayerAction.LINEARIZE and i not in ranking.alphas]
     if missing:

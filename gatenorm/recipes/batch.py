@@ -8,7 +8,6 @@ re-measures without re-exporting."""
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +16,11 @@ from pydantic import BaseModel, ConfigDict
 
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
-from gatenorm.plan import Plan, make_plan
+from gatenorm.methods import MethodOptions, Ranking, make_method_plan, rank_layers
+from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.recipes.schema import MethodEntry, Recipe, Target, Validation
 from gatenorm.recipes.sources import ResolvedSource, content_sha256, resolve_source
-from gatenorm.scoring import LayerScores, score_checkpoint
 
 KEY_SCHEMA = 1
 
@@ -150,16 +149,27 @@ def _validation(source: ResolvedSource, export: ExportSpec, key: str, recipe: Re
     )
 
 
-def score_with(ckpt: Checkpoint, method: MethodEntry) -> LayerScores:
-    """Score `ckpt` with a recipe's method entry; its options must be parameters of `score_checkpoint`."""
-    options = {"seed": method.seed, **method.options}
+#: Keys of a recipe method's `options`: calibration windows and the context of the cost model / alpha.
+METHOD_OPTIONS = {"calib_samples", "calib_len", "ctx"}
+
+
+def rank_with(ckpt: Checkpoint, method: MethodEntry) -> Ranking:
+    """Rank `ckpt`'s layers with a recipe's method entry (`gatenorm.methods.rank_layers`)."""
+    from gatenorm.methods.calibration import Calibration
+
+    unknown = sorted(set(method.options) - METHOD_OPTIONS)
+    if unknown:
+        raise GatenormError(
+            f"method {method.name} takes no option(s) {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(METHOD_OPTIONS))})"
+        )
+    opts = method.options
+    calib = None
     if method.calib is not None:
-        options["calib"] = method.calib
-    params = inspect.signature(score_checkpoint).parameters
-    unknown = [k for k in options if k not in params]
-    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        raise GatenormError(f"method {method.name} takes no option(s) {', '.join(unknown)}")
-    return score_checkpoint(ckpt, method.name, **options)
+        calib = Calibration(method.calib, opts.get("calib_samples", 16), opts.get("calib_len", 256))
+    return rank_layers(
+        ckpt, method.name, MethodOptions(seed=method.seed, calib=calib, ctx=opts.get("ctx", 512))
+    )
 
 
 def _method_labels(methods: list[MethodEntry]) -> list[str]:
@@ -208,17 +218,23 @@ def plan_batch(recipe: Recipe, name: str, log: Callable[[str], None] = lambda _:
         ckpt = open_model(source.path)
         log(f"{source.name}: {source.path} ({ckpt.shape.n_layers} layers, sha256 {source.sha256[:12]})")
         for method, label in zip(recipe.methods, labels, strict=True):
-            scores = score_with(ckpt, method)
+            ranking = rank_with(ckpt, method)
             resolved: dict[str, int] = {}
             for budget in recipe.budgets:
                 if isinstance(budget, Target):
-                    n = resolve_target(source, ckpt, scores, budget, recipe, log)
+                    n = resolve_target(source, ckpt, ranking, budget, recipe, log)
                     resolved[budget.label] = n
                 else:
                     n = budget
                     resolved[str(n)] = n
                 try:
-                    plan = make_plan(ckpt, scores, n, recipe.allow_first_layer)
+                    plan = make_method_plan(
+                        ckpt,
+                        method.name,
+                        budget=n,
+                        ranking=ranking,
+                        allow_first_layer=recipe.allow_first_layer,
+                    )
                 except GatenormError as e:
                     raise GatenormError(f"{source.name}: {str(e).replace('--drop', 'budget')}") from None
                 plan_json = plan.to_json()

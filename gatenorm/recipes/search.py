@@ -7,11 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gatenorm.errors import GatenormError
-from gatenorm.plan import make_plan
+from gatenorm.methods import Ranking, make_method_plan
 from gatenorm.readers import Checkpoint
 from gatenorm.recipes.schema import Recipe, Target
 from gatenorm.recipes.sources import ResolvedSource
-from gatenorm.scoring import LayerScores
 
 
 def _config(path: Path):
@@ -44,7 +43,7 @@ def ideal_prefill_speedups(path: Path, ctx: int, max_n: int) -> list[float]:
 
 
 def _quality_probe(
-    source: ResolvedSource, ckpt: Checkpoint, scores: LayerScores, recipe: Recipe, target: Target
+    source: ResolvedSource, ckpt: Checkpoint, ranking: Ranking, recipe: Recipe, target: Target
 ) -> Callable[[int], float]:
     """A function n -> the target's metric of the model with n layers dropped, against the unpruned one,
     in PyTorch on the recipe's search text."""
@@ -66,7 +65,14 @@ def _quality_probe(
     def probe(n: int) -> float:
         cand = copy.copy(ref)
         cand.model = apply_plan(
-            copy.deepcopy(ref.model), make_plan(ckpt, scores, n, recipe.allow_first_layer)
+            copy.deepcopy(ref.model),
+            make_method_plan(
+                ckpt,
+                ranking.scores.method,
+                budget=n,
+                ranking=ranking,
+                allow_first_layer=recipe.allow_first_layer,
+            ),
         )
         return getattr(compare_logits(ref_logits, cand.window_logits(windows, first), windows, first), metric)
 
@@ -76,7 +82,7 @@ def _quality_probe(
 def resolve_target(
     source: ResolvedSource,
     ckpt: Checkpoint,
-    scores: LayerScores,
+    ranking: Ranking,
     target: Target,
     recipe: Recipe,
     log: Callable[[str], None] = lambda _: None,
@@ -86,6 +92,7 @@ def resolve_target(
     Quality targets: the most layers (in the method's order) whose metric still meets the target, by
     bisection, assuming quality falls as layers go. `min_speedup`: the fewest layers whose ideal prefill
     speedup at the validation context reaches the target (the report shows the measured one)."""
+    name = ranking.scores.method.value
     top = ckpt.shape.n_layers - 1  # make_plan's limit: one attention sublayer stays
     if target.kind == "min_speedup":
         speedups = ideal_prefill_speedups(source.path, recipe.validation.ctx, top)
@@ -95,18 +102,18 @@ def resolve_target(
                 f"budget {target.label} is out of reach: dropping {top} attention sublayers of "
                 f"{source.name} gives an ideal prefill speedup of {speedups[-1]:.2f}"
             )
-        log(f"{source.name} / {scores.method.value}: {target.label} -> {n} layers (ideal {speedups[n]:.2f}x)")
+        log(f"{source.name} / {name}: {target.label} -> {n} layers (ideal {speedups[n]:.2f}x)")
         return n
-    probe = _quality_probe(source, ckpt, scores, recipe, target)
+    probe = _quality_probe(source, ckpt, ranking, recipe, target)
     holds = (lambda v: v <= target.value) if target.kind.startswith("max") else (lambda v: v >= target.value)
     lo, hi = 0, top  # holds(lo) (nothing dropped); find the largest n that holds
     while lo < hi:
         mid = (lo + hi + 1) // 2
         value = probe(mid)
-        log(f"{source.name} / {scores.method.value}: {target.kind[4:]} with {mid} dropped: {value:.4g}")
+        log(f"{source.name} / {name}: {target.kind[4:]} with {mid} dropped: {value:.4g}")
         if holds(value):
             lo = mid
         else:
             hi = mid - 1
-    log(f"{source.name} / {scores.method.value}: {target.label} -> {lo} layers")
+    log(f"{source.name} / {name}: {target.label} -> {lo} layers")
     return lo

@@ -19,10 +19,10 @@ from gatenorm.io import atomic_write_text
 from gatenorm.methods import MethodOptions, Ranking, make_method_plan, rank_layers
 from gatenorm.methods.cost import cost_model
 from gatenorm.models import resolve_model
-from gatenorm.plan import LayerAction, Plan, make_plan
+from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.recipes.command import run_command
-from gatenorm.scoring import LayerScores, Method, score_checkpoint
+from gatenorm.scoring import LayerScores, Method
 from gatenorm.validate.command import validate_command
 
 app = typer.Typer(
@@ -161,19 +161,14 @@ def plan(
     """Rank the layers with a method and write a plan changing the N lowest-ranked (or reaching a speedup)."""
     if (drop is None) == (budget_speedup is None):
         raise GatenormError("give exactly one of --drop N and --budget-speedup X")
-    if allow_first_layer:
-        if drop is None or method not in SCORE_ONLY:
-            raise GatenormError(
-                "--allow-first-layer goes with --drop and gate-norm, gate-norm-head, random, last"
-            )
-        ckpt = open_checkpoint(resolve_model(model))
-        scores = score_checkpoint(ckpt, method, seed)
-        result = make_plan(ckpt, scores, drop, allow_first_layer)
-    else:
-        options = _options(seed, calib, calib_samples, calib_len, ctx)
-        ckpt, ranking = _rank(model, method, options, drop)
-        scores = ranking.scores
-        result = make_method_plan(ckpt, method, drop, budget_speedup, options, ranking)
+    if allow_first_layer and (drop is None or method not in SCORE_ONLY):
+        raise GatenormError(
+            "--allow-first-layer goes with --drop and gate-norm, gate-norm-head, random, last"
+        )
+    options = _options(seed, calib, calib_samples, calib_len, ctx)
+    ckpt, ranking = _rank(model, method, options, drop)
+    scores = ranking.scores
+    result = make_method_plan(ckpt, method, drop, budget_speedup, options, ranking, allow_first_layer)
     result.save(output)
     actions = [lp.action for lp in result.layers]
     console.print(f"{method.value} plan for {ckpt.path}")

@@ -31,6 +31,21 @@ def test_score_smollm2_table_json_plot(tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plan_allow_first_layer(tmp_path):
+    # random seed 1 on the 2-layer tiny model scores layer 0 lowest (0.13 < 0.85)
+    args = ("plan", "tiny", "--drop", "1", "--method", "random", "--seed", "1")
+    out = gatenorm(*args, "-o", tmp_path / "a.json")
+    assert out.returncode == 0, out.stderr
+    assert Plan.load(tmp_path / "a.json").dropped == [1]
+    out = gatenorm(*args, "--allow-first-layer", "-o", tmp_path / "b.json")
+    assert out.returncode == 0, out.stderr
+    assert Plan.load(tmp_path / "b.json").dropped == [0]
+    refused = gatenorm(
+        "plan", "tiny", "--drop", "1", "--method", "mixed", "--allow-first-layer", "-o", "c.json"
+    )
+    assert refused.returncode == 2 and "--allow-first-layer goes with --drop" in refused.stderr
+
+
 def test_plan_smollm2(tmp_path):
     out = gatenorm("plan", "smollm2", "--drop", "8", "--method", "gate-norm-head", "-o", tmp_path / "p.json")
     assert out.returncode == 0, out.stderr

@@ -45,15 +45,16 @@ MethodOpt = Annotated[
         help="Method (see README, Methods): attention-cosine, block-influence and harp need --calib.",
     ),
 ]
-SeedOpt = Annotated[int, typer.Option(help="Seed of the random method.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the random method and of synthetic calibration text.")]
 #: Methods that only score layers (drop-attention plans); they alone may drop layer 0 on request.
 SCORE_ONLY = {Method.GATE_NORM, Method.GATE_NORM_HEAD, Method.RANDOM, Method.LAST}
 CalibOpt = Annotated[
     str | None,
     typer.Option(
         "--calib",
-        help="Calibration text of data-driven methods: a UTF-8 file, or wiki-heldout (the shipped Wikipedia "
-        "leads read from the end, never reached by the evaluation text).",
+        help="Calibration text of data-driven methods: a UTF-8 file, wiki-heldout (the shipped Wikipedia "
+        "leads read from the end, never reached by the evaluation text), or synthetic (text the model "
+        "generates itself: no data; the default of mixed-synthetic).",
     ),
 ]
 CalibSamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Calibration windows.")]

@@ -31,6 +31,7 @@ class Method(str, Enum):
     HARP = "harp"
     HARP_FREE = "harp-free"
     MIXED = "mixed"
+    MIXED_SYNTHETIC = "mixed-synthetic"
 
 
 def grouped_queries(w: AttentionWeights) -> torch.Tensor:

@@ -15,6 +15,7 @@ NAMES = {
     "last": "last",
     "random": "random (mean ± sd)",
     "mixed": "mixed (data-free, ours)",
+    "mixed-synthetic": "mixed, self-generated text (no data, ours)",
     "harp-free": "HARP, data-free alpha (ours)",
     "attention-cosine": "attention-cosine (data)",
     "block-influence": "block-influence (data)",
@@ -25,19 +26,24 @@ NAMES = {
 NOTES = [
     "## Reading the results",
     "",
-    "- The mixed plan changes exactly the layers Gate-Norm would drop; it differs only in linearizing most "
-    "of them. So it inherits Gate-Norm's layer choice, whose ranks agree poorly with the measured "
-    "importance (the rank-correlation table), while attention-cosine picks layers by their measured effect. "
-    "None of the other weight statistics in that table ranks the layers better on this model, so the "
-    "mixed plan keeps Gate-Norm's order.",
-    "- Linearizing instead of dropping keeps part of each layer's output, which lowers KLD per changed "
-    "layer, but a linearized layer keeps a d x d matmul, so at equal speedup the gain shrinks.",
-    "- The data-free alpha matches the level of HARP's calibrated alphas but not their layer-to-layer "
-    "pattern (the alpha table): the shared-energy term is a property of the embedding table, not of the "
-    "real residual stream at each depth.",
+    "- Weights-only criteria do not find the harmless attention sublayers of this 135M model: Gate-Norm's "
+    "ranks agree poorly with the measured importance (the rank-correlation table), and so does every other "
+    "weight statistic tried (data-free alpha, predicted self weight, value-output gain). The `mixed` plan "
+    "(weights only) inherits Gate-Norm's layer choice; linearizing instead of dropping lowers its KLD but "
+    "cannot repair the choice.",
+    "- Measuring instead of predicting works without data: attention-cosine computed on text the model "
+    "samples itself ranks the layers much like attention-cosine on held-out Wikipedia text (the correlation "
+    "table), and `mixed-synthetic` adds per layer the choice between dropping and linearizing at the "
+    "least-squares alpha, by damage per saved FLOP. It costs a generation and one forward pass (the timing "
+    "table), not the weights-only second of Gate-Norm.",
+    "- A linearized layer keeps a d x d matmul (Q8_0 in the GGUF of a Q4_1 source), so in llama.cpp it saves "
+    "about half of what dropping saves; mixed-synthetic linearizes only where that still pays (on SmolLM2 "
+    "the last layer), calibrated HARP and harp-free linearize every chosen layer.",
     "- At 135M parameters the LM head and the MLPs dominate the compute, so removing attention gives small "
-    "speedups (cost-model column); dropping whole blocks is the only action with a large one, at a large "
-    "quality cost.",
+    "speedups; dropping whole blocks is the only action with a large one. Above about 1.15x measured prompt "
+    "speedup, ShortGPT's block removal therefore has the better Pareto front on this model (the figure): "
+    "the target compares attention-pruning methods, and letting mixed-synthetic also choose drop-block per "
+    "layer (the block cosine comes from the same calibration pass) is the next step.",
     "",
 ]
 
@@ -153,29 +159,32 @@ def write_report(data: dict, args, ckpt, plans, cost) -> None:
         "PPL of the pruned model and KLD(unpruned || pruned) per token;",
         f"- calibration (data-driven methods): `wiki-heldout`, {settings['calib_samples']} x "
         f"{settings['calib_len']} tokens ({settings['harp_samples']} windows for HARP's alpha search), "
-        f"articles {split['calib_articles']}: disjoint from the evaluation text (checked);",
+        f"articles {split['calib_articles']}: disjoint from the evaluation text (checked); mixed-synthetic: "
+        f"{settings['calib_samples']} x {settings['calib_len']} tokens the model generates itself (seed 0);",
         f"- speed: llama.cpp (llama-cpp-python, {settings['threads']} threads, flash attention), the "
         "exported GGUF (Q4_1 tensors as shipped) vs the unpruned shipped GGUF, interleaved in one run, "
         f"median of {settings['bench_runs']} runs after a warm-up: prompt processing of "
         f"{settings['bench_prompt']} tokens (pp) and {settings['bench_gen']} generated tokens (tg); one "
         "measurement per distinct count of dropped / linearized / removed layers (speed depends on the "
         "counts, not on which layers), at the budgets listed in the speed table only (the benchmark is the "
-        "costliest stage on a shared machine); the machine was shared (load 5 to 8 on 2 cores);",
+        "costliest stage); 1-minute load average of the 2-core machine after each measurement: "
+        f"{load_range(data)};",
         f"- cost model and data-free alpha at context {settings['ctx']}; random: seeds "
         f"0..{settings['seeds'] - 1}.",
         "",
     ]
     n_plans = sum(len(v) for f in rows.rows.values() for v in f.values())
     md += [
-        f"**Coverage (partial run):** quality for {n_plans} plans; random at the budgets shown only; "
-        f"llama.cpp speed for {len(data.get('speed', {}))} action counts; zero-shot for "
-        f"{len(data.get('zeroshot', {}))} models (the machine's shared 2 cores did not allow more within "
-        "the time given; the script resumes from its JSON to fill the rest).",
+        f"**Coverage:** quality for {n_plans} plans; llama.cpp speed for {len(data.get('speed', {}))} "
+        f"action counts; zero-shot for {len(data.get('zeroshot', {}))} models at the budgets of that table "
+        "(the script resumes from its JSON: rerun it with more budgets to fill the rest).",
         "",
     ]
-    md += target_section(rows, families, "est")
-    if data.get("speed"):
-        md += target_section(rows, families, "pp")
+    for candidate in ("mixed-synthetic", "mixed"):
+        if candidate in rows.rows:
+            if data.get("speed"):
+                md += target_section(rows, families, "pp", candidate)
+            md += target_section(rows, families, "est", candidate)
     md += quality_table(rows, families)
     md += timing_section(ranks)
     md += correlation_section(ranks)
@@ -198,32 +207,34 @@ def write_report(data: dict, args, ckpt, plans, cost) -> None:
     atomic_write_text(docs / "study.md", "\n".join(md) + "\n")
 
 
-def target_section(rows: Rows, families: list[str], key: str) -> list[str]:
+def target_section(rows: Rows, families: list[str], key: str, candidate: str) -> list[str]:
+    """`candidate`'s plans against the best KLD of Gate-Norm, HARP and attention-cosine at >= its speedup."""
     label = {
         "pp": "measured prompt-processing speedup",
         "tg": "measured generation speedup",
         "est": "estimated speedup (cost model)",
     }[key]
     md = [
-        f"## Target: mixed (data-free) vs Gate-Norm, HARP, attention-cosine at equal {label}",
+        f"## Target: {NAMES[candidate]} vs Gate-Norm, HARP, attention-cosine at equal {label}",
         "",
-        f"For each mixed plan, the best KLD each other method's Pareto front reaches at a {label} at least "
-        "as high (no extrapolation; – where that method never gets as fast).",
+        f"For each plan of `{candidate}`, the best KLD each other method's Pareto front reaches at a {label} "
+        "at least as high (no extrapolation; – where that method never gets as fast).",
         "",
-        "| mixed budget | speedup | mixed KLD | Gate-Norm | HARP (calibrated) | attention-cosine "
-        "| mixed / cosine |",
+        "| budget | speedup | KLD | Gate-Norm | HARP (calibrated) | attention-cosine | ours / cosine |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     fronts = {f: pareto(rows.points(f, key)) for f in families}
-    wins = {"gate-norm": 0, "harp": 0}
+    wins = {"gate-norm": [0, 0], "harp": [0, 0]}  # [wins, comparable budgets]
     within = compared = 0
     for b in rows.budgets:
-        s, k = rows.value("mixed", b, key), rows.value("mixed", b, "kld")
+        s, k = rows.value(candidate, b, key), rows.value(candidate, b, "kld")
         if s is None or k is None:
             continue
         others = {f: front_kld_at(fronts.get(f, []), s[0]) for f in ("gate-norm", "harp", "attention-cosine")}
-        for f in wins:
-            wins[f] += others[f] is not None and k[0] < others[f]
+        for f, count in wins.items():
+            if others[f] is not None:
+                count[0] += k[0] < others[f]
+                count[1] += 1
         cos = others["attention-cosine"]
         if cos is not None:
             compared += 1
@@ -231,12 +242,12 @@ def target_section(rows: Rows, families: list[str], key: str) -> list[str]:
         cells = ["–" if v is None else f"{v:.4f}" for v in others.values()]
         ratio = "–" if cos is None else f"{k[0] / cos:.2f}"
         md.append(f"| {b} | {s[0]:.3f} | {k[0]:.4f} | {' | '.join(cells)} | {ratio} |")
-    n = sum(rows.value("mixed", b, key) is not None for b in rows.budgets)
+    (gate, n_gate), (harp, n_harp) = wins["gate-norm"], wins["harp"]
     md += [
         "",
-        f"Mixed beats Gate-Norm at {wins['gate-norm']} of {n} budgets and calibrated HARP at "
-        f"{wins['harp']} of {n}; it is within 10 % of attention-cosine's KLD at {within} of {compared} "
-        "comparable budgets.",
+        f"`{candidate}` has a lower KLD than Gate-Norm at {gate} of {n_gate} comparable budgets and than "
+        f"calibrated HARP at {harp} of {n_harp}; it is within 10 % of attention-cosine's KLD at {within} of "
+        f"{compared}.",
         "",
     ]
     return md
@@ -282,28 +293,31 @@ def unpruned_ppl(rows: Rows) -> str:
 
 
 def timing_section(ranks: dict) -> list[str]:
-    secs = {n: r["scores"]["seconds"] for n, r in ranks.items() if not n.startswith("random-")}
+    named = {n: r for n, r in ranks.items() if not n.startswith("random-")}
+    secs = {n: r["scores"]["seconds"] for n, r in named.items()}
     md = [
         "## Scoring time",
         "",
-        "Wall time of ranking all 30 layers on this shared 2-core machine (data-driven: loading the "
-        "model with transformers, the calibration pass, the q/k content hash; HARP: its alpha search for "
-        "the layers the largest budget linearizes).",
+        "Wall time of ranking all 30 layers on the 2-core machine, with the 1-minute load average at the "
+        "time (data-driven: loading the model with transformers, the calibration pass, the q/k content hash; "
+        "mixed-synthetic also generates its text; HARP: its alpha search for the layers the largest budget "
+        "linearizes). The GGUF is in the page cache.",
         "",
-        "| method | seconds | x Gate-Norm |",
-        "| --- | --- | --- |",
+        "| method | seconds | x Gate-Norm | load |",
+        "| --- | --- | --- | --- |",
     ]
     base = secs.get("gate-norm")
     for n, s in sorted(secs.items(), key=lambda kv: kv[1]):
-        md.append(f"| {n} | {s:.2f} | {s / base:.0f} |" if base else f"| {n} | {s:.2f} | – |")
+        load = named[n].get("timed_at_load")
+        cells = [f"{s:.2f}", f"{s / base:.0f}" if base else "–", "–" if load is None else f"{load:.1f}"]
+        md.append(f"| {n} | {' | '.join(cells)} |")
     if base and "attention-cosine" in secs:
         md += [
             "",
-            f"Attention-cosine takes {secs['attention-cosine'] / base:.0f}x Gate-Norm's time here, not the "
-            "paper's ~1000x: Gate-Norm's time is mostly reading and dequantizing the Q4_1 q/k tensors, and "
-            "the data-driven time (model load, one forward pass over the calibration tokens, the same q/k "
-            "hash) grows with the calibration size and the model; at 135M parameters and 2k calibration "
-            "tokens the gap is one order of magnitude, not three.",
+            f"Attention-cosine takes {secs['attention-cosine'] / base:.0f}x Gate-Norm's time here (paper: "
+            "~1000x on 13B). Gate-Norm reads and dequantizes the q/k tensors only; the data-driven time is "
+            "mostly loading the whole model and one forward pass over the calibration tokens, which grows "
+            "with the model and the calibration size.",
         ]
     return [*md, ""]
 
@@ -326,6 +340,11 @@ def correlation_section(ranks: dict) -> list[str]:
     ratio = ranks["attention-cosine"]["extra"].get("attention_ratio")
     if ratio:
         pairs.append(("measured attention-output / residual norm (data)", ratio))
+    synthetic = ranks.get("mixed-synthetic", {})
+    if synthetic:
+        own = [1 - c for c in synthetic["extra"]["attention_cosine"]]
+        pairs.append(("attention-cosine on self-generated text (no data)", own))
+        pairs.append(("mixed-synthetic score (damage per saved FLOP)", synthetic["scores"]["scores"]))
     md += ["| score | Spearman vs 1 - cos |", "| --- | --- |"]
     md += [f"| {label} | {spearman(v[1:], cos[1:]):.2f} |" for label, v in pairs]
     return [*md, ""]
@@ -390,6 +409,17 @@ def zeroshot_section(data: dict, families: list[str]) -> list[str]:
             ]
             cells.append("–" if not vals else f"{100 * np.mean(vals):.1f}")
         md.append(f"| {NAMES[f]} | " + " | ".join(cells) + " |")
+    pruned = [v["average"] for k, v in z.items() if not k.startswith("unpruned")]
+    n_items = len(data["settings"]["tasks"].split(",")) * data["settings"]["limit"]
+    if pruned and base is not None:
+        md += [
+            "",
+            f"The pruned models' averages span {100 * min(pruned):.1f} to {100 * max(pruned):.1f} % around "
+            f"the unpruned {100 * base:.1f} %; with {n_items} items an average's standard error is about "
+            f"{100 * math.sqrt(0.25 / n_items):.1f} points, and this 135M model is near chance on most of "
+            "these tasks (BoolQ flips between always-no and always-yes), so zero-shot does not separate the "
+            "methods here; KLD and PPL on text do.",
+        ]
     return [*md, ""]
 
 
@@ -426,13 +456,16 @@ def speed_section(data: dict, plans, cost, args) -> list[str]:
     md += [
         "",
         f"The unpruned reference in the first measured pair ran at {ref[pp]:.0f} tok/s prompt and "
-        f"{ref[tg]:.1f} tok/s generation: far below this model's speed on an idle machine, because other "
-        "engineers' jobs shared the 2 cores (load 5 to 8). Interleaving makes both models see the same load "
-        "on average, but with so few runs the ratios, generation above all, are dominated by that noise; "
-        "only their order (drop-block > drop-attention > linearize) is informative. The target comparison "
-        "therefore uses the cost model, which counts FLOPs and ignores memory traffic.",
+        f"{ref[tg]:.1f} tok/s generation; load average during the stage {load_range(data)}. Interleaving "
+        "makes both models see the same conditions; generation ratios of 32 tokens carry the most noise.",
     ]
     return [*md, ""]
+
+
+def load_range(data: dict) -> str:
+    """The range of load averages recorded with the speed measurements (older entries have none)."""
+    loads = [s["load"] for s in data.get("speed", {}).values() if "load" in s]
+    return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not recorded"
 
 
 def mechanism_plot(ranks: dict, path: Path) -> None:

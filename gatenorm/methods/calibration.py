@@ -1,5 +1,6 @@
-"""Calibration for the data-driven methods: held-out text windows and per-layer statistics read by hooks
-on the transformers model (one forward pass, no copy of the model or of its activations)."""
+"""Calibration for the data-driven methods: held-out text windows, or text the model generates itself
+(``synthetic``: no data at all), and per-layer statistics read by hooks on the transformers model (one
+forward pass, no copy of the model or of its activations)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
 from gatenorm.validate.text import WIKI_HELDOUT, token_windows
+
+#: Calibration source: text sampled from the model itself (`generated_windows`), no external data.
+SYNTHETIC = "synthetic"
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Where calibration text comes from: ``wiki-heldout`` or a UTF-8 file, `samples` windows of `length`."""
+    """Where calibration text comes from: ``wiki-heldout``, a UTF-8 file or ``synthetic`` (sampled from the
+    model), `samples` windows of `length` tokens."""
 
     source: str
     samples: int = 16
@@ -27,17 +33,22 @@ class Calibration:
             raise GatenormError(
                 f"--calib wiki is the evaluation text; calibrate on held-out text ({WIKI_HELDOUT} or a file)"
             )
-        if self.source != WIKI_HELDOUT and not Path(self.source).is_file():
+        if self.source not in (WIKI_HELDOUT, SYNTHETIC) and not Path(self.source).is_file():
             raise GatenormError(f"no such calibration text file: {self.source}")
         if self.samples < 1 or self.length < 8:
             raise GatenormError(
                 f"--calib-samples {self.samples} / --calib-len {self.length}: need >= 1 sample of >= 8 tokens"
             )
 
-    def windows(self, tokenizer) -> np.ndarray:
-        """Token ids [samples, length] of the text, BOS first when the tokenizer adds one."""
+    def windows(self, tokenizer, model: nn.Module | None = None, seed: int = 0) -> np.ndarray:
+        """Token ids [samples, length] of the text, BOS first when the tokenizer adds one (`model` and
+        `seed` generate the ``synthetic`` text)."""
         probe = tokenizer("a").input_ids
         bos = tokenizer.bos_token_id if probe and probe[0] == tokenizer.bos_token_id else None
+        if self.source == SYNTHETIC:
+            if model is None:
+                raise GatenormError("synthetic calibration text needs the model that generates it")
+            return generated_windows(model, tokenizer, self.samples, self.length, bos, seed)
 
         def tokenize(text: str) -> list[int]:
             return list(tokenizer(text, add_special_tokens=False).input_ids)
@@ -45,14 +56,49 @@ class Calibration:
         return token_windows(self.source, tokenize, self.length, self.samples * self.length, bos)
 
 
+def generated_windows(
+    model: nn.Module, tokenizer, samples: int, length: int, bos: int | None, seed: int = 0
+) -> np.ndarray:
+    """`samples` windows of `length` tokens sampled from `model` itself (LLM-QAT's data-free calibration):
+    BOS (if the model uses one), a uniformly drawn non-special token, then ancestral sampling at temperature
+    1 with end-of-sequence suppressed, so that every window is full length. Seeded: same seed, same text."""
+    special = set(tokenizer.all_special_ids)
+    allowed = torch.tensor([i for i in range(model.config.vocab_size) if i not in special])
+    generator = torch.Generator().manual_seed(seed)
+    first = allowed[torch.randint(len(allowed), (samples, 1), generator=generator)]
+    prefix = first if bos is None else torch.cat([torch.full((samples, 1), bos), first], dim=1)
+    new = length - prefix.shape[1]
+    if new < 1:
+        return prefix[:, :length].numpy()
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(seed)  # generate() samples from the global generator
+    with torch.inference_mode():
+        out = model.generate(
+            prefix,
+            attention_mask=torch.ones_like(prefix),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=eos if eos is not None else 0,
+        )
+    return np.ascontiguousarray(out.numpy())
+
+
 @dataclass
 class LayerStatistics:
     """Per layer, means over calibration tokens: cos(X, X + Attn(norm X)) (attention cosine), cos(block input,
-    block output) (ShortGPT) and ||Attn(norm X)|| / ||X|| (the Gate-Norm paper's mechanism ratio)."""
+    block output) (ShortGPT), ||Attn(norm X)|| / ||X|| (the Gate-Norm paper's mechanism ratio), and for the
+    attention linearized (HARP, `gatenorm.harp`) with output alpha * L, L = o_proj(repeat_kv(v_proj(norm X))):
+    the least-squares alpha = sum <L, Attn> / sum ||L||^2 and cos(X + Attn, X + alpha * L) at that alpha."""
 
     attention_cosine: list[float]
     block_cosine: list[float]
     attention_ratio: list[float]
+    linear_alpha: list[float]
+    linear_cosine: list[float]
     tokens: int
 
 
@@ -64,22 +110,67 @@ def _first(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1)
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.double(), b.double()
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)
+    return _dot(a, b) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)
+
+
+class _LinearFit:
+    """Per-token dot products from which cos(X + A, X + alpha L) follows for any alpha, so the least-squares
+    alpha (known only after the last token) and the cosine at it come out of one pass."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []  # rows: <f,x>, <f,L>, |f|^2, |x|^2, <x,L>, |L|^2, <A,L>
+
+    def add(self, x: torch.Tensor, attn: torch.Tensor, lin: torch.Tensor) -> None:
+        x, attn, lin = x.double(), attn.double(), lin.double()
+        f = x + attn
+        pairs = ((f, x), (f, lin), (f, f), (x, x), (x, lin), (lin, lin), (attn, lin))
+        self.parts.append(torch.stack([_dot(a, b).reshape(-1) for a, b in pairs]))
+
+    def result(self) -> tuple[float, float]:
+        """(alpha, mean cosine at alpha)."""
+        fx, fl, ff, xx, xl, ll, al = torch.cat(self.parts, dim=1)
+        alpha = float(al.sum() / ll.sum().clamp_min(1e-300))
+        norm = (xx + 2 * alpha * xl + alpha**2 * ll).clamp_min(0).sqrt() * ff.sqrt()
+        return alpha, float(((fx + alpha * fl) / norm.clamp_min(1e-30)).mean())
+
+
+def _value_output(attn: nn.Module, arch, normed: torch.Tensor) -> torch.Tensor:
+    """o_proj(repeat_kv(v_proj(normed))), biases included: the linearized attention at alpha 1, computed
+    through the layer's own projections (no d x d product is formed)."""
+    config = attn.config
+    v = getattr(attn, arch.hf_value_proj)(normed).unflatten(-1, (config.num_key_value_heads, -1))
+    v = v.repeat_interleave(config.num_attention_heads // config.num_key_value_heads, dim=-2)
+    return getattr(attn, arch.hf_output_proj)(v.flatten(-2))
 
 
 def layer_statistics(model: nn.Module, windows: np.ndarray, batch: int = 4) -> LayerStatistics:
-    """One pass of the unpruned `model` over `windows` [n, T], hooks around each layer and its attention."""
+    """One pass of the unpruned `model` over `windows` [n, T], hooks around each layer, its attention and the
+    attention's input norm."""
+    arch = get_architecture(model.config.model_type)
     layers = model.model.layers
     n = len(layers)
     sums = np.zeros((3, n))
+    fits = [_LinearFit() for _ in range(n)]
+    attentions = [getattr(layer, arch.hf_attention_module) for layer in layers]
     inputs: dict[int, torch.Tensor] = {}
+    normed: dict[int, torch.Tensor] = {}
     handles = []
 
     def before_layer(i: int):
         def hook(_module, args, kwargs):
             inputs[i] = _hidden(args, kwargs)
+
+        return hook
+
+    def after_norm(i: int):
+        def hook(_module, _args, output):
+            normed[i] = output
 
         return hook
 
@@ -89,6 +180,7 @@ def layer_statistics(model: nn.Module, windows: np.ndarray, batch: int = 4) -> L
             sums[0, i] += float(_cosine(x, x + a).sum())
             ratio = a.double().norm(dim=-1) / x.double().norm(dim=-1).clamp_min(1e-30)
             sums[2, i] += float(ratio.sum())
+            fits[i].add(x, a, _value_output(attentions[i], arch, normed.pop(i)))
 
         return hook
 
@@ -100,7 +192,8 @@ def layer_statistics(model: nn.Module, windows: np.ndarray, batch: int = 4) -> L
 
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(before_layer(i), with_kwargs=True))
-        handles.append(layer.self_attn.register_forward_hook(after_attention(i)))
+        handles.append(getattr(layer, arch.hf_attention_norm).register_forward_hook(after_norm(i)))
+        handles.append(attentions[i].register_forward_hook(after_attention(i)))
         handles.append(layer.register_forward_hook(after_layer(i), with_kwargs=True))
     try:
         with torch.inference_mode():
@@ -112,7 +205,9 @@ def layer_statistics(model: nn.Module, windows: np.ndarray, batch: int = 4) -> L
             h.remove()
     tokens = windows.size
     mean = sums / tokens
-    return LayerStatistics(mean[0].tolist(), mean[1].tolist(), mean[2].tolist(), tokens)
+    alpha, cosine = zip(*(fit.result() for fit in fits), strict=True)
+    cosines, blocks, ratios = (row.tolist() for row in mean)
+    return LayerStatistics(cosines, blocks, ratios, list(alpha), list(cosine), tokens)
 
 
 class TailRunner:

@@ -12,7 +12,7 @@ import numpy as np
 
 from gatenorm.methods.calibration import LayerStatistics, TailRunner, layer_statistics
 from gatenorm.methods.harp_alpha import calibrate_alphas
-from gatenorm.methods.registry import MethodOptions, Ranking
+from gatenorm.methods.registry import MethodOptions, Ranking, per_layer_fields
 from gatenorm.plan import LayerAction
 from gatenorm.readers import Checkpoint
 from gatenorm.scoring import LayerScores, Method
@@ -22,7 +22,7 @@ def _model_and_windows(ckpt: Checkpoint, options: MethodOptions):
     from gatenorm.apply import load_model, load_tokenizer
 
     model = load_model(ckpt.path)
-    windows = options.calib.windows(load_tokenizer(ckpt.path))
+    windows = options.calib.windows(load_tokenizer(ckpt.path), model, options.seed)
     options.log(
         f"calibration: {windows.shape[0]} windows of {windows.shape[1]} tokens from {options.calib.source}"
     )
@@ -34,19 +34,16 @@ def _scores(ckpt: Checkpoint, method: Method, values: list[float]) -> LayerScore
 
 
 @functools.lru_cache(maxsize=2)
-def _statistics(ckpt: Checkpoint, options: MethodOptions) -> tuple[LayerStatistics, str]:
-    """The calibration pass and the q/k hash, shared by attention-cosine and block-influence (one pass)."""
+def calibration_statistics(ckpt: Checkpoint, options: MethodOptions) -> tuple[LayerStatistics, str]:
+    """The calibration pass and the q/k hash, shared by attention-cosine, block-influence and
+    mixed-synthetic (one pass per calibration)."""
     model, windows = _model_and_windows(ckpt, options)
     return layer_statistics(model, windows), ckpt.attention_sha256(("q", "k"))
 
 
 def _statistics_ranking(ckpt: Checkpoint, options: MethodOptions, method: Method) -> Ranking:
-    stats, sha = _statistics(ckpt, options)
-    extra = {
-        "attention_cosine": stats.attention_cosine,
-        "block_cosine": stats.block_cosine,
-        "attention_ratio": stats.attention_ratio,
-    }
+    stats, sha = calibration_statistics(ckpt, options)
+    extra = per_layer_fields(stats)
     if method is Method.BLOCK_INFLUENCE:
         scores, action = [1.0 - c for c in stats.block_cosine], LayerAction.DROP_BLOCK
     else:

@@ -1,4 +1,5 @@
-"""Data-free rankings that read more than q/k: HARP with the self-weight alpha, and the mixed plan.
+"""Data-free rankings that read more than q/k: HARP with the self-weight alpha, the mixed plan from the
+weights, and the mixed plan from text the model generates itself.
 
 The mixed plan (gatenorm's own): Gate-Norm picks which layers lose their Q/K coupling (lowest first). For a
 chosen layer, dropping the attention loses its whole output (damage D) and saves the cost model's
@@ -6,27 +7,26 @@ c_drop FLOPs per token; linearizing at the data-free alpha (the least-squares fi
 `gatenorm.methods.harp_alpha`) keeps a fraction ~alpha of it (damage ~(1 - alpha) D) and saves c_lin < c_drop.
 The layer is linearized when that buys less damage per saved FLOP, (1 - alpha) / c_lin < 1 / c_drop, i.e.
 alpha > 1 - c_lin / c_drop (about 0.3 for SmolLM2 at a 256-token context), else its attention is dropped.
+
+The mixed-synthetic plan (gatenorm's, no data but forward passes): calibrate on text sampled from the model
+itself (`gatenorm.methods.calibration.generated_windows`), measure per layer the damage of dropping its
+attention, 1 - cos(X + A, X), and of linearizing it at the least-squares alpha, 1 - cos(X + A, X + alpha L),
+and rank the layers by the smaller damage per saved FLOP (cost model), taking the action that achieves it.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from gatenorm.errors import GatenormError
+from gatenorm.methods.calibration import SYNTHETIC, Calibration
 from gatenorm.methods.cost import cost_model
-from gatenorm.methods.data_driven import depth_scores
-from gatenorm.methods.registry import MethodOptions, Ranking
+from gatenorm.methods.data_driven import calibration_statistics, depth_scores
+from gatenorm.methods.registry import MethodOptions, Ranking, per_layer_fields
 from gatenorm.methods.weights import WeightStatistics, weight_statistics
 from gatenorm.plan import LayerAction
 from gatenorm.readers import Checkpoint
 from gatenorm.scoring import LayerScores, Method
-
-
-def _extra(stats: WeightStatistics) -> dict[str, list[float]]:
-    return {
-        "gate_norm": stats.gate_norm,
-        "alpha": stats.alpha,
-        "self_weight": stats.self_weight,
-        "shared": stats.shared,
-        "value_gain": stats.value_gain,
-    }
 
 
 def _scores(stats: WeightStatistics, method: Method, values: list[float]) -> LayerScores:
@@ -39,15 +39,19 @@ def harp_free(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> 
     n = ckpt.shape.n_layers
     alphas = dict(enumerate(stats.alpha))
     scores = _scores(stats, Method.HARP_FREE, depth_scores(n))
-    return Ranking(scores, [LayerAction.LINEARIZE] * n, alphas, _extra(stats))
+    return Ranking(scores, [LayerAction.LINEARIZE] * n, alphas, per_layer_fields(stats))
+
+
+def saved_flops(ckpt: Checkpoint, ctx: int) -> tuple[float, float]:
+    """FLOPs per token one layer saves when linearized and when its attention is dropped (cost model)."""
+    model = cost_model(ckpt, ctx)
+    keep = model.layer(LayerAction.KEEP)
+    return keep - model.layer(LayerAction.LINEARIZE), keep - model.layer(LayerAction.DROP_ATTENTION)
 
 
 def linearize_threshold(ckpt: Checkpoint, ctx: int) -> float:
     """1 - c_lin / c_drop: the alpha above which linearizing loses less per saved FLOP than dropping."""
-    model = cost_model(ckpt, ctx)
-    keep = model.layer(LayerAction.KEEP)
-    saved_lin = keep - model.layer(LayerAction.LINEARIZE)
-    saved_drop = keep - model.layer(LayerAction.DROP_ATTENTION)
+    saved_lin, saved_drop = saved_flops(ckpt, ctx)
     return 1.0 - saved_lin / saved_drop
 
 
@@ -58,5 +62,37 @@ def mixed(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Rank
     linear = [a > threshold for a in stats.alpha]
     actions = [LayerAction.LINEARIZE if lin else LayerAction.DROP_ATTENTION for lin in linear]
     alphas = {i: a for i, (a, lin) in enumerate(zip(stats.alpha, linear, strict=True)) if lin}
-    extra = {**_extra(stats), "linearize_threshold": [threshold]}
+    extra = {**per_layer_fields(stats), "linearize_threshold": [threshold]}
     return Ranking(_scores(stats, Method.MIXED, stats.gate_norm), actions, alphas, extra)
+
+
+#: Self-generated calibration of mixed-synthetic when none is given: 8 windows of 256 tokens.
+DEFAULT_SYNTHETIC = Calibration(SYNTHETIC, 8, 256)
+
+
+def mixed_synthetic(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
+    """Rank by the smaller of drop / linearize damage per saved FLOP on self-generated text (module doc).
+
+    Scores are in units of a dropped attention: 1 - cos(X + A, X) for a layer whose attention is dropped."""
+    calib = options.calib or DEFAULT_SYNTHETIC
+    if calib.source != SYNTHETIC:
+        raise GatenormError(
+            f"--method mixed-synthetic calibrates on text the model generates; --calib {calib.source} is "
+            "data (omit --calib or give --calib synthetic)"
+        )
+    stats, sha = calibration_statistics(ckpt, replace(options, calib=calib))
+    saved_lin, saved_drop = saved_flops(ckpt, options.ctx)
+    scores, actions, alphas = [], [], {}
+    for i, (drop_cos, lin_cos, alpha) in enumerate(
+        zip(stats.attention_cosine, stats.linear_cosine, stats.linear_alpha, strict=True)
+    ):
+        drop, lin = 1.0 - drop_cos, (1.0 - lin_cos) * saved_drop / saved_lin
+        if lin < drop:
+            scores.append(lin)
+            actions.append(LayerAction.LINEARIZE)
+            alphas[i] = alpha
+        else:
+            scores.append(drop)
+            actions.append(LayerAction.DROP_ATTENTION)
+    ranked = LayerScores(Method.MIXED_SYNTHETIC, scores, sha, "attention-tensors", 0.0, options.seed)
+    return Ranking(ranked, actions, alphas, per_layer_fields(stats))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,12 @@ class Ranking:
     actions: list[LayerAction]
     alphas: dict[int, float] = field(default_factory=dict)
     extra: dict[str, list[float]] = field(default_factory=dict)
+
+
+def per_layer_fields(stats) -> dict[str, list[float]]:
+    """The per-layer (list-valued) fields of a statistics dataclass, as a ranking's `extra`."""
+    values = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    return {name: value for name, value in values.items() if isinstance(value, list)}
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,12 @@ METHODS: dict[Method, MethodInfo] = {
         MethodInfo(Method.HARP, True, _data_method("harp"), "HARP: linearize top layers, calibrated alpha"),
         MethodInfo(Method.HARP_FREE, False, _data_free("harp-free"), "HARP with the data-free alpha"),
         MethodInfo(Method.MIXED, False, _data_free("mixed"), "data-free keep/drop/linearize per layer"),
+        MethodInfo(
+            Method.MIXED_SYNTHETIC,
+            False,
+            _data_free("mixed-synthetic"),
+            "keep/drop/linearize by measured damage on self-generated text (no data)",
+        ),
     )
 }
 

@@ -67,7 +67,9 @@ class MethodEntry(_Strict):
 
     name: str
     seed: int = 0
-    calib: str | None = Field(None, description="Calibration text (file or 'wiki') for data-driven methods.")
+    calib: str | None = Field(
+        None, description="Calibration text (a file, 'wiki-heldout' or 'synthetic') for data-driven methods."
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="Further keyword options of the method."
     )

@@ -5,7 +5,7 @@ Every number lands in a JSON cache (--cache) keyed by what produced it, so the s
 writes docs/study.md and PNGs from the cache only. Stages: rank, time (re-time the rankings on a quiet
 machine), quality, zeroshot, speed, report.
 
-    python scripts/study_methods.py --stages rank,quality,speed,zeroshot,report
+    python scripts/study_methods.py   # every stage; the defaults are the settings of docs/study.md
 """
 
 from __future__ import annotations
@@ -56,12 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--harp-samples", type=int, default=4, help="calibration windows of HARP's alpha search")
     p.add_argument("--ctx", type=int, default=256, help="context of the cost model and the data-free alpha")
     p.add_argument("--tasks", default=TASKS)
-    p.add_argument("--limit", type=int, default=10, help="zero-shot items per task")
-    p.add_argument("--zeroshot-budgets", default="8")
+    p.add_argument("--limit", type=int, default=30, help="zero-shot items per task")
+    p.add_argument("--zeroshot-budgets", default="4,8,12,16")
     p.add_argument("--bench-prompt", type=int, default=256)
     p.add_argument("--bench-gen", type=int, default=32)
-    p.add_argument("--bench-runs", type=int, default=2)
-    p.add_argument("--speed-budgets", default="4,8,16", help="budgets whose action counts are benchmarked")
+    p.add_argument("--bench-runs", type=int, default=11)
+    p.add_argument(
+        "--speed-budgets", default="1,2,4,6,8,12,16", help="budgets whose action counts are benchmarked"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=Path("docs/study_results.json"))
     p.add_argument("--docs", type=Path, default=Path("docs"))

@@ -117,14 +117,17 @@ def peak_rss_mb() -> float:
 
 
 def prefill_flops(config, kept: int, tokens: int) -> float:
-    """Matmul FLOPs of one causal prefill of `tokens` tokens with `kept` attention sublayers."""
-    d, ffn, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = d // heads
-    mlp = 2 * tokens * 3 * d * ffn
-    projections = 2 * tokens * d * (2 * heads * head_dim + 2 * kv_heads * head_dim)
-    scores = 2 * 2 * heads * head_dim * tokens * (tokens + 1) / 2  # QK^T and AV, causal
-    return config.num_hidden_layers * mlp + kept * (projections + scores) + 2 * tokens * d * vocab
+    """Matmul FLOPs of one causal prefill of `tokens` tokens with `kept` attention sublayers: the cost
+    model's layers (`gatenorm.methods.cost`) at context `tokens`, plus the LM head at every position."""
+    from gatenorm.methods.cost import cost_model
+    from gatenorm.models import smollm2
+    from gatenorm.plan import LayerAction
+    from gatenorm.readers import open_checkpoint
+
+    cost = cost_model(open_checkpoint(smollm2()), ctx=tokens)
+    n = config.num_hidden_layers
+    actions = [LayerAction.KEEP] * kept + [LayerAction.DROP_ATTENTION] * (n - kept)
+    return tokens * (cost.flops(actions) + 2 * config.hidden_size * config.vocab_size)
 
 
 def decode_bytes(folder: Path, config, kept: int, context: int) -> float:

@@ -310,6 +310,15 @@ def test_runner_rejects_a_folder_that_is_no_export(tmp_path):
         OnnxRunner(tmp_path)
 
 
+def test_head_size_not_a_multiple_of_8_is_refused(tmp_path):
+    """onnxruntime's GroupQueryAttention fails at run time on such heads: the export refuses up front."""
+    model = tmp_path / "hd4"
+    make_tiny_model(model, hidden_size=32, num_attention_heads=8, num_key_value_heads=2)  # head size 4
+    with pytest.raises(GatenormError, match="head size 4 is not a multiple of 8"):
+        export_onnx(model, plan_for(model, 1), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_block_size(tiny_models, tmp_path):
     with pytest.raises(GatenormError, match="block-size 24"):
         export_onnx(

@@ -106,7 +106,15 @@ def test_cli_errors_are_one_line_exit_2_before_any_work(tmp_path):
     out = tmp_path / "out"
     bad_key = write(tmp_path / "a.yaml", TINY + "jobz: 2\n")
     too_many = write(tmp_path / "b.yaml", TINY.replace("[0, 1]", "[0, 2]"))  # tiny has 2 layers
-    for recipe, message in ((bad_key, "a.yaml:13: jobz: unknown key"), (too_many, "budget 2 out of range")):
+    too_fast = write(tmp_path / "c.yaml", TINY.replace("[0, 1]", "[0, {min_speedup: 3}]"))
+    for recipe, message in (
+        (bad_key, "a.yaml:13: jobz: unknown key"),
+        (too_many, "budget 2 out of range"),
+        (
+            too_fast,
+            "budget min_speedup=3 of tiny: estimated speedup 3.0 is out of reach: gate-norm reaches at most",
+        ),
+    ):
         result = gatenorm("run", recipe, "-o", out)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, result.stderr

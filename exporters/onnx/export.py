@@ -47,6 +47,19 @@ def _check_block_size(block_size: int) -> None:
         raise GatenormError(f"--block-size {block_size}: use a power of two >= 16 (e.g. 32, 64, 128)")
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _check_head_size(config, kv: list) -> None:
+    """onnxruntime's GroupQueryAttention (every kept attention layer) runs only head sizes divisible by 8."""
+    if kv and _head_dim(config) % 8:
+        raise GatenormError(
+            f"head size {_head_dim(config)} is not a multiple of 8, which onnxruntime's GroupQueryAttention "
+            "needs for the kept attention layers; export GGUF instead"
+        )
+
+
 def export_onnx(
     model_path: str | Path,
     plan: Plan,
@@ -75,6 +88,7 @@ def export_onnx(
         tokenizer = load_tokenizer(model_path) if has_tokenizer(model_path) else None
         text_config = model.config
         kv = kv_layers(plan)
+        _check_head_size(text_config, kv)
         onnx_path = tmp / MODEL_NAME
         trace_to_onnx(model, [k.layer for k in kv], onnx_path, tie_embeddings=not precision.quantizes_matmuls)
         del model
@@ -100,8 +114,7 @@ def export_onnx(
             linearize_alphas=plan.linearize_alphas,
             dropped_blocks=plan.blocks_dropped,
             num_key_value_heads=text_config.num_key_value_heads,
-            head_dim=getattr(text_config, "head_dim", None)
-            or text_config.hidden_size // text_config.num_attention_heads,
+            head_dim=_head_dim(text_config),
             vocab_size=text_config.vocab_size,
             eos_token_id=_eos_ids(text_config),
             kv_cache=kv,

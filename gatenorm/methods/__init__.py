@@ -10,7 +10,7 @@ layer; `make_method_plan` turns that into a `Plan` for a budget in layers or in 
 | harp | calibration | linearize | depth; alpha by HARP's top-down perplexity search |
 | harp-free | no | linearize | depth; alpha by gatenorm's data-free self-weight rule |
 | mixed | no | per layer | Gate-Norm; linearize (data-free alpha) or drop-attention |
-| mixed-synthetic | no (self-generated text) | per layer | least drop / linearize damage per saved FLOP |
+| mixed-synthetic | no (own text) | per layer | least drop / linearize / drop-block damage per saved FLOP |
 """
 
 from gatenorm.methods.registry import (

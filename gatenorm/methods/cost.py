@@ -3,7 +3,8 @@
 FLOPs per token of prompt processing at context `ctx` (a token at position p attends to p + 1 keys, so a
 layer's attention costs its projections plus 4 * n_head * head_dim * (ctx + 1) / 2 on average):
 keep = projections + attention + MLP, linearize = one d x d matmul + MLP, drop-attention = MLP,
-drop-block = 0, plus the LM head. It counts compute, not bytes; docs/study.md compares it with llama.cpp.
+drop-block = 0. The LM head is left out: in prompt processing it runs for the last token only. It counts
+compute, not bytes; docs/study.md compares it with llama.cpp's measured speed.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from gatenorm.readers import Checkpoint, ModelShape
 
 @dataclass(frozen=True)
 class CostModel:
-    """FLOPs per token of each action for one model shape, MLP width and vocabulary, at context `ctx`."""
+    """FLOPs per token of each action for one model shape and MLP width, at context `ctx`."""
 
     shape: ModelShape
     ffn: int
-    vocab: int
     ctx: int = 512
 
     @property
@@ -47,8 +47,8 @@ class CostModel:
         return 0.0
 
     def flops(self, actions: Sequence[LayerAction]) -> float:
-        """FLOPs per token of the model with `actions` per layer (LM head included)."""
-        return sum(self.layer(a) for a in actions) + 2.0 * self.shape.d_model * self.vocab
+        """FLOPs per prompt token of the layers with `actions` per layer."""
+        return sum(self.layer(a) for a in actions)
 
     def speedup(self, actions: Sequence[LayerAction]) -> float:
         """Estimated speedup of `actions` over the unpruned model."""
@@ -56,17 +56,15 @@ class CostModel:
 
 
 def cost_model(ckpt: Checkpoint, ctx: int = 512) -> CostModel:
-    """The cost model of `ckpt`, its MLP width and vocabulary read from the metadata."""
+    """The cost model of `ckpt`, its MLP width read from the metadata."""
     if ctx < 1:
         raise GatenormError(f"--ctx {ctx}: the cost model needs a context of at least 1 token")
     config = getattr(ckpt, "config", None)
     if config is not None:  # HF folder
-        ffn, vocab = config.get("intermediate_size"), config.get("vocab_size")
+        ffn = config.get("intermediate_size")
     else:  # GGUF: the tensor table has the shapes
-        tensors = getattr(ckpt, "tensors", {})
-        up, embd = tensors.get("blk.0.ffn_up.weight"), tensors.get("token_embd.weight")
+        up = getattr(ckpt, "tensors", {}).get("blk.0.ffn_up.weight")
         ffn = None if up is None else int(max(up.shape))
-        vocab = None if embd is None else int(max(embd.shape))
-    if not ffn or not vocab:
-        raise GatenormError(f"{ckpt.path}: cannot read the MLP width and vocabulary for the cost model")
-    return CostModel(ckpt.shape, int(ffn), int(vocab), ctx)
+    if not ffn:
+        raise GatenormError(f"{ckpt.path}: cannot read the MLP width for the cost model")
+    return CostModel(ckpt.shape, int(ffn), ctx)

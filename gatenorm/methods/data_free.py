@@ -10,8 +10,9 @@ alpha > 1 - c_lin / c_drop (about 0.3 for SmolLM2 at a 256-token context), else 
 
 The mixed-synthetic plan (gatenorm's, no data but forward passes): calibrate on text sampled from the model
 itself (`gatenorm.methods.calibration.generated_windows`), measure per layer the damage of dropping its
-attention, 1 - cos(X + A, X), and of linearizing it at the least-squares alpha, 1 - cos(X + A, X + alpha L),
-and rank the layers by the smaller damage per saved FLOP (cost model), taking the action that achieves it.
+attention, 1 - cos(X + A, X), of linearizing it at the least-squares alpha, 1 - cos(X + A, X + alpha L),
+and of dropping the whole block, 1 - cos(block in, block out), and rank the layers by the smallest damage
+per saved FLOP (cost model), taking the action that achieves it.
 """
 
 from __future__ import annotations
@@ -42,17 +43,17 @@ def harp_free(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> 
     return Ranking(scores, [LayerAction.LINEARIZE] * n, alphas, per_layer_fields(stats))
 
 
-def saved_flops(ckpt: Checkpoint, ctx: int) -> tuple[float, float]:
-    """FLOPs per token one layer saves when linearized and when its attention is dropped (cost model)."""
+def saved_flops(ckpt: Checkpoint, ctx: int) -> dict[LayerAction, float]:
+    """FLOPs per token one layer saves with each pruning action (cost model)."""
     model = cost_model(ckpt, ctx)
     keep = model.layer(LayerAction.KEEP)
-    return keep - model.layer(LayerAction.LINEARIZE), keep - model.layer(LayerAction.DROP_ATTENTION)
+    return {a: keep - model.layer(a) for a in LayerAction if a is not LayerAction.KEEP}
 
 
 def linearize_threshold(ckpt: Checkpoint, ctx: int) -> float:
     """1 - c_lin / c_drop: the alpha above which linearizing loses less per saved FLOP than dropping."""
-    saved_lin, saved_drop = saved_flops(ckpt, ctx)
-    return 1.0 - saved_lin / saved_drop
+    saved = saved_flops(ckpt, ctx)
+    return 1.0 - saved[LayerAction.LINEARIZE] / saved[LayerAction.DROP_ATTENTION]
 
 
 def mixed(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
@@ -71,9 +72,9 @@ DEFAULT_SYNTHETIC = Calibration(SYNTHETIC, 8, 256)
 
 
 def mixed_synthetic(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
-    """Rank by the smaller of drop / linearize damage per saved FLOP on self-generated text (module doc).
-
-    Scores are in units of a dropped attention: 1 - cos(X + A, X) for a layer whose attention is dropped."""
+    """Rank by the smallest drop / linearize / drop-block damage per saved FLOP on self-generated text
+    (module doc). Scores are in units of a dropped attention: 1 - cos(X + A, X) for a layer whose attention
+    is dropped, a damage times c_drop / c_action for the other actions."""
     calib = options.calib or DEFAULT_SYNTHETIC
     if calib.source != SYNTHETIC:
         raise GatenormError(
@@ -81,18 +82,21 @@ def mixed_synthetic(ckpt: Checkpoint, options: MethodOptions, _needed: int | Non
             "data (omit --calib or give --calib synthetic)"
         )
     stats, sha = calibration_statistics(ckpt, replace(options, calib=calib))
-    saved_lin, saved_drop = saved_flops(ckpt, options.ctx)
+    saved = saved_flops(ckpt, options.ctx)
+    cosines = {
+        LayerAction.DROP_ATTENTION: stats.attention_cosine,
+        LayerAction.LINEARIZE: stats.linear_cosine,
+        LayerAction.DROP_BLOCK: stats.block_cosine,
+    }
     scores, actions, alphas = [], [], {}
-    for i, (drop_cos, lin_cos, alpha) in enumerate(
-        zip(stats.attention_cosine, stats.linear_cosine, stats.linear_alpha, strict=True)
-    ):
-        drop, lin = 1.0 - drop_cos, (1.0 - lin_cos) * saved_drop / saved_lin
-        if lin < drop:
-            scores.append(lin)
-            actions.append(LayerAction.LINEARIZE)
-            alphas[i] = alpha
-        else:
-            scores.append(drop)
-            actions.append(LayerAction.DROP_ATTENTION)
+    for i in range(ckpt.shape.n_layers):
+        per_flop = {
+            a: (1.0 - c[i]) * saved[LayerAction.DROP_ATTENTION] / saved[a] for a, c in cosines.items()
+        }
+        action = min(per_flop, key=per_flop.__getitem__)
+        scores.append(per_flop[action])
+        actions.append(action)
+        if action is LayerAction.LINEARIZE:
+            alphas[i] = stats.linear_alpha[i]
     ranked = LayerScores(Method.MIXED_SYNTHETIC, scores, sha, "attention-tensors", 0.0, options.seed)
     return Ranking(ranked, actions, alphas, per_layer_fields(stats))

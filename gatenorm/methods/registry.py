@@ -142,8 +142,8 @@ def chosen_layers(
         actions[layer] = ranking.actions[layer]
         if model.speedup(actions) >= speedup:
             return order[:n]
-    best = model.speedup(actions)
-    raise GatenormError(f"--budget-speedup {speedup}: this method reaches at most {best:.3f} (estimated)")
+    best, name = model.speedup(actions), ranking.scores.method.value
+    raise GatenormError(f"estimated speedup {speedup} is out of reach: {name} reaches at most {best:.3f}")
 
 
 def make_method_plan(

@@ -87,7 +87,8 @@ class Target(_Strict):
     """A budget searched for: the most layers dropped whose quality holds, or the fewest reaching a speedup.
 
     Quality targets are measured in PyTorch against the unpruned model on the search text (see `Search`);
-    `min_speedup` uses the ideal prefill speedup from FLOP counts at the validation context.
+    `min_speedup` uses the cost model's prefill speedup of the method's actions at the
+    validation context.
     """
 
     max_kld: float | None = Field(None, gt=0)

@@ -4,42 +4,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from pathlib import Path
 
 from gatenorm.errors import GatenormError
 from gatenorm.methods import Ranking, make_method_plan
+from gatenorm.methods.registry import chosen_layers
 from gatenorm.readers import Checkpoint
 from gatenorm.recipes.schema import Recipe, Target
 from gatenorm.recipes.sources import ResolvedSource
-
-
-def _config(path: Path):
-    """The transformers config of an HF folder or a GGUF file."""
-    from transformers import AutoConfig
-
-    if path.is_file():
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoConfig.from_pretrained(path)
-
-
-def ideal_prefill_speedups(path: Path, ctx: int, max_n: int) -> list[float]:
-    """Ideal prefill speedup of dropping 0..max_n attention sublayers: FLOPs per token at a `ctx`-token
-    prompt (projections, attention over the causal half of the prompt, MLPs; the head runs once per
-    prompt and is left out), from the model's parameter shapes."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = _config(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    layer = model.model.layers[0]
-    attention = 2 * sum(p.numel() for p in layer.self_attn.parameters())
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    attention += 4 * heads * head_dim * (ctx + 1) / 2
-    rest = 2 * sum(p.numel() for n, p in layer.named_parameters() if not n.startswith("self_attn"))
-    total = config.num_hidden_layers * (attention + rest)
-    return [total / (total - n * attention) for n in range(max_n + 1)]
 
 
 def _quality_probe(
@@ -90,19 +61,17 @@ def resolve_target(
     """The number of layers a target budget asks for.
 
     Quality targets: the most layers (in the method's order) whose metric still meets the target, by
-    bisection, assuming quality falls as layers go. `min_speedup`: the fewest layers whose ideal prefill
-    speedup at the validation context reaches the target (the report shows the measured one)."""
+    bisection, assuming quality falls as layers go. `min_speedup`: the fewest layers whose method actions
+    reach the target under the cost model (`gatenorm.methods.cost`) at the validation context, as
+    `--budget-speedup` does (the report shows the measured speedup)."""
     name = ranking.scores.method.value
     top = ckpt.shape.n_layers - 1  # make_plan's limit: one attention sublayer stays
     if target.kind == "min_speedup":
-        speedups = ideal_prefill_speedups(source.path, recipe.validation.ctx, top)
-        n = next((i for i, s in enumerate(speedups) if s >= target.value), None)
-        if n is None:
-            raise GatenormError(
-                f"budget {target.label} is out of reach: dropping {top} attention sublayers of "
-                f"{source.name} gives an ideal prefill speedup of {speedups[-1]:.2f}"
-            )
-        log(f"{source.name} / {name}: {target.label} -> {n} layers (ideal {speedups[n]:.2f}x)")
+        try:
+            n = len(chosen_layers(ckpt, ranking, None, target.value, recipe.validation.ctx))
+        except GatenormError as error:
+            raise GatenormError(f"budget {target.label} of {source.name}: {error}") from None
+        log(f"{source.name} / {name}: {target.label} -> {n} layers")
         return n
     probe = _quality_probe(source, ckpt, ranking, recipe, target)
     holds = (lambda v: v <= target.value) if target.kind.startswith("max") else (lambda v: v >= target.value)

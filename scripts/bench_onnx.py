@@ -116,18 +116,17 @@ def peak_rss_mb() -> float:
 # ---------------------------------------------------------------- ideal speedups
 
 
-def prefill_flops(config, kept: int, tokens: int) -> float:
-    """Matmul FLOPs of one causal prefill of `tokens` tokens with `kept` attention sublayers: the cost
-    model's layers (`gatenorm.methods.cost`) at context `tokens`, plus the LM head at every position."""
-    from gatenorm.methods.cost import cost_model
-    from gatenorm.models import smollm2
-    from gatenorm.plan import LayerAction
-    from gatenorm.readers import open_checkpoint
+def prefill_flops(cost, vocab: int, kept: int, tokens: int) -> float:
+    """Matmul FLOPs of one causal prefill of `tokens` tokens with `kept` attention sublayers: the layers of
+    the cost model `cost` (`gatenorm.methods.cost`) at context `tokens`, plus the LM head at every
+    position."""
+    import dataclasses
 
-    cost = cost_model(open_checkpoint(smollm2()), ctx=tokens)
-    n = config.num_hidden_layers
+    from gatenorm.plan import LayerAction
+
+    n = cost.shape.n_layers
     actions = [LayerAction.KEEP] * kept + [LayerAction.DROP_ATTENTION] * (n - kept)
-    return tokens * (cost.flops(actions) + 2 * config.hidden_size * config.vocab_size)
+    return tokens * (dataclasses.replace(cost, ctx=tokens).flops(actions) + 2 * cost.shape.d_model * vocab)
 
 
 def decode_bytes(folder: Path, config, kept: int, context: int) -> float:
@@ -252,6 +251,11 @@ def report(models: dict[str, Path], runs: dict[str, list[dict]], config, args) -
             f"{_size(models[name]) / 1e6:8.1f} {m['peak_rss_mb']:12.0f}"
         )
 
+    from gatenorm.methods.cost import cost_model
+    from gatenorm.models import smollm2
+    from gatenorm.readers import open_checkpoint
+
+    cost, vocab = cost_model(open_checkpoint(smollm2())), config.vocab_size
     n_layers = config.num_hidden_layers
     context = PREFILL_LENGTHS[0] + args.decode_steps // 2
     print("\nspeedup over the 0-drop export of the same precision: measured / ideal (target >= 0.9 x ideal)")
@@ -261,7 +265,7 @@ def report(models: dict[str, Path], runs: dict[str, list[dict]], config, args) -
             name = f"ours-{precision}-drop{drop}"
             kept = n_layers - drop
             ideals = {
-                f"prefill_{t}": prefill_flops(config, n_layers, t) / prefill_flops(config, kept, t)
+                f"prefill_{t}": prefill_flops(cost, vocab, n_layers, t) / prefill_flops(cost, vocab, kept, t)
                 for t in PREFILL_LENGTHS
             }
             ideals["decode"] = decode_bytes(models[base], config, n_layers, context) / decode_bytes(

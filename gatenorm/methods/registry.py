@@ -102,7 +102,7 @@ METHODS: dict[Method, MethodInfo] = {
             Method.MIXED_SYNTHETIC,
             False,
             _data_free("mixed-synthetic"),
-            "keep/drop/linearize by measured damage on self-generated text (no data)",
+            "keep/drop/linearize/drop-block by measured damage on self-generated text (no data)",
         ),
     )
 }

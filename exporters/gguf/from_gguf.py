@@ -30,7 +30,7 @@ import numpy as np
 from exporters.gguf.header import ScannedGGUF, encode_kv, encode_raw_kv, encode_tensor_info
 from exporters.gguf.linearize import fused_nbytes, fused_type, fused_value_output_bytes
 from exporters.gguf.metadata import plan_metadata, pruned_name
-from gatenorm.architectures import Architecture
+from gatenorm.architectures import Architecture, gguf_tensor
 from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint
@@ -94,7 +94,7 @@ def removed_tensor_names(arch: type[Architecture], plan: Plan) -> set[str]:
     for lp in plan.layers:
         i = lp.layer
         if lp.action is LayerAction.DROP_ATTENTION:
-            weights = [f"{BLOCK}.{i}.{part}.weight" for part in arch.gguf_attention_sublayer]
+            weights = [gguf_tensor(t).format(i=i) for t in arch.gguf_attention_sublayer]
         elif lp.action is LayerAction.LINEARIZE:
             weights = [arch.gguf_tensors[part].format(i=i) for part in ("q", "k", "v")]
         else:

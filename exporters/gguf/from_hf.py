@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from gatenorm.architectures import model_arch
 from gatenorm.errors import GatenormError
 from gatenorm.readers.hf_folder import HFCheckpoint
 
@@ -29,13 +30,6 @@ _FILE_TYPES = {
     "BF16": gguf.LlamaFileType.MOSTLY_BF16,
 }
 _SKIPPED = ("rotary_emb.inv_freq",)
-
-
-def _model_arch(name: str) -> gguf.MODEL_ARCH:
-    for arch, arch_name in gguf.MODEL_ARCH_NAMES.items():
-        if arch_name == name:
-            return arch
-    raise GatenormError(f"gguf-py does not know the architecture {name!r}")
 
 
 def load_vocab(folder: Path) -> gguf.Vocab:
@@ -124,7 +118,7 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
     biases) are always F32.
     """
     arch, shape = ckpt.arch, ckpt.shape
-    names = gguf.get_tensor_name_map(_model_arch(arch.gguf_arch), shape.n_layers)
+    names = gguf.get_tensor_name_map(model_arch(arch.gguf_arch), shape.n_layers)
     rotary = {
         arch.hf_tensors[part].format(i=i).removesuffix(".weight") + suffix: part
         for i in range(shape.n_layers)
@@ -171,6 +165,7 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
             part = rotary.get(name)
             if part is not None:
                 value = arch.hf_to_gguf_rows(part, value, shape.n_head, shape.n_head_kv)
+            value = arch.hf_to_gguf_tensor(name, value)
             data = value.to(torch_type).contiguous()
             if torch_type is torch.bfloat16:
                 data = data.view(torch.int16)

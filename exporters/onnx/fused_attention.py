@@ -86,33 +86,30 @@ class _GroupQueryAttention(torch.autograd.Function):
         return out, present_k, present_v
 
 
-def _rope_tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_positions, head_dim/2] from the model's rotary module (scaling included)."""
+def _rope_tables(model: nn.Module, rotary: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_positions, head_dim/2] from one of the model's rotary modules (scaling included)."""
     config = model.config
     positions = torch.arange(config.max_position_embeddings)[None]
     probe = torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
-        cos, sin = model.model.rotary_emb(probe, positions)
+        cos, sin = rotary(probe, positions)
     half = cos.shape[-1] // 2
     return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
 
 
 def _fused_forward(attention: nn.Module, arch: type[Architecture], config, tables, graph_inputs: dict):
-    """A replacement forward for one transformers attention module (see the module docstring)."""
+    """A replacement forward for one transformers attention module (see the module docstring); the
+    family's pieces (q/k/v projections and norms, window, rotary tables) come from the adapter."""
     num_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = attention.head_dim
     window = arch.sliding_window(attention, config)
     local_window = -1 if window is None else window  # both count the token itself in the window
-    qk_norms = [getattr(attention, name) for name in arch.hf_qk_norms] if arch.hf_qk_norms else None
+    if arch.attention_softcap(attention):
+        raise GatenormError(f"{arch.name}: ONNX export of soft-capped attention is not supported yet")
+    if tables is None:
+        raise GatenormError(f"{arch.name}: ONNX export of layers without rotary is not supported yet")
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **_):
-        batch, seq, _ = hidden_states.shape
-        q = attention.q_proj(hidden_states)
-        k = attention.k_proj(hidden_states)
-        v = attention.v_proj(hidden_states)
-        if qk_norms is not None:
-            q = qk_norms[0](q.view(batch, seq, -1, head_dim)).view(batch, seq, -1)
-            k = qk_norms[1](k.view(batch, seq, -1, head_dim)).view(batch, seq, -1)
+        q, k, v = arch.project_qkv(attention, hidden_states)
         positions = graph_inputs["position_ids"]
         q = _Rotary.apply(q, positions, *tables)
         k = _Rotary.apply(k, positions, *tables)
@@ -141,14 +138,18 @@ def fused_attention(model: nn.Module, arch: type[Architecture]) -> Iterator[None
     config = model.config
     attentions = [
         getattr(layer, arch.hf_attention_module)
-        for layer in model.model.layers
+        for layer in arch.decoder_layers(model)
         if hasattr(layer, arch.hf_attention_module)
     ]
     if getattr(config, "rope_scaling", None) and config.rope_scaling.get("rope_type") == "dynamic":
         raise GatenormError(
             "dynamic RoPE scaling depends on the sequence length; ONNX export needs a fixed table"
         )
-    tables = _rope_tables(model)
+    tables: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}  # per rotary module (local/global)
+    for attention in attentions:
+        rotary = arch.rotary_module(model, attention)
+        if id(rotary) not in tables:
+            tables[id(rotary)] = None if rotary is None else _rope_tables(model, rotary)
     graph_inputs: dict[str, torch.Tensor] = {}
 
     def capture(module, args, kwargs):
@@ -161,7 +162,8 @@ def fused_attention(model: nn.Module, arch: type[Architecture]) -> Iterator[None
 
     hook = model.model.register_forward_pre_hook(capture, with_kwargs=True)
     for attention in attentions:
-        attention.forward = _fused_forward(attention, arch, config, tables, graph_inputs)
+        rotary_tables = tables[id(arch.rotary_module(model, attention))]
+        attention.forward = _fused_forward(attention, arch, config, rotary_tables, graph_inputs)
     try:
         yield
     finally:

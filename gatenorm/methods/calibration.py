@@ -142,22 +142,24 @@ class _LinearFit:
 
 def _value_output(attn: nn.Module, arch, normed: torch.Tensor) -> torch.Tensor:
     """o_proj(repeat_kv(v_proj(normed))), biases included: the linearized attention at alpha 1, computed
-    through the layer's own projections (no d x d product is formed)."""
+    through the layer's own projection weights (no d x d product is formed)."""
     config = attn.config
-    v = getattr(attn, arch.hf_value_proj)(normed).unflatten(-1, (config.num_key_value_heads, -1))
+    v_w, v_b, o_w, o_b = arch.value_output(attn)
+    v = nn.functional.linear(normed, v_w, v_b).unflatten(-1, (config.num_key_value_heads, -1))
     v = v.repeat_interleave(config.num_attention_heads // config.num_key_value_heads, dim=-2)
-    return getattr(attn, arch.hf_output_proj)(v.flatten(-2))
+    return nn.functional.linear(v.flatten(-2), o_w, o_b)
 
 
 def layer_statistics(model: nn.Module, windows: np.ndarray, batch: int = 4) -> LayerStatistics:
     """One pass of the unpruned `model` over `windows` [n, T], hooks around each layer, its attention and the
-    attention's input norm."""
+    attention's input. The attention's output A is what it adds to the residual stream (after the family's
+    post-attention norm and residual multiplier), and so is L."""
     arch = get_architecture(model.config.model_type)
-    layers = model.model.layers
+    layers = arch.decoder_layers(model)
     n = len(layers)
     sums = np.zeros((3, n))
     fits = [_LinearFit() for _ in range(n)]
-    attentions = [getattr(layer, arch.hf_attention_module) for layer in layers]
+    parts = [arch.layer_parts(layer) for layer in layers]
     inputs: dict[int, torch.Tensor] = {}
     normed: dict[int, torch.Tensor] = {}
     handles = []
@@ -168,19 +170,20 @@ def layer_statistics(model: nn.Module, windows: np.ndarray, batch: int = 4) -> L
 
         return hook
 
-    def after_norm(i: int):
-        def hook(_module, _args, output):
-            normed[i] = output
+    def before_attention(i: int):
+        def hook(_module, args, kwargs):
+            normed[i] = _hidden(args, kwargs)
 
         return hook
 
     def after_attention(i: int):
         def hook(_module, _args, output):
-            x, a = inputs[i], _first(output)
+            p = parts[i]
+            x, a = inputs[i], arch.attention_update(p, _first(output))
             sums[0, i] += float(_cosine(x, x + a).sum())
             ratio = a.double().norm(dim=-1) / x.double().norm(dim=-1).clamp_min(1e-30)
             sums[2, i] += float(ratio.sum())
-            fits[i].add(x, a, _value_output(attentions[i], arch, normed.pop(i)))
+            fits[i].add(x, a, arch.attention_update(p, _value_output(p.attention, arch, normed.pop(i))))
 
         return hook
 
@@ -192,8 +195,8 @@ def layer_statistics(model: nn.Module, windows: np.ndarray, batch: int = 4) -> L
 
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(before_layer(i), with_kwargs=True))
-        handles.append(getattr(layer, arch.hf_attention_norm).register_forward_hook(after_norm(i)))
-        handles.append(attentions[i].register_forward_hook(after_attention(i)))
+        handles.append(parts[i].attention.register_forward_pre_hook(before_attention(i), with_kwargs=True))
+        handles.append(parts[i].attention.register_forward_hook(after_attention(i)))
         handles.append(layer.register_forward_hook(after_layer(i), with_kwargs=True))
     try:
         with torch.inference_mode():
@@ -216,15 +219,22 @@ class TailRunner:
 
     def __init__(self, model: nn.Module, windows: np.ndarray, keep_from: int, batch: int = 4):
         self.model = model
+        self.arch = get_architecture(model.config.model_type)
         self.batch = batch
         ids = torch.from_numpy(np.ascontiguousarray(windows))
         self.targets = ids[:, 1:]
         t = ids.shape[1]
-        self.mask = torch.full((t, t), float("-inf")).triu(1)[None, None]
+        i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+        self.masks = []  # per layer: causal, within the layer's sliding window if it has one
+        for layer in self.arch.decoder_layers(model):
+            attention = getattr(layer, self.arch.hf_attention_module, None)  # none in a pruned layer
+            window = None if attention is None else self.arch.sliding_window(attention, model.config)
+            allowed = (j <= i) & (j > i - window) if window else j <= i
+            self.masks.append(torch.zeros(t, t).masked_fill(~allowed, float("-inf"))[None, None])
         with torch.inference_mode():
             positions = torch.arange(t)[None]
             embeds = model.model.embed_tokens(ids[:1])
-            self.position_embeddings = model.model.rotary_emb(embeds, positions)
+            self.layer_kwargs = self.arch.layer_kwargs(model, embeds, positions)
             out = model.model(input_ids=ids, use_cache=False, output_hidden_states=True)
         #: hidden_states[l] is the input of layer l in the unpruned model
         self.inputs = {layer: h for layer, h in enumerate(out.hidden_states[:-1]) if layer >= keep_from}
@@ -235,11 +245,10 @@ class TailRunner:
         with torch.inference_mode():
             for b in range(0, len(self.targets), self.batch):
                 h = self.inputs[start][b : b + self.batch]
-                for layer in model.model.layers[start:]:
-                    h = _first(
-                        layer(h, attention_mask=self.mask, position_embeddings=self.position_embeddings)
-                    )
-                logits = model.lm_head(model.model.norm(h))[:, :-1].float()
+                layers = self.arch.decoder_layers(model)
+                for index in range(start, len(layers)):
+                    h = _first(layers[index](h, attention_mask=self.masks[index], **self.layer_kwargs))
+                logits = self.arch.logits(model, h)[:, :-1].float()
                 targets = self.targets[b : b + self.batch]
                 loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
                 total += float(loss) * targets.numel()

@@ -24,10 +24,12 @@ class CostModel:
     shape: ModelShape
     ffn: int
     ctx: int = 512
+    #: FLOPs per token of one MLP (the architecture's `mlp_flops`); None: a gated MLP, 2 * 3 * d * ffn
+    mlp_flops: float | None = None
 
     @property
     def mlp(self) -> float:
-        return 2.0 * 3 * self.shape.d_model * self.ffn
+        return 2.0 * 3 * self.shape.d_model * self.ffn if self.mlp_flops is None else self.mlp_flops
 
     @property
     def attention(self) -> float:
@@ -56,15 +58,10 @@ class CostModel:
 
 
 def cost_model(ckpt: Checkpoint, ctx: int = 512) -> CostModel:
-    """The cost model of `ckpt`, its MLP width read from the metadata."""
+    """The cost model of `ckpt`, its MLP width and FLOPs from the architecture adapter."""
     if ctx < 1:
         raise GatenormError(f"--ctx {ctx}: the cost model needs a context of at least 1 token")
-    config = getattr(ckpt, "config", None)
-    if config is not None:  # HF folder
-        ffn = config.get("intermediate_size")
-    else:  # GGUF: the tensor table has the shapes
-        up = getattr(ckpt, "tensors", {}).get("blk.0.ffn_up.weight")
-        ffn = None if up is None else int(max(up.shape))
+    ffn = ckpt.arch.mlp_width(ckpt)
     if not ffn:
         raise GatenormError(f"{ckpt.path}: cannot read the MLP width for the cost model")
-    return CostModel(ckpt.shape, int(ffn), ctx)
+    return CostModel(ckpt.shape, int(ffn), ctx, ckpt.arch.mlp_flops(ckpt.shape.d_model, int(ffn)))

@@ -103,18 +103,6 @@ def golden_section(
     return x, seen
 
 
-class _ScaledLinear(nn.Module):
-    """`base` (an alpha = 1 fused matmul) times a settable scale."""
-
-    def __init__(self, base: nn.Linear):
-        super().__init__()
-        self.base = base
-        self.scale = 1.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.base(x)
-
-
 def calibrate_alphas(
     model: nn.Module,
     runner,
@@ -128,26 +116,22 @@ def calibrate_alphas(
     `runner` is a `TailRunner` holding the unpruned model's inputs of these layers. The model's layers are
     swapped for linearized ones while searching and put back before returning.
     """
-    from gatenorm.apply import linearized_layer
-
     arch = get_architecture(model.config.model_type)
-    decoder = model.model.layers
+    decoder = arch.decoder_layers(model)
     originals = {}
     alphas: dict[int, float] = {}
     try:
         for layer in sorted(layers, reverse=True):
             originals[layer] = decoder[layer]
-            linear = linearized_layer(decoder[layer], 1.0, arch)
-            scaled = _ScaledLinear(linear.fused_attention)
-            linear.fused_attention = scaled
+            linear = arch.linearized(decoder[layer], 1.0)  # its `scale` multiplies the update: alpha
             decoder[layer] = linear
 
-            def nll(alpha: float, scaled: _ScaledLinear = scaled, layer: int = layer) -> float:
-                scaled.scale = alpha
+            def nll(alpha: float, linear=linear, layer: int = layer) -> float:
+                linear.scale = alpha
                 return runner.nll(layer)
 
             alphas[layer], seen = golden_section(nll, grid, refine)
-            scaled.scale = alphas[layer]
+            linear.scale = alphas[layer]
             log(f"harp: layer {layer} alpha {alphas[layer]:.3f} (calib NLL {seen[alphas[layer]]:.4f})")
     finally:
         for layer, original in originals.items():

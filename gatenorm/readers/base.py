@@ -115,8 +115,7 @@ class Checkpoint(ABC):
         """sha256 of the raw bytes of `parts` of every layer, in the order `iter_attention` reads them."""
         digest = ContentHash()
         for layer in range(self.shape.n_layers):
-            for part in parts:
-                name = self.tensor_name(part, layer)
+            for name in dict.fromkeys(self.tensor_name(part, layer) for part in parts):  # fused: once
                 digest.update(name, self.read_raw(name))
         return digest.hexdigest()
 
@@ -137,21 +136,31 @@ class Checkpoint(ABC):
             raise GatenormError(f"layer {layer} out of range: model has {self.shape.n_layers} layers")
         s = self.shape
         weights = AttentionWeights(layer, s.n_head, s.n_head_kv, s.head_dim)
+        read: dict[str, torch.Tensor] = {}  # a fused tensor (Phi-3's qkv) is read and hashed once
         for part in parts:
             if part not in ATTENTION_PARTS:
                 raise ValueError(f"unknown attention part {part!r}")
             name = self.tensor_name(part, layer)
-            raw, value = self._read(name)
-            if digest is not None:
-                digest.update(name, raw)
+            if name not in read:
+                raw, read[name] = self._read(name)
+                if digest is not None:
+                    digest.update(name, raw)
+            value = read[name]
+            rows = self.arch.fused_rows(part, s.n_head, s.n_head_kv, s.head_dim)
+            if rows is not None:
+                value = value[rows]
             setattr(weights, part, self._to_hf_layout(part, value) if hf_rows else value)
         return weights
 
     def read_norm(self, layer: int) -> torch.Tensor:
-        """The gain (d,) of `layer`'s attention input RMSNorm, float32."""
+        """The gain (d,) that `layer`'s attention input RMSNorm multiplies by, float32, the same from either
+        format (Gemma's ``1 + w``; ones where the family has no input norm)."""
         if not 0 <= layer < self.shape.n_layers:
             raise GatenormError(f"layer {layer} out of range: model has {self.shape.n_layers} layers")
-        return self._read(self.tensor_name("norm", layer))[1].reshape(-1)
+        if self.arch.tensor_template(self.format, "norm") is None:  # no input norm (OLMo-2)
+            return torch.ones(self.shape.d_model)
+        stored = self._read(self.tensor_name("norm", layer))[1].reshape(-1)
+        return self.arch.norm_gain(self.format, stored)
 
     def read_embedding(self) -> torch.Tensor:
         """The token embedding table (vocab, d), float32."""

@@ -1,0 +1,31 @@
+"""Gemma-3 (text; ``Gemma3ForCausalLM``, model_type ``gemma3_text``, GGUF ``gemma3``): Gemma-2's sandwich
+norms plus per-head q/k norms, and local layers with their own rotary table (``rotary_emb_local``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gatenorm.architectures.base import register
+from gatenorm.architectures.gemma2 import Gemma2
+
+
+@register("gemma3_text", "Gemma3ForCausalLM")
+class Gemma3(Gemma2):
+    """Gemma-3 text decoder (no attention soft-capping; q/k norms with ``1 + w`` gains)."""
+
+    name = "gemma3"
+    gguf_arch = "gemma3"
+    hf_qk_norms = ("q_norm", "k_norm")
+    deci_refusal = "gemma3's post-norms, q/k norms and sliding window do not exist in llama.cpp's deci graph"
+
+    @classmethod
+    def rotary_module(cls, model: nn.Module, attention: nn.Module) -> nn.Module | None:
+        return model.model.rotary_emb_local if attention.is_sliding else model.model.rotary_emb
+
+    @classmethod
+    def layer_kwargs(cls, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
+        return {
+            "position_embeddings_global": model.model.rotary_emb(hidden, positions),
+            "position_embeddings_local": model.model.rotary_emb_local(hidden, positions),
+        }

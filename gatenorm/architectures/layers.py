@@ -1,0 +1,100 @@
+"""The PyTorch modules that replace a transformers decoder layer for each plan action.
+
+Every family's decoder layer is, per sublayer, ``h + s * post(sub(pre(h)))`` with `pre` an input norm (or
+none: OLMo-2), `post` an output norm (Gemma-2/3, OLMo-2) or none, and `s` a residual multiplier (Granite)
+or 1. An architecture names those pieces (`LayerParts`); the modules here are built from them, so a dropped
+or linearized sublayer is exact for every family's norms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerParts:
+    """The sublayers and norms of one transformers decoder layer (None: the family has no such norm)."""
+
+    attention: nn.Module
+    attention_norm: nn.Module | None
+    post_attention_norm: nn.Module | None
+    mlp: nn.Module
+    mlp_norm: nn.Module | None
+    post_mlp_norm: nn.Module | None
+    residual_scale: float = 1.0
+    #: the family's model loop reads ``layer(...)[0]`` (Gemma-2/3, Granite) rather than a tensor
+    returns_tuple: bool = False
+
+
+def _apply(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if module is None else module(x)
+
+
+class _Pruned(nn.Module):
+    def __init__(self, attention_type: str | None, returns_tuple: bool):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+        if attention_type is not None:
+            self.attention_type = attention_type  # read by some models to pick the attention mask
+
+    def _out(self, hidden_states: torch.Tensor):
+        return (hidden_states,) if self.returns_tuple else hidden_states
+
+
+class AttentionFreeLayer(_Pruned):
+    """A decoder layer whose attention sublayer was removed: ``h + s * post_mlp(mlp(mlp_norm(h)))``.
+
+    It holds only the MLP and its norms, so the input norm and q/k/v/o weights are gone, and it never
+    touches the KV cache.
+    """
+
+    def __init__(self, parts: LayerParts, attention_type: str | None = None):
+        super().__init__(attention_type, parts.returns_tuple)
+        self.mlp_norm, self.mlp, self.post_mlp_norm = parts.mlp_norm, parts.mlp, parts.post_mlp_norm
+        self.residual_scale = parts.residual_scale
+
+    def mlp_step(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        update = _apply(self.post_mlp_norm, self.mlp(_apply(self.mlp_norm, hidden_states)))
+        return hidden_states + self.residual_scale * update
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return self._out(self.mlp_step(hidden_states))
+
+
+class LinearAttentionLayer(AttentionFreeLayer):
+    """A decoder layer whose attention is HARP-linearized: ``h + s * scale * post(fused(norm(h)))``, then
+    the MLP step.
+
+    `fused` is the single ``d x d`` matmul ``o_proj(repeat_kv(v_proj(.)))`` (`gatenorm.harp`) times alpha
+    where the family has no post-attention norm (`scale` 1); after a post-attention norm, which removes
+    any scale, alpha is `scale`. The layer keeps no KV cache.
+    """
+
+    def __init__(
+        self, parts: LayerParts, fused: nn.Linear, scale: float = 1.0, attention_type: str | None = None
+    ):
+        super().__init__(parts, attention_type)
+        self.attention_norm, self.post_attention_norm = parts.attention_norm, parts.post_attention_norm
+        self.fused_attention = fused
+        self.scale = scale
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        normed = _apply(self.attention_norm, hidden_states)
+        update = _apply(self.post_attention_norm, self.fused_attention(normed))
+        return self._out(self.mlp_step(hidden_states + self.residual_scale * self.scale * update))
+
+
+class IdentityLayer(_Pruned):
+    """A decoder block removed whole (ShortGPT): the residual stream passes through unchanged."""
+
+    def __init__(self, attention_type: str | None = None, returns_tuple: bool = False):
+        super().__init__(attention_type, returns_tuple)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return self._out(hidden_states)
+
+
+PRUNED_LAYERS = (AttentionFreeLayer, LinearAttentionLayer, IdentityLayer)

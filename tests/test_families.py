@@ -1,0 +1,300 @@
+"""Every architecture family through score -> plan -> apply, on tiny random checkpoints built from
+transformers configs (no downloads), each checked against an independent reference:
+
+- scores: Gate-Norm against float64 brute force on the q/k weights read straight from the safetensors file,
+  the norm gain against the stored one, and the calibration statistics (attention cosine, block cosine,
+  the linearized attention's least-squares alpha) against the stock transformers model with one layer's
+  MLP output zeroed by a hook;
+- a pruned model (drop-attention / drop-block) against the stock model with the dropped sublayers' outputs
+  zeroed by forward hooks; a linearized layer against the formula written out by hand here;
+- every registered method plans and applies on every family, and the pruned model's cached generation
+  equals its full recomputation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gatenorm.apply import AttentionFreeLayer, IdentityLayer, LinearAttentionLayer, apply_plan, load_model
+from gatenorm.architectures import get_architecture
+from gatenorm.methods import MethodOptions, make_method_plan
+from gatenorm.methods.calibration import Calibration, layer_statistics
+from gatenorm.methods.cost import cost_model
+from gatenorm.methods.registry import METHODS
+from gatenorm.readers import open_checkpoint
+from gatenorm.scoring import gate_norm, gate_norm_head
+from tests.conftest import TINY_LLAMA, mixed_plan, tiny_hf
+from tests.test_scoring import brute_force
+
+IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+#: model_type -> config overrides of the tiny model (4 layers, d 64, 8 heads, 2 KV heads)
+FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": 6},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma2": {
+        "head_dim": 8,
+        "query_pre_attn_scalar": 8,
+        "sliding_window": 6,
+        "layer_types": ALTERNATING,
+        "attn_logit_softcapping": 20.0,
+        "final_logit_softcapping": 10.0,
+    },
+    "gemma3_text": {
+        "head_dim": 8,
+        "query_pre_attn_scalar": 8,
+        "sliding_window": 6,
+        "layer_types": ALTERNATING,
+        "rope_local_base_freq": 100.0,
+    },
+    "phi3": {},
+    "granite": {
+        "embedding_multiplier": 2.0,
+        "attention_multiplier": 0.2,
+        "residual_multiplier": 0.5,
+        "logits_scaling": 4.0,
+    },
+    "olmo2": {},
+    "smollm3": {},
+}
+GEMMA = ("gemma2", "gemma3_text")
+POST_NORM_ONLY = ("olmo2",)
+N_HEAD, N_KV, D = (
+    TINY_LLAMA["num_attention_heads"],
+    TINY_LLAMA["num_key_value_heads"],
+    TINY_LLAMA["hidden_size"],
+)
+
+_built: dict[str, tuple] = {}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request, tmp_path_factory, tokenizer_dir):
+    """(model_type, folder, checkpoint, stock model, state dict) of one family, built once per session."""
+    name = request.param
+    if name not in _built:
+        folder = tiny_hf(tmp_path_factory.mktemp(name), tokenizer_dir, name, **IDS, **FAMILIES[name])
+        sd = load_file(folder / "model.safetensors")
+        _built[name] = (name, folder, open_checkpoint(folder), load_model(folder), sd)
+    return _built[name]
+
+
+def _attention_rows(sd: dict, model_type: str, layer: int) -> dict[str, torch.Tensor]:
+    """q, k, v, o weights (and v/o biases) of `layer` straight from the state dict, HF layout."""
+    p = f"model.layers.{layer}.self_attn."
+    if model_type == "phi3":
+        qkv = sd[p + "qkv_proj.weight"]
+        dh = D // N_HEAD
+        q, k, v = qkv.split([N_HEAD * dh, N_KV * dh, N_KV * dh])
+        out = {"q": q, "k": k, "v": v}
+    else:
+        out = {part: sd[f"{p}{part}_proj.weight"] for part in "qkv"}
+    out["o"] = sd[p + "o_proj.weight"]
+    for part in "vo":
+        out[f"{part}_bias"] = sd.get(f"{p}{part}_proj.bias")
+    return out
+
+
+def _gain(sd: dict, model_type: str, name: str) -> torch.Tensor:
+    """The multiplier of a stored RMSNorm weight (Gemma multiplies by 1 + w)."""
+    return sd[name] + 1 if model_type in GEMMA else sd[name]
+
+
+def test_scores_match_numpy_reference(family):
+    model_type, _, ckpt, _, sd = family
+    assert ckpt.arch is get_architecture(model_type)
+    for layer in range(ckpt.shape.n_layers):
+        ref = _attention_rows(sd, model_type, layer)
+        w = ckpt.read_attention(layer, ("q", "k", "v", "o"))
+        for part in "qkvo":
+            torch.testing.assert_close(getattr(w, part), ref[part], rtol=0, atol=0)
+        whole, per_head = brute_force(ref["q"].numpy(), ref["k"].numpy(), N_HEAD, N_KV)
+        assert gate_norm(w) == pytest.approx(whole, rel=1e-5)
+        assert gate_norm_head(w) == pytest.approx(per_head, rel=1e-5)
+        if model_type in POST_NORM_ONLY:
+            expected = torch.ones(D)  # the attention reads the raw residual stream
+        else:
+            expected = _gain(sd, model_type, f"model.layers.{layer}.input_layernorm.weight")
+        torch.testing.assert_close(ckpt.read_norm(layer), expected)
+
+
+def test_cost_model_reads_the_mlp_width(family):
+    _, _, ckpt, _, _ = family
+    model = cost_model(ckpt)
+    assert model.ffn == TINY_LLAMA["intermediate_size"]  # Phi-3's fused gate_up is 2x as wide
+    assert model.mlp == 2.0 * 3 * D * TINY_LLAMA["intermediate_size"]
+
+
+def _zero_output(module: torch.nn.Module):
+    def hook(_module, _args, output):
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]), *output[1:])
+        return torch.zeros_like(output)
+
+    return module.register_forward_hook(hook)
+
+
+def _run(model, ids: torch.Tensor, capture: list[int]) -> tuple[dict, dict]:
+    """Inputs and outputs of the decoder layers `capture` in a forward pass over `ids`."""
+    arch = get_architecture(model.config.model_type)
+    inputs, outputs, handles = {}, {}, []
+    for i in capture:
+        layer = arch.decoder_layers(model)[i]
+
+        def pre(_m, args, kwargs, i=i):
+            inputs[i] = (args[0] if args else kwargs["hidden_states"]).double()
+
+        def post(_m, _args, output, i=i):
+            outputs[i] = (output[0] if isinstance(output, tuple) else output).double()
+
+        handles += [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post)]
+    with torch.no_grad():
+        model.model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return inputs, outputs
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+def _rms(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain
+
+
+def _linear_attention(sd, model_type, layer, x_in, eps, residual_scale) -> torch.Tensor:
+    """Written out: what o_proj(repeat_kv(v_proj(x_in))) adds to the residual stream (post-norm included)."""
+    w = _attention_rows(sd, model_type, layer)
+    v = x_in @ w["v"].T + (0 if w["v_bias"] is None else w["v_bias"])
+    v = v.unflatten(-1, (N_KV, -1)).repeat_interleave(N_HEAD // N_KV, dim=-2).flatten(-2)
+    out = v @ w["o"].T + (0 if w["o_bias"] is None else w["o_bias"])
+    if model_type in GEMMA or model_type in POST_NORM_ONLY:
+        out = _rms(out, _gain(sd, model_type, f"model.layers.{layer}.post_attention_layernorm.weight"), eps)
+    return residual_scale * out
+
+
+def _attention_input(sd, model_type, layer, h, eps) -> torch.Tensor:
+    if model_type in POST_NORM_ONLY:
+        return h
+    return _rms(h, _gain(sd, model_type, f"model.layers.{layer}.input_layernorm.weight"), eps)
+
+
+def _residual_scale(model) -> float:
+    return float(getattr(model.config, "residual_multiplier", 1.0))
+
+
+def test_calibration_statistics_match_hooked_stock_model(family):
+    model_type, _, ckpt, base, sd = family
+    n, eps = ckpt.shape.n_layers, base.config.rms_norm_eps
+    windows = np.random.default_rng(0).integers(3, 1000, size=(2, 12))
+    stats = layer_statistics(base, windows, batch=2)
+    ids = torch.from_numpy(windows)
+    x, y = _run(base, ids, list(range(n)))
+    arch = get_architecture(model_type)
+    for i in range(n):
+        assert stats.block_cosine[i] == pytest.approx(_cos(x[i], y[i]), rel=1e-4)
+        handle = _zero_output(arch.decoder_layers(base)[i].mlp)
+        try:
+            _, z = _run(base, ids, [i])  # layer i with its MLP output zeroed: X + A
+        finally:
+            handle.remove()
+        assert stats.attention_cosine[i] == pytest.approx(_cos(x[i], z[i]), rel=1e-4)
+        attn = z[i] - x[i]
+        x_in = _attention_input(sd, model_type, i, x[i].float(), eps)
+        lin = _linear_attention(sd, model_type, i, x_in, eps, _residual_scale(base)).double()
+        alpha = float((attn * lin).sum() / (lin * lin).sum())
+        assert stats.linear_alpha[i] == pytest.approx(alpha, rel=1e-3, abs=1e-6)
+    assert min(stats.attention_cosine) < 0.999  # attention matters: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("action", ["drop-attention", "drop-block"])
+def test_pruned_model_matches_hooked_stock_model(family, action):
+    model_type, _, ckpt, base, _ = family
+    changed = [1, 2]
+    pruned = apply_plan(copy.deepcopy(base), mixed_plan(ckpt, dict.fromkeys(changed, action), {}))
+    arch = get_architecture(model_type)
+    expected_type = AttentionFreeLayer if action == "drop-attention" else IdentityLayer
+    assert all(type(arch.decoder_layers(pruned)[i]) is expected_type for i in changed)
+    reference = copy.deepcopy(base)
+    handles = []
+    for i in changed:
+        layer = arch.decoder_layers(reference)[i]
+        handles.append(_zero_output(layer.self_attn))
+        if action == "drop-block":
+            handles.append(_zero_output(layer.mlp))
+    ids = torch.from_numpy(np.random.default_rng(1).integers(3, 1000, size=(2, 12)))
+    with torch.no_grad():
+        got = pruned(ids, use_cache=True).logits
+        want = reference(ids, use_cache=False).logits
+        unpruned = base(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - unpruned).abs().max() > 1e-3  # the plan changed the model
+
+
+def test_linearized_layer_matches_formula(family):
+    model_type, _, ckpt, base, sd = family
+    alpha, layer, eps = 0.7, 1, base.config.rms_norm_eps
+    pruned = apply_plan(copy.deepcopy(base), mixed_plan(ckpt, {layer: "linearize"}, {layer: alpha}))
+    module = get_architecture(model_type).decoder_layers(pruned)[layer]
+    assert isinstance(module, LinearAttentionLayer) and not hasattr(module, "self_attn")
+    h = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = module(h)
+    got = got[0] if isinstance(got, tuple) else got
+    # the formula: h1 = h + alpha * update(L), then the family's MLP step
+    s, p = _residual_scale(base), f"model.layers.{layer}."
+    h1 = h + alpha * _linear_attention(sd, model_type, layer, _attention_input(sd, model_type, layer, h, eps),
+                                       eps, s)  # fmt: skip
+    if model_type in POST_NORM_ONLY:
+        x = h1
+    else:
+        norm = "pre_feedforward_layernorm" if model_type in GEMMA else "post_attention_layernorm"
+        x = _rms(h1, _gain(sd, model_type, p + norm + ".weight"), eps)
+    if model_type == "phi3":
+        gate, up = (x @ sd[p + "mlp.gate_up_proj.weight"].T).chunk(2, dim=-1)
+    else:
+        gate, up = x @ sd[p + "mlp.gate_proj.weight"].T, x @ sd[p + "mlp.up_proj.weight"].T
+    act = (
+        torch.nn.functional.gelu(gate, approximate="tanh")
+        if model_type in GEMMA
+        else torch.nn.functional.silu(gate)
+    )
+    mlp = (act * up) @ sd[p + "mlp.down_proj.weight"].T
+    if model_type in GEMMA or model_type in POST_NORM_ONLY:
+        mlp = _rms(mlp, _gain(sd, model_type, p + "post_feedforward_layernorm.weight"), eps)
+    torch.testing.assert_close(got, h1 + s * mlp, rtol=1e-5, atol=1e-5)
+
+
+def _plans_apply_and_cache(family, methods) -> None:
+    model_type, _, ckpt, base, _ = family
+    options = MethodOptions(calib=Calibration("synthetic", samples=1, length=12))
+    ids = torch.from_numpy(np.random.default_rng(3).integers(3, 1000, size=(1, 5)))
+    for method in methods:
+        plan = make_method_plan(ckpt, method, 2, options=options)
+        assert plan.budget == 2 and plan.layers[0].action.value == "keep"
+        pruned = apply_plan(copy.deepcopy(base), plan)
+        kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            cached = pruned.generate(ids, use_cache=True, **kwargs)
+            full = pruned.generate(ids, use_cache=False, **kwargs)
+        assert cached.tolist() == full.tolist(), f"{model_type} {method.value}: cache differs"
+
+
+def test_weight_methods_plan_and_apply(family):
+    """Every weights-only method (their scores' parts are checked above) plans and applies."""
+    _plans_apply_and_cache(family, [m for m, info in METHODS.items() if not info.data])
+
+
+@pytest.mark.slow
+def test_data_methods_plan_and_apply(family):
+    """Every calibrated method plans and applies (its statistics are checked above; slow: a model load and
+    generated text per method)."""
+    _plans_apply_and_cache(family, [m for m, info in METHODS.items() if info.data])

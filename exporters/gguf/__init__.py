@@ -13,6 +13,7 @@ from exporters.gguf.from_hf import hf_to_gguf
 from exporters.gguf.header import ScannedGGUFCheckpoint
 from exporters.gguf.metadata import read_gguf_metadata, read_plan_metadata
 from exporters.gguf.quantize import FLOAT_TYPES, KEEP, parse_quant, quantize_gguf
+from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_path
 from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
@@ -54,6 +55,12 @@ def write_gguf(
         if isinstance(ckpt, GGUFCheckpoint):
             source = ckpt
         else:
+            if not ckpt.arch.gguf_from_hf:
+                raise GatenormError(
+                    f"cannot export {ckpt.arch.name} from an HF folder to GGUF: gatenorm's HF -> GGUF writer "
+                    f"does not write its hyperparameters yet; what works: convert it with llama.cpp's "
+                    f"convert_hf_to_gguf.py and export that GGUF, or {ckpt.arch.gguf_works}"
+                )
             converted = stack.enter_context(_scratch(out, "f"))
             hf_to_gguf(ckpt, converted, quant if quant in FLOAT_TYPES else KEEP)
             source = ScannedGGUFCheckpoint(converted)

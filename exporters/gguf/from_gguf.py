@@ -46,17 +46,35 @@ BLOCK_COUNT = "block_count"
 BLOCK = "blk"
 
 
+def keeps_source_architecture(arch: type[Architecture], plan: Plan) -> bool:
+    """Whether the export is written as the source's own architecture rather than ``deci``: a plan that
+    changes no layer (quantize or copy), or drop-block only on a family ``deci`` cannot run."""
+    if not plan.changed:
+        return True
+    return not arch.deci_exportable and plan.actions <= {LayerAction.KEEP, LayerAction.DROP_BLOCK}
+
+
 def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
-    """Refuse, with one clear line, plans that llama.cpp could not run as a ``deci`` GGUF."""
+    """Refuse, with one line naming the family, the action, the reason and what works, the plans that stock
+    llama.cpp could not run as written."""
     arch = ckpt.arch
-    if not arch.deci_exportable:
-        raise GatenormError(f"cannot export {arch.name} to GGUF: {arch.deci_refusal}")
-    first = next(lp for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK)
-    if first.action is LayerAction.DROP_ATTENTION:
+    if not plan.changed:
+        return
+    if LayerAction.KEEP not in plan.actions:
         raise GatenormError(
-            f"the plan drops the attention of layer {first.layer}, the first layer a GGUF export writes, "
-            "which it cannot do: llama.cpp reads the head size from the first layer (make the plan "
-            "without --allow-first-layer)"
+            f"cannot export a plan that keeps no attention of this {arch.name} model to GGUF: llama.cpp "
+            "creates no context without a KV cache; keep at least one layer's attention"
+        )
+    if not arch.deci_exportable:
+        actions = sorted(a.value for a in plan.actions - {LayerAction.KEEP})
+        if actions == [LayerAction.DROP_BLOCK.value] and arch.gguf_block_removal:
+            arch.check_block_removal(
+                [lp.layer for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
+            )
+            return
+        raise GatenormError(
+            f"cannot export {arch.name} with {', '.join(actions)} to GGUF: {arch.deci_refusal}; what works: "
+            f"{arch.gguf_works}"
         )
     biased = [i for i in plan.linearized if ckpt.has_attention_bias(i, ("v", "o"))]
     if biased:
@@ -64,6 +82,18 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
             f"cannot linearize layers {biased} of this {arch.name} model in GGUF: llama.cpp's deci linear "
             "attention adds no bias, and these layers have v/o biases (use drop-attention or ONNX)"
         )
+
+
+def deci_plan(plan: Plan) -> Plan:
+    """The plan as the ``deci`` file writes it: a dropped attention in the first written layer becomes
+    linear attention with an all-zero ``attn_output`` (alpha 0: ``h + 0 @ attn_norm(h)``, exactly the
+    dropped attention), since llama.cpp reads the head size from the first layer."""
+    first = next(lp for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK)
+    if first.action is not LayerAction.DROP_ATTENTION:
+        return plan
+    doc = plan.model_dump(mode="json")
+    doc["layers"][first.layer].update(action=LayerAction.LINEARIZE.value, alpha=0.0)
+    return Plan.model_validate(doc)
 
 
 def layer_of(name: str) -> int | None:
@@ -129,27 +159,31 @@ def rotary_tensor_parts(arch: type[Architecture], n_layers: int) -> dict[str, st
     return parts
 
 
-def deci_metadata(header: ScannedGGUF, shape: ModelShape, plan: Plan) -> list[bytes]:
-    """The encoded key/value pairs of the pruned file: the source's, renamed, plus per-layer and plan keys."""
+def deci_metadata(
+    header: ScannedGGUF, shape: ModelShape, plan: Plan, written: Plan | None = None, target: str = DECI
+) -> list[bytes]:
+    """The encoded key/value pairs of the pruned file: the source's, renamed to `target`, plus per-layer
+    (``deci`` only: `written` is the plan as written, `deci_plan`) and plan keys."""
     t = gguf.GGUFValueType
-    prefix = f"{header.fields['general.architecture'].contents()}."
+    source_arch = header.fields["general.architecture"].contents()
+    prefix = f"{source_arch}."
     ffn_field = header.fields.get(prefix + FFN_LENGTH)
     ffn = ffn_field.contents() if ffn_field else None
-    if not isinstance(ffn, int) or ffn <= 0:
+    if target == DECI and (not isinstance(ffn, int) or ffn <= 0):
         raise GatenormError(f"GGUF {header.path} has no usable {prefix}{FFN_LENGTH}")
-    per_layer = deci_layer_hparams(plan, shape, ffn)
-    n_written = len(per_layer[HEAD_COUNT])
+    per_layer = deci_layer_hparams(written or plan, shape, ffn) if target == DECI else {}
+    n_written = len(written_layers(plan))
     name = header.fields.get("general.name")
     kv = [
-        encode_kv("general.architecture", DECI, t.STRING),
+        encode_kv("general.architecture", target, t.STRING),
         encode_kv("general.name", pruned_name(name.contents() if name else None, plan), t.STRING),
     ]
     for key, field in header.fields.items():
         if key in ("general.architecture", "general.name") or key.startswith("gatenorm."):
             continue
         if key.startswith(prefix):
-            key = f"{DECI}.{key.removeprefix(prefix)}"
-            if (suffix := key.removeprefix(f"{DECI}.")) in per_layer:
+            key = f"{target}.{key.removeprefix(prefix)}"
+            if (suffix := key.removeprefix(f"{target}.")) in per_layer:
                 kv.append(encode_kv(key, per_layer.pop(suffix), t.ARRAY, t.INT32))
                 continue
             if suffix == BLOCK_COUNT:
@@ -157,7 +191,7 @@ def deci_metadata(header: ScannedGGUF, shape: ModelShape, plan: Plan) -> list[by
                 continue
         kv.append(encode_raw_kv(key, field.raw_value))
     for suffix, values in per_layer.items():  # head_count_kv may be implicit in the source
-        kv.append(encode_kv(f"{DECI}.{suffix}", values, t.ARRAY, t.INT32))
+        kv.append(encode_kv(f"{target}.{suffix}", values, t.ARRAY, t.INT32))
     kv += [encode_kv(key, value, vtype, sub) for key, (value, vtype, sub) in plan_metadata(plan).items()]
     return kv
 
@@ -173,13 +207,16 @@ class _OutTensor:
     write: Callable[[BinaryIO], None]
 
 
-def _output_tensors(ckpt: GGUFCheckpoint, header: ScannedGGUF, plan: Plan, src_fd: int, exact: bool):
+def _output_tensors(
+    ckpt: GGUFCheckpoint, header: ScannedGGUF, plan: Plan, src_fd: int, exact: bool, to_deci: bool = True
+):
     """The output tensors in source order: kernel copies, reordered q/k rows, fused linear attention."""
     arch, shape = ckpt.arch, ckpt.shape
     removed = removed_tensor_names(arch, plan)
     new_index = written_layers(plan)
-    # q/k rows move only where the source GGUF keeps NEOX order; elsewhere every tensor is a kernel copy
-    rotary = {} if arch.gguf_qk_permuted else rotary_tensor_parts(arch, shape.n_layers)
+    # q/k rows move only where the source GGUF keeps NEOX order and deci is written; elsewhere every
+    # tensor is a kernel copy
+    rotary = {} if arch.gguf_qk_permuted or not to_deci else rotary_tensor_parts(arch, shape.n_layers)
     fused = {
         arch.gguf_tensors["o"].format(i=lp.layer): lp
         for lp in plan.layers
@@ -227,10 +264,14 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = 
     """
     check_deci_plan(ckpt, plan)
     header = ckpt.reader if isinstance(ckpt.reader, ScannedGGUF) else ScannedGGUF(ckpt.path)
-    kv = deci_metadata(header, ckpt.shape, plan)
+    if keeps_source_architecture(ckpt.arch, plan):
+        written, target = plan, header.fields["general.architecture"].contents()
+    else:
+        written, target = deci_plan(plan), DECI
+    kv = deci_metadata(header, ckpt.shape, plan, written, target)
     align = header.alignment
     with _open_for_writing(out) as fout, open(ckpt.path, "rb") as src:
-        tensors = list(_output_tensors(ckpt, header, plan, src.fileno(), fused_exact))
+        tensors = list(_output_tensors(ckpt, header, written, src.fileno(), fused_exact, target == DECI))
         infos, offset = [], 0
         for t in tensors:
             infos.append(encode_tensor_info(t.name, t.ne, t.ggml_type, offset))

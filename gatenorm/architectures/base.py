@@ -124,6 +124,15 @@ class Architecture:
     #: llama.cpp's ``deci`` graph (per-layer head counts) can run this architecture's layers.
     deci_exportable: ClassVar[bool] = True
     deci_refusal: ClassVar[str] = ""
+    #: Where deci cannot run it: a GGUF of the source architecture with whole blocks left out runs in stock
+    #: llama.cpp (checked against llama.cpp's logits by the tests).
+    gguf_block_removal: ClassVar[bool] = False
+    #: What a refused GGUF export can do instead (the end of the refusal line).
+    gguf_works: ClassVar[str] = (
+        "apply the plan in PyTorch (gatenorm validate --candidate-plan) or export ONNX"
+    )
+    #: `exporters.gguf.from_hf` writes this family's HF checkpoints as the GGUF llama.cpp's converter writes.
+    gguf_from_hf: ClassVar[bool] = True
 
     # ---- checkpoint side -------------------------------------------------------------------------------
 
@@ -169,6 +178,10 @@ class Architecture:
             return int(value)
         down = ckpt.tensors.get(gguf_tensor(MT.FFN_DOWN).format(i=0))  # ne = (ffn, d)
         return None if down is None else int(down.shape[0])
+
+    @classmethod
+    def check_block_removal(cls, kept: list[int]) -> None:
+        """Refuse a block removal keeping source layers `kept` that the source architecture cannot run."""
 
     @classmethod
     def gguf_to_hf_rows(cls, part: str, weight: T, n_head: int, n_head_kv: int) -> T:

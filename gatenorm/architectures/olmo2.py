@@ -27,6 +27,8 @@ class Olmo2(Architecture):
     gguf_attention_sublayer += (MT.ATTN_POST_NORM,)
     deci_exportable = False
     deci_refusal = "olmo2 is post-norm with q/k norms, which llama.cpp's deci graph cannot run"
+    gguf_block_removal = True
+    gguf_works = "drop-block plans (--method block-influence) as an olmo2 GGUF, or PyTorch for every action"
 
     @classmethod
     def project_qkv(cls, attention: nn.Module, hidden: torch.Tensor):

@@ -14,3 +14,7 @@ class Qwen3(Architecture):
     hf_qk_norms = ("q_norm", "k_norm")
     deci_exportable = False
     deci_refusal = "qwen3 has per-head q/k norms, which llama.cpp's deci graph cannot run"
+    gguf_block_removal = True
+    gguf_works = (
+        "drop-block plans (--method block-influence) as a qwen3 GGUF, or PyTorch / ONNX for every action"
+    )

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from gatenorm.apply import AttentionFreeLayer, IdentityLayer, LinearAttentionLayer, apply_plan, load_model
 from gatenorm.architectures import get_architecture
+from gatenorm.errors import GatenormError
 from gatenorm.methods import MethodOptions, make_method_plan
 from gatenorm.methods.calibration import Calibration, layer_statistics
 from gatenorm.methods.cost import cost_model
@@ -271,6 +272,19 @@ def test_linearized_layer_matches_formula(family):
     if model_type in GEMMA or model_type in POST_NORM_ONLY:
         mlp = _rms(mlp, _gain(sd, model_type, p + "post_feedforward_layernorm.weight"), eps)
     torch.testing.assert_close(got, h1 + s * mlp, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_refuses_unchecked_families_in_one_line(family):
+    from exporters.onnx.fused_attention import fused_attention
+
+    model_type, _, _, base, _ = family
+    arch = get_architecture(model_type)
+    if not arch.onnx_refusal:
+        pytest.skip(f"{model_type} exports to ONNX (tests/test_onnx_export.py)")
+    match = f"cannot export {arch.name} to ONNX: .*what works"
+    with pytest.raises(GatenormError, match=match) as refused, fused_attention(base, arch):
+        pass
+    assert "\n" not in str(refused.value)
 
 
 def _plans_apply_and_cache(family, methods) -> None:

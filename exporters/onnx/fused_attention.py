@@ -136,6 +136,11 @@ def _fused_forward(attention: nn.Module, arch: type[Architecture], config, table
 def fused_attention(model: nn.Module, arch: type[Architecture]) -> Iterator[None]:
     """While active, every kept attention module of `model` traces to ORT's fused ops."""
     config = model.config
+    if arch.onnx_refusal:
+        raise GatenormError(
+            f"cannot export {arch.name} to ONNX: {arch.onnx_refusal}; what works: apply the plan in PyTorch "
+            "(gatenorm validate --candidate-plan)"
+        )
     attentions = [
         getattr(layer, arch.hf_attention_module)
         for layer in arch.decoder_layers(model)

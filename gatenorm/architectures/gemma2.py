@@ -22,6 +22,7 @@ class Gemma2(Architecture):
     layer_returns_tuple = True
     gguf_attention_sublayer = (*Architecture.gguf_attention_sublayer, MT.ATTN_POST_NORM)
     deci_exportable = False
+    onnx_refusal = "its soft-capped attention and sandwich norms are not checked against onnxruntime yet"
     gguf_from_hf = False
     deci_refusal = "gemma2's post-norms, soft-capping and sliding window do not exist in llama.cpp's deci"
 

@@ -24,7 +24,7 @@ from gatenorm.apply import AttentionFreeLayer, IdentityLayer, LinearAttentionLay
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
 from gatenorm.methods import MethodOptions, make_method_plan
-from gatenorm.methods.calibration import Calibration, layer_statistics
+from gatenorm.methods.calibration import Calibration, TailRunner, layer_statistics
 from gatenorm.methods.cost import cost_model
 from gatenorm.methods.registry import METHODS
 from gatenorm.readers import open_checkpoint
@@ -272,6 +272,22 @@ def test_linearized_layer_matches_formula(family):
     if model_type in GEMMA or model_type in POST_NORM_ONLY:
         mlp = _rms(mlp, _gain(sd, model_type, p + "post_feedforward_layernorm.weight"), eps)
     torch.testing.assert_close(got, h1 + s * mlp, rtol=1e-5, atol=1e-5)
+
+
+def test_tail_runner_matches_full_forward(family):
+    """HARP's search reruns the layers above one layer (per-layer sliding masks, the family's rotary inputs
+    and logits): from any start it gives the full model's NLL."""
+    _, _, _, base, _ = family
+    windows = np.random.default_rng(4).integers(3, 1000, size=(2, 12))  # longer than the sliding windows
+    runner = TailRunner(base, windows, keep_from=0, batch=2)
+    ids = torch.from_numpy(windows)
+    with torch.no_grad():
+        logits = base(ids, use_cache=False).logits[:, :-1]
+    full = float(
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    )
+    for start in (0, 2, 3):
+        assert runner.nll(start) == pytest.approx(full, rel=1e-5)
 
 
 def test_onnx_refuses_unchecked_families_in_one_line(family):

@@ -69,7 +69,7 @@ def test_unpruned_export_is_logit_identical_and_copies_bytes(
     out = export_gguf(
         smollm2_scored[0], plan_for(smollm2_scored[0], 0, smollm2_scored[1]), tmp_path / "d0.gguf"
     )
-    src, dst = smollm2_scored[0].reader, gguf.GGUFReader(out)
+    src, dst = gguf.GGUFReader(smollm2_gguf), gguf.GGUFReader(out)
     assert dst.fields["general.architecture"].contents() == "deci"
     assert [t.name for t in dst.tensors] == [t.name for t in src.tensors]
     for a, b in zip(src.tensors, dst.tensors, strict=True):

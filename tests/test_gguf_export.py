@@ -194,7 +194,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, tiny_gguf):
 
     monkeypatch.setattr(from_gguf, "_copy_bytes", broken)
     (tmp_path / "out.gguf").write_bytes(b"previous")
-    with pytest.raises(OSError):
+    with pytest.raises(GatenormError, match=f"^cannot write {tmp_path / 'out.gguf'}: No space left"):
         export_gguf(tiny_gguf, plan_for(tiny_gguf, 1), tmp_path / "out.gguf")
     assert leftovers(tmp_path) == ["out.gguf"] and (tmp_path / "out.gguf").read_bytes() == b"previous"
 

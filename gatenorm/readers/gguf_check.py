@@ -456,6 +456,7 @@ def check_gguf_tensors(ckpt) -> None:
     where = f"GGUF {ckpt.path}"
     names = {p: n for p, n in ckpt.arch.gguf_tensors.items() if p in _SHAPED_PARTS}
     check_tensor_shapes(where, ckpt.shape, names, stored, len(stored))
+    _check_block_tensors(where, ckpt.shape.d_model, ckpt.reader, stored)
     for layer in range(ckpt.shape.n_layers):
         for pattern in names.values():
             t = ckpt.tensors.get(pattern.format(i=layer))
@@ -463,3 +464,36 @@ def check_gguf_tensors(ckpt) -> None:
                 raise GatenormError(
                     f"{where}: tensor {t.name} has type {t.tensor_type.name}, which gatenorm cannot decode"
                 )
+
+
+#: gguf-py's names of the other per-layer and global tensors with a fixed relation to the model width:
+#: name suffix -> (dimension index in HF layout (out, in) that is the width, number of dimensions).
+_WIDTH_TENSORS = {
+    "ffn_gate.weight": (1, 2),
+    "ffn_up.weight": (1, 2),
+    "ffn_down.weight": (0, 2),
+    "ffn_norm.weight": (0, 1),
+    "output_norm.weight": (0, 1),
+    "output.weight": (1, 2),
+}
+
+
+def _check_block_tensors(where: str, d_model: int, header, stored: Mapping[str, tuple[int, ...]]) -> None:
+    """MLP, norm and output tensors must be `d_model` wide (and as long as feed_forward_length)."""
+    arch = header.fields["general.architecture"].contents()
+    ffn_field = header.fields.get(f"{arch}.feed_forward_length")
+    ffn = ffn_field.contents() if ffn_field is not None else None
+    for name, got in stored.items():
+        suffix = name.split(".", 2)[-1] if name.startswith("blk.") else name
+        rule = _WIDTH_TENSORS.get(suffix)
+        if rule is None:
+            continue
+        axis, n_dims = rule
+        bad = len(got) != n_dims or got[axis] != d_model
+        if not bad and n_dims == 2 and isinstance(ffn, int) and suffix.startswith("ffn_"):
+            bad = got[1 - axis] != ffn
+        if bad:
+            raise GatenormError(
+                f"{where}: tensor {name} has shape {got}, which does not fit width {d_model}"
+                + (f" and feed_forward_length {ffn}" if isinstance(ffn, int) else "")
+            )

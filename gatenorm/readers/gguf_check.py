@@ -171,6 +171,7 @@ class _Cursor:
             return item
         self.need(count * 8, what)  # every string has at least its length
         buf, off, limit, unpack = self.buf, self.off, self.limit, _U64.unpack_from
+        pieces = []
         for i in range(count):
             if off + 8 > limit:
                 self.off = off
@@ -180,13 +181,23 @@ class _Cursor:
             if n > limit - off:
                 self.off = off
                 self.need(n, f"{what}: item {i}")
-            try:
-                buf[off : off + n].decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _Corrupt(f"{what}: item {i} is not UTF-8 (byte {off + e.start})") from None
+            pieces.append(buf[off : off + n])
             off += n
+        try:  # an ASCII separator neither completes nor continues a UTF-8 sequence: one decode checks all
+            b"\0".join(pieces).decode("utf-8")
+        except UnicodeDecodeError:
+            bad = next(i for i, piece in enumerate(pieces) if not _is_utf8(piece))
+            raise _Corrupt(f"{what}: item {bad} is not UTF-8") from None
         self.off = off
         return item
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class ScannedGGUF:

@@ -79,7 +79,8 @@ class Layout:
     def encode(self, n_kv: int | None = None, n_tensors: int | None = None) -> bytes:
         kv = b"".join(_s(k) + v for k, v in self.kv) + b"".join(self.extra)
         infos = b"".join(
-            _s(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ttype, off)
+            _s(name)
+            + struct.pack(f"<I{len(dims)}QIQ", len(dims), *(d % 2**64 for d in dims), ttype, off % 2**64)
             for name, dims, ttype, off in self.tensors
         )
         n_kv = len(self.kv) + len(self.extra) if n_kv is None else n_kv
@@ -331,3 +332,92 @@ def run_command(command: str, path: Path, out_dir: Path, limit: float) -> tuple[
     for p in out_dir.iterdir():
         p.unlink()
     return outcome, seconds
+
+
+def _set(lay: Layout, key: str, raw: bytes) -> Layout:
+    i = lay.index(key)
+    if i is None:
+        lay.kv.append((key.encode(), raw))
+    else:
+        lay.kv[i] = (key.encode(), raw)
+    return lay
+
+
+def _append(lay: Layout, key: str, raw: bytes) -> bytes:
+    lay.kv.append((key.encode(), raw))
+    return lay.encode()
+
+
+def _tensor(lay: Layout, suffix: str) -> list:
+    return next(t for t in lay.tensors if t[0].endswith(suffix.encode()))
+
+
+def _retyped_q(lay: Layout) -> Layout:
+    _tensor(lay, "blk.0.attn_q.weight")[2] = int(gguf.GGMLQuantizationType.F32)
+    return lay
+
+
+def _string(text: bytes) -> bytes:
+    return struct.pack("<I", T.STRING) + _s(text)
+
+
+def _huge_count(lay: Layout, key: str, at: int) -> Layout:
+    i = lay.index(key)
+    k, raw = lay.kv[i]
+    lay.kv[i] = (k, raw[:at] + struct.pack("<Q", 2**62) + raw[at + 8 :])
+    return lay
+
+
+def _nested(depth: int) -> bytes:
+    inner = struct.pack("<IQ", T.ARRAY, 1) * (depth - 1) + struct.pack("<IQ", T.UINT8, 1) + b"\x07"
+    return struct.pack("<I", T.ARRAY) + inner
+
+
+#: The crash classes of issue 14 (and those the fuzzer found), each as a named, deterministic mutation of
+#: the tiny GGUF (architecture llama, 2 layers, width 16, 4 heads of 4): name -> Layout -> bytes.
+REGRESSIONS = {
+    "alignment-zero": lambda a, lay: _set(lay, "general.alignment", _scalar(T.UINT32, 0)).encode(),
+    "alignment-wrong-type": lambda a, lay: _set(lay, "general.alignment", _string(b"32")).encode(),
+    "alignment-not-power-of-two": lambda a, lay: _set(
+        lay, "general.alignment", _scalar(T.UINT32, 24)
+    ).encode(),
+    "name-not-utf8": lambda a, lay: _set(lay, "general.name", _string(b"tiny\xff")).encode(),
+    "architecture-not-utf8": lambda a, lay: _set(
+        lay, "general.architecture", _string(b"ll\xc3\x28")
+    ).encode(),
+    "huge-array-count": lambda a, lay: _huge_count(lay, "tokenizer.ggml.tokens", 8).encode(),
+    "huge-string-length": lambda a, lay: _huge_count(lay, "general.name", 4).encode(),
+    "nested-arrays": lambda a, lay: _set(lay, "fuzz.nested", _nested(5000)).encode(),
+    "duplicate-head-count-zero": lambda a, lay: _append(
+        lay, f"{a}.attention.head_count", _scalar(T.UINT32, 0)
+    ),
+    "head-count-nan": lambda a, lay: _set(
+        lay, f"{a}.attention.head_count", _scalar(T.FLOAT32, float("nan"))
+    ).encode(),
+    "head-count-zero": lambda a, lay: _set(lay, f"{a}.attention.head_count", _scalar(T.UINT32, 0)).encode(),
+    "head-count-vs-shapes": lambda a, lay: _set(
+        lay, f"{a}.attention.head_count", _scalar(T.UINT32, 2)
+    ).encode(),
+    "width-vs-shapes": lambda a, lay: _set(lay, f"{a}.embedding_length", _scalar(T.UINT32, 32)).encode(),
+    "block-count-huge": lambda a, lay: _set(lay, f"{a}.block_count", _scalar(T.UINT32, 2**31 - 1)).encode(),
+    "tensor-type-vs-bytes": lambda a, lay: _retyped_q(lay).encode(),
+    "tensor-dims-overflow": lambda a, lay: (
+        _tensor(lay, "blk.0.attn_q.weight").__setitem__(1, [2**32, 2**32]) or lay.encode()
+    ),
+    "tensor-dims-vs-bytes": lambda a, lay: (
+        _tensor(lay, "blk.0.ffn_up.weight").__setitem__(1, [16, 128]) or lay.encode()
+    ),
+    "tensor-unknown-type": lambda a, lay: (
+        _tensor(lay, "blk.0.attn_k.weight").__setitem__(2, 99) or lay.encode()
+    ),
+    "tensor-offset-outside": lambda a, lay: lay.tensors[-1].__setitem__(3, 2**40) or lay.encode(),
+    "duplicate-tensor-name": lambda a, lay: lay.tensors[3].__setitem__(0, lay.tensors[2][0]) or lay.encode(),
+    "truncated-header": lambda a, lay: lay.encode()[: len(lay.encode()) - len(lay.data) - 100],
+    "truncated-data": lambda a, lay: lay.encode()[:-1000],
+    "version-1": lambda a, lay: setattr(lay, "version", 1) or lay.encode(),
+}
+
+
+def regression_case(base: Layout, name: str) -> bytes:
+    """The bytes of regression case `name` made from `base`."""
+    return REGRESSIONS[name](base.arch, base.copy())

@@ -76,8 +76,11 @@ def _write_error(target: Path, e: OSError, tmp: Path | None = None):
     names = {None, str(target), str(target.parent)}
     if tmp is not None:
         names.add(str(tmp))
-    in_tmp = isinstance(e.filename, str) and tmp is not None and e.filename.startswith(str(tmp))
-    if e.errno in _WRITE_ERRORS or e.filename in names or in_tmp:
+    ours = isinstance(e.filename, str) and (
+        (tmp is not None and e.filename.startswith(str(tmp)))
+        or Path(e.filename).name.startswith(f".{target.name}.gatenorm-")
+    )
+    if e.errno in _WRITE_ERRORS or e.filename in names or ours:
         return GatenormError(f"cannot write {target}: {e.strerror or e}")
     return None
 

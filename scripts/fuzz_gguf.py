@@ -3,8 +3,10 @@
     python scripts/fuzz_gguf.py --cases 10000 [--seed 0] [--smollm2-share 0.05] [--limit 10]
 
 Every case is reproducible from (base, seed): see tests/gguf_fuzz.py. Prints the cases and command runs,
-the outcomes by class and place (anything but ok / GatenormError is a bug), the slowest case, and the
-seeds of the failing cases. Exit status 1 when any run failed or went over --limit seconds.
+the outcomes by class and place (anything but ok / GatenormError is a bug), the slowest case (CPU time
+of the process: wall time on a shared machine is mostly waiting; a run past 6x the limit in wall time is
+interrupted and counted as a hang), and the seeds of the failing cases. Exit status 1 when any run
+failed or went over --limit CPU seconds.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def main() -> int:
     ap.add_argument("--cases", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0, help="first seed; case i uses seed + i")
     ap.add_argument("--smollm2-share", type=float, default=0.05, help="share of cases mutating SmolLM2")
-    ap.add_argument("--limit", type=float, default=10.0, help="seconds a command may take")
+    ap.add_argument("--limit", type=float, default=10.0, help="CPU seconds a command may take")
     ap.add_argument("--report-every", type=int, default=500)
     args = ap.parse_args()
 
@@ -80,7 +82,7 @@ def main() -> int:
     for key, n in outcomes.most_common():
         print(f"  {n:7d}  {key}")
     s, name, seed, command, what = slowest
-    print(f"slowest: {s:.2f} s ({command} on {name} seed {seed}: {what})")
+    print(f"slowest: {s:.2f} CPU s ({command} on {name} seed {seed}: {what})")
     for name, seed, command, what, outcome in failures[:50]:
         print(f"FAIL {name} seed {seed} {command} [{what}]: {outcome}")
     return 1 if failures else 0

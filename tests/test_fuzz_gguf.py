@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from gguf_fuzz import COMMANDS, REGRESSIONS, Layout, mutate, regression_case, run_command
 
-#: Seconds one command may take on one case (the slowest, a SmolLM2 export, takes about 1 s).
+#: CPU seconds one command may take on one case (the slowest, a SmolLM2 score or export, takes 1-2 s).
 LIMIT = 10.0
 CI_CASES = 150
 #: Regression cases whose header is sound and whose tensors disagree with it: ``inspect`` reads no tensors.

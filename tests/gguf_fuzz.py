@@ -406,6 +406,9 @@ REGRESSIONS = {
     "head-count-vs-shapes": lambda a, lay: _set(
         lay, f"{a}.attention.head_count", _scalar(T.UINT32, 2)
     ).encode(),
+    "kv-head-count-vs-shapes": lambda a, lay: _set(
+        lay, f"{a}.attention.head_count_kv", _scalar(T.UINT32, 2)
+    ).encode(),
     "width-vs-shapes": lambda a, lay: _set(lay, f"{a}.embedding_length", _scalar(T.UINT32, 32)).encode(),
     "block-count-huge": lambda a, lay: _set(lay, f"{a}.block_count", _scalar(T.UINT32, 2**31 - 1)).encode(),
     "tensor-type-vs-bytes": lambda a, lay: _retyped_q(lay).encode(),

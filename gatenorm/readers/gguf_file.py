@@ -73,14 +73,17 @@ class GGUFCheckpoint(Checkpoint):
             return int(value)
 
         d_model, n_head = key("embedding_length"), key("attention.head_count")
-        return ModelShape(
-            architecture=self.arch.name,
-            n_layers=key("block_count"),
-            d_model=d_model,
-            n_head=n_head,
-            n_head_kv=key("attention.head_count_kv", n_head),
-            head_dim=key("attention.key_length", d_model // n_head),
-        )
+        try:
+            return ModelShape(
+                architecture=self.arch.name,
+                n_layers=key("block_count"),
+                d_model=d_model,
+                n_head=n_head,
+                n_head_kv=key("attention.head_count_kv", n_head),
+                head_dim=key("attention.key_length", d_model // n_head),
+            )
+        except GatenormError as e:
+            raise GatenormError(f"GGUF {self.path}: {e}") from None
 
     def tensor_name(self, part: str, layer: int) -> str:
         return self.arch.gguf_tensors[part].format(i=layer)

@@ -43,14 +43,17 @@ class HFCheckpoint(Checkpoint):
         c, folder = self.config, self.path
         n_head = hf_check.config_int(c, "num_attention_heads", folder)
         d_model = hf_check.config_int(c, "hidden_size", folder)
-        return ModelShape(
-            architecture=self.arch.name,
-            n_layers=hf_check.config_int(c, "num_hidden_layers", folder),
-            d_model=d_model,
-            n_head=n_head,
-            n_head_kv=hf_check.config_int(c, "num_key_value_heads", folder, n_head),
-            head_dim=hf_check.config_int(c, "head_dim", folder, max(d_model // n_head, 1)),
-        )
+        try:
+            return ModelShape(
+                architecture=self.arch.name,
+                n_layers=hf_check.config_int(c, "num_hidden_layers", folder),
+                d_model=d_model,
+                n_head=n_head,
+                n_head_kv=hf_check.config_int(c, "num_key_value_heads", folder, n_head),
+                head_dim=hf_check.config_int(c, "head_dim", folder, max(d_model // n_head, 1)),
+            )
+        except GatenormError as e:
+            raise GatenormError(f"config.json in {folder}: {e}") from None
 
     def _weight_map(self) -> dict[str, Path]:
         self._tensors = hf_check.shard_tensors(self.path)

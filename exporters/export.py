@@ -9,6 +9,7 @@ from pathlib import Path
 
 from exporters.source_check import verify_plan_content, verify_plan_shape
 from gatenorm.errors import GatenormError
+from gatenorm.io import refuse_overwriting_inputs
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.readers.gguf_file import is_gguf
@@ -41,6 +42,7 @@ def _gguf(
 ) -> Path:
     from exporters.gguf import write_gguf
 
+    options.pop("overwrite", None)  # a GGUF file is replaced in one rename anyway
     if options:
         raise GatenormError(f"--{next(iter(options)).replace('_', '-')} applies to --to onnx only")
     return write_gguf(ckpt, plan, out, quant, before_commit)
@@ -49,7 +51,8 @@ def _gguf(
 def _onnx(
     ckpt: Checkpoint, plan: Plan, out: Path, quant: str, before_commit: BeforeCommit, **options
 ) -> Path:
-    """`quant` is the weight precision (fp32 = keep, fp16, int8, int4); options: mobile, block_size."""
+    """`quant` is the weight precision (fp32 = keep, fp16, int8, int4); options: mobile, block_size,
+    overwrite."""
     from exporters.onnx import Precision, export_onnx
 
     try:
@@ -87,11 +90,12 @@ def export(
     With `check_source`, the plan must belong to this model: architecture and layer count are checked
     first, the content hash (a read of every q/k tensor) while the exporter writes, before the output is
     moved to `out`. Pass False only for a plan just made from the same opened checkpoint. `options` go
-    to the target's exporter (onnx: ``mobile``, ``block_size``).
+    to the target's exporter (onnx: ``mobile``, ``block_size``, ``overwrite``).
     """
     target = Target(target)
     plan.require(SUPPORTED_ACTIONS[target], f"the {target.value} exporter")
     ckpt = model if isinstance(model, Checkpoint) else open_model(model)
+    refuse_overwriting_inputs(Path(out), {"the model": ckpt.path})
     exporter = EXPORTERS[target]
     if not check_source:
         return exporter(ckpt, plan, Path(out), quant, lambda: None, **options)

@@ -15,7 +15,7 @@ from rich.table import Table
 from exporters.export import Target, open_model
 from exporters.export import export as run_export
 from gatenorm.errors import GatenormError
-from gatenorm.io import atomic_write_text
+from gatenorm.io import atomic_write_text, refuse_overwriting_inputs
 from gatenorm.methods import MethodOptions, Ranking, make_method_plan, rank_layers
 from gatenorm.methods.cost import cost_model
 from gatenorm.models import resolve_model
@@ -110,6 +110,9 @@ def score(
     plot: Annotated[Path | None, typer.Option(help="Draw the scores per layer to this PNG.")] = None,
 ) -> None:
     """Score every layer (rank 1 = changed first) and show the action the method would give it."""
+    for out in (json_out, plot):
+        if out is not None:
+            refuse_overwriting_inputs(out, {"the model": resolve_model(model)})
     ckpt, ranking = _rank(model, method, _options(seed, calib, calib_samples, calib_len, ctx))
     scores = ranking.scores
     console.print(f"{method.value} scores of {ckpt.path} ({scores.seconds:.2f} s)")
@@ -166,6 +169,7 @@ def plan(
         raise GatenormError(
             "--allow-first-layer goes with --drop and gate-norm, gate-norm-head, random, last"
         )
+    refuse_overwriting_inputs(output, {"the model": resolve_model(model)})
     options = _options(seed, calib, calib_samples, calib_len, ctx)
     ckpt, ranking = _rank(model, method, options, drop)
     scores = ranking.scores
@@ -210,10 +214,14 @@ def export(
         bool | None, typer.Option("--mobile", help="onnx: also write model.ort and its ORT Mobile op list.")
     ] = None,
     block_size: Annotated[int | None, typer.Option(help="onnx int4: weights per scale (default 32).")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="onnx: replace an existing output folder.")
+    ] = False,
 ) -> None:
     """Export MODEL with the plan's attention sublayers removed (GGUF: runs in stock llama.cpp)."""
     if (plan_file is None) == (drop is None):
         raise GatenormError("give exactly one of --plan PLAN.json and --drop N")
+    refuse_overwriting_inputs(output, {"the model": resolve_model(model), "the plan": plan_file})
     ckpt = open_model(resolve_model(model))
     if plan_file is not None:
         result, check = Plan.load(plan_file), True
@@ -222,6 +230,7 @@ def export(
         result, check = make_method_plan(ckpt, method, drop, options=options), False
     start = time.perf_counter()
     options = {k: v for k, v in {"mobile": mobile, "block_size": block_size}.items() if v is not None}
+    options |= {"overwrite": True} if overwrite else {}
     out = run_export(ckpt, result, output, to, quant, check_source=check, **options)
     size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
     console.print(

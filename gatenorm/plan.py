@@ -8,15 +8,18 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
-from gatenorm.io import atomic_write_text
+from gatenorm.io import atomic_write_text, read_text_file
 from gatenorm.readers import Checkpoint
 from gatenorm.scoring import LayerScores
 
 PLAN_SCHEMA_VERSION = 2
+#: Bounds on what a plan file may claim (a hostile plan cannot make gatenorm allocate or loop much).
+MAX_PLAN_LAYERS = 100_000
+MAX_PLAN_BYTES = 64 * 2**20
 
 
 class LayerAction(str, Enum):
@@ -40,7 +43,7 @@ class Source(BaseModel):
     path: str
     format: Literal["gguf", "safetensors"]
     architecture: str
-    n_layers: int
+    n_layers: int = Field(ge=1, le=MAX_PLAN_LAYERS)
     sha256: str
     hashed: Literal["attention-tensors", "shape"]
 
@@ -62,6 +65,8 @@ class LayerPlan(BaseModel):
             raise ValueError(f"layer {self.layer}: alpha goes with action 'linearize' and only with it")
         if self.alpha is not None and not math.isfinite(self.alpha):
             raise ValueError(f"layer {self.layer}: alpha must be finite")
+        if not math.isfinite(self.score):
+            raise ValueError(f"layer {self.layer}: score must be finite, not {self.score}")
         return self
 
 
@@ -80,8 +85,11 @@ class Plan(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
-        if [lp.layer for lp in self.layers] != list(range(self.source.n_layers)):
-            raise ValueError(f"layers must list 0..{self.source.n_layers - 1} in order")
+        n = self.source.n_layers
+        if len(self.layers) != n or any(lp.layer != i for i, lp in enumerate(self.layers)):
+            raise ValueError(f"layers must list 0..{n - 1} in order ({len(self.layers)} listed)")
+        if n and all(lp.action is LayerAction.DROP_BLOCK for lp in self.layers):
+            raise ValueError("every layer is drop-block: a plan must keep at least one block")
         if len(self.changed) != self.budget:
             raise ValueError(f"budget {self.budget} but {len(self.changed)} layers changed")
         if self.schema_version == 1 and self.actions - {LayerAction.KEEP, LayerAction.DROP_ATTENTION}:
@@ -171,7 +179,12 @@ class Plan(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise GatenormError(f"no such plan file: {path}")
-        return cls.from_json(path.read_text())
+        if path.stat().st_size > MAX_PLAN_BYTES:
+            raise GatenormError(f"{path} is {path.stat().st_size} bytes: too big for a plan file")
+        try:
+            return cls.from_json(read_text_file(path, "plan file"))
+        except GatenormError as e:
+            raise GatenormError(f"{path}: {e}") from None
 
 
 def source_of(ckpt: Checkpoint, scores: LayerScores) -> Source:

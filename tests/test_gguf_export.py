@@ -69,7 +69,7 @@ def test_unpruned_export_is_logit_identical_and_copies_bytes(
     out = export_gguf(
         smollm2_scored[0], plan_for(smollm2_scored[0], 0, smollm2_scored[1]), tmp_path / "d0.gguf"
     )
-    src, dst = smollm2_scored[0].reader, gguf.GGUFReader(out)
+    src, dst = gguf.GGUFReader(smollm2_gguf), gguf.GGUFReader(out)
     assert dst.fields["general.architecture"].contents() == "llama"  # no layer changed: source architecture
     assert [t.name for t in dst.tensors] == [t.name for t in src.tensors]
     for a, b in zip(src.tensors, dst.tensors, strict=True):
@@ -187,7 +187,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, tiny_gguf):
 
     monkeypatch.setattr(from_gguf, "_copy_bytes", broken)
     (tmp_path / "out.gguf").write_bytes(b"previous")
-    with pytest.raises(OSError):
+    with pytest.raises(GatenormError, match=f"^cannot write {tmp_path / 'out.gguf'}: No space left"):
         export_gguf(tiny_gguf, plan_for(tiny_gguf, 1), tmp_path / "out.gguf")
     assert leftovers(tmp_path) == ["out.gguf"] and (tmp_path / "out.gguf").read_bytes() == b"previous"
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from exporters.gguf.from_gguf import check_deci_plan, prune_gguf
@@ -14,23 +12,12 @@ from exporters.gguf.header import ScannedGGUFCheckpoint
 from exporters.gguf.metadata import read_gguf_metadata, read_plan_metadata
 from exporters.gguf.quantize import FLOAT_TYPES, KEEP, parse_quant, quantize_gguf
 from gatenorm.errors import GatenormError
-from gatenorm.io import atomic_path
+from gatenorm.io import atomic_path, scratch_file
 from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.readers.gguf_file import GGUFCheckpoint
 
 __all__ = ["read_gguf_metadata", "read_plan_metadata", "write_gguf"]
-
-
-@contextlib.contextmanager
-def _scratch(beside: Path, label: str) -> Iterator[Path]:
-    """A temporary file path in `beside`'s folder (same file system as the output), always removed."""
-    fd, name = tempfile.mkstemp(prefix=f".{beside.name}.{label}.", suffix=".tmp", dir=beside.parent)
-    os.close(fd)
-    try:
-        yield Path(name)
-    finally:
-        Path(name).unlink(missing_ok=True)
 
 
 def write_gguf(
@@ -61,13 +48,13 @@ def write_gguf(
                     f"does not write its hyperparameters yet; what works: convert it with llama.cpp's "
                     f"convert_hf_to_gguf.py and export that GGUF, or {ckpt.arch.gguf_works}"
                 )
-            converted = stack.enter_context(_scratch(out, "f"))
+            converted = stack.enter_context(scratch_file(out, "f"))
             hf_to_gguf(ckpt, converted, quant if quant in FLOAT_TYPES else KEEP)
             source = ScannedGGUFCheckpoint(converted)
         requantize = quant != KEEP and not (quant in FLOAT_TYPES and source is not ckpt)
         final = stack.enter_context(atomic_path(out))
         if requantize:
-            pruned = stack.enter_context(_scratch(out, "pruned"))
+            pruned = stack.enter_context(scratch_file(out, "pruned"))
             prune_gguf(source, plan, pruned, fused_exact=True)
             quantize_gguf(pruned, final, quant)
         else:

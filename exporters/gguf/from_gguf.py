@@ -17,6 +17,7 @@ The ``gatenorm.*`` keys keep the plan with its source layer numbers.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Callable
@@ -311,9 +312,31 @@ def _copy_bytes(src_fd: int, offset: int, n_bytes: int, fout: BinaryIO) -> None:
     fout.flush()
     dst_fd = fout.fileno()
     while n_bytes:
-        copied = os.copy_file_range(src_fd, dst_fd, n_bytes, offset)
+        try:
+            copied = os.copy_file_range(src_fd, dst_fd, n_bytes, offset)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+            copied = _plain_copy(src_fd, offset, n_bytes, fout)
         if copied == 0:
             raise GatenormError(f"source GGUF ended early while copying tensor bytes at {offset}")
         offset += copied
         n_bytes -= copied
     fout.seek(0, os.SEEK_END)
+
+
+#: copy_file_range cannot copy here (another file system, an old kernel, a file system without it).
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
+
+
+def _plain_copy(src_fd: int, offset: int, n_bytes: int, fout: BinaryIO, chunk: int = 16 * 2**20) -> int:
+    """Copy up to `n_bytes` at `offset` through a buffer; the bytes copied (0 at the end of the source)."""
+    done = 0
+    while done < n_bytes:
+        data = os.pread(src_fd, min(chunk, n_bytes - done), offset + done)
+        if not data:
+            break
+        fout.write(data)
+        done += len(data)
+    fout.flush()
+    return done

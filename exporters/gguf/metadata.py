@@ -6,10 +6,10 @@ from pathlib import Path
 
 import gguf
 
-from exporters.gguf.header import ScannedGGUF
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.plan import Plan
+from gatenorm.readers.gguf_check import check_gguf
 
 PREFIX = "gatenorm."
 KEY_PLAN = "gatenorm.plan"
@@ -58,7 +58,7 @@ def read_gguf_metadata(path: str | Path) -> dict[str, object]:
     path = Path(path)
     if not path.is_file():
         raise GatenormError(f"no such file: {path}")
-    fields = ScannedGGUF(path).fields
+    fields = check_gguf(path).fields
     found = {key: field.contents() for key, field in fields.items() if key.startswith(PREFIX)}
     if not found:
         raise GatenormError(f"{path} has no gatenorm metadata: it is not a gatenorm export")

@@ -22,6 +22,7 @@ from gatenorm.apply import apply_plan, load_model, load_tokenizer
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_dir
 from gatenorm.plan import Plan
+from gatenorm.readers import open_checkpoint
 
 MODEL_NAME = "model.onnx"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -82,6 +83,7 @@ def export_onnx(
     precision = Precision(precision)
     if precision is Precision.INT4:
         _check_block_size(block_size)
+    _check_head_size(open_checkpoint(model_path).shape, kv_layers(plan))  # before any slow conversion
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model = apply_plan(load_model(model_path), plan)

@@ -1,4 +1,4 @@
-"""Lazy reader of GGUF files: metadata through gguf-py, tensor bytes by positional reads, one at a time."""
+"""Lazy reader of GGUF files: the checked header scan, tensor bytes by positional reads, one at a time."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
 from gatenorm.readers.base import Checkpoint, ModelShape
-
-GGUF_MAGIC = b"GGUF"
+from gatenorm.readers.gguf_check import GGUF_MAGIC, ScannedGGUF, check_gguf, check_gguf_tensors, check_hparams
 
 _TORCH_DTYPES = {
     gguf.GGMLQuantizationType.F32: torch.float32,
@@ -32,22 +31,15 @@ def is_gguf(path: Path) -> bool:
 
 
 def open_gguf_reader(path: Path) -> gguf.GGUFReader:
-    """gguf-py's reader for `path`, with every tensor checked to lie inside the file."""
-    if not is_gguf(path):
-        raise GatenormError(f"not a GGUF file (bad magic): {path}")
-    size = path.stat().st_size
+    """gguf-py's reader for `path`, handed the file only once `check_gguf` passed it."""
+    check_gguf(path)
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError) as e:
         raise GatenormError(f"corrupt or truncated GGUF {path}: {e}") from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise GatenormError(f"truncated GGUF {path}: tensor {t.name} ends at byte {end}, file has {size}")
-    return reader
 
 
-def field_value(reader: gguf.GGUFReader, key: str, default=None):
+def field_value(reader: ScannedGGUF | gguf.GGUFReader, key: str, default=None):
     """Value of metadata `key` (scalar, string or list), or `default` when absent."""
     f = reader.fields.get(key)
     return default if f is None else f.contents()
@@ -61,16 +53,15 @@ class GGUFCheckpoint(Checkpoint):
     def __init__(self, path: Path):
         self.path = path
         self.reader = self._open_reader(path)
-        arch_name = field_value(self.reader, "general.architecture")
-        if arch_name is None:
-            raise GatenormError(f"GGUF {path} has no general.architecture")
+        arch_name = check_hparams(self.reader)
         self.arch = get_architecture(arch_name)
         self.shape = self._shape(arch_name)
         self.tensors = {t.name: t for t in self.reader.tensors}
+        check_gguf_tensors(self)
 
-    def _open_reader(self, path: Path) -> gguf.GGUFReader:
-        """The metadata/tensor-table reader; subclasses may return any object with the same fields/tensors."""
-        return open_gguf_reader(path)
+    def _open_reader(self, path: Path) -> ScannedGGUF:
+        """The checked metadata/tensor-table scan (gguf-py's reader is never handed an unchecked file)."""
+        return ScannedGGUF(path)
 
     def _shape(self, prefix: str) -> ModelShape:
         def key(name: str, default=None):
@@ -82,14 +73,17 @@ class GGUFCheckpoint(Checkpoint):
             return int(value)
 
         d_model, n_head = key("embedding_length"), key("attention.head_count")
-        return ModelShape(
-            architecture=self.arch.name,
-            n_layers=key("block_count"),
-            d_model=d_model,
-            n_head=n_head,
-            n_head_kv=key("attention.head_count_kv", n_head),
-            head_dim=key("attention.key_length", d_model // n_head),
-        )
+        try:
+            return ModelShape(
+                architecture=self.arch.name,
+                n_layers=key("block_count"),
+                d_model=d_model,
+                n_head=n_head,
+                n_head_kv=key("attention.head_count_kv", n_head),
+                head_dim=key("attention.key_length", d_model // n_head),
+            )
+        except GatenormError as e:
+            raise GatenormError(f"GGUF {self.path}: {e}") from None
 
     def tensor_name(self, part: str, layer: int) -> str:
         return self.arch.gguf_tensors[part].format(i=layer)

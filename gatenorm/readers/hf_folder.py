@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,28 +9,21 @@ from safetensors import SafetensorError, safe_open
 
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
+from gatenorm.readers import hf_check
 from gatenorm.readers.base import Checkpoint, ModelShape
+from gatenorm.readers.hf_check import SAFETENSORS_INDEX
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
+__all__ = ["SAFETENSORS_INDEX", "HFCheckpoint", "hf_architecture_name", "read_hf_config"]
 
 
 def read_hf_config(folder: Path) -> dict:
-    """The parsed config.json of `folder`."""
-    path = folder / "config.json"
-    if not path.is_file():
-        raise GatenormError(f"not a model folder: {folder} has no config.json")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GatenormError(f"invalid config.json in {folder}: {e}") from None
+    """The parsed config.json of `folder` (a JSON object)."""
+    return hf_check.read_config(folder)
 
 
-def hf_architecture_name(config: dict) -> str:
+def hf_architecture_name(config: dict, folder: Path = Path("")) -> str:
     """The registry key of an HF config: its model_type, else its first architectures entry."""
-    name = config.get("model_type") or next(iter(config.get("architectures") or []), None)
-    if not name:
-        raise GatenormError("config.json names no model_type or architectures")
-    return name
+    return hf_check.architecture_name(config, folder)
 
 
 class HFCheckpoint(Checkpoint):
@@ -42,45 +34,30 @@ class HFCheckpoint(Checkpoint):
     def __init__(self, folder: Path):
         self.path = folder
         self.config = read_hf_config(folder)
-        self.arch = get_architecture(hf_architecture_name(self.config))
+        self.arch = get_architecture(hf_architecture_name(self.config, folder))
         self.shape = self._shape()
         self.weight_map = self._weight_map()
+        hf_check.check_hf_tensors(folder, self.shape, self.arch.hf_tensors, self._tensors)
 
     def _shape(self) -> ModelShape:
-        c = self.config
+        c, folder = self.config, self.path
+        n_head = hf_check.config_int(c, "num_attention_heads", folder)
+        d_model = hf_check.config_int(c, "hidden_size", folder)
         try:
-            n_head = int(c["num_attention_heads"])
-            d_model = int(c["hidden_size"])
             return ModelShape(
                 architecture=self.arch.name,
-                n_layers=int(c["num_hidden_layers"]),
+                n_layers=hf_check.config_int(c, "num_hidden_layers", folder),
                 d_model=d_model,
                 n_head=n_head,
-                n_head_kv=int(c.get("num_key_value_heads") or n_head),
-                head_dim=int(c.get("head_dim") or d_model // n_head),
+                n_head_kv=hf_check.config_int(c, "num_key_value_heads", folder, n_head),
+                head_dim=hf_check.config_int(c, "head_dim", folder, max(d_model // n_head, 1)),
             )
-        except KeyError as e:
-            raise GatenormError(f"config.json in {self.path} lacks {e.args[0]}") from None
+        except GatenormError as e:
+            raise GatenormError(f"config.json in {folder}: {e}") from None
 
     def _weight_map(self) -> dict[str, Path]:
-        index = self.path / SAFETENSORS_INDEX
-        if index.is_file():
-            try:
-                mapping = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise GatenormError(f"invalid {SAFETENSORS_INDEX} in {self.path}: {e}") from None
-            return {name: self.path / file for name, file in mapping.items()}
-        shards = sorted(self.path.glob("*.safetensors"))
-        if not shards:
-            raise GatenormError(f"no *.safetensors files in {self.path}")
-        weight_map = {}
-        for shard in shards:
-            try:
-                with safe_open(shard, framework="pt") as f:
-                    weight_map.update({name: shard for name in f.keys()})  # noqa: SIM118
-            except (SafetensorError, OSError) as e:
-                raise GatenormError(f"unreadable safetensors file {shard}: {e}") from None
-        return weight_map
+        self._tensors = hf_check.shard_tensors(self.path)
+        return {name: shard for name, (shard, _, _) in self._tensors.items()}
 
     def tensor_name(self, part: str, layer: int) -> str:
         return self.arch.hf_tensors[part].format(i=layer)

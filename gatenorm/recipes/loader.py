@@ -74,10 +74,50 @@ def _tidy_errors(errors: list[dict]) -> list[dict]:
     return sorted(errors, key=lambda e: e["type"] != "extra_forbidden")
 
 
+#: Deepest nesting of YAML collections a recipe may use (PyYAML's composer recurses per level).
+MAX_YAML_DEPTH = 64
+
+
+def _check_depth(text: str, path: Path) -> None:
+    """Refuse YAML nested deeper than `MAX_YAML_DEPTH`, from the parser's event stream (no recursion)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                line = event.start_mark.line + 1
+                raise GatenormError(f"{path}:{line}: nested deeper than {MAX_YAML_DEPTH} levels")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+
+
+def _check_duplicate_keys(root: yaml.Node | None, path: Path) -> None:
+    """Refuse a mapping that repeats a key (PyYAML would keep the last one silently)."""
+    stack = [root] if root is not None else []
+    visited = set()  # aliases share nodes: walk each once
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in seen:
+                        raise GatenormError(f"{path}:{key.start_mark.line + 1}: duplicate key {key.value!r}")
+                    seen.add(key.value)
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
 def parse_recipe(text: str, path: Path) -> Recipe:
     """Validate recipe `text` (read from `path`) against the schema."""
     try:
+        _check_depth(text, path)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_duplicate_keys(root, path)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

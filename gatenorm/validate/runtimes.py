@@ -298,6 +298,9 @@ class LlamaCppRuntime:
     def __init__(self, path: Path, threads: int = 2, n_ctx: int = 2048, **_: object):
         from llama_cpp import Llama
 
+        from gatenorm.readers.gguf_check import check_gguf
+
+        check_gguf(path)  # llama.cpp aborts the process on some corrupt headers
         self.path = path
         self.n_ctx = n_ctx
         try:

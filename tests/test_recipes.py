@@ -330,6 +330,11 @@ validation:
         assert report["bench"]["candidate"]["tg8_tok_s"] > 0
         card = (out / name / "README.md").read_text()
         assert card.startswith("---\nlicense: apache-2.0\n") and f"{name}.gguf" in card
+        title = "# SmolLM2-135M-Instruct: GGUF Q8_0, " + (
+            "4 of 30 layers pruned" if "d04" in name else "unpruned"
+        )
+        assert title + "\n" in card
+        assert "zero-shot average (arc_easy) |" in card and " ± " in card.split("zero-shot average")[1]
     base_report = json.loads((out / base / "validation.json").read_text())
     pruned_report = json.loads((out / pruned / "validation.json").read_text())
     assert base_report["agreement"]["kld_mean"] < pruned_report["agreement"]["kld_mean"]
@@ -408,3 +413,16 @@ def test_plans_are_reused_by_content_key(tmp_path, tiny_llama_dir, monkeypatch):
     (next(cache.glob("*.json"))).write_text("{not json")  # a damaged entry is made again, not trusted
     calls.clear()
     assert batch.plan_batch(changed, "c", cache=cache) == again and len(calls) == 1
+
+
+def test_card_title_and_plan_text():
+    """Cards are titled by the source's file name (no quant suffix), and describe every plan action."""
+    from gatenorm.recipes.card import model_title
+    from gatenorm.validate.report import percent_with_error
+
+    assert model_title(Path("/m/SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct"
+    assert model_title(Path("/m/Llama-3.2-1B.Q4_K_M.gguf")) == "Llama-3.2-1B"
+    assert model_title(Path("/m/Llama-3.2-1B")) == "Llama-3.2-1B"  # an HF folder: its name
+    assert model_title(Path("/m/model.v2.gguf")) == "model.v2"  # not a quant suffix
+    assert percent_with_error({"reference": 0.5, "reference_err": 0.025}, "reference") == "50.0 ± 2.5"
+    assert percent_with_error({"reference": 0.5}, "reference") == "50.0"  # reports written before it

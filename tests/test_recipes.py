@@ -330,6 +330,11 @@ validation:
         assert report["bench"]["candidate"]["tg8_tok_s"] > 0
         card = (out / name / "README.md").read_text()
         assert card.startswith("---\nlicense: apache-2.0\n") and f"{name}.gguf" in card
+        title = "# SmolLM2-135M-Instruct: GGUF Q8_0, " + (
+            "4 of 30 layers pruned" if "d04" in name else "unpruned"
+        )
+        assert title + "\n" in card
+        assert "zero-shot average (arc_easy) |" in card and " ± " in card.split("zero-shot average")[1]
     base_report = json.loads((out / base / "validation.json").read_text())
     pruned_report = json.loads((out / pruned / "validation.json").read_text())
     assert base_report["agreement"]["kld_mean"] < pruned_report["agreement"]["kld_mean"]
@@ -376,3 +381,48 @@ def test_recipe_methods_make_their_own_plans(tmp_path, tiny_llama_dir):
     bad = write(tmp_path / "b.yaml", text + "methods: [{name: mixed, options: {alpha: 1}}]\n")
     with pytest.raises(GatenormError, match="takes no option"):
         plan_batch(load_recipe(bad)[0], "b")
+
+
+def test_plans_are_reused_by_content_key(tmp_path, tiny_llama_dir, monkeypatch):
+    """A rerun with the same inputs takes every model x method's plans from the cache without scoring;
+    a changed budget or method option, or a dry run's missing store, scores again."""
+    from gatenorm.recipes import batch
+
+    text = TINY.replace("  - tiny\n", f"  - path: {tiny_llama_dir}\n    name: t\n")
+    recipe = load_recipe(write(tmp_path / "r.yaml", text + "methods: [gate-norm, harp-free]\n"))[0]
+    cache = tmp_path / "plans"
+    assert batch.plan_batch(recipe, "r", cache=cache, store=False) and not cache.exists()
+    first = batch.plan_batch(recipe, "r", cache=cache)
+    assert len(list(cache.glob("*.json"))) == 2
+    calls = []
+    real_rank = batch.rank_with
+    monkeypatch.setattr(
+        batch, "rank_with", lambda ckpt, method: calls.append(method.name) or real_rank(ckpt, method)
+    )
+    assert batch.plan_batch(recipe, "r", cache=cache) == first and calls == []
+    changed = load_recipe(
+        write(
+            tmp_path / "c.yaml",
+            text.replace("[0, 1]", "[0, 1, {min_speedup: 1.01}]")
+            + "methods: [gate-norm, {name: harp-free, seed: 3}]\n",
+        )
+    )[0]
+    again = batch.plan_batch(changed, "c", cache=cache)
+    assert calls == ["gate-norm", "harp-free"]
+    assert len(again.budgets["t / gate-norm"]) == 3  # the target budget was resolved
+    (next(cache.glob("*.json"))).write_text("{not json")  # a damaged entry is made again, not trusted
+    calls.clear()
+    assert batch.plan_batch(changed, "c", cache=cache) == again and len(calls) == 1
+
+
+def test_card_title_and_plan_text():
+    """Cards are titled by the source's file name (no quant suffix), and describe every plan action."""
+    from gatenorm.recipes.card import model_title
+    from gatenorm.validate.report import percent_with_error
+
+    assert model_title(Path("/m/SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct"
+    assert model_title(Path("/m/Llama-3.2-1B.Q4_K_M.gguf")) == "Llama-3.2-1B"
+    assert model_title(Path("/m/Llama-3.2-1B")) == "Llama-3.2-1B"  # an HF folder: its name
+    assert model_title(Path("/m/model.v2.gguf")) == "model.v2"  # not a quant suffix
+    assert percent_with_error({"reference": 0.5, "reference_err": 0.025}, "reference") == "50.0 ± 2.5"
+    assert percent_with_error({"reference": 0.5}, "reference") == "50.0"  # reports written before it

@@ -160,3 +160,14 @@ def test_token_windows(tmp_path):
     bad.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(GatenormError, match="not UTF-8"):
         token_windows(str(bad), list, ctx=16, max_tokens=None, bos_id=None)
+
+
+def test_zeroshot_average_has_its_standard_error():
+    from gatenorm.validate.run import _mean_with_error
+
+    scores = [
+        {"metric": "acc", "main": 0.6, "acc_err": 0.03, "acc_norm_err": 9.0},
+        {"metric": "acc_norm", "main": 0.4, "acc_err": 9.0, "acc_norm_err": 0.04},
+    ]
+    mean, err = _mean_with_error(scores)
+    assert mean == pytest.approx(0.5) and err == pytest.approx(0.025)  # sqrt(0.03^2 + 0.04^2) / 2

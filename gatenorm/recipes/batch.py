@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
+from gatenorm.io import atomic_write_text
 from gatenorm.methods import MethodOptions, Ranking, make_method_plan, rank_layers
 from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
@@ -186,6 +187,81 @@ def _variant_name(model: str, method: str | None, budget: int, export: ExportSpe
     return f"{model}-{middle}-{export.label}"
 
 
+class ResolvedBudget(BaseModel):
+    """One budget of a model x method, resolved: the number of changed layers and the plan JSON."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: int
+    plan: str
+
+
+def plans_key(source: ResolvedSource, method: MethodEntry, recipe: Recipe) -> str:
+    """The content key of a model x method's plans: everything scoring, target search and planning read."""
+    targets = {b.kind for b in recipe.budgets if isinstance(b, Target)}
+    searched = bool(targets - {"min_speedup"})  # quality targets: PyTorch passes on the search text
+    search = [recipe.search.model_dump(mode="json"), _text_id(recipe.search.text)] if searched else None
+    return digest(
+        {
+            "key_schema": KEY_SCHEMA,
+            "source_sha256": source.sha256,
+            "method": method.model_dump(mode="json"),
+            "budgets": [b.model_dump(mode="json") if isinstance(b, Target) else b for b in recipe.budgets],
+            "allow_first_layer": recipe.allow_first_layer,
+            "search": search,
+            "speedup_ctx": recipe.validation.ctx if "min_speedup" in targets else None,  # the cost model's
+            "tool_version": __version__,
+        }
+    )
+
+
+def _cached_plans(path: Path) -> dict[str, ResolvedBudget] | None:
+    """The plans stored at `path`, or None when there are none (or they no longer parse)."""
+    try:
+        doc = json.loads(path.read_text())
+        plans = {label: ResolvedBudget.model_validate(entry) for label, entry in doc.items()}
+        for resolved in plans.values():
+            Plan.from_json(resolved.plan)
+        return plans
+    except (OSError, ValueError, GatenormError):
+        return None
+
+
+def _method_plans(
+    source: ResolvedSource,
+    ckpt: Checkpoint,
+    method: MethodEntry,
+    recipe: Recipe,
+    log: Callable[[str], None],
+    cache: Path | None,
+    store: bool,
+) -> dict[str, ResolvedBudget]:
+    """Budget label -> resolved budget of one model x method, from `cache` when its key is stored there
+    (and stored there when made, with `store`)."""
+    from gatenorm.recipes.search import resolve_target
+
+    stored = None if cache is None else cache / f"{plans_key(source, method, recipe)}.json"
+    if stored is not None and (plans := _cached_plans(stored)) is not None:
+        return plans
+    ranking = rank_with(ckpt, method)
+    plans = {}
+    for budget in recipe.budgets:
+        if isinstance(budget, Target):
+            n, label = resolve_target(source, ckpt, ranking, budget, recipe, log), budget.label
+        else:
+            n, label = budget, str(budget)
+        try:
+            plan = make_method_plan(
+                ckpt, method.name, budget=n, ranking=ranking, allow_first_layer=recipe.allow_first_layer
+            )
+        except GatenormError as e:
+            raise GatenormError(f"{source.name}: {str(e).replace('--drop', 'budget')}") from None
+        plans[label] = ResolvedBudget(n=n, plan=plan.to_json())
+    if stored is not None and store:
+        atomic_write_text(stored, json.dumps({b: p.model_dump() for b, p in plans.items()}) + "\n")
+    return plans
+
+
 class BatchPlan(BaseModel):
     """The whole batch, planned before any artifact is built."""
 
@@ -197,12 +273,20 @@ class BatchPlan(BaseModel):
     budgets: dict[str, dict[str, int]]
 
 
-def plan_batch(recipe: Recipe, name: str, log: Callable[[str], None] = lambda _: None) -> BatchPlan:
+def plan_batch(
+    recipe: Recipe,
+    name: str,
+    log: Callable[[str], None] = lambda _: None,
+    cache: Path | None = None,
+    store: bool = True,
+) -> BatchPlan:
     """Resolve the sources, score them, resolve target budgets and make every variant's plan and keys.
 
-    Raises a GatenormError (before anything is built) on a missing model, a bad budget or option."""
+    With `cache` (a folder), each model x method's plans are stored under their content key
+    (`plans_key`; not written without `store`) and reused by a later run whose inputs are the same, so
+    an unchanged recipe is not scored again. Raises a GatenormError (before anything is built) on a
+    missing model, a bad budget or option."""
     from exporters.export import open_model
-    from gatenorm.recipes.search import resolve_target
 
     exports = _exports(recipe)
     labels = _method_labels(recipe.methods)
@@ -218,33 +302,17 @@ def plan_batch(recipe: Recipe, name: str, log: Callable[[str], None] = lambda _:
         ckpt = open_model(source.path)
         log(f"{source.name}: {source.path} ({ckpt.shape.n_layers} layers, sha256 {source.sha256[:12]})")
         for method, label in zip(recipe.methods, labels, strict=True):
-            ranking = rank_with(ckpt, method)
-            resolved: dict[str, int] = {}
-            for budget in recipe.budgets:
-                if isinstance(budget, Target):
-                    n = resolve_target(source, ckpt, ranking, budget, recipe, log)
-                    resolved[budget.label] = n
-                else:
-                    n = budget
-                    resolved[str(n)] = n
-                try:
-                    plan = make_method_plan(
-                        ckpt,
-                        method.name,
-                        budget=n,
-                        ranking=ranking,
-                        allow_first_layer=recipe.allow_first_layer,
-                    )
-                except GatenormError as e:
-                    raise GatenormError(f"{source.name}: {str(e).replace('--drop', 'budget')}") from None
-                plan_json = plan.to_json()
-                target = budget.label if isinstance(budget, Target) else None
+            plans = _method_plans(source, ckpt, method, recipe, log, cache, store)
+            budgets[f"{source.name} / {label}"] = {b: p.n for b, p in plans.items()}
+            for budget_label, resolved in plans.items():
+                n = resolved.n
+                target = None if budget_label.isdigit() else budget_label
                 shown_method = label if n else None
                 for export in exports:
                     vname = _variant_name(source.name, shown_method, n, export)
                     if vname in variants:  # budget 0 of a second method, or a target equal to a budget
                         continue
-                    key = artifact_key(source.sha256, plan_json, export)
+                    key = artifact_key(source.sha256, resolved.plan, export)
                     variants[vname] = Variant(
                         name=vname,
                         model=source.name,
@@ -253,10 +321,9 @@ def plan_batch(recipe: Recipe, name: str, log: Callable[[str], None] = lambda _:
                         method=shown_method,
                         budget=n,
                         target=target,
-                        plan=plan_json,
+                        plan=resolved.plan,
                         export=export,
                         key=key,
                         validation=_validation(source, export, key, recipe),
                     )
-            budgets[f"{source.name} / {label}"] = resolved
     return BatchPlan(recipe_name=name, variants=list(variants.values()), budgets=budgets)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from gatenorm import __version__
 from gatenorm.recipes.batch import Variant
+from gatenorm.validate.report import percent_with_error
 
 _RUN_GGUF = """```bash
 llama-cli -m {file} -fa on -p "Hello"        # llama.cpp; flash attention shrinks the V cache too
@@ -37,14 +38,32 @@ feeds `present.*` back as `past_key_values.*` runs it. Kept attention uses onnxr
 
 
 def source_info(path: Path) -> dict[str, str]:
-    """Name, license and organization of a source GGUF from its ``general.*`` keys (empty for a folder)."""
+    """License and organization of a source GGUF from its ``general.*`` keys (empty for a folder)."""
     if not path.is_file():
         return {}
     from exporters.gguf.header import ScannedGGUF
 
     fields = ScannedGGUF(path).fields
-    keys = {"name": "general.name", "license": "general.license", "organization": "general.organization"}
+    keys = {"license": "general.license", "organization": "general.organization"}
     return {k: str(fields[v].contents()) for k, v in keys.items() if v in fields}
+
+
+def model_title(path: Path) -> str:
+    """The source model's name as its author spelled it: the GGUF file name without its quant suffix
+    (``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct``), or the HF folder's name.
+
+    A GGUF's ``general.name`` is no good here: llama.cpp's converter derives it from the repository name
+    and title-cases it (``Smollm2 135M 8k Lc100K Mix1 Ep2``)."""
+    from exporters.gguf.quantize import parse_quant
+    from gatenorm.errors import GatenormError
+
+    stem = path.name.removesuffix(".gguf")
+    base, _, suffix = stem.rpartition(".")
+    try:
+        parse_quant(suffix)
+    except GatenormError:
+        return stem
+    return base or stem
 
 
 def _front_matter(variant: Variant, info: dict[str, str]) -> list[str]:
@@ -70,10 +89,8 @@ def _quality_rows(report: dict) -> list[str]:
     if z := report.get("zeroshot"):
         avg = z["average"]
         tasks = ", ".join(z["tasks"])
-        rows.append(
-            f"| zero-shot average ({tasks}) | {100 * avg['reference']:.1f} -> "
-            f"{100 * avg['candidate']:.1f} % |"
-        )
+        ref, cand = (percent_with_error(avg, side) for side in ("reference", "candidate"))
+        rows.append(f"| zero-shot average ({tasks}) | {ref} -> {cand} % |")
     if b := report.get("bench"):
         for k, v in b["candidate"].items():
             if k.endswith("tok_s"):
@@ -88,23 +105,24 @@ def model_card(variant: Variant, report: dict | None) -> str:
     plan = variant.load_plan()
     src = Path(variant.source_path)
     info = source_info(src)
-    title = info.get("name", variant.model)
+    title = model_title(src)
     n = plan.source.n_layers
     what = (
-        f"the attention sublayers of {plan.budget} of its {n} layers removed ({plan.describe()})"
+        f"{plan.budget} of its {n} layers changed ({plan.describe()})"
         if plan.budget
-        else f"no layer removed (the unpruned baseline of this batch, {n} layers)"
+        else f"no layer changed (the unpruned baseline of this batch, {n} layers)"
     )
+    changed = f"{plan.budget} of {n} layers pruned" if plan.budget else "unpruned baseline"
     method = f", ranked by **{plan.method}**" if plan.budget else ""
     artifact = Path(variant.artifact).relative_to(variant.folder).as_posix()
     lines = [
         *_front_matter(variant, info),
-        f"# {title}: {variant.export.target.upper()} {variant.export.quant}, "
-        f"{plan.budget} attention sublayers pruned",
+        f"# {title}: {variant.export.target.upper()} {variant.export.quant}, {changed}",
         "",
         f"`{artifact}` is {variant.model} ({src.name}) with {what}{method}, exported to "
         f"{variant.export.target.upper()} ({variant.export.quant}) by gatenorm {__version__}. A layer whose "
-        "attention is removed computes `h + mlp(norm(h))` and keeps no KV cache: prefill and decode are "
+        "attention is removed computes `h + mlp(norm(h))`, a linearized one `h + W norm(h)` (one matmul) "
+        "before its MLP, a removed block nothing; none of them keeps a KV cache, so prefill and decode are "
         "faster and the KV cache is smaller.",
         "",
         "## Use",
@@ -130,8 +148,8 @@ def model_card(variant: Variant, report: dict | None) -> str:
         "## Provenance",
         "",
         f"- source: `{src.name}`, sha256 `{variant.source_sha256}`",
-        f"- plan: method `{plan.method}`, removed attention of layers {plan.dropped or 'none'}; the plan "
-        "JSON travels inside the model file (`gatenorm.plan`)",
+        f"- plan: method `{plan.method}`, {plan.describe()}; the plan JSON travels inside the model file "
+        "(`gatenorm.plan`)",
         f"- build key: `{variant.key}` (source content, plan, export settings, tool version)",
         f"- made with gatenorm {__version__}: Gate-Norm attention-sublayer pruning "
         "(Saikumar & Varghese, arXiv 2512.20636)",

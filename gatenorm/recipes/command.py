@@ -26,6 +26,8 @@ from gatenorm.recipes.report import MANIFEST, REPORT, write_manifest, write_repo
 
 console = Console(stderr=True, highlight=False)
 LOCK = ".gatenorm-run.lock"
+#: Resolved plans of each model x method, keyed by content (`gatenorm.recipes.batch.plans_key`).
+PLANS = ".plans"
 
 
 class Executor(str, Enum):
@@ -134,7 +136,7 @@ def run_command(
     name = recipe.name or recipe_file.stem
     out = output or Path(recipe.output or f"out/{name}")
     start = time.perf_counter()
-    plan = plan_batch(recipe, name, log=console.print)
+    plan = plan_batch(recipe, name, log=console.print, cache=out / PLANS, store=not dry_run)
     if dry_run:
         print_plan(plan, out)
         return

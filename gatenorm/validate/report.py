@@ -39,6 +39,12 @@ def _agreement_md(a: dict) -> list[str]:
     ]
 
 
+def percent_with_error(average: dict, side: str) -> str:
+    """An average accuracy in percent with its standard error (reports before it was stored have none)."""
+    err = average.get(f"{side}_err")
+    return f"{100 * average[side]:.1f}" + ("" if err is None else f" ± {100 * err:.1f}")
+
+
 def _zeroshot_md(z: dict) -> list[str]:
     lines = [
         "## Zero-shot accuracy (%)",
@@ -53,10 +59,8 @@ def _zeroshot_md(z: dict) -> list[str]:
             f"{100 * r['acc_norm']:.1f} | {100 * c['acc_norm']:.1f} | {t['drop_points']:+.1f} |"
         )
     avg = z["average"]
-    lines.append(
-        f"| **average** | | headline | {100 * avg['reference']:.1f} | {100 * avg['candidate']:.1f} | | | "
-        f"{avg['drop_points']:+.1f} |"
-    )
+    ref, cand = (percent_with_error(avg, side) for side in ("reference", "candidate"))
+    lines.append(f"| **average** | | headline | {ref} | {cand} | | | {avg['drop_points']:+.1f} |")
     return lines
 
 

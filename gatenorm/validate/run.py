@@ -69,10 +69,21 @@ def _zeroshot(
         drop = 100 * (scores[0]["main"] - scores[1]["main"])
         tasks[task] = {"reference": scores[0], "candidate": scores[1], "drop_points": drop}
         log(f"{task}: {scores[0]['metric']} {100 * scores[0]['main']:.1f} -> {100 * scores[1]['main']:.1f}")
-    ref_avg = float(np.mean([t["reference"]["main"] for t in tasks.values()]))
-    cand_avg = float(np.mean([t["candidate"]["main"] for t in tasks.values()]))
-    average = {"reference": ref_avg, "candidate": cand_avg, "drop_points": 100 * (ref_avg - cand_avg)}
-    return {"tasks": tasks, "average": average}
+    average = {
+        side: _mean_with_error([t[side] for t in tasks.values()]) for side in ("reference", "candidate")
+    }
+    flat = {side: mean for side, (mean, _) in average.items()}
+    errors = {f"{side}_err": err for side, (_, err) in average.items()}
+    drop = 100 * (flat["reference"] - flat["candidate"])
+    return {"tasks": tasks, "average": {**flat, **errors, "drop_points": drop}}
+
+
+def _mean_with_error(scores: list[dict]) -> tuple[float, float]:
+    """The mean headline accuracy of tasks and its standard error (tasks independent)."""
+    errors = [s["acc_err" if s["metric"] == "acc" else "acc_norm_err"] for s in scores]
+    return float(np.mean([s["main"] for s in scores])), float(np.sqrt(np.sum(np.square(errors)))) / len(
+        scores
+    )
 
 
 def validate(

@@ -49,13 +49,13 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save `model` at `path`; weights go to ``<name>.data`` beside it when the file would pass 2 GB."""
+    """Save `model` at `path`; weights go to ``<name>_data`` beside it when the file would pass 2 GB."""
     onnx.save_model(
         model,
         str(path),
         save_as_external_data=needs_external_data(model),
         all_tensors_to_one_file=True,
-        location=f"{path.name}.data",
+        location=f"{path.name}_data",  # model.onnx_data: the name transformers.js and optimum use
         size_threshold=1024,
     )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 
+from exporters.onnx.fusions import fuse_norms
 from exporters.onnx.graph import trace_to_onnx
 from exporters.onnx.metadata import (
     CONFIG_NAME,
@@ -95,7 +96,7 @@ def export_onnx(
         trace_to_onnx(model, [k.layer for k in kv], onnx_path, tie_embeddings=not precision.quantizes_matmuls)
         del model
         gc.collect()
-        graph = convert_precision(onnx.load(str(onnx_path)), precision, block_size)
+        graph = convert_precision(fuse_norms(onnx.load(str(onnx_path))), precision, block_size)
         set_metadata(graph, plan_metadata(plan, precision.value))
         for stale in (tmp / ONNX_DIR).iterdir():  # the traced fp32 files, replaced below
             stale.unlink()

@@ -1,5 +1,5 @@
-"""Benchmark: pruned SmolLM2 ONNX exports on onnxruntime (CPU EP, 2 threads) against the ideal speedup
-and against optimum's stock export.
+"""Benchmark: pruned SmolLM2 ONNX exports on onnxruntime (CPU EP, 2 threads) against the ideal speedup,
+against onnxruntime-genai's own model builder and against optimum's stock export.
 
 Exports SmolLM2-135M-Instruct with 0, 8 and 16 attention sublayers dropped (Gate-Norm plans) at fp32 and
 int4, plus optimum's stock export of the unpruned model (``optimum-cli export onnx --task
@@ -12,9 +12,14 @@ text-generation-with-past`` on an HF copy of the same weights). Every measuremen
 
 Our exports run with ``OnnxRunner`` (IO binding: the cache stays in onnxruntime memory); optimum's runs
 the usual way, a plain Python loop feeding the numpy ``present.*`` outputs back as ``past_key_values.*``.
+The anchor is onnxruntime-genai's builder (``python -m onnxruntime_genai.models.builder -e cpu`` on the HF
+copy; it takes float GGUFs only, and the shipped one is Q4_1) at each precision: it and our exports run
+in the same client, onnxruntime-genai (``og.Generator``, 2 threads; prefill = ``append_tokens`` of the
+prompt, decode = ``generate_next_token`` steps), so the ratio ours/builder compares graphs only.
 Each speedup over the 0-drop export of the same precision is printed next to the ideal one: the ratio of
 FLOPs (prefill) or of bytes read per decoded token (weights without the embedding table, plus the cache).
-Usage: ``python scripts/bench_onnx.py [--reps 3] [--decode-steps 32] [--workdir DIR] [--keep]``.
+Usage: ``python scripts/bench_onnx.py [--reps 3] [--decode-steps 32] [--precisions fp32,int4]
+[--drops 0,8,16] [--no-optimum] [--workdir DIR] [--keep]``.
 """
 
 from __future__ import annotations
@@ -63,6 +68,38 @@ def measure_ours(folder: Path, decode_steps: int) -> dict:
         runner.decode(state, [int(state.logits[0].argmax())])
     result["decode"] = decode_steps / (time.perf_counter() - t)
     return result
+
+
+def measure_genai(folder: Path, decode_steps: int) -> dict:
+    """An export run by onnxruntime-genai (its genai_config.json set to THREADS intra-op threads)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+
+    def run(length: int, steps: int) -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=length + steps + 1, do_sample=False)
+        generator = og.Generator(model, params)
+        t = time.perf_counter()
+        generator.append_tokens(_prompt(length))
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(steps):
+            generator.generate_next_token()
+        return prefill, time.perf_counter() - t
+
+    run(16, 2)  # warm-up
+    result = {f"prefill_{length}": length / run(length, 0)[0] for length in PREFILL_LENGTHS}
+    result["decode"] = decode_steps / run(PREFILL_LENGTHS[0], decode_steps)[1]
+    return result
+
+
+def set_genai_threads(folder: Path) -> None:
+    path = folder / "genai_config.json"
+    config = json.loads(path.read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = THREADS
+    config["model"]["decoder"]["session_options"]["inter_op_num_threads"] = 1
+    path.write_text(json.dumps(config, indent=2))
 
 
 def measure_plain_loop(model: Path, decode_steps: int) -> dict:
@@ -129,13 +166,22 @@ def prefill_flops(cost, vocab: int, kept: int, tokens: int) -> float:
     return tokens * (dataclasses.replace(cost, ctx=tokens).flops(actions) + 2 * cost.shape.d_model * vocab)
 
 
+def model_file(folder: Path) -> Path:
+    """The ONNX file of an export folder: ours (gatenorm_onnx.json), the builder's (genai_config.json)."""
+    if (folder / "gatenorm_onnx.json").is_file():
+        return folder / json.loads((folder / "gatenorm_onnx.json").read_text())["model"]
+    if (folder / "genai_config.json").is_file():
+        return folder / json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+    return folder if folder.suffix == ".onnx" else folder / "model.onnx"
+
+
 def decode_bytes(folder: Path, config, kept: int, context: int) -> float:
     """Bytes read per decoded token: every weight but a lookup-only embedding table, plus the cache."""
     import onnx
 
     from exporters.onnx.precision import initializer_bytes
 
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(model_file(folder)), load_external_data=False)
     gathers = ("Gather", "GatherBlockQuantized")
     gathered = {i for n in model.graph.node if n.op_type in gathers for i in n.input}
     read_whole = {i for n in model.graph.node if n.op_type not in gathers for i in n.input}
@@ -148,7 +194,11 @@ def decode_bytes(folder: Path, config, kept: int, context: int) -> float:
 # ---------------------------------------------------------------- preparing the models
 
 
-def prepare(workdir: Path) -> tuple[dict[str, Path], object]:
+BUILDER = (sys.executable, "-m", "onnxruntime_genai.models.builder")
+
+
+def prepare(workdir: Path, args) -> tuple[dict[str, tuple[str, Path]], object]:
+    """Every model to measure: name -> (how it runs: ours / genai / optimum, its folder or file)."""
     import torch
     from transformers import AutoConfig
 
@@ -161,13 +211,16 @@ def prepare(workdir: Path) -> tuple[dict[str, Path], object]:
     gguf = smollm2()
     ckpt = open_checkpoint(gguf)
     scores = score_checkpoint(ckpt, "gate-norm")
-    models: dict[str, Path] = {}
-    for precision in PRECISIONS:
-        for drop in DROPS:
+    models: dict[str, tuple[str, Path]] = {}
+    for precision in args.precisions:
+        for drop in args.drops:
             name = f"ours-{precision}-drop{drop}"
             t = time.perf_counter()
-            models[name] = export_onnx(gguf, make_plan(ckpt, scores, drop), workdir / name, precision)
+            folder = export_onnx(gguf, make_plan(ckpt, scores, drop), workdir / name, precision)
             print(f"exported {name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            set_genai_threads(folder)
+            models[name] = ("ours", folder)
+            models[f"genai:{name}"] = ("genai", folder)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -178,21 +231,49 @@ def prepare(workdir: Path) -> tuple[dict[str, Path], object]:
     fresh.save_pretrained(hf)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(hf)
     del loaded, fresh
-    stock = workdir / "optimum-stock"
-    t = time.perf_counter()
-    subprocess.run(
-        [*OPTIMUM_CLI, "--model", str(hf), "--task", "text-generation-with-past", str(stock)],
-        check=True,
-        capture_output=True,
-    )
-    print(f"exported optimum-stock in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    models["optimum-stock-fp32"] = stock / "model.onnx"
+    for precision in args.precisions:
+        out = workdir / f"builder-{precision}"
+        t = time.perf_counter()
+        cmd = [
+            *BUILDER,
+            "-i",
+            str(hf),
+            "-o",
+            str(out),
+            "-p",
+            precision,
+            "-e",
+            "cpu",
+            "-c",
+            str(workdir / "cache"),
+        ]
+        subprocess.run(cmd, check=True, capture_output=True)
+        print(f"built builder-{precision} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        set_genai_threads(out)
+        models[f"genai:builder-{precision}"] = ("genai", out)
+    if args.optimum:
+        stock = workdir / "optimum-stock"
+        t = time.perf_counter()
+        subprocess.run(
+            [*OPTIMUM_CLI, "--model", str(hf), "--task", "text-generation-with-past", str(stock)],
+            check=True,
+            capture_output=True,
+        )
+        print(f"exported optimum-stock in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        models["optimum-stock-fp32"] = ("optimum", stock / "model.onnx")
     return models, AutoConfig.from_pretrained(hf)
 
 
 def _size(path: Path) -> int:
-    folder, name = (path.parent, path.name) if path.suffix == ".onnx" else (path, "model.onnx")
-    return sum(p.stat().st_size for p in folder.glob(f"{name}*"))
+    """Bytes of a model file and its external data."""
+    file = model_file(path)
+    return sum(p.stat().st_size for p in file.parent.glob(f"{file.name}*"))
+
+
+def _nodes(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(model_file(path)), load_external_data=False).graph.node)
 
 
 def _child(kind: str, path: str, decode_steps: int) -> dict:
@@ -201,10 +282,16 @@ def _child(kind: str, path: str, decode_steps: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+MEASURE = {"ours": measure_ours, "genai": measure_genai, "optimum": measure_plain_loop}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--precisions", type=lambda v: v.split(","), default=list(PRECISIONS))
+    parser.add_argument("--drops", type=lambda v: [int(d) for d in v.split(",")], default=list(DROPS))
+    parser.add_argument("--no-optimum", dest="optimum", action="store_false", help="skip optimum's export")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the exports")
     parser.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
@@ -212,8 +299,7 @@ def main() -> None:
 
     if args.measure:
         kind, path = args.measure
-        fn = measure_ours if kind == "ours" else measure_plain_loop
-        result = fn(Path(path), args.decode_steps)
+        result = MEASURE[kind](Path(path), args.decode_steps)
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
@@ -222,11 +308,10 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        models, config = prepare(workdir)
+        models, config = prepare(workdir, args)
         runs: dict[str, list[dict]] = {name: [] for name in models}
         for rep in range(args.reps):
-            for name, path in models.items():
-                kind = "optimum" if name.startswith("optimum") else "ours"
+            for name, (kind, path) in models.items():
                 runs[name].append(_child(kind, str(path), args.decode_steps))
             print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
         report(models, runs, config, args)
@@ -236,19 +321,25 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def report(models: dict[str, Path], runs: dict[str, list[dict]], config, args) -> None:
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "BELOW"
+
+
+def report(models: dict[str, tuple[str, Path]], runs: dict[str, list[dict]], config, args) -> None:
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
     print(f"onnxruntime CPU EP, {THREADS} threads, medians of {args.reps} interleaved repetitions")
     print(f"decode: {args.decode_steps} greedy steps after a {PREFILL_LENGTHS[0]}-token prompt\n")
     cols = ["prefill_512", "prefill_2048", "decode"]
     print(
-        f"{'model':24} {'prefill512 tok/s':>17} {'prefill2048 tok/s':>18} {'decode tok/s':>13} "
-        f"{'size MB':>8} {'peak RSS MB':>12}"
+        f"{'model (client)':32} {'prefill512 tok/s':>17} {'prefill2048 tok/s':>18} {'decode tok/s':>13} "
+        f"{'size MB':>8} {'nodes':>6} {'peak RSS MB':>12}"
     )
     for name, m in med.items():
+        kind, path = models[name]
+        label = name.removeprefix("genai:") + f" ({'OnnxRunner' if kind == 'ours' else kind})"
         print(
-            f"{name:24} {m[cols[0]]:17.1f} {m[cols[1]]:18.1f} {m[cols[2]]:13.2f} "
-            f"{_size(models[name]) / 1e6:8.1f} {m['peak_rss_mb']:12.0f}"
+            f"{label:32} {m[cols[0]]:17.1f} {m[cols[1]]:18.1f} {m[cols[2]]:13.2f} "
+            f"{_size(path) / 1e6:8.1f} {_nodes(path):6d} {m['peak_rss_mb']:12.0f}"
         )
 
     from gatenorm.methods.cost import cost_model
@@ -258,34 +349,55 @@ def report(models: dict[str, Path], runs: dict[str, list[dict]], config, args) -
     cost, vocab = cost_model(open_checkpoint(smollm2())), config.vocab_size
     n_layers = config.num_hidden_layers
     context = PREFILL_LENGTHS[0] + args.decode_steps // 2
-    print("\nspeedup over the 0-drop export of the same precision: measured / ideal (target >= 0.9 x ideal)")
-    for precision in PRECISIONS:
-        base = f"ours-{precision}-drop0"
-        for drop in DROPS[1:]:
-            name = f"ours-{precision}-drop{drop}"
-            kept = n_layers - drop
-            ideals = {
-                f"prefill_{t}": prefill_flops(cost, vocab, n_layers, t) / prefill_flops(cost, vocab, kept, t)
-                for t in PREFILL_LENGTHS
-            }
-            ideals["decode"] = decode_bytes(models[base], config, n_layers, context) / decode_bytes(
-                models[name], config, kept, context
-            )
-            parts = []
-            for col in cols:
-                measured = med[name][col] / med[base][col]
-                verdict = "ok" if measured >= 0.9 * ideals[col] else "BELOW"
-                parts.append(
-                    f"{col} {measured:.3f}/{ideals[col]:.3f} ({measured / ideals[col]:.2f} {verdict})"
+    print(
+        "\nspeedup over the 0-drop export of the same precision and client: measured / ideal (target >= 0.9)"
+    )
+    for client in ("ours", "genai:ours"):
+        for precision in args.precisions:
+            base = f"{client}-{precision}-drop0"
+            for drop in [d for d in args.drops if d] if base in med else []:
+                name = f"{client}-{precision}-drop{drop}"
+                kept = n_layers - drop
+                ideals = {
+                    f"prefill_{t}": prefill_flops(cost, vocab, n_layers, t)
+                    / prefill_flops(cost, vocab, kept, t)
+                    for t in PREFILL_LENGTHS
+                }
+                ideals["decode"] = decode_bytes(models[base][1], config, n_layers, context) / decode_bytes(
+                    models[name][1], config, kept, context
                 )
-            size_ratio = _size(models[base]) / _size(models[name])
-            print(f"  {name:22} " + "  ".join(parts) + f"  size {size_ratio:.3f}x smaller")
+                parts = []
+                for col in cols:
+                    measured = med[name][col] / med[base][col]
+                    parts.append(
+                        f"{col} {measured:.3f}/{ideals[col]:.3f} "
+                        f"({measured / ideals[col]:.2f} {_verdict(measured >= 0.9 * ideals[col])})"
+                    )
+                print(f"  {name.removeprefix('genai:'):22} [{client.split(':')[0]}] " + "  ".join(parts))
 
-    ours, stock = med["ours-fp32-drop0"], med["optimum-stock-fp32"]
-    print("\nours-fp32-drop0 (OnnxRunner) vs optimum-stock-fp32 (plain loop):")
-    for col, target in (("prefill_512", 1.0), ("prefill_2048", 1.0), ("decode", 2.0)):
-        ratio = ours[col] / stock[col]
-        print(f"  {col:13} {ratio:.2f}x  (target >= {target:.0f}x: {'ok' if ratio >= target else 'BELOW'})")
+    print("\nours vs onnxruntime-genai's builder, both in onnxruntime-genai (target >= 1.0x, size <= 1.0x):")
+    for precision in args.precisions:
+        ours, builder = f"genai:ours-{precision}-drop0", f"genai:builder-{precision}"
+        if ours not in med or builder not in med:
+            continue
+        parts = [f"{col} {med[ours][col] / med[builder][col]:.2f}x" for col in cols]
+        parts = [
+            f"{p} ({_verdict(med[ours][c] >= med[builder][c])})" for p, c in zip(parts, cols, strict=True)
+        ]
+        size = _size(models[ours][1]) / _size(models[builder][1])
+        print(f"  {precision:5} " + "  ".join(parts) + f"  size {size:.2f}x ({_verdict(size <= 1.0)})")
+        for drop in [d for d in args.drops if d]:
+            name = f"genai:ours-{precision}-drop{drop}"
+            if name in med:
+                ratios = "  ".join(f"{col} {med[name][col] / med[builder][col]:.2f}x" for col in cols)
+                print(f"    ours drop{drop} vs builder: {ratios}")
+
+    if "optimum-stock-fp32" in med and "ours-fp32-drop0" in med:
+        ours, stock = med["ours-fp32-drop0"], med["optimum-stock-fp32"]
+        print("\nours-fp32-drop0 (OnnxRunner) vs optimum-stock-fp32 (plain loop):")
+        for col, target in (("prefill_512", 1.0), ("prefill_2048", 1.0), ("decode", 2.0)):
+            ratio = ours[col] / stock[col]
+            print(f"  {col:13} {ratio:.2f}x  (target >= {target:.0f}x: {_verdict(ratio >= target)})")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from conftest import SMOLLM2_MIXED_ACTIONS, SMOLLM2_MIXED_ALPHAS, make_tiny_model, mixed_plan
 
 from exporters.onnx import OnnxRunner, Precision, export_onnx
-from exporters.onnx.metadata import CONFIG_NAME
+from exporters.onnx.metadata import CONFIG_NAME, OnnxExportConfig
 from gatenorm.apply import apply_plan, load_model
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
@@ -29,6 +29,7 @@ DECODE_STEPS = 16
 TOL = 1e-3
 TINY_ARCHS = {
     "llama": {},
+    "llama-head16": {"num_attention_heads": 4},  # GroupQueryAttention applies the rotary (do_rotary)
     "mistral": {"sliding_window": 5},  # shorter than the test prompts: the window matters
     "qwen2": {},
     "qwen3": {"head_dim": 8},
@@ -64,6 +65,11 @@ def assert_matches_torch(runner: OnnxRunner, model, prompt: np.ndarray) -> None:
     np.testing.assert_allclose(step_logits, ref_all[prompt.shape[1] - 1 :], atol=TOL, rtol=0)
 
 
+def runner_model(folder: Path) -> str:
+    """The model file of an export, relative to its folder (``onnx/model*.onnx``)."""
+    return OnnxExportConfig.load(folder).model
+
+
 def layer_ops(model: onnx.ModelProto, layer: int, module: str) -> Counter:
     """Op types of the nodes the exporter scoped under ``/model/layers.{layer}/{module}/``."""
     scope = f"/model/layers.{layer}/{module}/"
@@ -73,16 +79,19 @@ def layer_ops(model: onnx.ModelProto, layer: int, module: str) -> Counter:
 def assert_graph_follows_plan(folder: Path, plan: Plan) -> None:
     """Inputs/outputs carry exactly the kept layers' cache; each layer has the nodes its action leaves.
 
-    keep: q/k/v/o MatMuls, two RotaryEmbedding, one GroupQueryAttention; drop-attention: no attention or
-    input norm; linearize: the input norm and one fused MatMul; drop-block: no node at all.
+    keep: one q/k/v MatMul and the o MatMul, one GroupQueryAttention (rotary inside it, or two
+    RotaryEmbedding for head sizes it does not take); drop-attention: no attention or input norm;
+    linearize: the input norm and one fused MatMul; drop-block: no node at all.
     """
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(folder / OnnxExportConfig.load(folder).model), load_external_data=False)
     arch = get_architecture(plan.source.architecture)
     kept = plan.kv_layers
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    kv_in = [f"past_key_values.{i}.{p}" for i in kept for p in ("key", "value")]
-    kv_out = [f"present.{i}.{p}" for i in kept for p in ("key", "value")]
+    kv_in = [f"past_key_values.{s}.{p}" for s in range(len(kept)) for p in ("key", "value")]
+    kv_out = [f"present.{s}.{p}" for s in range(len(kept)) for p in ("key", "value")]
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["gatenorm.kv_layers"]) == kept
     assert sorted(inputs) == sorted(["input_ids", "attention_mask", "position_ids", *kv_in])
     assert outputs == ["logits", *kv_out]
     for value in (*model.graph.input, *model.graph.output):
@@ -101,15 +110,16 @@ def assert_graph_follows_plan(folder: Path, plan: Plan) -> None:
             assert not everything, f"layer {i} was dropped whole but has nodes"
             continue
         if lp.action is LayerAction.KEEP:
-            assert matmuls == 4 and not fused, f"layer {i}: {attn}"
-            assert attn["RotaryEmbedding"] == 2 and attn["GroupQueryAttention"] == 1, f"layer {i}: {attn}"
+            assert matmuls == 2 and not fused, f"layer {i}: {attn}"
+            rotary = 0 if OnnxExportConfig.load(folder).head_dim % 16 == 0 else 2
+            assert attn["RotaryEmbedding"] == rotary and attn["GroupQueryAttention"] == 1, f"{i}: {attn}"
         elif lp.action is LayerAction.LINEARIZE:
             assert matmuls == 1 and not attn and norm, f"layer {i}: {fused} {attn}"
         else:
             assert not attn and not fused and not norm, f"layer {i} was dropped but has attention nodes"
         assert layer_ops(model, i, arch.hf_mlp_module), f"layer {i} lost its MLP"
         attention_matmuls += matmuls
-    assert attention_matmuls == 4 * len(kept) + len(plan.linearized)
+    assert attention_matmuls == 2 * len(kept) + len(plan.linearized)
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["GroupQueryAttention"] == len(kept) and ops["Softmax"] == 0
 
@@ -123,7 +133,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     folders = {}
     for arch, overrides in TINY_ARCHS.items():
         folders[arch] = root / arch
-        make_tiny_model(folders[arch], arch, seed=1, **overrides)
+        make_tiny_model(folders[arch], arch.split("-")[0], seed=1, **overrides)
     return folders
 
 
@@ -147,7 +157,7 @@ def test_tiny_first_layer_dropped_and_metadata(tiny_models, tmp_path):
     plan = plan_for(tiny_models["llama"], 3, allow_first_layer=True)
     out = export_onnx(tiny_models["llama"], plan, tmp_path / "onnx")
     assert_graph_follows_plan(out, plan)
-    model = onnx.load(str(out / "model.onnx"))
+    model = onnx.load(str(out / "onnx/model.onnx"))
     props = {p.key: p.value for p in model.metadata_props}
     assert Plan.from_json(props["gatenorm.plan"]) == plan
     assert json.loads(props["gatenorm.dropped_layers"]) == plan.dropped
@@ -157,7 +167,8 @@ def test_tiny_first_layer_dropped_and_metadata(tiny_models, tmp_path):
     config = json.loads((out / CONFIG_NAME).read_text())
     kept = [lp.layer for lp in plan.layers if lp.layer not in plan.dropped]
     assert [k["layer"] for k in config["kv_cache"]] == kept
-    assert config["kv_cache"][0]["past_key"] == f"past_key_values.{kept[0]}.key"
+    assert config["kv_cache"][0]["past_key"] == "past_key_values.0.key"
+    assert config["kv_cache"][-1]["present_value"] == f"present.{len(kept) - 1}.value"
     assert config["dropped_layers"] == plan.dropped
     assert Plan.load(out / "plan.json") == plan
     reference = apply_plan(load_model(tiny_models["llama"]), plan)
@@ -197,7 +208,7 @@ def test_tiny_mixed_plan_quantized(tiny_models, tmp_path, precision):
     plan = mixed_plan(open_checkpoint(tiny_models["llama"]), TINY_MIXED, {0: 0.5})
     out = export_onnx(tiny_models["llama"], plan, tmp_path / "onnx", precision, block_size=16)
     assert_graph_follows_plan(out, plan)
-    fused = layer_ops(onnx.load(str(out / "model.onnx")), 0, "fused_attention")
+    fused = layer_ops(onnx.load(str(out / runner_model(out))), 0, "fused_attention")
     expected_op = {Precision.FP16: "MatMul", Precision.INT8: "MatMulInteger", Precision.INT4: "MatMulNBits"}
     assert fused[expected_op[precision]] == 1, fused
     prompt = np.arange(3, 15)[None]
@@ -212,7 +223,7 @@ def test_tiny_quantized_exports_run_close_to_fp32(tiny_models, tmp_path, precisi
     plan = plan_for(tiny_models["llama"], 1)
     out = export_onnx(tiny_models["llama"], plan, tmp_path / "onnx", precision, mobile=True, block_size=16)
     assert_graph_follows_plan(out, plan)
-    ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    ops = Counter(n.op_type for n in onnx.load(str(out / runner_model(out))).graph.node)
     expected_op = {Precision.FP16: "Cast", Precision.INT8: "MatMulInteger", Precision.INT4: "MatMulNBits"}
     assert ops[expected_op[precision]] > 0
     if precision is Precision.INT4:
@@ -230,20 +241,21 @@ def test_tiny_quantized_exports_run_close_to_fp32(tiny_models, tmp_path, precisi
 
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.INT4])
 def test_external_data_past_the_threshold(tiny_models, tmp_path, monkeypatch, precision):
-    """Models past 2 GB keep their weights in model.onnx.data (threshold lowered to test it on a tiny one)."""
+    """Models past 2 GB keep their weights in onnx/model.onnx_data (threshold lowered to test it)."""
     import exporters.onnx.precision as precision_module
 
     monkeypatch.setattr(precision_module, "EXTERNAL_DATA_THRESHOLD", 0)
     plan = plan_for(tiny_models["qwen2"], 1)
     out = export_onnx(tiny_models["qwen2"], plan, tmp_path / "onnx", precision, mobile=True, block_size=16)
-    assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
+    model_file = out / runner_model(out)
+    assert model_file.with_name(model_file.name + "_data").stat().st_size > model_file.stat().st_size
     runner = OnnxRunner(out)
     prompt = np.arange(7, 20)[None]
     reference = apply_plan(load_model(tiny_models["qwen2"]), plan)
     if precision is Precision.FP32:
         assert_matches_torch(runner, reference, prompt)
     else:  # too big for onnx's version converter: the embedding table stays float32
-        ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+        ops = Counter(n.op_type for n in onnx.load(str(out / runner_model(out))).graph.node)
         assert ops["MatMulNBits"] > 0 and ops["GatherBlockQuantized"] == 0
     ort_logits = OnnxRunner(out, ort_format=True).logits(prompt)
     np.testing.assert_allclose(ort_logits, runner.logits(prompt), atol=1e-4, rtol=0)
@@ -288,7 +300,7 @@ def test_existing_output_needs_overwrite(tiny_models, tmp_path):
         export_onnx(tiny_models["llama"], plan, out)
     assert (out / "keep.txt").read_text() == "mine"
     export_onnx(tiny_models["llama"], plan, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    assert not (out / "keep.txt").exists() and (out / "onnx/model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
 
 
@@ -402,7 +414,7 @@ def test_smollm2_pruned_fp32_matches_pytorch(smollm2_pruned, smollm2_gguf):
     assert_matches_torch(runner, reference, prompt)
     # the file holds each remaining weight once (tied LM head shares the embedding table), nothing else
     weights = 4 * sum(p.numel() for p in reference.parameters())  # parameters() lists a tied one once
-    assert abs((out / "model.onnx").stat().st_size - weights) < 0.01 * weights
+    assert abs((out / "onnx/model.onnx").stat().st_size - weights) < 0.01 * weights
     assert (
         (out / "tokenizer.json").is_file()
         and not list(out.glob("*.gguf"))
@@ -425,7 +437,7 @@ def test_smollm2_ort_format_matches_onnx(smollm2_pruned):
 def test_smollm2_int4_generates_coherent_text(smollm2_gguf, tmp_path):
     plan = plan_for(smollm2_gguf, 0)
     out = export_onnx(smollm2_gguf, plan, tmp_path / "int4", "int4")
-    size = sum(p.stat().st_size for p in out.glob("model.onnx*"))
+    size = sum(p.stat().st_size for p in out.glob("onnx/model_q4.onnx*"))
     assert size < 120_000_000  # fp32: 540 MB; int4 MatMuls and embedding table
     runner = OnnxRunner(out)
     tok = runner.tokenizer

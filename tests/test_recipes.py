@@ -240,8 +240,8 @@ def test_onnx_export_is_byte_identical(tmp_path, tiny_llama_dir):
     plan = make_plan(ckpt, score_checkpoint(ckpt, "gate-norm"), 1)
     for name in ("a", "b"):
         export(tiny_llama_dir, plan, tmp_path / name, "onnx", "int8")
-    files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert "model.onnx" in files
+    files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert "onnx/model_quantized.onnx" in files and "genai_config.json" in files
     for name in files:
         assert sha(tmp_path / "a" / name) == sha(tmp_path / "b" / name), name
 

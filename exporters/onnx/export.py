@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 
+from exporters.onnx.fusions import fuse_norms
 from exporters.onnx.graph import trace_to_onnx
 from exporters.onnx.metadata import (
     CONFIG_NAME,
@@ -17,22 +18,16 @@ from exporters.onnx.metadata import (
     set_metadata,
 )
 from exporters.onnx.mobile import ORT_NAME, REQUIRED_OPERATORS_NAME, write_mobile_package
+from exporters.onnx.package import ONNX_DIR, model_relpath, special_ids, write_client_configs
 from exporters.onnx.precision import Precision, convert_precision, save_model
+from exporters.onnx.tokenizer_files import client_tokenizer, save_tokenizer
 from gatenorm.apply import apply_plan, load_model, load_tokenizer
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_dir
 from gatenorm.plan import Plan
 from gatenorm.readers import open_checkpoint
 
-MODEL_NAME = "model.onnx"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def _eos_ids(config) -> list[int]:
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def has_tokenizer(model_path: str | Path) -> bool:
@@ -73,12 +68,16 @@ def export_onnx(
 ) -> Path:
     """Export the model at `model_path` (HF folder or GGUF), pruned by `plan`, to the folder `out_dir`.
 
-    The folder holds ``model.onnx`` (plan and provenance in its metadata_props), ``gatenorm_onnx.json``
-    (kept layers -> KV input/output names, shapes), ``plan.json`` and the tokenizer files (if the model
-    has them: test models built from a config may not); with `mobile` also ``model.ort`` and
-    ``required_operators.config``. It is built beside `out_dir` and renamed at the end, so a failed
-    export leaves nothing there. `block_size` is the int4 quantization block. `before_commit` runs
-    once the folder is complete and may refuse it by raising (the plan's source check).
+    The folder holds the model under ``onnx/`` named as transformers.js names each precision
+    (``model.onnx``, ``model_fp16.onnx``, ``model_quantized.onnx``, ``model_q4.onnx``; plan and provenance
+    in its metadata_props), ``config.json``, ``generation_config.json`` and ``genai_config.json`` for
+    transformers.js, optimum and onnxruntime-genai (see ``exporters.onnx.package``), ``gatenorm_onnx.json``
+    (cache slots -> layers and KV names, shapes), ``plan.json`` and the tokenizer files (if the model has
+    them: test models built from a config may not); with `mobile` also ``model.ort`` (which
+    genai_config.json then names) and ``required_operators.config``. It is built beside `out_dir` and
+    renamed at the end, so a failed export leaves nothing there. `block_size` is the int4 quantization
+    block. `before_commit` runs once the folder is complete and may refuse it by raising (the plan's
+    source check).
     """
     precision = Precision(precision)
     if precision is Precision.INT4:
@@ -88,23 +87,27 @@ def export_onnx(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model = apply_plan(load_model(model_path), plan)
         tokenizer = load_tokenizer(model_path) if has_tokenizer(model_path) else None
+        if tokenizer is not None:
+            tokenizer = client_tokenizer(model_path, tokenizer)
         text_config = model.config
         kv = kv_layers(plan)
         _check_head_size(text_config, kv)
-        onnx_path = tmp / MODEL_NAME
+        model_name = model_relpath(precision)
+        onnx_path = tmp / model_name
+        onnx_path.parent.mkdir()
         trace_to_onnx(model, [k.layer for k in kv], onnx_path, tie_embeddings=not precision.quantizes_matmuls)
         del model
         gc.collect()
-        graph = convert_precision(onnx.load(str(onnx_path)), precision, block_size)
+        graph = convert_precision(fuse_norms(onnx.load(str(onnx_path))), precision, block_size)
         set_metadata(graph, plan_metadata(plan, precision.value))
-        for stale in tmp.iterdir():  # the traced fp32 files, replaced below
+        for stale in (tmp / ONNX_DIR).iterdir():  # the traced fp32 files, replaced below
             stale.unlink()
         save_model(graph, onnx_path)
         del graph
         if mobile:
             write_mobile_package(onnx_path, tmp)
         config = OnnxExportConfig(
-            model=MODEL_NAME,
+            model=model_name,
             ort_model=ORT_NAME if mobile else None,
             required_operators=REQUIRED_OPERATORS_NAME if mobile else None,
             precision=precision.value,
@@ -118,15 +121,15 @@ def export_onnx(
             num_key_value_heads=text_config.num_key_value_heads,
             head_dim=_head_dim(text_config),
             vocab_size=text_config.vocab_size,
-            eos_token_id=_eos_ids(text_config),
+            eos_token_id=special_ids(text_config, tokenizer)[0],
             kv_cache=kv,
             tokenizer=tokenizer is not None,
         )
         (tmp / CONFIG_NAME).write_text(config.model_dump_json(indent=2) + "\n")
         (tmp / "plan.json").write_text(plan.to_json() + "\n")
         if tokenizer is not None:
-            # fast format only: a GGUF-loaded tokenizer would otherwise copy the whole GGUF as its vocab file
-            tokenizer.save_pretrained(tmp, legacy_format=False if tokenizer.is_fast else None)
+            save_tokenizer(tokenizer, tmp)
+        write_client_configs(tmp, text_config, plan, ORT_NAME if mobile else model_name, tokenizer)
         if before_commit is not None:
             before_commit()
     return out_dir

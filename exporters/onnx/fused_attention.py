@@ -1,12 +1,15 @@
-"""Export kept attention layers as onnxruntime's fused ``RotaryEmbedding`` + ``GroupQueryAttention``.
+"""Export kept attention layers as one projection + onnxruntime's fused ``GroupQueryAttention``.
 
 Traced transformers attention becomes ~100 small ONNX nodes per layer (shape arithmetic, rotary,
 repeat_kv, mask slicing, softmax); on a CPU those nodes, not the weights, dominate decode time. During
-the export, ``fused_attention`` swaps each kept layer's attention forward for projections + two
-``com.microsoft::RotaryEmbedding`` (driven by the ``position_ids`` input, cos/sin tables taken from the
-model's own rotary module, so any RoPE scaling carries over) + one ``com.microsoft::GroupQueryAttention``
-that appends to the layer's cache and attends causally (sliding window where the architecture has one).
-The torch forwards below give the same values, so the trace sees a consistent model.
+the export, ``fused_attention`` swaps each kept layer's attention forward for one concatenated q/k/v
+projection (``qkv_proj``, one MatMul) + one ``com.microsoft::GroupQueryAttention`` that applies the rotary
+embedding itself (``do_rotary``, cos/sin tables taken from the model's own rotary module, so any RoPE
+scaling carries over), appends to the layer's cache and attends causally (sliding window where the
+architecture has one); layers with q/k norms split the projection first and norm q and k. Every RMSNorm
+traces as onnxruntime's ``SimplifiedLayerNormalization`` (then fused with the residual Add into
+``SkipSimplifiedLayerNormalization`` on the ONNX graph). This is the graph onnxruntime-genai's own builder
+writes. The torch forwards below give the same values, so the trace sees a consistent model.
 """
 
 from __future__ import annotations
@@ -21,17 +24,23 @@ from gatenorm.architectures import Architecture
 from gatenorm.errors import GatenormError
 
 
+def _rotate(x: torch.Tensor, positions: torch.Tensor, cos_table, sin_table) -> torch.Tensor:
+    """Rotate-half RoPE on [batch, seq, heads*head_dim] at `positions` [batch, seq], from cos/sin tables."""
+    batch, seq, _ = x.shape
+    half = cos_table.shape[1]
+    x = x.view(batch, seq, -1, 2 * half)
+    cos, sin = cos_table[positions].unsqueeze(2), sin_table[positions].unsqueeze(2)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).view(batch, seq, -1)
+
+
 class _Rotary(torch.autograd.Function):
-    """Rotate-half RoPE on [batch, seq, heads*head_dim] at `position_ids`, from cos/sin tables."""
+    """``_rotate`` as ``com.microsoft::RotaryEmbedding``: for head sizes GroupQueryAttention's own rotary
+    does not take (not a multiple of 16)."""
 
     @staticmethod
     def forward(ctx, x, position_ids, cos_table, sin_table):
-        batch, seq, _ = x.shape
-        half = cos_table.shape[1]
-        x = x.view(batch, seq, -1, 2 * half)
-        cos, sin = cos_table[position_ids].unsqueeze(2), sin_table[position_ids].unsqueeze(2)
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).view(batch, seq, -1)
+        return _rotate(x, position_ids, cos_table, sin_table)
 
     @staticmethod
     def symbolic(g, x, position_ids, cos_table, sin_table):
@@ -40,13 +49,39 @@ class _Rotary(torch.autograd.Function):
         return out
 
 
-class _GroupQueryAttention(torch.autograd.Function):
-    """Causal GQA over [past; new] keys/values; returns the output and the grown cache (BNSH)."""
+class _RMSNorm(torch.autograd.Function):
+    """``weight * x / rms(x)`` in float32 over the last axis: ``SimplifiedLayerNormalization`` in ONNX."""
 
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_length, num_heads, kv_heads, scale, window):
+    def forward(ctx, x, weight, eps):
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        return weight * normed.to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, weight, eps):
+        out = g.op("SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps, stash_type_i=1)
+        out.setType(x.type())
+        return out
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    """Causal GQA with rotary over [past; new] keys/values; returns the output and the grown cache (BNSH).
+
+    `q` holds the packed q/k/v projection when `k` and `v` are None. With `cos`/`sin` tables the rotary
+    embedding is applied at `positions` (``do_rotary``); without, q and k come rotated.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, q, k, v, past_k, past_v, seqlens_k, total, cos, sin, positions, heads, kv_heads, scale, window
+    ):
         batch, seq, _ = q.shape
         head_dim = past_k.shape[-1]
+        if k is None:
+            q, k, v = q.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        num_heads = heads
+        if cos is not None:
+            q, k = _rotate(q, positions, cos, sin), _rotate(k, positions, cos, sin)
         present_k = torch.cat([past_k, k.view(batch, seq, kv_heads, head_dim).transpose(1, 2)], dim=2)
         present_v = torch.cat([past_v, v.view(batch, seq, kv_heads, head_dim).transpose(1, 2)], dim=2)
         groups = num_heads // kv_heads
@@ -64,20 +99,24 @@ class _GroupQueryAttention(torch.autograd.Function):
         return out, present_k, present_v
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_length, num_heads, kv_heads, scale, window):
+    def symbolic(
+        g, q, k, v, past_k, past_v, seqlens_k, total, cos, sin, positions, heads, kv_heads, scale, window
+    ):
+        none = g.op("prim::Constant")  # an absent optional input ("" in ONNX): packed q/k/v in `q`
+        none.setType(torch._C.NoneType.get())
+        kv = [none if k is None else k, none if v is None else v, past_k, past_v, seqlens_k, total]
+        rotary = [] if cos is None else [cos, sin, positions]
         out, present_k, present_v = g.op(
             "com.microsoft::GroupQueryAttention",
             q,
-            k,
-            v,
-            past_k,
-            past_v,
-            seqlens_k,
-            total_length,
-            num_heads_i=num_heads,
+            *kv,
+            *rotary,
+            num_heads_i=heads,
             kv_num_heads_i=kv_heads,
             scale_f=scale,
             local_window_size_i=window,
+            do_rotary_i=int(cos is not None),
+            rotary_interleaved_i=0,
             outputs=3,
         )
         out.setType(q.type())
@@ -99,20 +138,27 @@ def _rope_tables(model: nn.Module, rotary: nn.Module) -> tuple[torch.Tensor, tor
 
 def _fused_forward(attention: nn.Module, arch: type[Architecture], config, tables, graph_inputs: dict):
     """A replacement forward for one transformers attention module (see the module docstring); the
-    family's pieces (q/k/v projections and norms, window, rotary tables) come from the adapter."""
+    family's pieces (packed q/k/v projection, q/k norms, window, rotary tables) come from the adapter."""
     num_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = attention.head_dim
     window = arch.sliding_window(attention, config)
     local_window = -1 if window is None else window  # both count the token itself in the window
     if arch.attention_softcap(attention):
         raise GatenormError(f"{arch.name}: ONNX export of soft-capped attention is not supported yet")
     if tables is None:
         raise GatenormError(f"{arch.name}: ONNX export of layers without rotary is not supported yet")
+    rotary_in_attention = head_dim % 16 == 0  # GroupQueryAttention's do_rotary takes these head sizes
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **_):
-        q, k, v = arch.project_qkv(attention, hidden_states)
         positions = graph_inputs["position_ids"]
-        q = _Rotary.apply(q, positions, *tables)
-        k = _Rotary.apply(k, positions, *tables)
+        q, k, v = attention.gatenorm_qkv(hidden_states), None, None  # packed unless q/k change first
+        if arch.has_qk_norms() or not rotary_in_attention:
+            q, k, v = q.split([num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+            q, k = arch.normed_qk(attention, q, k)
+        rotary = (*tables, positions)
+        if not rotary_in_attention:
+            q, k = _Rotary.apply(q, positions, *tables), _Rotary.apply(k, positions, *tables)
+            rotary = (None, None, None)
         cache = past_key_values.layers[attention.layer_idx]
         out, cache.keys, cache.values = _GroupQueryAttention.apply(
             q,
@@ -122,6 +168,7 @@ def _fused_forward(attention: nn.Module, arch: type[Architecture], config, table
             cache.values,
             graph_inputs["seqlens_k"],
             graph_inputs["total_length"],
+            *rotary,
             num_heads,
             kv_heads,
             float(attention.scaling),
@@ -132,9 +179,23 @@ def _fused_forward(attention: nn.Module, arch: type[Architecture], config, table
     return forward
 
 
+def _rms_norms(model: nn.Module) -> list[nn.Module]:
+    """The model's RMSNorm modules of the llama form, ``weight * x / rms(x)`` (``variance_epsilon``)."""
+    return [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and m.weight.dim() == 1
+    ]
+
+
+def _norm_forward(norm: nn.Module):
+    return lambda hidden_states: _RMSNorm.apply(hidden_states, norm.weight, float(norm.variance_epsilon))
+
+
 @contextlib.contextmanager
 def fused_attention(model: nn.Module, arch: type[Architecture]) -> Iterator[None]:
-    """While active, every kept attention module of `model` traces to ORT's fused ops."""
+    """While active, every kept attention module of `model` traces to ORT's fused ops (and every RMSNorm
+    to ``SimplifiedLayerNormalization``)."""
     config = model.config
     if arch.onnx_refusal:
         raise GatenormError(
@@ -166,12 +227,19 @@ def fused_attention(model: nn.Module, arch: type[Architecture]) -> Iterator[None
         graph_inputs["total_length"] = torch._shape_as_tensor(mask)[1].to(torch.int32)
 
     hook = model.model.register_forward_pre_hook(capture, with_kwargs=True)
+    norms = _rms_norms(model)
     for attention in attentions:
+        attention.gatenorm_qkv = arch.qkv_projection(attention)
         rotary_tables = tables[id(arch.rotary_module(model, attention))]
         attention.forward = _fused_forward(attention, arch, config, rotary_tables, graph_inputs)
+    for norm in norms:
+        norm.forward = _norm_forward(norm)
     try:
         yield
     finally:
         hook.remove()
         for attention in attentions:
             del attention.forward  # back to the class's forward
+            del attention.gatenorm_qkv
+        for norm in norms:
+            del norm.forward

@@ -16,14 +16,18 @@ OPSET = 17
 TASK = "text-generation-with-past"
 
 
-def past_name(layer: int, part: str) -> str:
-    """Graph input holding the cached `part` ("key" or "value") of decoder `layer` (original index)."""
-    return f"past_key_values.{layer}.{part}"
+def past_name(slot: int, part: str) -> str:
+    """Graph input holding the cached `part` ("key" or "value") of cache `slot` (0..K-1 over kept layers).
+
+    Slots, not original layer numbers, so that clients that build the names ``0..num_hidden_layers-1``
+    from config.json (transformers.js, optimum, older onnxruntime-genai) find every one.
+    """
+    return f"past_key_values.{slot}.{part}"
 
 
-def present_name(layer: int, part: str) -> str:
-    """Graph output holding the updated cache of decoder `layer` (original index)."""
-    return f"present.{layer}.{part}"
+def present_name(slot: int, part: str) -> str:
+    """Graph output holding the updated cache of cache `slot`."""
+    return f"present.{slot}.{part}"
 
 
 def _base_config_class(model: nn.Module) -> type:
@@ -42,8 +46,8 @@ def _base_config_class(model: nn.Module) -> type:
 def pruned_onnx_config(model: nn.Module, kept_layers: list[int]):
     """optimum's OnnxConfig for `model`'s architecture whose past/present KV list follows the plan.
 
-    Cache entries are named by the original layer index and ordered like the kept layers, which
-    ``apply_plan`` gave the cache slots 0..K-1.
+    Cache entries are named by cache slot 0..K-1, the order of the kept layers, which is how
+    ``apply_plan`` numbers the cache.
     """
     base = _base_config_class(model)
 
@@ -53,9 +57,9 @@ def pruned_onnx_config(model: nn.Module, kept_layers: list[int]):
                 name, axis = past_name, "past_sequence_length"
             else:
                 name, axis = present_name, "past_sequence_length + sequence_length"
-            for layer in kept_layers:
+            for slot in range(len(kept_layers)):
                 for part in ("key", "value"):
-                    inputs_or_outputs[name(layer, part)] = {0: "batch_size", 2: axis}
+                    inputs_or_outputs[name(slot, part)] = {0: "batch_size", 2: axis}
 
         def generate_dummy_inputs(self, framework: str = "pt", **kwargs):
             dummy = super().generate_dummy_inputs(framework=framework, **kwargs)

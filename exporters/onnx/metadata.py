@@ -18,7 +18,8 @@ METADATA_PREFIX = "gatenorm."
 
 
 class KVLayer(BaseModel):
-    """The cache tensors of one kept layer (original layer index)."""
+    """The cache tensors of one kept layer: `layer` is its original index, the names carry its cache slot
+    (its position in ``kv_cache``; folders written before gatenorm named them by `layer`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -36,7 +37,7 @@ class OnnxExportConfig(BaseModel):
 
     format: str = "gatenorm-onnx"
     tool_version: str = __version__
-    model: str
+    model: str  # relative to the folder: onnx/model.onnx (model.onnx in folders of older versions)
     ort_model: str | None = None
     required_operators: str | None = None
     precision: str
@@ -66,17 +67,17 @@ class OnnxExportConfig(BaseModel):
 
 
 def kv_layers(plan: Plan) -> list[KVLayer]:
-    """The KV-cache names of every layer the plan keeps, in cache-slot order."""
+    """The KV-cache names of every layer the plan keeps, in cache-slot order (slot s: names ``*.{s}.*``)."""
+    kept = [lp.layer for lp in plan.layers if lp.action is LayerAction.KEEP]
     return [
         KVLayer(
-            layer=lp.layer,
-            past_key=past_name(lp.layer, "key"),
-            past_value=past_name(lp.layer, "value"),
-            present_key=present_name(lp.layer, "key"),
-            present_value=present_name(lp.layer, "value"),
+            layer=layer,
+            past_key=past_name(slot, "key"),
+            past_value=past_name(slot, "value"),
+            present_key=present_name(slot, "key"),
+            present_value=present_name(slot, "value"),
         )
-        for lp in plan.layers
-        if lp.action is LayerAction.KEEP
+        for slot, layer in enumerate(kept)
     ]
 
 
@@ -89,6 +90,7 @@ def plan_metadata(plan: Plan, precision: str) -> dict[str, str]:
         f"{METADATA_PREFIX}linearized_layers": json.dumps(plan.linearized),
         f"{METADATA_PREFIX}linearize_alphas": json.dumps(plan.linearize_alphas),
         f"{METADATA_PREFIX}dropped_blocks": json.dumps(plan.blocks_dropped),
+        f"{METADATA_PREFIX}kv_layers": json.dumps(plan.kv_layers),  # cache slot -> original layer
         f"{METADATA_PREFIX}source_sha256": plan.source.sha256,
         f"{METADATA_PREFIX}tool_version": __version__,
         f"{METADATA_PREFIX}precision": precision,

@@ -26,7 +26,7 @@ def write_mobile_package(onnx_path: Path, out_dir: Path) -> tuple[Path, Path]:
         src = Path(tmp, "src")
         src.mkdir()
         os.link(onnx_path, src / onnx_path.name)  # the tool converts every .onnx in a folder
-        data = onnx_path.with_name(onnx_path.name + ".data")
+        data = onnx_path.with_name(onnx_path.name + "_data")
         if data.exists():
             os.link(data, src / data.name)
         dst = Path(tmp, "dst")

@@ -49,13 +49,13 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save `model` at `path`; weights go to ``<name>.data`` beside it when the file would pass 2 GB."""
+    """Save `model` at `path`; weights go to ``<name>_data`` beside it when the file would pass 2 GB."""
     onnx.save_model(
         model,
         str(path),
         save_as_external_data=needs_external_data(model),
         all_tensors_to_one_file=True,
-        location=f"{path.name}.data",
+        location=f"{path.name}_data",  # model.onnx_data: the name transformers.js and optimum use
         size_threshold=1024,
     )
 
@@ -95,12 +95,13 @@ def _quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
             op_types_to_quantize=["MatMul"],
             per_channel=True,
             use_external_data_format=needs_external_data(model),
+            # onnx's shape inference has no types past onnxruntime's fused norms: they are float
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
         return onnx.load(str(dst))
 
 
 def _quantize_int4(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
-    from onnx import version_converter
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     # The embedding table (Gather -> GatherBlockQuantized) needs opset 21 for its int4 tensor: the
@@ -108,7 +109,7 @@ def _quantize_int4(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
     # the model, so past 2 GB the table stays float32.
     quantize_embedding = not needs_external_data(model)
     if quantize_embedding:
-        model = version_converter.convert_version(model, INT4_OPSET)
+        model = _convert_opset(model, INT4_OPSET)
     # accuracy_level 4: int8 activations in the MatMulNBits kernel (fast CPU path)
     quantizer = MatMulNBitsQuantizer(
         model,
@@ -119,7 +120,33 @@ def _quantize_int4(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
         op_types_to_quantize=("MatMul", "Gather") if quantize_embedding else ("MatMul",),
     )
     quantizer.process()
-    return _pack_int4_gathers(quantizer.model.model)
+    return _share_tied_table(_pack_int4_gathers(quantizer.model.model))
+
+
+#: onnxruntime operators in the default ONNX domain, unknown to onnx's version converter.
+_ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+_PARKED_DOMAIN = "gatenorm.parked"
+
+
+def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """onnx's version converter, with onnxruntime's default-domain operators (no ONNX schema, nothing to
+    convert) moved to a domain of their own while it runs."""
+    from onnx import version_converter
+
+    ours = _ORT_DEFAULT_DOMAIN_OPS
+    parked = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in ours]
+    for node in parked:
+        node.domain = _PARKED_DOMAIN
+    if parked:
+        model.opset_import.append(onnx.helper.make_opsetid(_PARKED_DOMAIN, 1))
+    model = version_converter.convert_version(model, opset)
+    for node in model.graph.node:
+        if node.domain == _PARKED_DOMAIN:
+            node.domain = ""
+    kept = [o for o in model.opset_import if o.domain != _PARKED_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return model
 
 
 def _pack_int4_gathers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -141,4 +168,56 @@ def _pack_int4_gathers(model: onnx.ModelProto) -> onnx.ModelProto:
         kept = [attr for attr in node.attribute if attr.name != "bits"]
         del node.attribute[:]
         node.attribute.extend([*kept, onnx.helper.make_attribute("bits", 4)])
+    return model
+
+
+def _share_tied_table(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Store a tied embedding table once at int4: the lookup reads the LM head's MatMulNBits weight.
+
+    Both quantizers turn the same matrix into the same 4-bit values and scales (checked, bit for bit):
+    MatMulNBits keeps them as [vocab, blocks, block bytes], the lookup wants [vocab, hidden / 2], so the
+    lookup gets a Reshape of the LM head's tensors (as onnxruntime-genai's builder does). Untied models, or
+    tables that differ, are left as they are.
+    """
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    heads = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] in initializers]
+    if len(gathers) != 1 or not heads or len(gathers[0].input) != 3:
+        return model
+    gather, head = gathers[0], heads[-1]  # the LM head is the graph's last MatMul
+    if not all(name in initializers for name in (gather.input[0], gather.input[2], head.input[2])):
+        return model
+    table, table_scales = (numpy_helper.to_array(initializers[gather.input[i]]) for i in (0, 2))
+    weight, weight_scales = (numpy_helper.to_array(initializers[head.input[i]]) for i in (1, 2))
+    same = weight.size == table.size and weight_scales.size == table_scales.size
+    if not same or len(head.input) > 3:
+        return model
+    if not (
+        np.array_equal(weight.reshape(table.shape), table)
+        and np.array_equal(weight_scales.reshape(table_scales.shape), table_scales)
+    ):
+        return model
+    shape = numpy_helper.from_array(np.asarray(table.shape, np.int64), f"{gather.name}/shared_shape")
+    scales_shape = numpy_helper.from_array(
+        np.asarray(table_scales.shape, np.int64), f"{gather.name}/shared_scales_shape"
+    )
+    reshape = onnx.helper.make_node(
+        "Reshape", [head.input[1], shape.name], [f"{gather.name}/shared_table"], name=f"{gather.name}/Reshape"
+    )
+    reshape_scales = onnx.helper.make_node(
+        "Reshape",
+        [head.input[2], scales_shape.name],
+        [f"{gather.name}/shared_scales"],
+        name=f"{gather.name}/ReshapeScales",
+    )
+    dropped = {gather.input[0], gather.input[2]}
+    gather.input[0], gather.input[2] = reshape.output[0], reshape_scales.output[0]
+    kept = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend([*kept, shape, scales_shape])
+    position = list(model.graph.node).index(gather)
+    model.graph.node.insert(position, reshape_scales)
+    model.graph.node.insert(position, reshape)
     return model

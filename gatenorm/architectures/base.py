@@ -313,24 +313,45 @@ class Architecture:
     # ---- ONNX pieces ------------------------------------------------------------------------------------
 
     @classmethod
-    def project_qkv(cls, attention: nn.Module, hidden: torch.Tensor):
-        """q, k, v of an attention module for `hidden` [batch, seq, d], flat per token, q/k norms applied
-        (before rotary)."""
-        q = attention.q_proj(hidden)
-        k = attention.k_proj(hidden)
-        v = attention.v_proj(hidden)
-        if cls.hf_qk_norms is not None:
-            batch, seq, _ = hidden.shape
-            head_dim = attention.head_dim
-            q_norm, k_norm = (getattr(attention, name) for name in cls.hf_qk_norms)
-            q = q_norm(q.view(batch, seq, -1, head_dim)).view(batch, seq, -1)
-            k = k_norm(k.view(batch, seq, -1, head_dim)).view(batch, seq, -1)
-        return q, k, v
+    def qkv_projection(cls, attention: nn.Module) -> nn.Module:
+        """One projection whose output per token is [q; k; v] (ONNX: one MatMul for the three)."""
+        return packed_linear([attention.q_proj, attention.k_proj, attention.v_proj])
+
+    @classmethod
+    def has_qk_norms(cls) -> bool:
+        """Whether q and k are normed before the rotary embedding (`normed_qk` does it)."""
+        return cls.hf_qk_norms is not None
+
+    @classmethod
+    def normed_qk(cls, attention: nn.Module, q: torch.Tensor, k: torch.Tensor):
+        """q and k [batch, seq, heads*head_dim] after the family's per-head q/k norms, if any."""
+        if cls.hf_qk_norms is None:
+            return q, k
+        batch, seq, _ = q.shape
+        head_dim = attention.head_dim
+        q_norm, k_norm = (getattr(attention, name) for name in cls.hf_qk_norms)
+        q = q_norm(q.reshape(batch, seq, -1, head_dim)).view(batch, seq, -1)
+        k = k_norm(k.reshape(batch, seq, -1, head_dim)).view(batch, seq, -1)
+        return q, k
 
     @classmethod
     def attention_softcap(cls, attention: nn.Module) -> float:
         """Soft-capping of attention logits (``c * tanh(x / c)``), 0 for none."""
         return 0.0
+
+
+def packed_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear computing the outputs of `parts` one after the other (weights and biases concatenated,
+    the source's dtype; a part without a bias gets zeros)."""
+    has_bias = any(p.bias is not None for p in parts)
+    weight = torch.cat([p.weight for p in parts])
+    packed = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, dtype=weight.dtype)
+    with torch.no_grad():
+        packed.weight.copy_(weight)
+        if has_bias:
+            biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
+            packed.bias.copy_(torch.cat([b.to(weight.dtype) for b in biases]))
+    return packed
 
 
 def reorder_rotary_rows(weight: T, heads: int, to_norm: bool) -> T:

@@ -32,7 +32,9 @@ class Olmo2(Architecture):
     gguf_works = "drop-block plans (--method block-influence) as an olmo2 GGUF, or PyTorch for every action"
 
     @classmethod
-    def project_qkv(cls, attention: nn.Module, hidden: torch.Tensor):
-        q = attention.q_norm(attention.q_proj(hidden))
-        k = attention.k_norm(attention.k_proj(hidden))
-        return q, k, attention.v_proj(hidden)
+    def has_qk_norms(cls) -> bool:
+        return True
+
+    @classmethod
+    def normed_qk(cls, attention: nn.Module, q: torch.Tensor, k: torch.Tensor):
+        return attention.q_norm(q), attention.k_norm(k)  # over the whole projection, not per head

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from gatenorm.architectures.base import MT, Architecture, gguf_tensor, register
@@ -49,10 +48,5 @@ class Phi3(Architecture):
         return qkv.weight[rows], bias, o.weight, o.bias
 
     @classmethod
-    def project_qkv(cls, attention: nn.Module, hidden: torch.Tensor):
-        c = attention.config
-        qkv = attention.qkv_proj(hidden)
-        return tuple(
-            qkv[..., _qkv_rows(p, c.num_attention_heads, c.num_key_value_heads, attention.head_dim)]
-            for p in "qkv"
-        )
+    def qkv_projection(cls, attention: nn.Module) -> nn.Module:
+        return attention.qkv_proj  # rows q, k, v already

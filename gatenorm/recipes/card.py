@@ -31,10 +31,13 @@ ids = runner.tokenizer.encode("Hello")
 print(runner.tokenizer.decode(runner.generate(ids, max_new_tokens=32)))
 ```
 
-`onnx/model.onnx` takes `input_ids`, `attention_mask`, `position_ids` and the KV cache of the layers that
-keep attention (`onnx/gatenorm_onnx.json` lists their input and output names); any onnxruntime loop that
-feeds `present.*` back as `past_key_values.*` runs it. Kept attention uses onnxruntime's fused
-`com.microsoft` operators, so it needs onnxruntime (CPU EP), not another ONNX runtime."""
+The `onnx` folder opens as it is in onnxruntime-genai (`og.Model("onnx")`), optimum
+(`ORTModelForCausalLM.from_pretrained("onnx", subfolder="onnx")`) and transformers.js (`config.json`,
+tokenizer files, the model under `onnx/onnx/` with transformers.js's file names). The graph takes
+`input_ids`, `attention_mask`, `position_ids` and the KV cache `past_key_values.{slot}.*` of the layers that
+keep attention (`onnx/gatenorm_onnx.json` maps slots to layers; `config.json`'s `num_hidden_layers` counts
+them). Kept attention uses onnxruntime's fused `com.microsoft` operators, so it needs onnxruntime (any
+client built on it), not another ONNX runtime."""
 
 
 def source_info(path: Path) -> dict[str, str]:

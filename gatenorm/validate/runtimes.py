@@ -399,12 +399,14 @@ RUNTIMES: dict[str, Callable[..., Runtime]] = {
 
 
 def is_onnx_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "model.onnx").is_file()
+    """A gatenorm ONNX export (``gatenorm_onnx.json``; ``onnx/model*.onnx`` or, written by older versions,
+    ``model.onnx``)."""
+    return path.is_dir() and ((path / "gatenorm_onnx.json").is_file() or (path / "model.onnx").is_file())
 
 
 def detect_runtime(path: Path, plan: Path | None = None) -> str:
     """The default runtime of a model: torch for HF folders (and any model with a plan), llama.cpp for GGUF
-    files, onnx for folders holding model.onnx."""
+    files, onnx for gatenorm ONNX export folders."""
     if plan is not None:
         return "torch"
     if is_onnx_folder(path):

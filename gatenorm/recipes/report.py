@@ -25,9 +25,11 @@ _METHOD = (
 
 
 def _bench_key(bench: dict, prefix: str) -> str | None:
-    """The bench metric starting with `prefix` ('pp' or 'tg') at the short prompt (the validation ctx)."""
-    ctx = bench["config"]["prompt"] if prefix == "pp" else bench["config"]["generate"]
-    key = f"{prefix}{ctx}_tok_s"
+    """The bench metric 'pp' (the first prompt length) or 'tg' (decoding after an empty context)."""
+    from gatenorm.validate.bench import pp_key, tg_key
+
+    cfg = bench["config"]
+    key = pp_key(cfg["prompts"][0]) if prefix == "pp" else tg_key(cfg["generate"], 0)
     return key if key in bench["candidate"] else None
 
 

@@ -23,6 +23,17 @@ RUNTIME_HELP = (
 _defaults = Gates()
 
 
+def _ints(option: str, text: str, low: int) -> list[int]:
+    """A comma-separated list of integers of at least `low`."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise GatenormError(f"{option} {text!r}: expected comma-separated integers") from None
+    if not values or min(values) < low:
+        raise GatenormError(f"{option} {text!r}: expected integers of at least {low}")
+    return values
+
+
 def validate_command(
     reference: Annotated[
         str, typer.Argument(help="Reference model: GGUF, HF folder, ONNX folder or smollm2.")
@@ -41,7 +52,17 @@ def validate_command(
     limit: Annotated[int, typer.Option(help="Items per task (the first N); 0 = all.")] = 200,
     bench: Annotated[bool, typer.Option("--bench", help="Also measure latency, RSS and file size.")] = False,
     bench_runs: Annotated[int, typer.Option(help="Timed runs per model (after one warm-up).")] = 5,
-    bench_long: Annotated[int, typer.Option(help="Tokens of the long prompt.")] = 2048,
+    bench_prompts: Annotated[
+        str, typer.Option(help="Comma-separated prompt lengths timed (llama-bench's -p).")
+    ] = "512,2048",
+    bench_depths: Annotated[
+        str,
+        typer.Option(help="Comma-separated context depths decoding is timed at (llama-bench's -d), clipped."),
+    ] = "0,2048,8192",
+    bench_gen: Annotated[
+        int, typer.Option(help="Tokens decoded per generation run (llama-bench's -n).")
+    ] = 128,
+    flash_attn: Annotated[bool, typer.Option(help="llama.cpp: flash attention in the benchmark.")] = True,
     runtime: Annotated[str, typer.Option(help=f"Runtime of both models: {RUNTIME_HELP}")] = "auto",
     reference_runtime: Annotated[str | None, typer.Option(help="Runtime of the reference only.")] = None,
     candidate_runtime: Annotated[str | None, typer.Option(help="Runtime of the candidate only.")] = None,
@@ -73,7 +94,7 @@ def validate_command(
         ("--max-tokens", max_tokens, 0),
         ("--limit", limit, 0),
         ("--bench-runs", bench_runs, 1),
-        ("--bench-long", bench_long, 1),
+        ("--bench-gen", bench_gen, 2),
         ("--threads", threads, 0),
     ):
         if value < low:
@@ -87,7 +108,13 @@ def validate_command(
         tasks=parse_tasks(tasks),
         limit=limit or None,
         threads=threads,
-        bench=BenchConfig(prompt=ctx, long_prompt=bench_long, runs=bench_runs, threads=threads)
+        bench=BenchConfig(
+            prompts=_ints("--bench-prompts", bench_prompts, 1),
+            depths=_ints("--bench-depths", bench_depths, 0),
+            generate=bench_gen,
+            runs=bench_runs,
+            flash_attn=flash_attn,
+        )
         if bench
         else None,
     )

@@ -70,7 +70,21 @@ def _bench_md(b: dict) -> list[str]:
     for k, r in b["reference"].items():
         lines.append(f"| {k} | {r:.4g} | {b['candidate'][k]:.4g} | {b['ratio'][k]:.3f} |")
     cfg = b["config"]
-    lines += ["", f"{cfg['runs']} interleaved runs after {cfg['warmup']} warm-up, {cfg['threads']} threads."]
+    flash = "flash attention on" if cfg.get("flash_attn", True) else "flash attention off"
+    lines += [
+        "",
+        f"{cfg['runs']} interleaved runs after {cfg['warmup']} warm-up, {cfg['threads']} threads, {flash} "
+        f"(llama.cpp). tgN_dD: N tokens decoded after a D-token context; kv_dD: KV-cache MiB the runtime "
+        "holds then.",
+    ]
+    if off := b.get("flash_off"):
+        on, no = off["kv_mib_flash_on"], off["kv_mib"]
+        lines += [
+            "",
+            f"KV cache at depth {off['depth']} (llama.cpp), flash attention on -> off: reference "
+            f"{on['reference']:.1f} -> {no['reference']:.1f} MiB, candidate {on['candidate']:.1f} -> "
+            f"{no['candidate']:.1f} MiB (off - on: {no['candidate'] - on['candidate']:+.1f} MiB).",
+        ]
     return lines
 
 

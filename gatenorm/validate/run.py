@@ -13,7 +13,7 @@ import numpy as np
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.validate.agreement import compare_logits
-from gatenorm.validate.bench import BenchConfig, run_bench
+from gatenorm.validate.bench import BenchConfig, bench_tokens_needed, run_bench
 from gatenorm.validate.gates import Gates, check_gates
 from gatenorm.validate.runtimes import ModelSpec, Request, Runtime, open_runtime
 from gatenorm.validate.text import token_windows
@@ -102,7 +102,7 @@ def validate(
             text, ctx = settings.text, settings.ctx
             windows = token_windows(text, ref.tokenize, ctx, settings.max_tokens, ref.bos_id)
         if settings.bench is not None:
-            need = max(settings.bench.prompt, settings.bench.long_prompt)
+            need = bench_tokens_needed(settings.bench)
             bench_tokens = token_windows(settings.text, ref.tokenize, need, need, None)[0].tolist()
         work = {}
         for task in settings.tasks:  # one token stream for both models
@@ -135,11 +135,12 @@ def validate(
     if bench_tokens is not None:
         log("bench: running interleaved latency runs")
         with clock("bench"):
-            bench = run_bench(ref_spec, cand_spec, bench_tokens, settings.bench)
+            bench = run_bench(ref_spec, cand_spec, bench_tokens, settings.bench, settings.threads)
 
     gate_results = check_gates(gates, agreement, zeroshot)
     passed = all(g.passed is not False for g in gate_results)
     settings_doc = asdict(settings)
+    settings_doc["bench"] = settings.bench.model_dump() if settings.bench else None
     return {
         "gatenorm_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

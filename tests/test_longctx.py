@@ -102,3 +102,70 @@ def test_speedup_for_decode_in_cli_and_recipes(smollm2_gguf, tmp_path):
     assert t.kind == "min_speedup" and t.label == "min_speedup=1.3@decode4096"
     with pytest.raises(ValueError, match="go with min_speedup"):
         Target.model_validate({"max_kld": 0.3, "speedup_for": "decode"})
+
+
+def test_passkey_prompts_are_seeded_and_hide_the_key(smollm2_gguf):
+    from gatenorm.validate.passkey import PasskeyConfig, build_prompts
+
+    rt = open_runtime(model_spec(str(smollm2_gguf)), threads=1, n_ctx=1100)
+    cfg = PasskeyConfig(lengths=[512, 1024, 99999], depths=3, trials=2, seed=1)
+    prompts = build_prompts("passkey_multi", cfg, rt.tokenize, rt.bos_id, 1100)
+    assert prompts == build_prompts("passkey_multi", cfg, rt.tokenize, rt.bos_id, 1100)
+    assert prompts != build_prompts(
+        "passkey_multi", cfg.model_copy(update={"seed": 2}), rt.tokenize, rt.bos_id, 1100
+    )
+    assert {p["length"] for p in prompts} == {512, 1024, 1092} and len(prompts) == 3 * 3 * 2
+    for p in prompts:
+        ctx, key = p["request"]
+        assert len(ctx) + len(key) == p["length"] and (rt.bos_id is None or ctx[0] == rt.bos_id)
+        text = rt.llm.detokenize(ctx).decode()
+        digits = rt.llm.detokenize(key).decode().strip()
+        assert len(digits) == 5 and digits.isdigit() and text.count(f"is {digits}.") == 1
+        assert text.count("The pass key of the") == 3 + 1 and text.rstrip().endswith("door is")
+    first = [p for p in build_prompts("passkey", cfg, rt.tokenize, rt.bos_id, 1100) if p["length"] == 512]
+    positions = []
+    for p in first[::2]:
+        text = rt.llm.detokenize(p["request"][0]).decode()
+        positions.append(text.index("The pass key is") / len(text))
+    assert positions == sorted(positions) and positions[0] < 0.15 and positions[-1] > 0.85
+    rt.close()
+
+
+def test_passkey_validation_gate_and_report(smollm2_gguf, tiny_pruned, tmp_path):
+    """SmolLM2 against itself retrieves identically (change 0, the gate holds); the report has the grid."""
+    from gatenorm.validate.gates import Gates
+    from gatenorm.validate.passkey import PasskeyConfig
+    from gatenorm.validate.report import to_markdown, write_png
+    from gatenorm.validate.run import Settings, validate
+
+    spec = model_spec(str(smollm2_gguf))
+    settings = Settings(
+        max_tokens=0,
+        tasks=["passkey"],
+        threads=2,
+        passkey=PasskeyConfig(lengths=[256, 512], depths=2, trials=1),
+    )
+    report = validate(spec, spec, settings, Gates(min_retrieval=-5.0))
+    r = report["retrieval"]["tasks"]["passkey"]
+    assert r["reference"] == r["candidate"] and r["reference"]["n"] == 4
+    assert r["reference"]["lengths"] == [256, 512] and r["reference"]["depths"] == [0.0, 1.0]
+    assert r["reference"]["acc"] > 0  # SmolLM2 finds the key in short prompts
+    assert "min_retrieval: retrieval accuracy change (points) = 0" in " ".join(report["gate_lines"])
+    assert "Long-range retrieval" in to_markdown(report)
+    write_png(report, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_passkey_in_torch_with_a_plan(tiny_pruned):
+    """The retrieval tasks run in PyTorch too (here a tiny random model and its pruned plan)."""
+    from gatenorm.validate.gates import Gates
+    from gatenorm.validate.passkey import PasskeyConfig
+    from gatenorm.validate.run import Settings, validate
+
+    folder, plan, _ = tiny_pruned
+    settings = Settings(
+        max_tokens=0, tasks=["passkey_multi"], threads=1, passkey=PasskeyConfig(lengths=[200, 9999], trials=1)
+    )
+    report = validate(model_spec(str(folder)), model_spec(str(folder), plan=plan), settings, Gates())
+    grid = report["retrieval"]["tasks"]["passkey_multi"]["candidate"]
+    assert grid["lengths"] == [200, 256 - 8] and len(grid["accuracy"][0]) == 5 and grid["n"] == 10

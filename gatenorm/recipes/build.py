@@ -151,7 +151,9 @@ def _regate(report: dict, variant: Variant) -> bool:
     """Apply the recipe's current gates to a stored report; True when the verdict text changed."""
     from gatenorm.validate.gates import check_gates
 
-    results = check_gates(_gates(variant), report.get("agreement"), report.get("zeroshot"))
+    results = check_gates(
+        _gates(variant), report.get("agreement"), report.get("zeroshot"), report.get("retrieval")
+    )
     lines = [g.describe() for g in results]
     if lines == report.get("gate_lines"):
         return False
@@ -185,6 +187,7 @@ def _validate(out: Path, variant: Variant) -> str:
         limit=s.limit or None,
         threads=s.threads,
         bench=s.bench,
+        passkey=s.passkey,
     )
     ref = ModelSpec(Path(job.reference), job.reference_runtime)
     cand = ModelSpec(out / variant.artifact, job.runtime)

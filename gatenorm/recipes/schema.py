@@ -20,6 +20,7 @@ from pydantic import (
 
 from gatenorm.scoring import Method
 from gatenorm.validate.bench import BenchConfig
+from gatenorm.validate.passkey import RETRIEVAL_TASKS, PasskeyConfig
 from gatenorm.validate.zeroshot import TASKS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -193,6 +194,7 @@ class Gates(_Strict):
     min_top1: float | None = 0.7
     max_ppl_ratio: float | None = 1.5
     max_acc_drop: float | None = 5.0
+    min_retrieval: float | None = None
 
 
 class Validation(_Strict):
@@ -206,6 +208,7 @@ class Validation(_Strict):
     limit: int = Field(200, ge=0, description="Items per task; 0 = all.")
     threads: int = Field(2, ge=0)
     bench: BenchConfig | None = Field(default_factory=BenchConfig)
+    passkey: PasskeyConfig = Field(default_factory=PasskeyConfig)
     gates: Gates = Field(default_factory=Gates)
     fail_on_gates: bool = Field(
         False, description="Exit 1 when a variant fails a gate (else: reported only)."
@@ -214,9 +217,10 @@ class Validation(_Strict):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, value: list[str]) -> list[str]:
-        unknown = [t for t in value if t not in TASKS]
+        known = [*TASKS, *RETRIEVAL_TASKS]
+        unknown = [t for t in value if t not in known]
         if unknown:
-            raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
+            raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(known)})")
         return list(dict.fromkeys(value))
 
 

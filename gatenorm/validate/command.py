@@ -11,6 +11,7 @@ from rich.console import Console
 from gatenorm.errors import GatenormError
 from gatenorm.validate.bench import BenchConfig
 from gatenorm.validate.gates import Gates
+from gatenorm.validate.passkey import PasskeyConfig
 from gatenorm.validate.report import to_markdown, write_json, write_markdown, write_png
 from gatenorm.validate.run import Settings, validate
 from gatenorm.validate.runtimes import model_spec
@@ -63,6 +64,11 @@ def validate_command(
         int, typer.Option(help="Tokens decoded per generation run (llama-bench's -n).")
     ] = 128,
     flash_attn: Annotated[bool, typer.Option(help="llama.cpp: flash attention in the benchmark.")] = True,
+    passkey_lengths: Annotated[
+        str, typer.Option(help="passkey tasks: comma-separated prompt lengths (clipped to the context).")
+    ] = "1024,2048,4096,8192",
+    passkey_depths: Annotated[int, typer.Option(help="passkey tasks: depths of the key per length.")] = 5,
+    passkey_trials: Annotated[int, typer.Option(help="passkey tasks: prompts per length and depth.")] = 2,
     runtime: Annotated[str, typer.Option(help=f"Runtime of both models: {RUNTIME_HELP}")] = "auto",
     reference_runtime: Annotated[str | None, typer.Option(help="Runtime of the reference only.")] = None,
     candidate_runtime: Annotated[str | None, typer.Option(help="Runtime of the candidate only.")] = None,
@@ -81,6 +87,12 @@ def validate_command(
     max_acc_drop: Annotated[
         float, typer.Option(help="Gate: drop of the average accuracy, in points, at most.")
     ] = _defaults.max_acc_drop,
+    min_retrieval: Annotated[
+        float | None,
+        typer.Option(
+            help="Gate: passkey exact-match accuracy of the candidate minus the reference's, points."
+        ),
+    ] = _defaults.min_retrieval,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON.")] = None,
     md: Annotated[Path | None, typer.Option("--md", help="Write the report as Markdown.")] = None,
     png: Annotated[
@@ -96,6 +108,8 @@ def validate_command(
         ("--bench-runs", bench_runs, 1),
         ("--bench-gen", bench_gen, 2),
         ("--threads", threads, 0),
+        ("--passkey-depths", passkey_depths, 1),
+        ("--passkey-trials", passkey_trials, 1),
     ):
         if value < low:
             raise GatenormError(f"{name} must be at least {low}, got {value}")
@@ -117,8 +131,19 @@ def validate_command(
         )
         if bench
         else None,
+        passkey=PasskeyConfig(
+            lengths=_ints("--passkey-lengths", passkey_lengths, 64),
+            depths=passkey_depths,
+            trials=passkey_trials,
+        ),
     )
-    gates = Gates(max_kld=max_kld, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio, max_acc_drop=max_acc_drop)
+    gates = Gates(
+        max_kld=max_kld,
+        min_top1=min_top1,
+        max_ppl_ratio=max_ppl_ratio,
+        max_acc_drop=max_acc_drop,
+        min_retrieval=min_retrieval,
+    )
     console.print(f"reference: {ref_spec.label}\ncandidate: {cand_spec.label}")
     report = validate(ref_spec, cand_spec, settings, gates, log=console.print)
     print(to_markdown(report))

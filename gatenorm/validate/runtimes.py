@@ -291,6 +291,7 @@ class OnnxRuntime(BatchLogitsRuntime):
         self.tokenizer = self.runner.tokenizer
         self.vocab_size = int(self.runner.logits(np.zeros((1, 1), dtype=np.int64)).shape[-1])
         self.max_context = _onnx_max_context(path)
+        self.max_len = self.max_context or self.max_len
         self._set_bos()
 
     def batch_logits(self, ids: np.ndarray, keep: int) -> np.ndarray:

@@ -169,3 +169,52 @@ def test_passkey_in_torch_with_a_plan(tiny_pruned):
     report = validate(model_spec(str(folder)), model_spec(str(folder), plan=plan), settings, Gates())
     grid = report["retrieval"]["tasks"]["passkey_multi"]["candidate"]
     assert grid["lengths"] == [200, 256 - 8] and len(grid["accuracy"][0]) == 5 and grid["n"] == 10
+
+
+def test_quant_ladder_is_for_the_unpruned_model_only():
+    from gatenorm.recipes.batch import plan_batch
+    from gatenorm.recipes.schema import Recipe
+
+    recipe = Recipe.model_validate(
+        {
+            "models": ["tiny"],
+            "budgets": [0, 1, {"min_speedup": 1.01, "speedup_for": "decode", "ctx": 128}],
+            "exports": {"gguf": {"quants": ["Q8_0"], "ladder": ["Q6_K", "Q8_0", "Q2_K"]}},
+            "validation": {"enabled": False},
+        }
+    )
+    names = sorted(v.name for v in plan_batch(recipe, "t").variants)
+    assert names == [
+        "tiny-d00-gguf-Q2_K",
+        "tiny-d00-gguf-Q6_K",
+        "tiny-d00-gguf-Q8_0",
+        "tiny-gate-norm-d01-gguf-Q8_0",
+    ]
+
+
+def test_frontier_names_pruned_variants_quantization_does_not_reach():
+    from gatenorm.recipes.frontier import frontier_md
+
+    def point(name, pruned, kld, speed):
+        return {
+            "name": name,
+            "pruned": pruned,
+            "quant": name,
+            "method": "m",
+            "dropped": 8 * pruned,
+            "kld": kld,
+            "speed": speed,
+        }
+
+    ladder = [
+        point("Q8_0", False, 0.01, 1.0),
+        point("Q4_K_M", False, 0.06, 1.02),
+        point("Q2_K", False, 0.5, 1.2),
+    ]
+    at_depth = [*ladder, point("Q8_0", True, 0.2, 1.3)]  # faster than Q2_K at less KLD: on the front
+    shallow = [*ladder, point("Q8_0", True, 0.2, 1.01)]  # Q4_K_M is faster at less KLD: not on the front
+    md = "\n".join(frontier_md({"tg32 @ d4096": at_depth, "tg32 @ d0": shallow}))
+    deep_row = next(line for line in md.splitlines() if line.startswith("| tg32 @ d4096"))
+    shallow_row = next(line for line in md.splitlines() if line.startswith("| tg32 @ d0"))
+    assert deep_row.endswith("| m-d08 Q8_0 |") and "Q2_K" not in deep_row.split("|")[2]
+    assert shallow_row.endswith("| none |")

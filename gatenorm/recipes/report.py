@@ -154,6 +154,12 @@ def write_report(
     plot_quality(points, out / PLOTS / "quality-vs-dropped.png")
     plot_speed_quality(points, out / PLOTS / "speed-vs-quality.png")
     plots += [f"{PLOTS}/quality-vs-dropped.png", f"{PLOTS}/speed-vs-quality.png"]
+    from gatenorm.recipes.frontier import frontier_md, frontier_points, plot_frontier
+
+    frontier = frontier_points(plan, out)
+    if frontier:
+        plot_frontier(frontier, out / PLOTS / "frontier.png")
+        plots.append(f"{PLOTS}/frontier.png")
     refs = {(v.model, v.export.target): rows[v.name] for v in plan.variants if rows[v.name]["ppl_ref"]}
     lines = [
         f"# {plan.recipe_name}: {len(plan.variants)} variants",
@@ -162,6 +168,7 @@ def write_report(
         "",
         *_table(plan, rows, results),
         "",
+        *frontier_md(frontier),
     ]
     for (model, target), r in refs.items():
         z = f", zero-shot average {100 * r['zeroshot_ref']:.1f} %" if r["zeroshot_ref"] is not None else ""

@@ -159,6 +159,11 @@ class GgufExports(_Strict):
     """GGUF files for llama.cpp, one per llama.cpp quant type (keep = the source's types)."""
 
     quants: list[Annotated[str, AfterValidator(_quant)]] = Field(min_length=1)
+    ladder: list[Annotated[str, AfterValidator(_quant)]] = Field(
+        default_factory=list,
+        description="More quant types for the unpruned model only: the quantization ladder that pruned "
+        "variants are compared with.",
+    )
 
 
 class OnnxExports(_Strict):

@@ -17,7 +17,7 @@ from exporters.export import export as run_export
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text, refuse_overwriting_inputs
 from gatenorm.methods import MethodOptions, Ranking, make_method_plan, rank_layers
-from gatenorm.methods.cost import cost_model
+from gatenorm.methods.cost import Phase, cost_model
 from gatenorm.models import resolve_model
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint, open_checkpoint
@@ -64,11 +64,14 @@ CtxOpt = Annotated[
 ]
 
 
-def _options(seed: int, calib: str | None, calib_samples: int, calib_len: int, ctx: int) -> MethodOptions:
+def _options(
+    seed: int, calib: str | None, calib_samples: int, calib_len: int, ctx: int, speedup_for: str = "prefill"
+) -> MethodOptions:
     from gatenorm.methods.calibration import Calibration
 
     calibration = None if calib is None else Calibration(calib, calib_samples, calib_len)
-    return MethodOptions(seed=seed, calib=calibration, ctx=ctx, log=lambda m: console.print(m, style="dim"))
+    log = lambda m: console.print(m, style="dim")  # noqa: E731
+    return MethodOptions(seed=seed, calib=calibration, ctx=ctx, speedup_for=speedup_for, log=log)
 
 
 def _rank(
@@ -142,6 +145,14 @@ SpeedupOpt = Annotated[
         "reaches this, e.g. 1.2.",
     ),
 ]
+SpeedupForOpt = Annotated[
+    Phase,
+    typer.Option(
+        "--speedup-for",
+        help="What --budget-speedup is about: prefill (a prompt of --ctx tokens) or decode (generating at "
+        "depth --ctx, where attention's share grows with the depth).",
+    ),
+]
 
 
 @app.command()
@@ -152,6 +163,7 @@ def plan(
         int | None, typer.Option("--drop", "-n", help="Number of layers to change (drop/linearize).")
     ] = None,
     budget_speedup: SpeedupOpt = None,
+    speedup_for: SpeedupForOpt = "prefill",
     method: MethodOpt = Method.GATE_NORM,
     seed: SeedOpt = 0,
     calib: CalibOpt = None,
@@ -170,7 +182,7 @@ def plan(
             "--allow-first-layer goes with --drop and gate-norm, gate-norm-head, random, last"
         )
     refuse_overwriting_inputs(output, {"the model": resolve_model(model)})
-    options = _options(seed, calib, calib_samples, calib_len, ctx)
+    options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for)
     ckpt, ranking = _rank(model, method, options, drop)
     scores = ranking.scores
     result = make_method_plan(ckpt, method, drop, budget_speedup, options, ranking, allow_first_layer)
@@ -180,8 +192,9 @@ def plan(
     console.print(
         _table(scores, actions, {lp.layer: lp.alpha for lp in result.layers if lp.alpha is not None})
     )
-    speedup = cost_model(ckpt, ctx).speedup(actions)
-    console.print(f"{result.describe()} (estimated speedup {speedup:.3f} at ctx {ctx}) -> {output}")
+    speedup = cost_model(ckpt, ctx, speedup_for).speedup(actions)
+    at = f"ctx {ctx}" if speedup_for == "prefill" else f"decode at depth {ctx}"
+    console.print(f"{result.describe()} (estimated speedup {speedup:.3f} at {at}) -> {output}")
 
 
 @app.command()
@@ -195,6 +208,8 @@ def export(
     drop: Annotated[
         int | None, typer.Option("--drop", "-n", help="Score, plan and export in one step, dropping N.")
     ] = None,
+    budget_speedup: SpeedupOpt = None,
+    speedup_for: SpeedupForOpt = "prefill",
     method: MethodOpt = Method.GATE_NORM,
     seed: SeedOpt = 0,
     calib: CalibOpt = None,
@@ -219,15 +234,15 @@ def export(
     ] = False,
 ) -> None:
     """Export MODEL with the plan's attention sublayers removed (GGUF: runs in stock llama.cpp)."""
-    if (plan_file is None) == (drop is None):
-        raise GatenormError("give exactly one of --plan PLAN.json and --drop N")
+    if [plan_file, drop, budget_speedup].count(None) != 2:
+        raise GatenormError("give exactly one of --plan PLAN.json, --drop N and --budget-speedup X")
     refuse_overwriting_inputs(output, {"the model": resolve_model(model), "the plan": plan_file})
     ckpt = open_model(resolve_model(model))
     if plan_file is not None:
         result, check = Plan.load(plan_file), True
     else:  # the plan is made from this very checkpoint: no need to check it against it
-        options = _options(seed, calib, calib_samples, calib_len, ctx)
-        result, check = make_method_plan(ckpt, method, drop, options=options), False
+        options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for)
+        result, check = make_method_plan(ckpt, method, drop, budget_speedup, options=options), False
     start = time.perf_counter()
     options = {k: v for k, v in {"mobile": mobile, "block_size": block_size}.items() if v is not None}
     options |= {"overwrite": True} if overwrite else {}

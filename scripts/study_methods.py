@@ -242,17 +242,19 @@ def stage_speed(args, cache: Cache, ckpt) -> None:
 
     section = cache.section("speed")
     cfg = BenchConfig(
-        prompt=args.bench_prompt,
-        long_prompt=args.bench_prompt,  # one prompt length: the bench is the costliest stage
+        prompts=[args.bench_prompt],  # one prompt length: the bench is the costliest stage
+        depths=[0],
         generate=args.bench_gen,
         runs=args.bench_runs,
         warmup=1,
-        threads=args.threads,
+        compare_flash=False,
     )
     from llama_cpp import Llama
 
     llm = Llama(str(ckpt.path), n_ctx=64, verbose=False)
-    tokens = llm.tokenize(load_text("wiki", 20 * cfg.long_prompt).encode(), add_bos=False)[: cfg.long_prompt]
+    tokens = llm.tokenize(load_text("wiki", 20 * args.bench_prompt).encode(), add_bos=False)[
+        : args.bench_prompt
+    ]
     llm.close()
     ref = ModelSpec(ckpt.path, "llama.cpp")
     speed_budgets = {int(b) for b in args.speed_budgets.split(",")}
@@ -262,7 +264,7 @@ def stage_speed(args, cache: Cache, ckpt) -> None:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             out = export(ckpt.path, plan, Path(tmp) / "cand.gguf", Target.GGUF, "keep")
-            result = run_bench(ref, ModelSpec(out, "llama.cpp"), tokens, cfg)
+            result = run_bench(ref, ModelSpec(out, "llama.cpp"), tokens, cfg, args.threads)
         section[key] = {
             "ratio": result["ratio"],
             "reference": result["reference"],

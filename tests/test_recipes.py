@@ -313,7 +313,8 @@ validation:
   bench:
     runs: 1
     warmup: 0
-    long_prompt: 256
+    prompts: [128, 256]
+    depths: [0]
     generate: 8
 """
     recipe = write(tmp_path / "r.yaml", text)

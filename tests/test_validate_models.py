@@ -166,14 +166,24 @@ def test_loglikelihood_batching_is_exact(smollm2_gguf, smollm2_hf):
 
 def test_bench_interleaved(smollm2_gguf):
     spec = model_spec(str(smollm2_gguf))
-    cfg = BenchConfig(prompt=32, long_prompt=64, generate=4, runs=1, warmup=1, threads=1)
+    cfg = BenchConfig(prompts=[32, 64], depths=[0, 96], generate=4, runs=1, warmup=1)
     tokens = open_runtime(spec, threads=1, n_ctx=128).tokenize("The history of Paris is long. " * 20)
-    b = run_bench(spec, spec, tokens, cfg)
+    b = run_bench(spec, spec, tokens, cfg, threads=1)
     for side in ("reference", "candidate"):
         m = b[side]
         assert m["pp32_tok_s"] > 0 and m["pp64_tok_s"] > 0 and m["tg4_tok_s"] > 0 and m["ttft32_ms"] > 0
+        assert m["tg4_d96_tok_s"] > 0
         assert m["peak_rss_mib"] > 50 and m["file_mib"] == pytest.approx(smollm2_gguf.stat().st_size / 2**20)
+        # KV bytes from llama.cpp: 30 layers x 3 KV heads x 64 x (K + V) x f16 per cached token
+        per_token = 30 * 3 * 64 * 2 * 2
+        assert m["kv_d96_mib"] * 2**20 == pytest.approx((96 + 4) * per_token, rel=0.02)
+        assert m["kv_d0_mib"] * 2**20 == pytest.approx((1 + 4) * per_token, rel=0.2)
     assert b["ratio"]["file_mib"] == 1
+    # flash attention off keeps the same K and V here (no layer dropped)
+    off = b["flash_off"]
+    assert off["depth"] == 96 and off["kv_mib"]["candidate"] == pytest.approx(
+        b["candidate"]["kv_d96_mib"], rel=0.02
+    )
 
 
 @pytest.mark.slow

@@ -1,45 +1,87 @@
 """A cost model of a plan: multiply-adds per token of each layer action, and the estimated speedup.
 
-FLOPs per token of prompt processing at context `ctx` (a token at position p attends to p + 1 keys, so a
-layer's attention costs its projections plus 4 * n_head * head_dim * (ctx + 1) / 2 on average):
-keep = projections + attention + MLP, linearize = one d x d matmul + MLP, drop-attention = MLP,
-drop-block = 0. The LM head is left out: in prompt processing it runs for the last token only. It counts
-compute, not bytes; docs/study.md compares it with llama.cpp's measured speed.
+Prefill (the default phase): FLOPs per token of prompt processing at context `ctx` (a token at position p
+attends to p + 1 keys, so a layer's attention costs its projections plus 4 * n_head * head_dim * (ctx + 1)
+/ 2 on average): keep = projections + attention + MLP, linearize = one d x d matmul + MLP, drop-attention =
+MLP, drop-block = 0. The LM head is left out: in prompt processing it runs for the last token only. It
+counts compute, not bytes; docs/study.md compares it with llama.cpp's measured speed.
+
+Decode (``phase="decode"``): one generated token at depth `ctx` attends to ctx + 1 keys (4 * n_head *
+head_dim * (ctx + 1) FLOPs per layer) and is memory-bound as much as compute-bound, so its cost is a
+FLOP/byte model: FLOPs + `flops_per_byte` * bytes read, the bytes being the layer's weights (at
+`weight_bytes` per parameter, Q8_0 by default) and, for a layer that keeps attention, its K and V cache
+(f16) up to the depth. The LM head runs for every generated token, so decode counts it (shared by every
+plan, it bounds the speedup). `scripts/bench_longctx.py` checks these estimates against llama.cpp.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction
 from gatenorm.readers import Checkpoint, ModelShape
 
+#: What a speedup target is about: processing a prompt of --ctx tokens, or decoding at depth --ctx.
+Phase = Literal["prefill", "decode"]
+PHASES: tuple[Phase, ...] = ("prefill", "decode")
+#: Bytes per weight of llama.cpp's Q8_0 (32 int8 + one f16 scale per block): decode's default weight type.
+Q8_0_BYTES = 34 / 32
+#: The machine's FLOPs per byte of memory read in decode (CPU, a few threads, llama.cpp's quantized
+#: matrix-vector kernels): time = (FLOPs + this * bytes) / peak FLOP/s.
+DECODE_FLOPS_PER_BYTE = 4.0
+KV_BYTES = 2  # f16 K and V cache entries, llama.cpp's default
+
 
 @dataclass(frozen=True)
 class CostModel:
-    """FLOPs per token of each action for one model shape and MLP width, at context `ctx`."""
+    """Cost per token of each action for one model shape and MLP width, at context `ctx` (prefill: FLOPs;
+    decode: FLOPs + `flops_per_byte` * bytes read, see the module docstring)."""
 
     shape: ModelShape
     ffn: int
     ctx: int = 512
     #: FLOPs per token of one MLP (the architecture's `mlp_flops`); None: a gated MLP, 2 * 3 * d * ffn
     mlp_flops: float | None = None
+    phase: Phase = "prefill"
+    vocab: int = 0  # decode: the LM head's rows (0: left out)
+    weight_bytes: float = Q8_0_BYTES
+    flops_per_byte: float = DECODE_FLOPS_PER_BYTE
 
     @property
     def mlp(self) -> float:
         return 2.0 * 3 * self.shape.d_model * self.ffn if self.mlp_flops is None else self.mlp_flops
 
     @property
+    def keys(self) -> float:
+        """Keys one token attends to: ctx + 1 when decoding at depth ctx, (ctx + 1) / 2 on average in a
+        prompt of ctx tokens."""
+        return self.ctx + 1.0 if self.phase == "decode" else (self.ctx + 1) / 2
+
+    @property
     def attention(self) -> float:
         s = self.shape
         q_width, kv_width = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
         projections = 2.0 * s.d_model * (2 * q_width + 2 * kv_width)
-        return projections + 4.0 * q_width * (self.ctx + 1) / 2
+        return projections + 4.0 * q_width * self.keys
 
-    def layer(self, action: LayerAction) -> float:
-        """FLOPs per token of one layer given `action`."""
+    def _bytes(self, action: LayerAction) -> float:
+        """Decode: bytes one token reads in a layer with `action` (weights, and the KV cache it keeps)."""
+        s = self.shape
+        q_width, kv_width = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
+        mlp = 3.0 * s.d_model * self.ffn
+        weights = {
+            LayerAction.KEEP: s.d_model * (2 * q_width + 2 * kv_width) + mlp,
+            LayerAction.LINEARIZE: s.d_model**2 + mlp,
+            LayerAction.DROP_ATTENTION: mlp,
+        }.get(action, 0.0)
+        kv = 2.0 * kv_width * KV_BYTES * (self.ctx + 1) if action is LayerAction.KEEP else 0.0
+        return weights * self.weight_bytes + kv
+
+    def _flops(self, action: LayerAction) -> float:
         if action is LayerAction.KEEP:
             return self.attention + self.mlp
         if action is LayerAction.LINEARIZE:
@@ -48,20 +90,50 @@ class CostModel:
             return self.mlp
         return 0.0
 
+    def layer(self, action: LayerAction) -> float:
+        """Cost per token of one layer given `action` (prefill: FLOPs)."""
+        if self.phase == "decode":
+            return self._flops(action) + self.flops_per_byte * self._bytes(action)
+        return self._flops(action)
+
+    @property
+    def head(self) -> float:
+        """Decode: the LM head's cost per token (prefill leaves it out)."""
+        if self.phase != "decode":
+            return 0.0
+        n = float(self.vocab * self.shape.d_model)
+        return 2.0 * n + self.flops_per_byte * n * self.weight_bytes
+
     def flops(self, actions: Sequence[LayerAction]) -> float:
-        """FLOPs per prompt token of the layers with `actions` per layer."""
-        return sum(self.layer(a) for a in actions)
+        """Cost per token of the model with `actions` per layer (prefill: FLOPs of the layers)."""
+        return sum(self.layer(a) for a in actions) + self.head
 
     def speedup(self, actions: Sequence[LayerAction]) -> float:
         """Estimated speedup of `actions` over the unpruned model."""
         return self.flops([LayerAction.KEEP] * len(actions)) / self.flops(actions)
 
 
-def cost_model(ckpt: Checkpoint, ctx: int = 512) -> CostModel:
-    """The cost model of `ckpt`, its MLP width and FLOPs from the architecture adapter."""
-    if ctx < 1:
+def cost_model(ckpt: Checkpoint, ctx: int = 512, phase: Phase = "prefill") -> CostModel:
+    """The cost model of `ckpt` for `phase` at context `ctx`, its MLP width and FLOPs from the
+    architecture adapter."""
+    if ctx < 1 and phase == "prefill":
         raise GatenormError(f"--ctx {ctx}: the cost model needs a context of at least 1 token")
+    if phase not in PHASES:
+        raise GatenormError(f"--speedup-for {phase!r}: choose prefill or decode")
     ffn = ckpt.arch.mlp_width(ckpt)
     if not ffn:
         raise GatenormError(f"{ckpt.path}: cannot read the MLP width for the cost model")
-    return CostModel(ckpt.shape, int(ffn), ctx, ckpt.arch.mlp_flops(ckpt.shape.d_model, int(ffn)))
+    model = CostModel(ckpt.shape, int(ffn), ctx, ckpt.arch.mlp_flops(ckpt.shape.d_model, int(ffn)))
+    if phase == "decode":
+        model = dataclasses.replace(model, phase="decode", vocab=_vocab(ckpt))
+    return model
+
+
+def _vocab(ckpt: Checkpoint) -> int:
+    """Rows of the LM head (decode runs it for every token): from the metadata, or 0 when unknown."""
+    config = getattr(ckpt, "config", None)
+    if config is not None:
+        return int(config.get("vocab_size") or 0)
+    tensors = getattr(ckpt, "tensors", {})
+    head = tensors.get("output.weight", tensors.get("token_embd.weight"))
+    return 0 if head is None else int(max(head.shape))

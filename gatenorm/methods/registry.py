@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from gatenorm.errors import GatenormError
 from gatenorm.methods.calibration import Calibration
-from gatenorm.methods.cost import cost_model
+from gatenorm.methods.cost import Phase, cost_model
 from gatenorm.plan import LayerAction, Plan, lowest_scored, plan_from_actions
 from gatenorm.readers import Checkpoint
 from gatenorm.scoring import LayerScores, Method, score_checkpoint
@@ -23,6 +23,8 @@ class MethodOptions:
     seed: int = 0
     calib: Calibration | None = None
     ctx: int = 512
+    #: what an estimated speedup target is about: a prompt of `ctx` tokens, or decoding at depth `ctx`
+    speedup_for: Phase = "prefill"
     log: Callable[[str], None] = field(default=lambda _: None, compare=False)
 
 
@@ -126,16 +128,17 @@ def chosen_layers(
     speedup: float | None,
     ctx: int,
     allow_first_layer: bool = False,
+    phase: Phase = "prefill",
 ) -> list[int]:
     """The layers to change: the `budget` lowest-ranked, or the fewest lowest-ranked whose actions reach the
-    estimated `speedup` (cost model at context `ctx`)."""
+    estimated `speedup` (cost model of `phase` at context `ctx`)."""
     if (budget is None) == (speedup is None):
         raise GatenormError("give exactly one of a budget in layers (--drop N) and --budget-speedup X")
     if budget is not None:
         return lowest_scored(ckpt, ranking.scores, budget, allow_first_layer)
     if not speedup > 1.0:
         raise GatenormError(f"--budget-speedup {speedup}: a speedup target must be above 1")
-    model = cost_model(ckpt, ctx)
+    model = cost_model(ckpt, ctx, phase)
     order = lowest_scored(ckpt, ranking.scores, ckpt.shape.n_layers - 1)
     actions = [LayerAction.KEEP] * ckpt.shape.n_layers
     for n, layer in enumerate(order, start=1):
@@ -160,7 +163,9 @@ def make_method_plan(
     options = options or MethodOptions()
     if ranking is None:
         ranking = rank_layers(ckpt, method, options, budget)
-    chosen = set(chosen_layers(ckpt, ranking, budget, speedup, options.ctx, allow_first_layer))
+    chosen = set(
+        chosen_layers(ckpt, ranking, budget, speedup, options.ctx, allow_first_layer, options.speedup_for)
+    )
     actions = [ranking.actions[i] if i in chosen else LayerAction.KEEP for i in range(ckpt.shape.n_layers)]
     missing = [i for i in chosen if actions[i] is LayerAction.LINEARIZE and i not in ranking.alphas]
     if missing:

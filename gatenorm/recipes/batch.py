@@ -106,6 +106,14 @@ def artifact_key(source_sha256: str, plan_json: str, export: ExportSpec) -> str:
     )
 
 
+def _ladder(recipe: Recipe) -> list[ExportSpec]:
+    """GGUF quant types exported for the unpruned model only (the quantization ladder)."""
+    gguf = recipe.exports.gguf
+    if gguf is None:
+        return []
+    return [ExportSpec(target="gguf", quant=q) for q in dict.fromkeys(gguf.ladder) if q not in gguf.quants]
+
+
 def _exports(recipe: Recipe) -> list[ExportSpec]:
     out = []
     if recipe.exports.gguf is not None:
@@ -308,7 +316,7 @@ def plan_batch(
                 n = resolved.n
                 target = None if budget_label.isdigit() else budget_label
                 shown_method = label if n else None
-                for export in exports:
+                for export in exports + (_ladder(recipe) if n == 0 else []):
                     vname = _variant_name(source.name, shown_method, n, export)
                     if vname in variants:  # budget 0 of a second method, or a target equal to a budget
                         continue

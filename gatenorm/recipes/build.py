@@ -151,7 +151,9 @@ def _regate(report: dict, variant: Variant) -> bool:
     """Apply the recipe's current gates to a stored report; True when the verdict text changed."""
     from gatenorm.validate.gates import check_gates
 
-    results = check_gates(_gates(variant), report.get("agreement"), report.get("zeroshot"))
+    results = check_gates(
+        _gates(variant), report.get("agreement"), report.get("zeroshot"), report.get("retrieval")
+    )
     lines = [g.describe() for g in results]
     if lines == report.get("gate_lines"):
         return False
@@ -165,7 +167,6 @@ def _regate(report: dict, variant: Variant) -> bool:
 
 
 def _validate(out: Path, variant: Variant) -> str:
-    from gatenorm.validate.bench import BenchConfig
     from gatenorm.validate.run import Settings, validate
     from gatenorm.validate.runtimes import ModelSpec
 
@@ -178,17 +179,6 @@ def _validate(out: Path, variant: Variant) -> str:
         return "skipped"
     (folder / REPORT_JSON).unlink(missing_ok=True)
     s = job.settings
-    bench = None
-    if s.bench is not None:
-        b = s.bench
-        bench = BenchConfig(
-            prompt=s.ctx,
-            long_prompt=b.long_prompt,
-            generate=b.generate,
-            runs=b.runs,
-            warmup=b.warmup,
-            threads=s.threads,
-        )
     settings = Settings(
         text=s.text,
         ctx=s.ctx,
@@ -196,7 +186,8 @@ def _validate(out: Path, variant: Variant) -> str:
         tasks=list(s.tasks),
         limit=s.limit or None,
         threads=s.threads,
-        bench=bench,
+        bench=s.bench,
+        passkey=s.passkey,
     )
     ref = ModelSpec(Path(job.reference), job.reference_runtime)
     cand = ModelSpec(out / variant.artifact, job.runtime)

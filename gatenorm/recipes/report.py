@@ -25,9 +25,11 @@ _METHOD = (
 
 
 def _bench_key(bench: dict, prefix: str) -> str | None:
-    """The bench metric starting with `prefix` ('pp' or 'tg') at the short prompt (the validation ctx)."""
-    ctx = bench["config"]["prompt"] if prefix == "pp" else bench["config"]["generate"]
-    key = f"{prefix}{ctx}_tok_s"
+    """The bench metric 'pp' (the first prompt length) or 'tg' (decoding after an empty context)."""
+    from gatenorm.validate.bench import pp_key, tg_key
+
+    cfg = bench["config"]
+    key = pp_key(cfg["prompts"][0]) if prefix == "pp" else tg_key(cfg["generate"], 0)
     return key if key in bench["candidate"] else None
 
 
@@ -152,6 +154,12 @@ def write_report(
     plot_quality(points, out / PLOTS / "quality-vs-dropped.png")
     plot_speed_quality(points, out / PLOTS / "speed-vs-quality.png")
     plots += [f"{PLOTS}/quality-vs-dropped.png", f"{PLOTS}/speed-vs-quality.png"]
+    from gatenorm.recipes.frontier import frontier_md, frontier_points, plot_frontier
+
+    frontier = frontier_points(plan, out)
+    if frontier:
+        plot_frontier(frontier, out / PLOTS / "frontier.png")
+        plots.append(f"{PLOTS}/frontier.png")
     refs = {(v.model, v.export.target): rows[v.name] for v in plan.variants if rows[v.name]["ppl_ref"]}
     lines = [
         f"# {plan.recipe_name}: {len(plan.variants)} variants",
@@ -160,6 +168,7 @@ def write_report(
         "",
         *_table(plan, rows, results),
         "",
+        *frontier_md(frontier),
     ]
     for (model, target), r in refs.items():
         z = f", zero-shot average {100 * r['zeroshot_ref']:.1f} %" if r["zeroshot_ref"] is not None else ""

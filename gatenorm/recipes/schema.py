@@ -19,6 +19,8 @@ from pydantic import (
 )
 
 from gatenorm.scoring import Method
+from gatenorm.validate.bench import BenchConfig
+from gatenorm.validate.passkey import RETRIEVAL_TASKS, PasskeyConfig
 from gatenorm.validate.zeroshot import TASKS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -83,31 +85,38 @@ class MethodEntry(_Strict):
         return value
 
 
+_TARGET_KINDS = ("max_kld", "min_top1", "max_ppl_ratio", "min_speedup")
+
+
 class Target(_Strict):
     """A budget searched for: the most layers dropped whose quality holds, or the fewest reaching a speedup.
 
     Quality targets are measured in PyTorch against the unpruned model on the search text (see `Search`);
-    `min_speedup` uses the cost model's prefill speedup of the method's actions at the
-    validation context.
+    `min_speedup` uses the cost model's speedup of the method's actions for `speedup_for` (prefill: a prompt
+    of `ctx` tokens; decode: generating at depth `ctx`), `ctx` defaulting to the validation context.
     """
 
     max_kld: float | None = Field(None, gt=0)
     min_top1: float | None = Field(None, gt=0, le=1)
     max_ppl_ratio: float | None = Field(None, gt=1)
     min_speedup: float | None = Field(None, gt=1)
+    speedup_for: Literal["prefill", "decode"] = "prefill"
+    ctx: int | None = Field(None, ge=0, description="min_speedup: the cost model's context or depth.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Target:
-        given = [k for k, v in self.model_dump().items() if v is not None]
+        given = [k for k in _TARGET_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
                 "a target budget names exactly one of max_kld, min_top1, max_ppl_ratio, min_speedup"
             )
+        if given != ["min_speedup"] and (self.ctx is not None or self.speedup_for != "prefill"):
+            raise ValueError("speedup_for and ctx go with min_speedup")
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k, v in self.model_dump().items() if v is not None)
+        return next(k for k in _TARGET_KINDS if getattr(self, k) is not None)
 
     @property
     def value(self) -> float:
@@ -115,7 +124,9 @@ class Target(_Strict):
 
     @property
     def label(self) -> str:
-        return f"{self.kind}={self.value:g}"
+        at = "" if self.speedup_for == "prefill" and self.ctx is None else f"@{self.speedup_for}"
+        at += "" if self.ctx is None else str(self.ctx)
+        return f"{self.kind}={self.value:g}{at}"
 
 
 #: A budget is a number of layers to drop, or a `Target` to search for.
@@ -148,6 +159,11 @@ class GgufExports(_Strict):
     """GGUF files for llama.cpp, one per llama.cpp quant type (keep = the source's types)."""
 
     quants: list[Annotated[str, AfterValidator(_quant)]] = Field(min_length=1)
+    ladder: list[Annotated[str, AfterValidator(_quant)]] = Field(
+        default_factory=list,
+        description="More quant types for the unpruned model only: the quantization ladder that pruned "
+        "variants are compared with.",
+    )
 
 
 class OnnxExports(_Strict):
@@ -176,15 +192,6 @@ class Exports(_Strict):
         return self
 
 
-class Bench(_Strict):
-    """Latency runs of `gatenorm validate --bench` (the short prompt is the validation's ctx)."""
-
-    runs: int = Field(5, ge=1)
-    warmup: int = Field(1, ge=0)
-    long_prompt: int = Field(2048, ge=1)
-    generate: int = Field(128, ge=2)
-
-
 class Gates(_Strict):
     """Pass/fail limits of each variant (None disables one); see `gatenorm validate`."""
 
@@ -192,6 +199,7 @@ class Gates(_Strict):
     min_top1: float | None = 0.7
     max_ppl_ratio: float | None = 1.5
     max_acc_drop: float | None = 5.0
+    min_retrieval: float | None = None
 
 
 class Validation(_Strict):
@@ -204,7 +212,8 @@ class Validation(_Strict):
     tasks: list[str] = Field(default_factory=lambda: ["arc_easy", "hellaswag"])
     limit: int = Field(200, ge=0, description="Items per task; 0 = all.")
     threads: int = Field(2, ge=0)
-    bench: Bench | None = Field(default_factory=Bench)
+    bench: BenchConfig | None = Field(default_factory=BenchConfig)
+    passkey: PasskeyConfig = Field(default_factory=PasskeyConfig)
     gates: Gates = Field(default_factory=Gates)
     fail_on_gates: bool = Field(
         False, description="Exit 1 when a variant fails a gate (else: reported only)."
@@ -213,9 +222,10 @@ class Validation(_Strict):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, value: list[str]) -> list[str]:
-        unknown = [t for t in value if t not in TASKS]
+        known = [*TASKS, *RETRIEVAL_TASKS]
+        unknown = [t for t in value if t not in known]
         if unknown:
-            raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
+            raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(known)})")
         return list(dict.fromkeys(value))
 
 

@@ -68,7 +68,8 @@ def resolve_target(
     top = ckpt.shape.n_layers - 1  # make_plan's limit: one attention sublayer stays
     if target.kind == "min_speedup":
         try:
-            n = len(chosen_layers(ckpt, ranking, None, target.value, recipe.validation.ctx))
+            ctx = recipe.validation.ctx if target.ctx is None else target.ctx
+            n = len(chosen_layers(ckpt, ranking, None, target.value, ctx, phase=target.speedup_for))
         except GatenormError as error:
             raise GatenormError(f"budget {target.label} of {source.name}: {error}") from None
         log(f"{source.name} / {name}: {target.label} -> {n} layers")

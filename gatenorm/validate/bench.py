@@ -1,27 +1,59 @@
-"""Latency, llama-bench style: prompt processing and generation speed, time to first token, peak RSS and
-file size. Each model runs in its own worker process (so peak RSS is its own), and the runs of the two
-models are interleaved after a warm-up so that machine load affects both alike."""
+"""Latency, llama-bench style: prompt processing at lengths (``pp512``), generation at depths (``tg128`` after
+an empty context, ``tg128 @ d4096`` after a 4096-token one), time to first token, KV-cache bytes as the
+runtime holds them, peak RSS and file size. Each model runs in its own worker process (so peak RSS is its
+own), and the runs of the two models are interleaved after a warm-up so that machine load affects both
+alike. Depths beyond the models' context are clipped to it."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import resource
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from gatenorm.errors import GatenormError
 from gatenorm.validate.runtimes import ModelSpec, open_runtime
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    prompt: int = 512
-    long_prompt: int = 2048
-    generate: int = 128
-    runs: int = 5
-    warmup: int = 1
-    threads: int = 2
+class BenchConfig(BaseModel):
+    """What `gatenorm validate --bench` and recipes' ``validation.bench`` measure (one settings model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    prompts: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [512, 2048], min_length=1, description="Prompt lengths timed (pp)."
+    )
+    depths: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 2048, 8192],
+        min_length=1,
+        description="Context depths decoding is timed after (tg @ d), clipped to the models' context.",
+    )
+    generate: int = Field(128, ge=2, description="Tokens decoded per generation run.")
+    runs: int = Field(5, ge=1, description="Timed runs per model, interleaved.")
+    warmup: int = Field(1, ge=0, description="Untimed runs first.")
+    flash_attn: bool = Field(
+        True, description="llama.cpp: flash attention (a dropped layer keeps no V cache)."
+    )
+    compare_flash: bool = Field(
+        True,
+        description="llama.cpp: also measure the KV bytes at the deepest depth with flash attention off.",
+    )
+
+
+def pp_key(n: int) -> str:
+    return f"pp{n}_tok_s"
+
+
+def tg_key(n: int, depth: int) -> str:
+    """Decode speed after a `depth`-token context (depth 0: after one prompt token, as llama-bench's tg)."""
+    return f"tg{n}_tok_s" if depth == 0 else f"tg{n}_d{depth}_tok_s"
+
+
+def kv_key(depth: int) -> str:
+    return f"kv_d{depth}_mib"
 
 
 def peak_rss_bytes() -> int:
@@ -36,11 +68,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _worker(conn, spec: ModelSpec, threads: int, n_ctx: int) -> None:
+def _worker(conn, spec: ModelSpec, threads: int, n_ctx: int, flash_attn: bool) -> None:
     """Serve timing commands for one model until told to stop; reply with ('ok', value) or ('error', msg)."""
     try:
-        runtime = open_runtime(spec, threads=threads, n_ctx=n_ctx)
-        conn.send(("ok", None))
+        runtime = open_runtime(spec, threads=threads, n_ctx=n_ctx, flash_attn=flash_attn)
+        conn.send(("ok", getattr(runtime, "max_context", None)))
         while True:
             cmd, *args = conn.recv()
             if cmd == "stop":
@@ -55,14 +87,14 @@ def _worker(conn, spec: ModelSpec, threads: int, n_ctx: int) -> None:
 
 
 class _Worker:
-    def __init__(self, spec: ModelSpec, threads: int, n_ctx: int):
+    def __init__(self, spec: ModelSpec, threads: int, n_ctx: int, flash_attn: bool = True):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, spec, threads, n_ctx), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, spec, threads, n_ctx, flash_attn), daemon=True)
         self.proc.start()
         child.close()
         self.spec = spec
-        self.call()  # wait until loaded
+        self.max_context: int | None = self.call()  # wait until loaded
 
     def call(self, *msg):
         if msg:
@@ -80,6 +112,11 @@ class _Worker:
         self.proc.join(timeout=30)
         return rss
 
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
 
 def file_size(path: Path) -> int:
     """Bytes of a model file, or of all files in a model folder."""
@@ -92,43 +129,85 @@ def _median_stats(samples: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
 
 
-def _one_run(
-    worker: _Worker, prompt: list[int], long_prompt: list[int], cfg: BenchConfig
-) -> dict[str, float]:
-    short = worker.call("generate", prompt, 1)
-    long = worker.call("generate", long_prompt, 1)
-    gen = worker.call("generate", prompt[:1], cfg.generate + 1)  # 1 prefill token, then decode steps
-    return {
-        f"pp{cfg.prompt}_tok_s": cfg.prompt / short.first_token_s,
-        f"pp{cfg.long_prompt}_tok_s": cfg.long_prompt / long.first_token_s,
-        f"tg{cfg.generate}_tok_s": cfg.generate / (gen.total_s - gen.first_token_s),
-        f"ttft{cfg.prompt}_ms": 1000 * short.first_token_s,
-    }
+def clip_depths(depths: list[int], generate: int, max_context: int | None) -> list[int]:
+    """`depths` (sorted, deduplicated) with those past the context replaced by the deepest that fits."""
+    if max_context is None:
+        return sorted(set(depths))
+    top = max(0, max_context - generate - 1)
+    return sorted({min(d, top) for d in depths})
 
 
-def run_bench(ref: ModelSpec, cand: ModelSpec, tokens: list[int], cfg: BenchConfig) -> dict:
+def _one_run(worker: _Worker, tokens: list[int], cfg: BenchConfig, depths: list[int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for i, n in enumerate(cfg.prompts):
+        t = worker.call("generate", tokens[:n], 1)
+        out[pp_key(n)] = n / t.first_token_s
+        if i == 0:
+            out[f"ttft{n}_ms"] = 1000 * t.first_token_s
+    for d in depths:
+        gen = worker.call("generate", tokens[: max(d, 1)], cfg.generate + 1)  # decode after the context
+        out[tg_key(cfg.generate, d)] = cfg.generate / (gen.total_s - gen.first_token_s)
+        if gen.kv_bytes is not None:
+            out[kv_key(d)] = gen.kv_bytes / 2**20
+    return out
+
+
+def bench_tokens_needed(cfg: BenchConfig) -> int:
+    return max(*cfg.prompts, *cfg.depths, 1)
+
+
+def _kv_without_flash(
+    specs: list[ModelSpec], tokens: list[int], generate: int, threads: int, n_ctx: int
+) -> list[float]:
+    """KV MiB of each llama.cpp model after `tokens` and `generate` decoded ones with flash attention off
+    (one untimed run each, as the timed runs end)."""
+    out = []
+    for spec in specs:
+        w = _Worker(spec, threads, n_ctx, flash_attn=False)
+        try:
+            out.append(w.call("generate", tokens, generate + 1).kv_bytes / 2**20)
+            w.stop()
+        finally:
+            w.kill()
+    return out
+
+
+def run_bench(ref: ModelSpec, cand: ModelSpec, tokens: list[int], cfg: BenchConfig, threads: int = 2) -> dict:
     """Median of `cfg.runs` interleaved runs (after `cfg.warmup`) per model, and the ratios cand/ref."""
-    need = max(cfg.prompt, cfg.long_prompt)
+    need = bench_tokens_needed(cfg)
     if len(tokens) < need:
         raise GatenormError(f"the benchmark prompt needs {need} tokens of text, got {len(tokens)}")
-    prompt, long_prompt = tokens[: cfg.prompt], tokens[: cfg.long_prompt]
     n_ctx = need + cfg.generate + 8
-    workers = [_Worker(ref, cfg.threads, n_ctx), _Worker(cand, cfg.threads, n_ctx)]
+    workers: list[_Worker] = []
     samples: list[list[dict[str, float]]] = [[], []]
     try:
+        for spec in (ref, cand):
+            workers.append(_Worker(spec, threads, n_ctx, cfg.flash_attn))
+        contexts = [w.max_context for w in workers if w.max_context]
+        depths = clip_depths(cfg.depths, cfg.generate, min(contexts) if contexts else None)
         for i in range(cfg.warmup + cfg.runs):
             for w, s in zip(workers, samples, strict=True):
-                result = _one_run(w, prompt, long_prompt, cfg)
+                result = _one_run(w, tokens, cfg, depths)
                 if i >= cfg.warmup:
                     s.append(result)
         rss = [w.stop() for w in workers]
     finally:
         for w in workers:
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join()
-    out: dict = {"config": cfg.__dict__.copy(), "reference": {}, "candidate": {}, "ratio": {}}
+            w.kill()
+    out: dict = {
+        "config": {**cfg.model_dump(), "threads": threads, "depths_run": depths},
+        "reference": {},
+        "candidate": {},
+        "ratio": {},
+    }
     for key, s, r, spec in zip(("reference", "candidate"), samples, rss, (ref, cand), strict=True):
         out[key] = {**_median_stats(s), "peak_rss_mib": r / 2**20, "file_mib": file_size(spec.path) / 2**20}
     out["ratio"] = {k: out["candidate"][k] / out["reference"][k] for k in out["reference"]}
+    llama = [spec for spec in (ref, cand) if spec.runtime == "llama.cpp"]
+    if cfg.flash_attn and cfg.compare_flash and len(llama) == 2:
+        deep = max(depths[-1], 1)
+        off = _kv_without_flash(llama, tokens[:deep], cfg.generate, threads, n_ctx)
+        on = [out[k].get(kv_key(depths[-1])) for k in ("reference", "candidate")]
+        out["flash_off"] = {"depth": deep, "kv_mib": dict(zip(("reference", "candidate"), off, strict=True))}
+        out["flash_off"]["kv_mib_flash_on"] = dict(zip(("reference", "candidate"), on, strict=True))
     return out

@@ -13,6 +13,8 @@ class Gates:
     min_top1: float | None = 0.70
     max_ppl_ratio: float | None = 1.5
     max_acc_drop: float | None = 5.0  # percentage points of the average headline accuracy
+    #: retrieval (passkey tasks): candidate minus reference exact-match accuracy, in points, at least this
+    min_retrieval: float | None = None
 
 
 @dataclass(frozen=True)
@@ -34,13 +36,20 @@ class GateResult:
         return f"{self.name}: {self.metric} = {self.value:.4g} (limit {op} {self.limit:g}) {verdict}"
 
 
-def check_gates(gates: Gates, agreement: dict | None, zeroshot: dict | None) -> list[GateResult]:
-    """Evaluate every enabled gate on the report sections (`agreement`, `zeroshot`), which may be absent."""
+def check_gates(
+    gates: Gates, agreement: dict | None, zeroshot: dict | None, retrieval: dict | None = None
+) -> list[GateResult]:
+    """Evaluate every enabled gate on the report sections (`agreement`, `zeroshot`, `retrieval`), which may
+    be absent."""
     measured = {
         "max_kld": ("mean KLD", agreement and agreement["kld_mean"]),
         "min_top1": ("top-1 agreement", agreement and agreement["top1"]),
         "max_ppl_ratio": ("PPL(cand)/PPL(ref)", agreement and agreement["ppl_ratio"]),
         "max_acc_drop": ("average accuracy drop (points)", zeroshot and zeroshot["average"]["drop_points"]),
+        "min_retrieval": (
+            "retrieval accuracy change (points)",
+            retrieval and retrieval["average"]["change_points"],
+        ),
     }
     results = []
     for name, limit in asdict(gates).items():

@@ -74,7 +74,21 @@ def _bench_md(b: dict) -> list[str]:
     for k, r in b["reference"].items():
         lines.append(f"| {k} | {r:.4g} | {b['candidate'][k]:.4g} | {b['ratio'][k]:.3f} |")
     cfg = b["config"]
-    lines += ["", f"{cfg['runs']} interleaved runs after {cfg['warmup']} warm-up, {cfg['threads']} threads."]
+    flash = "flash attention on" if cfg.get("flash_attn", True) else "flash attention off"
+    lines += [
+        "",
+        f"{cfg['runs']} interleaved runs after {cfg['warmup']} warm-up, {cfg['threads']} threads, {flash} "
+        f"(llama.cpp). tgN_dD: N tokens decoded after a D-token context; kv_dD: KV-cache MiB the runtime "
+        "holds then.",
+    ]
+    if off := b.get("flash_off"):
+        on, no = off["kv_mib_flash_on"], off["kv_mib"]
+        lines += [
+            "",
+            f"KV cache at depth {off['depth']} (llama.cpp), flash attention on -> off: reference "
+            f"{on['reference']:.1f} -> {no['reference']:.1f} MiB, candidate {on['candidate']:.1f} -> "
+            f"{no['candidate']:.1f} MiB (off - on: {no['candidate'] - on['candidate']:+.1f} MiB).",
+        ]
     return lines
 
 
@@ -102,6 +116,10 @@ def to_markdown(report: dict) -> str:
         lines += [*_agreement_md(report["agreement"]), ""]
     if report.get("zeroshot"):
         lines += [*_zeroshot_md(report["zeroshot"]), ""]
+    if report.get("retrieval"):
+        from gatenorm.validate.passkey import retrieval_md
+
+        lines += retrieval_md(report["retrieval"])
     if report.get("bench"):
         lines += [*_bench_md(report["bench"]), ""]
     cpu = report.get("cpu_seconds", {})
@@ -121,11 +139,21 @@ def write_png(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from gatenorm.validate.passkey import n_panels, plot_heatmaps
+
     panels = [k for k in ("agreement", "zeroshot") if report.get(k)]
-    if not panels:
+    heat = n_panels(report["retrieval"]) if report.get("retrieval") else 0
+    if not panels and not heat:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 3.8), dpi=110, squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
+    rows, cols = (1 + bool(panels) if heat else 1), max(len(panels), heat, 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), dpi=100, squeeze=False)
+    used = ([len(panels)] if panels else []) + ([heat] if heat else [])  # axes used per row
+    for row, n in zip(axes, used, strict=True):
+        for ax in row[n:]:
+            ax.set_axis_off()
+    if heat:  # the retrieval heat maps: accuracy by prompt length and depth of the key
+        plot_heatmaps(report["retrieval"], axes[-1][:heat])
+    for ax, panel in zip(axes[0], panels, strict=False):
         if panel == "agreement":
             kld = report["agreement"]["window_kld"]
             ax.bar(range(len(kld)), kld, color="tab:blue")

@@ -13,8 +13,9 @@ import numpy as np
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.validate.agreement import compare_logits
-from gatenorm.validate.bench import BenchConfig, run_bench
+from gatenorm.validate.bench import BenchConfig, bench_tokens_needed, run_bench
 from gatenorm.validate.gates import Gates, check_gates
+from gatenorm.validate.passkey import RETRIEVAL_TASKS, PasskeyConfig, build_prompts, evaluate_retrieval
 from gatenorm.validate.runtimes import ModelSpec, Request, Runtime, open_runtime
 from gatenorm.validate.text import token_windows
 from gatenorm.validate.zeroshot import Item, build_requests, evaluate_task, load_items
@@ -31,6 +32,7 @@ class Settings:
     limit: int | None = 200
     threads: int = 2
     bench: BenchConfig | None = None
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
 
 
 class _Clock:
@@ -101,11 +103,15 @@ def validate(
         raise GatenormError("nothing to validate: --max-tokens 0, --tasks none and no --bench")
     clock = _Clock()
     cand = None
+    retrieval_tasks = [t for t in settings.tasks if t in RETRIEVAL_TASKS]
+    n_ctx = max(settings.ctx, 1024)
+    if retrieval_tasks:  # llama.cpp's context must hold the longest prompt
+        n_ctx = max(n_ctx, max(settings.passkey.lengths) + 16)
     with clock("load"):
-        ref = open_runtime(ref_spec, settings.threads, max(settings.ctx, 1024))
+        ref = open_runtime(ref_spec, settings.threads, n_ctx)
     try:
         with clock("load"):
-            cand = open_runtime(cand_spec, settings.threads, max(settings.ctx, 1024))
+            cand = open_runtime(cand_spec, settings.threads, n_ctx)
         _check_vocab(ref, cand)
         first = settings.ctx // 2
         windows = bench_tokens = None
@@ -113,10 +119,16 @@ def validate(
             text, ctx = settings.text, settings.ctx
             windows = token_windows(text, ref.tokenize, ctx, settings.max_tokens, ref.bos_id)
         if settings.bench is not None:
-            need = max(settings.bench.prompt, settings.bench.long_prompt)
+            need = bench_tokens_needed(settings.bench)
             bench_tokens = token_windows(settings.text, ref.tokenize, need, need, None)[0].tolist()
+        usable = [getattr(rt, k, None) for rt in (ref, cand) for k in ("max_context", "max_len", "n_ctx")]
+        usable = min((u for u in usable if u), default=None)
+        retrieval_work = {
+            task: build_prompts(task, settings.passkey, ref.tokenize, ref.bos_id, usable)
+            for task in retrieval_tasks
+        }
         work = {}
-        for task in settings.tasks:  # one token stream for both models
+        for task in (t for t in settings.tasks if t not in RETRIEVAL_TASKS):  # one token stream for both
             items = load_items(task, settings.limit)
             work[task] = (items, build_requests(items, ref.tokenize, ref.bos_id))
 
@@ -137,6 +149,10 @@ def validate(
         if work:
             with clock("zeroshot"):
                 zeroshot = _zeroshot(ref, cand, work, log)
+        retrieval = None
+        if retrieval_work:
+            with clock("retrieval"):
+                retrieval = evaluate_retrieval(ref, cand, retrieval_work, log)
     finally:
         ref.close()
         if cand is not None:
@@ -146,11 +162,13 @@ def validate(
     if bench_tokens is not None:
         log("bench: running interleaved latency runs")
         with clock("bench"):
-            bench = run_bench(ref_spec, cand_spec, bench_tokens, settings.bench)
+            bench = run_bench(ref_spec, cand_spec, bench_tokens, settings.bench, settings.threads)
 
-    gate_results = check_gates(gates, agreement, zeroshot)
+    gate_results = check_gates(gates, agreement, zeroshot, retrieval)
     passed = all(g.passed is not False for g in gate_results)
     settings_doc = asdict(settings)
+    settings_doc["bench"] = settings.bench.model_dump() if settings.bench else None
+    settings_doc["passkey"] = settings.passkey.model_dump()
     return {
         "gatenorm_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -159,6 +177,7 @@ def validate(
         "settings": settings_doc,
         "agreement": agreement,
         "zeroshot": zeroshot,
+        "retrieval": retrieval,
         "bench": bench,
         "gates": [g.to_dict() for g in gate_results],
         "gate_lines": [g.describe() for g in gate_results],

@@ -42,11 +42,13 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Timing:
-    """One timed greedy generation: seconds to the first new token, seconds in all, tokens generated."""
+    """One timed greedy generation: seconds to the first new token, seconds in all, tokens generated, and
+    the bytes of the KV cache the runtime holds at the end (None where it cannot tell)."""
 
     first_token_s: float
     total_s: float
     n_new: int
+    kv_bytes: int | None = None
 
 
 @runtime_checkable
@@ -122,6 +124,10 @@ class BatchLogitsRuntime(ABC):
     def decode(self, state: object, token: int) -> np.ndarray:
         """Feed one token after `state` (updated in place or returned anew): logits [vocab]."""
 
+    @abstractmethod
+    def state_bytes(self, state: object) -> int:
+        """Bytes of the KV cache tensors held in a decoding `state`."""
+
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
@@ -138,7 +144,7 @@ class BatchLogitsRuntime(ABC):
         first = time.perf_counter() - start
         for _ in range(n_new - 1):
             token = int(np.argmax(self.decode(state, token)))
-        return Timing(first, time.perf_counter() - start, n_new)
+        return Timing(first, time.perf_counter() - start, n_new, self.state_bytes(state))
 
     def window_logits(self, windows: np.ndarray, first: int) -> Iterator[np.ndarray]:
         t = windows.shape[1]
@@ -197,6 +203,7 @@ class TorchRuntime(BatchLogitsRuntime):
         self.tokenizer = load_tokenizer(path)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        self.max_context = self.max_len
         self._set_bos()
 
     def batch_logits(self, ids: np.ndarray, keep: int) -> np.ndarray:
@@ -259,6 +266,12 @@ class TorchRuntime(BatchLogitsRuntime):
         state[0] = out.past_key_values
         return out.logits[0, -1].float().numpy()
 
+    def state_bytes(self, state: list) -> int:
+        """The cache's key and value tensors (a layer whose attention was dropped holds none)."""
+        cache = state[0]
+        tensors = [t for layer in getattr(cache, "layers", []) for t in (layer.keys, layer.values)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None and hasattr(t, "numel"))
+
 
 class OnnxRuntime(BatchLogitsRuntime):
     """onnxruntime: a folder exported by gatenorm's ONNX exporter (model.onnx, its JSON config, tokenizer)."""
@@ -277,6 +290,8 @@ class OnnxRuntime(BatchLogitsRuntime):
         self.runner = OnnxRunner(path, threads=threads)
         self.tokenizer = self.runner.tokenizer
         self.vocab_size = int(self.runner.logits(np.zeros((1, 1), dtype=np.int64)).shape[-1])
+        self.max_context = _onnx_max_context(path)
+        self.max_len = self.max_context or self.max_len
         self._set_bos()
 
     def batch_logits(self, ids: np.ndarray, keep: int) -> np.ndarray:
@@ -289,13 +304,32 @@ class OnnxRuntime(BatchLogitsRuntime):
     def decode(self, state: object, token: int) -> np.ndarray:
         return self.runner.decode(state, [token])[0]
 
+    def state_bytes(self, state: object) -> int:
+        """The present tensors onnxruntime returned last (kept layers only)."""
+        return sum(int(np.prod(v.shape())) * np.dtype(self.runner._kv_dtype).itemsize for v in state.past)
+
+
+def _onnx_max_context(path: Path) -> int | None:
+    """max_position_embeddings of the model's config.json beside the ONNX file, if there is one."""
+    import json
+
+    for name in ("config.json", "gatenorm_onnx.json"):
+        try:
+            value = json.loads((path / name).read_text()).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value:
+            return int(value)
+    return None
+
 
 class LlamaCppRuntime:
-    """llama.cpp through llama-cpp-python: a GGUF file, logits of every position, flash attention on."""
+    """llama.cpp through llama-cpp-python: a GGUF file, logits of every position, flash attention on (off
+    in llama-cpp-python's default; without it a layer whose attention was dropped still holds a V cache)."""
 
     name = "llama.cpp"
 
-    def __init__(self, path: Path, threads: int = 2, n_ctx: int = 2048, **_: object):
+    def __init__(self, path: Path, threads: int = 2, n_ctx: int = 2048, flash_attn: bool = True, **_: object):
         from llama_cpp import Llama
 
         from gatenorm.readers.gguf_check import check_gguf
@@ -311,12 +345,13 @@ class LlamaCppRuntime:
                 logits_all=True,
                 n_threads=threads,
                 n_threads_batch=threads,
-                flash_attn=True,
+                flash_attn=flash_attn,
                 verbose=False,
             )
         except ValueError as e:
             raise GatenormError(f"llama.cpp cannot load {path}: {e}") from None
         self.vocab_size = int(self.llm.n_vocab())
+        self.max_context = int(self.llm._model.n_ctx_train()) or None
         bos = self.llm.tokenize(b"", add_bos=True)
         self.bos_id = bos[0] if bos else None
 
@@ -384,7 +419,14 @@ class LlamaCppRuntime:
         first = time.perf_counter() - start
         for i in range(n_new - 1):
             token = int(self._eval([token], len(prompt) + i, all_logits=False).argmax())
-        return Timing(first, time.perf_counter() - start, n_new)
+        return Timing(first, time.perf_counter() - start, n_new, self.kv_bytes())
+
+    def kv_bytes(self) -> int:
+        """Bytes of the KV cache of sequence 0 as llama.cpp serializes it (llama_state_seq_get_size: the
+        cached cells' K and V rows of every layer that has a cache, plus a few bytes of cell metadata)."""
+        import llama_cpp
+
+        return int(llama_cpp.llama_state_seq_get_size(self.llm._ctx.ctx, 0))
 
     def close(self) -> None:
         self.llm.close()
@@ -437,7 +479,9 @@ def model_spec(model: str, runtime: str | None = None, plan: Path | None = None)
     return ModelSpec(path, name, plan)
 
 
-def open_runtime(spec: ModelSpec, threads: int = 2, n_ctx: int = 2048) -> Runtime:
-    """Load the model of `spec` in its runtime."""
+def open_runtime(spec: ModelSpec, threads: int = 2, n_ctx: int = 2048, flash_attn: bool = True) -> Runtime:
+    """Load the model of `spec` in its runtime (`flash_attn`: llama.cpp only)."""
     threads = threads or os.cpu_count() or 1
-    return RUNTIMES[spec.runtime](spec.path, plan=spec.plan, threads=threads, n_ctx=n_ctx)
+    return RUNTIMES[spec.runtime](
+        spec.path, plan=spec.plan, threads=threads, n_ctx=n_ctx, flash_attn=flash_attn
+    )

@@ -116,9 +116,12 @@ DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_cha
 def parse_tasks(spec: str) -> list[str]:
     """Task names from a comma-separated list (``none`` or empty: no tasks)."""
     names = [t.strip() for t in spec.split(",") if t.strip() and t.strip() != "none"]
-    unknown = [t for t in names if t not in TASKS]
+    from gatenorm.validate.passkey import RETRIEVAL_TASKS
+
+    known = [*TASKS, *RETRIEVAL_TASKS]
+    unknown = [t for t in names if t not in known]
     if unknown:
-        raise GatenormError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
+        raise GatenormError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(known)})")
     return list(dict.fromkeys(names))
 
 

@@ -233,6 +233,13 @@ class Architecture:
             post_mlp_norm=get(cls.hf_post_mlp_norm),
             residual_scale=cls.residual_scale(layer),
             returns_tuple=cls.layer_returns_tuple,
+            names={
+                "attention_norm": cls.hf_attention_norm or "attention_norm",
+                "post_attention_norm": cls.hf_post_attention_norm or "post_attention_norm",
+                "mlp": cls.hf_mlp_module,
+                "mlp_norm": cls.hf_mlp_norm or "mlp_norm",
+                "post_mlp_norm": cls.hf_post_mlp_norm or "post_mlp_norm",
+            },
         )
 
     @classmethod

@@ -8,7 +8,7 @@ or linearized sublayer is exact for every family's norms.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +27,21 @@ class LayerParts:
     residual_scale: float = 1.0
     #: the family's model loop reads ``layer(...)[0]`` (Gemma-2/3, Granite) rather than a tensor
     returns_tuple: bool = False
+    #: role (a field above) -> the family's attribute name, kept by the pruned modules so that their
+    #: parameter and ONNX node names are the stock layer's
+    names: dict[str, str] = field(default_factory=dict)
+
+    def keep(self, module: nn.Module, *roles: str) -> None:
+        """Register `roles` on `module` under the family's names (roles the family lacks are None)."""
+        names = {}
+        for role in roles:
+            name = self.names.get(role, role)
+            names[role] = name
+            part = getattr(self, role)
+            if part is None:
+                continue
+            module.add_module(name, part)
+        module._roles = {**getattr(module, "_roles", {}), **names}
 
 
 def _apply(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +54,9 @@ class _Pruned(nn.Module):
         self.returns_tuple = returns_tuple
         if attention_type is not None:
             self.attention_type = attention_type  # read by some models to pick the attention mask
+
+    def _part(self, role: str) -> nn.Module | None:
+        return self._modules.get(self._roles[role])
 
     def _out(self, hidden_states: torch.Tensor):
         return (hidden_states,) if self.returns_tuple else hidden_states
@@ -53,11 +71,12 @@ class AttentionFreeLayer(_Pruned):
 
     def __init__(self, parts: LayerParts, attention_type: str | None = None):
         super().__init__(attention_type, parts.returns_tuple)
-        self.mlp_norm, self.mlp, self.post_mlp_norm = parts.mlp_norm, parts.mlp, parts.post_mlp_norm
+        parts.keep(self, "mlp_norm", "mlp", "post_mlp_norm")
         self.residual_scale = parts.residual_scale
 
     def mlp_step(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        update = _apply(self.post_mlp_norm, self.mlp(_apply(self.mlp_norm, hidden_states)))
+        mlp = self._part("mlp")
+        update = _apply(self._part("post_mlp_norm"), mlp(_apply(self._part("mlp_norm"), hidden_states)))
         return hidden_states + self.residual_scale * update
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
@@ -77,13 +96,13 @@ class LinearAttentionLayer(AttentionFreeLayer):
         self, parts: LayerParts, fused: nn.Linear, scale: float = 1.0, attention_type: str | None = None
     ):
         super().__init__(parts, attention_type)
-        self.attention_norm, self.post_attention_norm = parts.attention_norm, parts.post_attention_norm
+        parts.keep(self, "attention_norm", "post_attention_norm")
         self.fused_attention = fused
         self.scale = scale
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        normed = _apply(self.attention_norm, hidden_states)
-        update = _apply(self.post_attention_norm, self.fused_attention(normed))
+        normed = _apply(self._part("attention_norm"), hidden_states)
+        update = _apply(self._part("post_attention_norm"), self.fused_attention(normed))
         return self._out(self.mlp_step(hidden_states + self.residual_scale * self.scale * update))
 
 

@@ -438,18 +438,25 @@ def check_tensor_shapes(
     """
     if shape.n_layers > n_tensors:
         raise GatenormError(f"{where}: {shape.n_layers} layers but only {n_tensors} tensors")
+    # parts stored as row blocks of one tensor (Phi-3's fused qkv): that tensor holds their rows stacked
+    fused = {part for part in ("q", "k", "v") if list(names.values()).count(names.get(part)) > 1}
     for layer in range(shape.n_layers):
-        v_name = names.get("v", "").format(i=layer)
-        v_shape = stored.get(v_name)
+        v_name = (names.get("v") or "").format(i=layer)
+        v_shape = None if "v" in fused else stored.get(v_name)
         want = expected_shapes(shape, v_shape[0] if v_shape and len(v_shape) == 2 else None)
+        seen = set()
         for part in _SHAPED_PARTS:
-            if part not in names or (part == "embed" and layer):
+            if names.get(part) is None or (part == "embed" and layer):  # None: the family has none
                 continue
             name = names[part].format(i=layer)
             got = stored.get(name)
-            if got is None:
+            if got is None or name in seen:
                 continue
+            seen.add(name)
             expect = want[part]
+            if part in fused:
+                stacked = [p for p in ("q", "k", "v") if names.get(p) == names[part]]
+                expect = (sum(want[p][0] for p in stacked), shape.d_model)
             if len(got) != len(expect) or any(
                 e is not None and e != g for e, g in zip(expect, got, strict=True)
             ):
@@ -465,7 +472,7 @@ def check_gguf_tensors(ckpt) -> None:
     """`check_tensor_shapes` and the decodable types of a GGUF checkpoint's attention tensors."""
     stored = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in ckpt.reader.tensors}
     where = f"GGUF {ckpt.path}"
-    names = {p: n for p, n in ckpt.arch.gguf_tensors.items() if p in _SHAPED_PARTS}
+    names = {p: n for p, n in ckpt.arch.gguf_tensors.items() if p in _SHAPED_PARTS and n is not None}
     check_tensor_shapes(where, ckpt.shape, names, stored, len(stored))
     _check_block_tensors(where, ckpt.shape.d_model, ckpt.reader, stored)
     for layer in range(ckpt.shape.n_layers):

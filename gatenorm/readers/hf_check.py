@@ -125,7 +125,7 @@ def shard_tensors(folder: Path) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
 def check_hf_tensors(folder: Path, shape, names: dict[str, str], tensors: dict) -> None:
     """The attention tensors' shapes against the config, and their dtypes: floating point."""
     where = f"model folder {folder}"
-    parts = {p: n for p, n in names.items() if p in _CHECKED_PARTS}
+    parts = {p: n for p, n in names.items() if p in _CHECKED_PARTS and n is not None}
     check_tensor_shapes(where, shape, parts, {n: t[2] for n, t in tensors.items()}, len(tensors))
     for layer in range(shape.n_layers):
         for pattern in parts.values():

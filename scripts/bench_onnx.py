@@ -216,8 +216,10 @@ def prepare(workdir: Path, args) -> tuple[dict[str, tuple[str, Path]], object]:
         for drop in args.drops:
             name = f"ours-{precision}-drop{drop}"
             t = time.perf_counter()
-            folder = export_onnx(gguf, make_plan(ckpt, scores, drop), workdir / name, precision)
-            print(f"exported {name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            folder = workdir / name
+            if not (args.reuse and (folder / "gatenorm_onnx.json").is_file()):
+                folder = export_onnx(gguf, make_plan(ckpt, scores, drop), folder, precision, overwrite=True)
+                print(f"exported {name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
             set_genai_threads(folder)
             models[name] = ("ours", folder)
             models[f"genai:{name}"] = ("genai", folder)
@@ -234,6 +236,9 @@ def prepare(workdir: Path, args) -> tuple[dict[str, tuple[str, Path]], object]:
     for precision in args.precisions:
         out = workdir / f"builder-{precision}"
         t = time.perf_counter()
+        if args.reuse and (out / "genai_config.json").is_file():
+            models[f"genai:builder-{precision}"] = ("genai", out)
+            continue
         cmd = [
             *BUILDER,
             "-i",
@@ -294,6 +299,7 @@ def main() -> None:
     parser.add_argument("--no-optimum", dest="optimum", action="store_false", help="skip optimum's export")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the exports")
+    parser.add_argument("--reuse", action="store_true", help="reuse the exports found in --workdir")
     parser.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -13,7 +13,9 @@ text-generation-with-past`` on an HF copy of the same weights). Every measuremen
 Our exports run with ``OnnxRunner`` (IO binding: the cache stays in onnxruntime memory); optimum's runs
 the usual way, a plain Python loop feeding the numpy ``present.*`` outputs back as ``past_key_values.*``.
 The anchor is onnxruntime-genai's builder (``python -m onnxruntime_genai.models.builder -e cpu`` on the HF
-copy; it takes float GGUFs only, and the shipped one is Q4_1) at each precision: it and our exports run
+copy; it takes float GGUFs only, and the shipped one is Q4_1; builder 0.18 imports transformers 5, which
+gatenorm's pin keeps out of the venv: put a transformers 5 install first on ``PYTHONPATH`` for it, e.g. via
+``--builder-pythonpath DIR``) at each precision: it and our exports run
 in the same client, onnxruntime-genai (``og.Generator``, 2 threads; prefill = ``append_tokens`` of the
 prompt, decode = ``generate_next_token`` steps), so the ratio ours/builder compares graphs only.
 Each speedup over the 0-drop export of the same precision is printed next to the ideal one: the ratio of
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -216,8 +219,10 @@ def prepare(workdir: Path, args) -> tuple[dict[str, tuple[str, Path]], object]:
         for drop in args.drops:
             name = f"ours-{precision}-drop{drop}"
             t = time.perf_counter()
-            folder = export_onnx(gguf, make_plan(ckpt, scores, drop), workdir / name, precision)
-            print(f"exported {name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            folder = workdir / name
+            if not (args.reuse and (folder / "gatenorm_onnx.json").is_file()):
+                folder = export_onnx(gguf, make_plan(ckpt, scores, drop), folder, precision, overwrite=True)
+                print(f"exported {name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
             set_genai_threads(folder)
             models[name] = ("ours", folder)
             models[f"genai:{name}"] = ("genai", folder)
@@ -234,6 +239,9 @@ def prepare(workdir: Path, args) -> tuple[dict[str, tuple[str, Path]], object]:
     for precision in args.precisions:
         out = workdir / f"builder-{precision}"
         t = time.perf_counter()
+        if args.reuse and (out / "genai_config.json").is_file():
+            models[f"genai:builder-{precision}"] = ("genai", out)
+            continue
         cmd = [
             *BUILDER,
             "-i",
@@ -247,7 +255,8 @@ def prepare(workdir: Path, args) -> tuple[dict[str, tuple[str, Path]], object]:
             "-c",
             str(workdir / "cache"),
         ]
-        subprocess.run(cmd, check=True, capture_output=True)
+        env = {**os.environ, "PYTHONPATH": args.builder_pythonpath} if args.builder_pythonpath else None
+        subprocess.run(cmd, check=True, capture_output=True, env=env)
         print(f"built builder-{precision} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         set_genai_threads(out)
         models[f"genai:builder-{precision}"] = ("genai", out)
@@ -294,6 +303,8 @@ def main() -> None:
     parser.add_argument("--no-optimum", dest="optimum", action="store_false", help="skip optimum's export")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the exports")
+    parser.add_argument("--builder-pythonpath", default=None, help="PYTHONPATH for the genai builder")
+    parser.add_argument("--reuse", action="store_true", help="reuse the exports found in --workdir")
     parser.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -473,3 +473,35 @@ def test_plan_of_another_checkpoint_is_refused_before_commit(tiny_models, tmp_pa
     assert_nothing_left(out_parent)
     out = export(twin, plan_for(twin, 1), out_parent / "onnx", "onnx", "int8", mobile=True)
     assert (out / "model.ort").is_file() and OnnxRunner(out).config.precision == "int8"
+
+
+def test_folder_of_the_older_layout_still_runs(tiny_models, tmp_path):
+    """Folders written before the client layout (model.onnx at the top, cache named by original layer) load
+    in OnnxRunner and the validator: both follow gatenorm_onnx.json's file and cache names."""
+    from gatenorm.validate.runtimes import detect_runtime
+
+    plan = plan_for(tiny_models["llama"], 1)
+    out = export_onnx(tiny_models["llama"], plan, tmp_path / "onnx")
+    expected = OnnxRunner(out).logits(np.arange(3, 12)[None])
+    model = onnx.load(str(out / "onnx/model.onnx"))
+    config = json.loads((out / CONFIG_NAME).read_text())
+    renames = {}
+    for slot, entry in enumerate(config["kv_cache"]):  # the old names: past_key_values.{layer}.*
+        for field in ("past_key", "past_value", "present_key", "present_value"):
+            old = entry[field].replace(f".{slot}.", f".{entry['layer']}.")
+            renames[entry[field]], entry[field] = old, old
+    for value in (*model.graph.input, *model.graph.output):
+        value.name = renames.get(value.name, value.name)
+    for node in model.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    shutil.rmtree(out / "onnx")
+    for name in ("config.json", "generation_config.json", "genai_config.json"):
+        (out / name).unlink()
+    onnx.save(model, str(out / "model.onnx"))
+    config["model"] = "model.onnx"
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    assert detect_runtime(out) == "onnx"
+    old_inputs = {f"past_key_values.{layer}.{part}" for layer in plan.kv_layers for part in ("key", "value")}
+    assert old_inputs < {i.name for i in OnnxRunner(out).session.get_inputs()}
+    np.testing.assert_allclose(OnnxRunner(out).logits(np.arange(3, 12)[None]), expected, atol=1e-6, rtol=0)

@@ -128,8 +128,9 @@ def genai_config(config, plan: Plan, model_file: str, eos: list[int], bos: int |
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            # the graph's present outputs are past + new (GroupQueryAttention concatenates)
-            "past_present_share_buffer": False,
+            # one cache buffer of max_length per slot that GroupQueryAttention writes into in place (as the
+            # builder's configs do): same tokens, no per-step copy of the cache
+            "past_present_share_buffer": True,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

@@ -16,6 +16,7 @@ from gatenorm.architectures.layers import (  # noqa: F401  (re-exported: the pru
 )
 from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction, Plan
+from gatenorm.quiet import quiet_transformers
 from gatenorm.readers import open_checkpoint
 
 
@@ -30,10 +31,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
     ckpt = open_checkpoint(path)  # validates the input and the architecture first
     path = Path(path)
-    if ckpt.format == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype)
+    with quiet_transformers():
+        if ckpt.format == "gguf":
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype)
     return model.eval()
 
 
@@ -42,9 +44,10 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(path if path.is_dir() else path.parent)
+    with quiet_transformers():
+        if path.is_file() and path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(path if path.is_dir() else path.parent)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:

@@ -228,3 +228,13 @@ def test_smollm2_pruned_generates(smollm2_gguf, smollm2_model):
     assert len(out[0]) == ids.shape[1] + 8 and text.strip()
     assert "Paris" in tok.decode(full[0, ids.shape[1] :])  # the reference model itself is sane
     assert sum(isinstance(layer, AttentionFreeLayer) for layer in model.model.layers) == 4
+
+
+def test_loading_a_gguf_keeps_transformers_quiet(capfd, tiny_gguf):
+    """transformers' de-quantizing progress bar and load-time warnings stay off the console."""
+    from gatenorm.apply import load_model, load_tokenizer
+
+    load_model(tiny_gguf)
+    load_tokenizer(tiny_gguf)
+    out, err = capfd.readouterr()
+    assert "de-quantizing" not in err + out and "legacy" not in err + out

@@ -196,27 +196,28 @@ def test_rerun_skips_unchanged_and_rebuilds_only_what_changed(tmp_path):
     assert report["agreement"]["n_tokens"] == 3 * 15  # 96 tokens: 3 windows of 32, second halves scored
 
 
-def test_one_failed_variant_does_not_stop_the_others(tmp_path):
-    # random seed 1 ranks layer 0 lowest: with allow_first_layer the 1-layer plan drops layer 0's attention,
-    # which a GGUF export refuses (llama.cpp reads the head size from layer 0); budget 0 still builds
-    text = (
-        TINY.replace("[keep, Q8_0]", "[keep]")
-        + "methods: [{name: random, seed: 1}]\nallow_first_layer: true\n"
-    )
+def test_one_failed_variant_does_not_stop_the_others(tmp_path, tokenizer_dir):
+    # harp-free linearizes the last layer (3) of a qwen2 model, whose v/o biases deci linear attention
+    # cannot add: the GGUF export of the 1-layer plan is refused; budget 0 still builds
+    from tests.conftest import tiny_hf
+
+    folder = tiny_hf(tmp_path / "qwen2", tokenizer_dir, "qwen2")
+    text = TINY.replace("  - tiny\n", f"  - path: {folder}\n    name: q\n").replace("[keep, Q8_0]", "[keep]")
+    text += "methods: [harp-free]\n"
     out = tmp_path / "out"
     result = gatenorm("run", write(tmp_path / "r.yaml", text), "-o", out)
     assert result.returncode == 1, result.stderr
     assert "1 failed" in result.stderr
     stderr = " ".join(result.stderr.split())  # rich wraps long lines
-    assert "FAILED tiny-random-d01-gguf-keep (export): the plan drops the attention of layer 0" in stderr
-    assert (out / "tiny-d00-gguf-keep/tiny-d00-gguf-keep.gguf").is_file()
-    assert (out / "tiny-d00-gguf-keep/validation.json").is_file()
-    assert not (out / "tiny-random-d01-gguf-keep/tiny-random-d01-gguf-keep.gguf").exists()
+    assert "FAILED q-harp-free-d01-gguf-keep (export): cannot linearize layers [3]" in stderr
+    assert (out / "q-d00-gguf-keep/q-d00-gguf-keep.gguf").is_file()
+    assert (out / "q-d00-gguf-keep/validation.json").is_file()
+    assert not (out / "q-harp-free-d01-gguf-keep/q-harp-free-d01-gguf-keep.gguf").exists()
     assert "## Failures" in (out / "REPORT.md").read_text()
     status = {v["name"]: (v["status"], v["error"]) for v in manifest(out)["variants"]}
-    assert status["tiny-d00-gguf-keep"] == ("ok", None)
-    assert status["tiny-random-d01-gguf-keep"][0] == "failed"
-    assert "Traceback" in (out / "logs/tiny-random-d01-gguf-keep.log").read_text()
+    assert status["q-d00-gguf-keep"] == ("ok", None)
+    assert status["q-harp-free-d01-gguf-keep"][0] == "failed"
+    assert "Traceback" in (out / "logs/q-harp-free-d01-gguf-keep.log").read_text()
 
 
 def test_two_runs_give_byte_identical_artifacts(tmp_path):
@@ -332,7 +333,7 @@ validation:
         card = (out / name / "README.md").read_text()
         assert card.startswith("---\nlicense: apache-2.0\n") and f"{name}.gguf" in card
         title = "# SmolLM2-135M-Instruct: GGUF Q8_0, " + (
-            "4 of 30 layers pruned" if "d04" in name else "unpruned"
+            "4 of 30 layers pruned" if "d04" in name else "unpruned baseline"
         )
         assert title + "\n" in card
         assert "zero-shot average (arc_easy) |" in card and " ± " in card.split("zero-shot average")[1]

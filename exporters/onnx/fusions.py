@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx
 
-from exporters.onnx.quiet import quiet
+from gatenorm.quiet import quiet
 
 
 def fuse_norms(model: onnx.ModelProto) -> onnx.ModelProto:

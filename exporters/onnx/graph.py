@@ -7,9 +7,9 @@ from pathlib import Path
 from torch import nn
 
 from exporters.onnx.fused_attention import fused_attention
-from exporters.onnx.quiet import quiet
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
+from gatenorm.quiet import quiet
 
 #: ONNX opset of the exported graph (ORT Mobile and MatMulNBits both support it).
 OPSET = 17

@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from exporters.onnx.quiet import quiet
 from gatenorm.errors import GatenormError
+from gatenorm.quiet import quiet
 
 ORT_NAME = "model.ort"
 REQUIRED_OPERATORS_NAME = "required_operators.config"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from exporters.onnx.quiet import quiet
+from gatenorm.quiet import quiet
 
 #: Weight bytes past which a model keeps its weights in an external data file (protobuf stops at 2 GB).
 EXTERNAL_DATA_THRESHOLD = 2**31 - 1 - 64 * 2**20

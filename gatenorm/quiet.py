@@ -1,4 +1,4 @@
-"""Keep the export tools' progress chatter (stdout prints, INFO logs, tracer warnings) off the console."""
+"""Keep third-party progress chatter (stdout prints, INFO logs, warnings, progress bars) off the console."""
 
 from __future__ import annotations
 
@@ -23,3 +23,20 @@ def quiet(*logger_names: str) -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """`quiet`, with transformers' progress bars off: its own (tokenizer conversion) by its switch, and the
+    GGUF loader's plain tqdm bar, which no switch reaches, by keeping stderr prints off the console
+    (exceptions still propagate)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with quiet("transformers"), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -18,14 +18,11 @@ def _quality_probe(
 ) -> Callable[[int], float]:
     """A function n -> the target's metric of the model with n layers dropped, against the unpruned one,
     in PyTorch on the recipe's search text."""
-    from transformers.utils import logging as hf_logging
-
     from gatenorm.apply import apply_plan
     from gatenorm.validate.agreement import compare_logits
     from gatenorm.validate.runtimes import TorchRuntime
     from gatenorm.validate.text import token_windows
 
-    hf_logging.disable_progress_bar()  # GGUF tokenizer conversion bars would flood the batch's console
     search = recipe.search
     ref = TorchRuntime(source.path, threads=search.threads)
     windows = token_windows(search.text, ref.tokenize, search.ctx, search.max_tokens, ref.bos_id)

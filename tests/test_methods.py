@@ -288,7 +288,7 @@ def test_mixed_synthetic_rule(tiny_llama_dir, tiny_model, tiny_windows, monkeypa
     dearer_blocks = {**real, LayerAction.DROP_BLOCK: 1.01 * drop}
     cheap_linear = {**dearer_blocks, LayerAction.LINEARIZE: 0.99 * drop}
     for saved in (real, dearer_blocks, cheap_linear):
-        monkeypatch.setattr(data_free, "saved_flops", lambda ckpt, ctx, saved=saved: saved)
+        monkeypatch.setattr(data_free, "saved_flops", lambda ckpt, ctx, phase, saved=saved: saved)
         ranking = rank_layers(ckpt, "mixed-synthetic", MethodOptions(ctx=16))
         for i in range(4):
             damage = {
@@ -303,6 +303,27 @@ def test_mixed_synthetic_rule(tiny_llama_dir, tiny_model, tiny_windows, monkeypa
             linearize = ranking.actions[i] is LayerAction.LINEARIZE
             assert ranking.alphas.get(i) == (pytest.approx(stats.linear_alpha[i]) if linearize else None)
     assert len(chosen) == 3, chosen
+
+
+def test_mixed_methods_price_actions_for_the_target_phase(
+    tiny_llama_dir, tiny_model, tiny_windows, monkeypatch
+):
+    """`--speedup-for decode` prices each action by its decode cost at depth `ctx`, not a prompt's."""
+    from gatenorm.methods import data_driven, data_free
+
+    ckpt = open_checkpoint(tiny_llama_dir)
+    prefill, decode = (data_free.saved_flops(ckpt, 4096, phase) for phase in ("prefill", "decode"))
+    assert prefill != decode
+    assert data_free.linearize_threshold(ckpt, 4096, "decode") != data_free.linearize_threshold(ckpt, 4096)
+    monkeypatch.setattr(data_driven, "_model_and_windows", lambda ckpt, options: (tiny_model, tiny_windows))
+    asked = []
+    real = data_free.saved_flops
+    monkeypatch.setattr(
+        data_free, "saved_flops", lambda c, ctx, phase: asked.append((ctx, phase)) or real(c, ctx, phase)
+    )
+    for method in ("mixed", "mixed-synthetic"):
+        rank_layers(ckpt, method, MethodOptions(ctx=4096, speedup_for="decode"))
+    assert asked == [(4096, "decode")] * 2
 
 
 def test_synthetic_calibration_text(smollm2_gguf, smollm2_model):

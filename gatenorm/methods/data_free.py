@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from gatenorm.errors import GatenormError
 from gatenorm.methods.calibration import SYNTHETIC, Calibration
-from gatenorm.methods.cost import cost_model
+from gatenorm.methods.cost import Phase, cost_model
 from gatenorm.methods.data_driven import calibration_statistics, depth_scores
 from gatenorm.methods.registry import MethodOptions, Ranking, per_layer_fields
 from gatenorm.methods.weights import WeightStatistics, weight_statistics
@@ -43,23 +43,23 @@ def harp_free(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> 
     return Ranking(scores, [LayerAction.LINEARIZE] * n, alphas, per_layer_fields(stats))
 
 
-def saved_flops(ckpt: Checkpoint, ctx: int) -> dict[LayerAction, float]:
-    """FLOPs per token one layer saves with each pruning action (cost model)."""
-    model = cost_model(ckpt, ctx)
+def saved_flops(ckpt: Checkpoint, ctx: int, phase: Phase = "prefill") -> dict[LayerAction, float]:
+    """Cost per token one layer saves with each pruning action (cost model of `phase` at context `ctx`)."""
+    model = cost_model(ckpt, ctx, phase)
     keep = model.layer(LayerAction.KEEP)
     return {a: keep - model.layer(a) for a in LayerAction if a is not LayerAction.KEEP}
 
 
-def linearize_threshold(ckpt: Checkpoint, ctx: int) -> float:
+def linearize_threshold(ckpt: Checkpoint, ctx: int, phase: Phase = "prefill") -> float:
     """1 - c_lin / c_drop: the alpha above which linearizing loses less per saved FLOP than dropping."""
-    saved = saved_flops(ckpt, ctx)
+    saved = saved_flops(ckpt, ctx, phase)
     return 1.0 - saved[LayerAction.LINEARIZE] / saved[LayerAction.DROP_ATTENTION]
 
 
 def mixed(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
     """Gate-Norm order; linearize where the data-free alpha beats `linearize_threshold`, else drop."""
     stats = weight_statistics(ckpt, options.ctx)
-    threshold = linearize_threshold(ckpt, options.ctx)
+    threshold = linearize_threshold(ckpt, options.ctx, options.speedup_for)
     linear = [a > threshold for a in stats.alpha]
     actions = [LayerAction.LINEARIZE if lin else LayerAction.DROP_ATTENTION for lin in linear]
     alphas = {i: a for i, (a, lin) in enumerate(zip(stats.alpha, linear, strict=True)) if lin}
@@ -82,7 +82,7 @@ def mixed_synthetic(ckpt: Checkpoint, options: MethodOptions, _needed: int | Non
             "data (omit --calib or give --calib synthetic)"
         )
     stats, sha = calibration_statistics(ckpt, replace(options, calib=calib))
-    saved = saved_flops(ckpt, options.ctx)
+    saved = saved_flops(ckpt, options.ctx, options.speedup_for)
     cosines = {
         LayerAction.DROP_ATTENTION: stats.attention_cosine,
         LayerAction.LINEARIZE: stats.linear_cosine,

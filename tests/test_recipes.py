@@ -367,7 +367,7 @@ def test_ray_executor_builds_the_same_artifacts(tmp_path):
     assert (distributed / "tiny-gate-norm-d01-gguf-Q8_0/validation.json").is_file()
 
 
-def test_recipe_methods_make_their_own_plans(tmp_path, tiny_llama_dir):
+def test_recipe_methods_make_their_own_plans(tmp_path, tiny_llama_dir, monkeypatch):
     from gatenorm.plan import Plan
     from gatenorm.recipes.batch import plan_batch
 
@@ -383,6 +383,19 @@ def test_recipe_methods_make_their_own_plans(tmp_path, tiny_llama_dir):
     bad = write(tmp_path / "b.yaml", text + "methods: [{name: mixed, options: {alpha: 1}}]\n")
     with pytest.raises(GatenormError, match="takes no option"):
         plan_batch(load_recipe(bad)[0], "b")
+    # speedup_for reaches the method: mixed prices its actions for decode at depth ctx
+    from gatenorm.methods import data_free
+
+    asked = []
+    real = data_free.saved_flops
+    monkeypatch.setattr(
+        data_free, "saved_flops", lambda c, ctx, phase: asked.append((ctx, phase)) or real(c, ctx, phase)
+    )
+    decode = write(
+        tmp_path / "d.yaml", text + "methods: [{name: mixed, options: {ctx: 64, speedup_for: decode}}]\n"
+    )
+    plan_batch(load_recipe(decode)[0], "d")
+    assert asked == [(64, "decode")]
 
 
 def test_plans_are_reused_by_content_key(tmp_path, tiny_llama_dir, monkeypatch):

@@ -159,7 +159,7 @@ def _validation(source: ResolvedSource, export: ExportSpec, key: str, recipe: Re
 
 
 #: Keys of a recipe method's `options`: calibration windows and the context of the cost model / alpha.
-METHOD_OPTIONS = {"calib_samples", "calib_len", "ctx"}
+METHOD_OPTIONS = {"calib_samples", "calib_len", "ctx", "speedup_for"}
 
 
 def rank_with(ckpt: Checkpoint, method: MethodEntry) -> Ranking:
@@ -176,9 +176,13 @@ def rank_with(ckpt: Checkpoint, method: MethodEntry) -> Ranking:
     calib = None
     if method.calib is not None:
         calib = Calibration(method.calib, opts.get("calib_samples", 16), opts.get("calib_len", 256))
-    return rank_layers(
-        ckpt, method.name, MethodOptions(seed=method.seed, calib=calib, ctx=opts.get("ctx", 512))
+    options = MethodOptions(
+        seed=method.seed,
+        calib=calib,
+        ctx=opts.get("ctx", 512),
+        speedup_for=opts.get("speedup_for", "prefill"),
     )
+    return rank_layers(ckpt, method.name, options)
 
 
 def _method_labels(methods: list[MethodEntry]) -> list[str]:

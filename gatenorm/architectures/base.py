@@ -110,6 +110,9 @@ class Architecture:
     hf_output_proj: ClassVar[str] = "o_proj"
     #: Per-head RMSNorm modules applied to q and k before the rotary embedding, if any.
     hf_qk_norms: ClassVar[tuple[str, str] | None] = None
+    #: transformers attention implementation to load with (None: its default); Gemma-2 needs "eager", the
+    #: one that applies its attention soft-capping (sdpa silently skips it).
+    hf_attn_implementation: ClassVar[str | None] = None
     #: The model loop reads ``layer(...)[0]``.
     layer_returns_tuple: ClassVar[bool] = False
     #: Per-layer GGUF tensors that make up the attention sublayer: a layer whose attention is dropped loses

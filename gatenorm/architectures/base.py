@@ -134,6 +134,9 @@ class Architecture:
     gguf_works: ClassVar[str] = "apply the plan in PyTorch (gatenorm validate --candidate-plan)"
     #: Why the ONNX exporter does not take this family yet (empty: it does, checked against PyTorch).
     onnx_refusal: ClassVar[str] = ""
+    #: genai_config.json's model type (None: the HF model_type) where onnxruntime-genai names the family
+    #: otherwise or not at all (it runs any decoder-only graph; the type picks its decoder class).
+    genai_model_type: ClassVar[str | None] = None
     #: `exporters.gguf.from_hf` writes this family's HF checkpoints as the GGUF llama.cpp's converter writes.
     gguf_from_hf: ClassVar[bool] = True
 

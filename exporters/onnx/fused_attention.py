@@ -4,9 +4,10 @@ Traced transformers attention becomes ~100 small ONNX nodes per layer (shape ari
 repeat_kv, mask slicing, softmax); on a CPU those nodes, not the weights, dominate decode time. During
 the export, ``fused_attention`` swaps each kept layer's attention forward for one concatenated q/k/v
 projection (``qkv_proj``, one MatMul) + one ``com.microsoft::GroupQueryAttention`` that applies the rotary
-embedding itself (``do_rotary``, cos/sin tables taken from the model's own rotary module, so any RoPE
-scaling carries over), appends to the layer's cache and attends causally (sliding window where the
-architecture has one); layers with q/k norms split the projection first and norm q and k. Every RMSNorm
+embedding itself (``do_rotary``, cos/sin tables taken from the layer's own rotary module, so any RoPE
+scaling and Gemma-3's local/global tables carry over; off for layers without rotary), appends to the
+layer's cache and attends causally (the family's scale, sliding window and soft-cap as node attributes);
+layers with q/k norms split the projection first and norm q and k. Every RMSNorm
 traces as onnxruntime's ``SimplifiedLayerNormalization`` (then fused with the residual Add into
 ``SkipSimplifiedLayerNormalization`` on the ONNX graph). This is the graph onnxruntime-genai's own builder
 writes. The torch forwards below give the same values, so the trace sees a consistent model.

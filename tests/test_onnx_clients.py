@@ -214,3 +214,37 @@ def test_family_fp32_transformers_js(family_fp32):
     result = run_transformers_js(out, "fp32", PROMPT)
     assert result["prompt"] == prompt
     assert result["new"] == expected
+
+
+# ---------------------------------------------------------------- SmolLM2 fp32, pruned by every action
+
+
+@pytest.fixture(scope="module")
+def smollm2_fp32(smollm2_scored, tmp_path_factory):
+    ckpt, scores = smollm2_scored
+    plan = mixed_plan(ckpt, SMOLLM2_MIXED_ACTIONS, SMOLLM2_MIXED_ALPHAS, scores)
+    out = export_onnx(ckpt.path, plan, tmp_path_factory.mktemp("clients") / "fp32")
+    runner = OnnxRunner(out)
+    prompt = runner.tokenizer.encode(PROMPT)
+    yield out, prompt, runner.generate(prompt, NEW_TOKENS, stop_at_eos=False)
+    shutil.rmtree(out)
+
+
+@pytest.mark.slow
+def test_smollm2_fp32_pruned_in_every_client(smollm2_fp32):
+    """The fp32 folder (onnx/model.onnx) of the mixed plan: the three clients' greedy tokens equal
+    OnnxRunner's (slow: a 0.5 GB export loaded four times)."""
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    out, prompt, expected = smollm2_fp32
+    assert _genai_greedy(out, prompt) == expected
+    model = ORTModelForCausalLM.from_pretrained(out, subfolder="onnx", file_name="model.onnx")
+    ids = torch.tensor([prompt])
+    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert (
+        model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[0, len(prompt) :].tolist()
+        == expected
+    )
+    result = run_transformers_js(out, "fp32", PROMPT)
+    assert result["prompt"] == prompt and result["new"] == expected

@@ -238,17 +238,26 @@ def _fused_forward(attention: nn.Module, arch: type[Architecture], config, table
     return forward
 
 
-def _rms_norms(model: nn.Module) -> list[nn.Module]:
-    """The model's RMSNorm modules of the llama form, ``weight * x / rms(x)`` (``variance_epsilon``)."""
-    return [
-        m
-        for m in model.modules()
-        if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and m.weight.dim() == 1
-    ]
+def _rms_norms(model: nn.Module, arch: type[Architecture]) -> list[tuple[nn.Module, torch.Tensor, float]]:
+    """(module, gain, eps) of the model's RMSNorms ``gain * x / rms(x)``: the llama form (``weight``,
+    ``variance_epsilon``) and, for families storing ``w`` for ``1 + w`` (Gemma), ``1 + weight`` (``eps``)."""
+    norms = []
+    for m in model.modules():
+        if (
+            not type(m).__name__.endswith("RMSNorm")
+            or getattr(m, "weight", None) is None
+            or m.weight.dim() != 1
+        ):
+            continue
+        if hasattr(m, "variance_epsilon"):
+            norms.append((m, m.weight, float(m.variance_epsilon)))
+        elif arch.norm_plus_one and hasattr(m, "eps"):
+            norms.append((m, (m.weight.detach().float() + 1).to(m.weight.dtype), float(m.eps)))
+    return norms
 
 
-def _norm_forward(norm: nn.Module):
-    return lambda hidden_states: _RMSNorm.apply(hidden_states, norm.weight, float(norm.variance_epsilon))
+def _norm_forward(gain: torch.Tensor, eps: float):
+    return lambda hidden_states: _RMSNorm.apply(hidden_states, gain, eps)
 
 
 @contextlib.contextmanager
@@ -286,13 +295,13 @@ def fused_attention(model: nn.Module, arch: type[Architecture]) -> Iterator[None
         graph_inputs["total_length"] = torch._shape_as_tensor(mask)[1].to(torch.int32)
 
     hook = model.model.register_forward_pre_hook(capture, with_kwargs=True)
-    norms = _rms_norms(model)
+    norms = _rms_norms(model, arch)
     for attention in attentions:
         attention.gatenorm_qkv = arch.qkv_projection(attention)
         rotary_tables = tables[id(arch.rotary_module(model, attention))]
         attention.forward = _fused_forward(attention, arch, config, rotary_tables, graph_inputs)
-    for norm in norms:
-        norm.forward = _norm_forward(norm)
+    for norm, gain, eps in norms:
+        norm.forward = _norm_forward(gain, eps)
     try:
         yield
     finally:
@@ -300,5 +309,5 @@ def fused_attention(model: nn.Module, arch: type[Architecture]) -> Iterator[None
         for attention in attentions:
             del attention.forward  # back to the class's forward
             del attention.gatenorm_qkv
-        for norm in norms:
+        for norm, _, _ in norms:
             del norm.forward

@@ -305,6 +305,8 @@ def test_family_export_matches_pytorch(family_models, tmp_path, name, plan_kind)
     assert_matches_torch(runner, reference, prompt)
     tokens, steps = onnx_decode_logits(runner, prompt, DECODE_STEPS)
     assert mean_kl(torch_logits(reference, tokens[None])[0, prompt.shape[1] - 1 :], steps) < TOL
+    model = onnx.load(str(out / runner_model(out)), load_external_data=False)
+    assert "ReduceMean" not in {n.op_type for n in model.graph.node}  # every RMSNorm is one fused node
     config = reference.config
     for layer, node in gqa_nodes(out).items():
         attention = reference.model.layers[layer].self_attn

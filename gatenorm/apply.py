@@ -31,11 +31,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
     ckpt = open_checkpoint(path)  # validates the input and the architecture first
     path = Path(path)
+    kwargs = {"dtype": dtype, "attn_implementation": ckpt.arch.hf_attn_implementation}
     with quiet_transformers():
         if ckpt.format == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(ckpt.path, **kwargs)
     return model.eval()
 
 

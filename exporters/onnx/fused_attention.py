@@ -4,9 +4,10 @@ Traced transformers attention becomes ~100 small ONNX nodes per layer (shape ari
 repeat_kv, mask slicing, softmax); on a CPU those nodes, not the weights, dominate decode time. During
 the export, ``fused_attention`` swaps each kept layer's attention forward for one concatenated q/k/v
 projection (``qkv_proj``, one MatMul) + one ``com.microsoft::GroupQueryAttention`` that applies the rotary
-embedding itself (``do_rotary``, cos/sin tables taken from the model's own rotary module, so any RoPE
-scaling carries over), appends to the layer's cache and attends causally (sliding window where the
-architecture has one); layers with q/k norms split the projection first and norm q and k. Every RMSNorm
+embedding itself (``do_rotary``, cos/sin tables taken from the layer's own rotary module, so any RoPE
+scaling and Gemma-3's local/global tables carry over; off for layers without rotary), appends to the
+layer's cache and attends causally (the family's scale, sliding window and soft-cap as node attributes);
+layers with q/k norms split the projection first and norm q and k. Every RMSNorm
 traces as onnxruntime's ``SimplifiedLayerNormalization`` (then fused with the residual Add into
 ``SkipSimplifiedLayerNormalization`` on the ONNX graph). This is the graph onnxruntime-genai's own builder
 writes. The torch forwards below give the same values, so the trace sees a consistent model.
@@ -15,6 +16,7 @@ writes. The torch forwards below give the same values, so the trace sees a consi
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -24,14 +26,15 @@ from gatenorm.architectures import Architecture
 from gatenorm.errors import GatenormError
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, cos_table, sin_table) -> torch.Tensor:
-    """Rotate-half RoPE on [batch, seq, heads*head_dim] at `positions` [batch, seq], from cos/sin tables."""
+def _rotate(x: torch.Tensor, positions: torch.Tensor, cos_table, sin_table, head_dim: int) -> torch.Tensor:
+    """Rotate-half RoPE on [batch, seq, heads*head_dim] at `positions` [batch, seq], from cos/sin tables
+    [positions, rotary_dim/2]; a head's dimensions past rotary_dim pass unchanged (partial rotary)."""
     batch, seq, _ = x.shape
     half = cos_table.shape[1]
-    x = x.view(batch, seq, -1, 2 * half)
+    x = x.view(batch, seq, -1, head_dim)
     cos, sin = cos_table[positions].unsqueeze(2), sin_table[positions].unsqueeze(2)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).view(batch, seq, -1)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1).view(batch, seq, -1)
 
 
 class _Rotary(torch.autograd.Function):
@@ -39,12 +42,21 @@ class _Rotary(torch.autograd.Function):
     does not take (not a multiple of 16)."""
 
     @staticmethod
-    def forward(ctx, x, position_ids, cos_table, sin_table):
-        return _rotate(x, position_ids, cos_table, sin_table)
+    def forward(ctx, x, position_ids, cos_table, sin_table, head_dim, heads, rotary_dim):
+        return _rotate(x, position_ids, cos_table, sin_table, head_dim)
 
     @staticmethod
-    def symbolic(g, x, position_ids, cos_table, sin_table):
-        out = g.op("com.microsoft::RotaryEmbedding", x, position_ids, cos_table, sin_table, interleaved_i=0)
+    def symbolic(g, x, position_ids, cos_table, sin_table, head_dim, heads, rotary_dim):
+        out = g.op(
+            "com.microsoft::RotaryEmbedding",
+            x,
+            position_ids,
+            cos_table,
+            sin_table,
+            interleaved_i=0,
+            num_heads_i=heads,
+            rotary_embedding_dim_i=rotary_dim,
+        )
         out.setType(x.type())
         return out
 
@@ -73,7 +85,22 @@ class _GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, q, k, v, past_k, past_v, seqlens_k, total, cos, sin, positions, heads, kv_heads, scale, window
+        ctx,
+        q,
+        k,
+        v,
+        past_k,
+        past_v,
+        seqlens_k,
+        total,
+        cos,
+        sin,
+        positions,
+        heads,
+        kv_heads,
+        scale,
+        window,
+        softcap,
     ):
         batch, seq, _ = q.shape
         head_dim = past_k.shape[-1]
@@ -81,7 +108,7 @@ class _GroupQueryAttention(torch.autograd.Function):
             q, k, v = q.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         num_heads = heads
         if cos is not None:
-            q, k = _rotate(q, positions, cos, sin), _rotate(k, positions, cos, sin)
+            q, k = _rotate(q, positions, cos, sin, head_dim), _rotate(k, positions, cos, sin, head_dim)
         present_k = torch.cat([past_k, k.view(batch, seq, kv_heads, head_dim).transpose(1, 2)], dim=2)
         present_v = torch.cat([past_v, v.view(batch, seq, kv_heads, head_dim).transpose(1, 2)], dim=2)
         groups = num_heads // kv_heads
@@ -94,13 +121,30 @@ class _GroupQueryAttention(torch.autograd.Function):
         if window >= 0:
             allowed = allowed & (j > i - window)
         scores = q.view(batch, seq, num_heads, head_dim).transpose(1, 2) @ keys.transpose(-1, -2) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         out = (probs @ values).transpose(1, 2).reshape(batch, seq, num_heads * head_dim)
         return out, present_k, present_v
 
     @staticmethod
     def symbolic(
-        g, q, k, v, past_k, past_v, seqlens_k, total, cos, sin, positions, heads, kv_heads, scale, window
+        g,
+        q,
+        k,
+        v,
+        past_k,
+        past_v,
+        seqlens_k,
+        total,
+        cos,
+        sin,
+        positions,
+        heads,
+        kv_heads,
+        scale,
+        window,
+        softcap,
     ):
         none = g.op("prim::Constant")  # an absent optional input ("" in ONNX): packed q/k/v in `q`
         none.setType(torch._C.NoneType.get())
@@ -115,6 +159,7 @@ class _GroupQueryAttention(torch.autograd.Function):
             kv_num_heads_i=kv_heads,
             scale_f=scale,
             local_window_size_i=window,
+            softcap_f=softcap,
             do_rotary_i=int(cos is not None),
             rotary_interleaved_i=0,
             outputs=3,
@@ -126,12 +171,24 @@ class _GroupQueryAttention(torch.autograd.Function):
 
 
 def _rope_tables(model: nn.Module, rotary: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_positions, head_dim/2] from one of the model's rotary modules (scaling included)."""
+    """cos/sin [max_positions, rotary_dim/2] from one of the model's rotary modules (scaling included).
+
+    LongRoPE (Phi-3.5, Phi-4-mini) switches factors by sequence length: positions below
+    ``original_max_position_embeddings`` get the short factors transformers uses for such sequences,
+    later ones the long factors.
+    """
     config = model.config
-    positions = torch.arange(config.max_position_embeddings)[None]
+    end = config.max_position_embeddings
+    bounds = [0, end]
+    original = getattr(config, "original_max_position_embeddings", None)
+    if getattr(rotary, "rope_type", None) == "longrope" and original and original < end:
+        bounds = [0, original, end]
     probe = torch.zeros(1, dtype=torch.float32)
+    parts = []
     with torch.no_grad():
-        cos, sin = rotary(probe, positions)
+        for start, stop in itertools.pairwise(bounds):
+            parts.append(rotary(probe, torch.arange(start, stop)[None]))
+    cos, sin = (torch.cat([part[i] for part in parts], dim=1) for i in (0, 1))
     half = cos.shape[-1] // 2
     return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
 
@@ -143,22 +200,23 @@ def _fused_forward(attention: nn.Module, arch: type[Architecture], config, table
     head_dim = attention.head_dim
     window = arch.sliding_window(attention, config)
     local_window = -1 if window is None else window  # both count the token itself in the window
-    if arch.attention_softcap(attention):
-        raise GatenormError(f"{arch.name}: ONNX export of soft-capped attention is not supported yet")
-    if tables is None:
-        raise GatenormError(f"{arch.name}: ONNX export of layers without rotary is not supported yet")
-    rotary_in_attention = head_dim % 16 == 0  # GroupQueryAttention's do_rotary takes these head sizes
+    softcap = arch.attention_softcap(attention)  # GroupQueryAttention's ``softcap`` attribute
+    rotary_dim = 0 if tables is None else 2 * int(tables[0].shape[1])  # < head_dim: partial rotary (Phi-4)
+    # GroupQueryAttention's do_rotary takes head and rotary sizes that are multiples of 16 (measured:
+    # "cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8"); other sizes rotate through
+    # RotaryEmbedding first, and a layer without rotary (SmolLM3's no-rope layers) runs with do_rotary off
+    rotary_in_attention = tables is not None and head_dim % 16 == 0 and rotary_dim % 16 == 0
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **_):
         positions = graph_inputs["position_ids"]
         q, k, v = attention.gatenorm_qkv(hidden_states), None, None  # packed unless q/k change first
-        if arch.has_qk_norms() or not rotary_in_attention:
+        if arch.has_qk_norms() or (tables is not None and not rotary_in_attention):
             q, k, v = q.split([num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
             q, k = arch.normed_qk(attention, q, k)
-        rotary = (*tables, positions)
-        if not rotary_in_attention:
-            q, k = _Rotary.apply(q, positions, *tables), _Rotary.apply(k, positions, *tables)
-            rotary = (None, None, None)
+        rotary = (*tables, positions) if rotary_in_attention else (None, None, None)
+        if tables is not None and not rotary_in_attention:
+            q = _Rotary.apply(q, positions, *tables, head_dim, num_heads, rotary_dim)
+            k = _Rotary.apply(k, positions, *tables, head_dim, kv_heads, rotary_dim)
         cache = past_key_values.layers[attention.layer_idx]
         out, cache.keys, cache.values = _GroupQueryAttention.apply(
             q,
@@ -173,23 +231,33 @@ def _fused_forward(attention: nn.Module, arch: type[Architecture], config, table
             kv_heads,
             float(attention.scaling),
             local_window,
+            softcap,
         )
         return attention.o_proj(out), None
 
     return forward
 
 
-def _rms_norms(model: nn.Module) -> list[nn.Module]:
-    """The model's RMSNorm modules of the llama form, ``weight * x / rms(x)`` (``variance_epsilon``)."""
-    return [
-        m
-        for m in model.modules()
-        if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and m.weight.dim() == 1
-    ]
+def _rms_norms(model: nn.Module, arch: type[Architecture]) -> list[tuple[nn.Module, torch.Tensor, float]]:
+    """(module, gain, eps) of the model's RMSNorms ``gain * x / rms(x)``: the llama form (``weight``,
+    ``variance_epsilon``) and, for families storing ``w`` for ``1 + w`` (Gemma), ``1 + weight`` (``eps``)."""
+    norms = []
+    for m in model.modules():
+        if (
+            not type(m).__name__.endswith("RMSNorm")
+            or getattr(m, "weight", None) is None
+            or m.weight.dim() != 1
+        ):
+            continue
+        if hasattr(m, "variance_epsilon"):
+            norms.append((m, m.weight, float(m.variance_epsilon)))
+        elif arch.norm_plus_one and hasattr(m, "eps"):
+            norms.append((m, (m.weight.detach().float() + 1).to(m.weight.dtype), float(m.eps)))
+    return norms
 
 
-def _norm_forward(norm: nn.Module):
-    return lambda hidden_states: _RMSNorm.apply(hidden_states, norm.weight, float(norm.variance_epsilon))
+def _norm_forward(gain: torch.Tensor, eps: float):
+    return lambda hidden_states: _RMSNorm.apply(hidden_states, gain, eps)
 
 
 @contextlib.contextmanager
@@ -227,13 +295,13 @@ def fused_attention(model: nn.Module, arch: type[Architecture]) -> Iterator[None
         graph_inputs["total_length"] = torch._shape_as_tensor(mask)[1].to(torch.int32)
 
     hook = model.model.register_forward_pre_hook(capture, with_kwargs=True)
-    norms = _rms_norms(model)
+    norms = _rms_norms(model, arch)
     for attention in attentions:
         attention.gatenorm_qkv = arch.qkv_projection(attention)
         rotary_tables = tables[id(arch.rotary_module(model, attention))]
         attention.forward = _fused_forward(attention, arch, config, rotary_tables, graph_inputs)
-    for norm in norms:
-        norm.forward = _norm_forward(norm)
+    for norm, gain, eps in norms:
+        norm.forward = _norm_forward(gain, eps)
     try:
         yield
     finally:
@@ -241,5 +309,5 @@ def fused_attention(model: nn.Module, arch: type[Architecture]) -> Iterator[None
         for attention in attentions:
             del attention.forward  # back to the class's forward
             del attention.gatenorm_qkv
-        for norm in norms:
+        for norm, _, _ in norms:
             del norm.forward

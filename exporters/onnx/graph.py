@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from exporters.onnx.fused_attention import fused_attention
@@ -52,6 +56,14 @@ def pruned_onnx_config(model: nn.Module, kept_layers: list[int]):
     base = _base_config_class(model)
 
     class PrunedDecoderOnnxConfig(base):
+        @property
+        def inputs(self) -> dict[str, dict[int, str]]:
+            inputs = super().inputs
+            # every export takes position_ids (the rotary positions GroupQueryAttention reads), also for
+            # families whose optimum config leaves them out (Gemma)
+            inputs.setdefault("position_ids", {0: "batch_size", 1: "sequence_length"})
+            return inputs
+
         def add_past_key_values(self, inputs_or_outputs: dict, direction: str) -> None:
             if direction == "inputs":
                 name, axis = past_name, "past_sequence_length"
@@ -73,6 +85,19 @@ def pruned_onnx_config(model: nn.Module, kept_layers: list[int]):
     )
 
 
+@contextlib.contextmanager
+def _no_autograd_inlining() -> Iterator[None]:
+    """torch.onnx.export (as optimum calls it) with ``autograd_inlining`` off: our autograd Functions all
+    have a symbolic, and inlining their traced bodies trips torch's peephole pass on some shapes (one KV
+    head: "Argument passed to at() was not in the map")."""
+    export = torch.onnx.export
+    torch.onnx.export = functools.partial(export, autograd_inlining=False)
+    try:
+        yield
+    finally:
+        torch.onnx.export = export
+
+
 def trace_to_onnx(
     model: nn.Module, kept_layers: list[int], output: Path, tie_embeddings: bool = True
 ) -> None:
@@ -87,7 +112,7 @@ def trace_to_onnx(
     config = pruned_onnx_config(model, kept_layers)
     arch = get_architecture(model.config.model_type)
     with quiet("optimum", "torch.onnx", "transformers"):
-        with fused_attention(model, arch):
+        with fused_attention(model, arch), _no_autograd_inlining():
             export_pytorch(model, config, opset=OPSET, output=output)
         if tie_embeddings:
             config.post_process_exported_models(output.parent, {"model": (model, config)}, [output.name])

@@ -110,6 +110,9 @@ class Architecture:
     hf_output_proj: ClassVar[str] = "o_proj"
     #: Per-head RMSNorm modules applied to q and k before the rotary embedding, if any.
     hf_qk_norms: ClassVar[tuple[str, str] | None] = None
+    #: transformers attention implementation to load with (None: its default); Gemma-2 needs "eager", the
+    #: one that applies its attention soft-capping (sdpa silently skips it).
+    hf_attn_implementation: ClassVar[str | None] = None
     #: The model loop reads ``layer(...)[0]``.
     layer_returns_tuple: ClassVar[bool] = False
     #: Per-layer GGUF tensors that make up the attention sublayer: a layer whose attention is dropped loses
@@ -131,6 +134,9 @@ class Architecture:
     gguf_works: ClassVar[str] = "apply the plan in PyTorch (gatenorm validate --candidate-plan)"
     #: Why the ONNX exporter does not take this family yet (empty: it does, checked against PyTorch).
     onnx_refusal: ClassVar[str] = ""
+    #: genai_config.json's model type (None: the HF model_type) where onnxruntime-genai names the family
+    #: otherwise or not at all (it runs any decoder-only graph; the type picks its decoder class).
+    genai_model_type: ClassVar[str | None] = None
     #: `exporters.gguf.from_hf` writes this family's HF checkpoints as the GGUF llama.cpp's converter writes.
     gguf_from_hf: ClassVar[bool] = True
 

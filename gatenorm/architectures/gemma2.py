@@ -20,9 +20,9 @@ class Gemma2(Architecture):
     hf_mlp_norm = "pre_feedforward_layernorm"
     hf_post_mlp_norm = "post_feedforward_layernorm"
     layer_returns_tuple = True
+    hf_attn_implementation = "eager"  # sdpa would drop the attention soft-capping
     gguf_attention_sublayer = (*Architecture.gguf_attention_sublayer, MT.ATTN_POST_NORM)
     deci_exportable = False
-    onnx_refusal = "its soft-capped attention and sandwich norms are not checked against onnxruntime yet"
     gguf_from_hf = False
     deci_refusal = "gemma2's post-norms, soft-capping and sliding window do not exist in llama.cpp's deci"
 

@@ -17,7 +17,6 @@ class Gemma3(Gemma2):
     name = "gemma3"
     gguf_arch = "gemma3"
     hf_qk_norms = ("q_norm", "k_norm")
-    onnx_refusal = "its local/global rotary tables and sandwich norms are not checked against onnxruntime yet"
     deci_refusal = "gemma3's post-norms, q/k norms and sliding window do not exist in llama.cpp's deci graph"
 
     @classmethod

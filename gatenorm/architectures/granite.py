@@ -18,7 +18,6 @@ class Granite(Llama):
     gguf_arch = "granite"
     layer_returns_tuple = True
     deci_exportable = False
-    onnx_refusal = "its multipliers are not checked against onnxruntime yet"
     gguf_from_hf = False
     deci_refusal = "granite's multipliers are not folded into a deci file yet"
 

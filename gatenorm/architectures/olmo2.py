@@ -26,7 +26,7 @@ class Olmo2(Architecture):
     gguf_attention_sublayer = (MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V, MT.ATTN_OUT, MT.ATTN_Q_NORM, MT.ATTN_K_NORM)
     gguf_attention_sublayer += (MT.ATTN_POST_NORM,)
     deci_exportable = False
-    onnx_refusal = "its post-norms and whole-projection q/k norms are not checked against onnxruntime yet"
+    genai_model_type = "olmo"  # onnxruntime-genai 0.18 refuses "olmo2"; its decoder-only "olmo" runs it
     deci_refusal = "olmo2 is post-norm with q/k norms, which llama.cpp's deci graph cannot run"
     gguf_block_removal = True
     gguf_works = "drop-block plans (--method block-influence) as an olmo2 GGUF, or PyTorch for every action"

@@ -31,7 +31,6 @@ class Phi3(Architecture):
     }
     gguf_attention_sublayer = (MT.ATTN_NORM, MT.ATTN_QKV, MT.ATTN_OUT)
     deci_exportable = False
-    onnx_refusal = "its fused qkv / gate_up projections are not checked against onnxruntime yet"
     gguf_from_hf = False
     deci_refusal = "phi3's fused qkv / gate_up tensors are not split into a deci file yet"
 

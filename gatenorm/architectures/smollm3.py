@@ -16,7 +16,6 @@ class SmolLM3(Llama):
     name = "smollm3"
     gguf_arch = "smollm3"
     deci_exportable = False
-    onnx_refusal = "its no-rope layers are not exported to onnxruntime yet"
     deci_refusal = "smollm3's no-rope layers are fixed by layer index in llama.cpp, which deci does not have"
     gguf_block_removal = True
     gguf_works = (

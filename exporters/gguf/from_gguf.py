@@ -31,7 +31,7 @@ import numpy as np
 from exporters.gguf.header import ScannedGGUF, encode_kv, encode_raw_kv, encode_tensor_info
 from exporters.gguf.linearize import fused_nbytes, fused_type, fused_value_output_bytes
 from exporters.gguf.metadata import plan_metadata, pruned_name
-from gatenorm.architectures import Architecture, gguf_tensor
+from gatenorm.architectures import Architecture, get_architecture, gguf_tensor
 from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint
@@ -59,6 +59,7 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
     """Refuse, with one line naming the family, the action, the reason and what works, the plans that stock
     llama.cpp could not run as written."""
     arch = ckpt.arch
+    arch.check_plan(ckpt.fixed_layers, plan)  # layers a deci source has already changed
     if not plan.changed:
         return
     if LayerAction.KEEP not in plan.actions:
@@ -134,18 +135,24 @@ def removed_tensor_names(arch: type[Architecture], plan: Plan) -> set[str]:
     return removed
 
 
-def deci_layer_hparams(plan: Plan, shape: ModelShape, ffn: int) -> dict[str, list[int]]:
-    """The per-layer ``deci`` arrays (head_count, head_count_kv, feed_forward_length) of the written layers.
+def deci_layer_hparams(
+    plan: Plan, shape: ModelShape, counts: list[tuple[int, int, int]]
+) -> dict[str, list[int]]:
+    """The per-layer ``deci`` arrays (head_count, head_count_kv, feed_forward_length) of the written layers,
+    from the source's per-layer `counts` (head_count, head_count_kv, feed_forward_length).
 
     Dropped blocks are not written at all (`written_layers`): deci's own identity layer (0 heads, 0
     feed-forward length) aborts llama.cpp (``GGML_ASSERT(buffer)``) when it is the last layer.
     """
-    per_action = {
-        LayerAction.KEEP: (shape.n_head, shape.n_head_kv, ffn),
-        LayerAction.DROP_ATTENTION: (0, 0, ffn),
-        LayerAction.LINEARIZE: (shape.n_head, 0, ffn),
-    }
-    rows = [per_action[lp.action] for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
+    rows = []
+    for lp in plan.layers:
+        heads, kv, ffn = counts[lp.layer]
+        if lp.action is LayerAction.KEEP:
+            rows.append((heads, kv, ffn))
+        elif lp.action is LayerAction.DROP_ATTENTION:
+            rows.append((0, 0, ffn))
+        elif lp.action is LayerAction.LINEARIZE:
+            rows.append((heads or shape.n_head, 0, ffn))
     return {key: [row[k] for row in rows] for k, key in enumerate((HEAD_COUNT, HEAD_COUNT_KV, FFN_LENGTH))}
 
 
@@ -170,9 +177,10 @@ def deci_metadata(
     prefix = f"{source_arch}."
     ffn_field = header.fields.get(prefix + FFN_LENGTH)
     ffn = ffn_field.contents() if ffn_field else None
-    if target == DECI and (not isinstance(ffn, int) or ffn <= 0):
+    if target == DECI and source_arch != DECI and (not isinstance(ffn, int) or ffn <= 0):
         raise GatenormError(f"GGUF {header.path} has no usable {prefix}{FFN_LENGTH}")
-    per_layer = deci_layer_hparams(written or plan, shape, ffn) if target == DECI else {}
+    counts = get_architecture(source_arch).gguf_layer_counts(header.fields, shape)
+    per_layer = deci_layer_hparams(written or plan, shape, counts) if target == DECI else {}
     n_written = len(written_layers(plan))
     name = header.fields.get("general.name")
     kv = [
@@ -193,7 +201,8 @@ def deci_metadata(
         kv.append(encode_raw_kv(key, field.raw_value))
     for suffix, values in per_layer.items():  # head_count_kv may be implicit in the source
         kv.append(encode_kv(f"{target}.{suffix}", values, t.ARRAY, t.INT32))
-    kv += [encode_kv(key, value, vtype, sub) for key, (value, vtype, sub) in plan_metadata(plan).items()]
+    recorded = get_architecture(source_arch).recorded_plan(header.fields, plan)  # deci: against its source
+    kv += [encode_kv(key, value, vtype, sub) for key, (value, vtype, sub) in plan_metadata(recorded).items()]
     return kv
 
 
@@ -218,12 +227,14 @@ def _output_tensors(
     # q/k rows move only where the source GGUF keeps NEOX order and deci is written; elsewhere every
     # tensor is a kernel copy
     rotary = {} if arch.gguf_qk_permuted or not to_deci else rotary_tensor_parts(arch, shape.n_layers)
+    fixed = ckpt.fixed_layers  # already linear in the source (deci): copied as they are, unless zeroed
     fused = {
         arch.gguf_tensors["o"].format(i=lp.layer): lp
         for lp in plan.layers
-        if lp.action is LayerAction.LINEARIZE
+        if lp.action is LayerAction.LINEARIZE and (lp.layer not in fixed or lp.alpha == 0.0)
     }
     d = shape.d_model
+    yield from _zero_linear_tensors(ckpt, header, plan, new_index, exact)
     for t in header.tensors:
         layer = layer_of(t.name)
         if t.name in removed or (layer is not None and layer not in new_index):
@@ -234,7 +245,10 @@ def _output_tensors(
             lp, qtype = fused[t.name], fused_type(t.tensor_type, d, exact)
 
             def write(fout, lp=lp, qtype=qtype):
-                fout.write(fused_value_output_bytes(ckpt, lp.layer, lp.alpha, qtype))
+                if lp.layer in fixed:  # a zero first layer written over a source without v / o
+                    fout.write(b"\0" * fused_nbytes(qtype, d))
+                else:
+                    fout.write(fused_value_output_bytes(ckpt, lp.layer, lp.alpha, qtype))
 
             yield _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write)
         elif (part := rotary.get(t.name)) is not None:
@@ -253,6 +267,29 @@ def _output_tensors(
                 t.n_bytes,
                 lambda fout, t=t: _copy_bytes(src_fd, t.data_offset, t.n_bytes, fout),
             )
+
+
+def _zero_linear_tensors(ckpt: GGUFCheckpoint, header: ScannedGGUF, plan: Plan, new_index, exact: bool):
+    """The ``attn_norm`` (ones) and all-zero ``attn_output`` of a zero linear first layer (`deci_plan`) whose
+    source layer has none: a deci source's attention-free layer that becomes the first written layer."""
+    lp = next(lp for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK)
+    if lp.action is not LayerAction.LINEARIZE or lp.alpha != 0.0 or lp.layer not in ckpt.fixed_layers:
+        return
+    d, stored = ckpt.shape.d_model, {t.name for t in header.tensors}
+    norm, out = (ckpt.arch.gguf_tensors[part].format(i=lp.layer) for part in ("norm", "o"))
+    i = new_index[lp.layer]
+    if norm not in stored:
+        ones = np.ones(d, dtype=np.float32).tobytes()
+        name = renamed(norm, lp.layer, new_index)
+        yield _OutTensor(name, [d], gguf.GGMLQuantizationType.F32, 4 * d, lambda f: f.write(ones))
+    if out not in stored:
+        qtype = (
+            gguf.GGMLQuantizationType.F32 if exact else fused_type(gguf.GGMLQuantizationType.F16, d, exact)
+        )
+        n = fused_nbytes(qtype, d)
+        yield _OutTensor(
+            f"{BLOCK}.{i}.{out.split('.', 2)[2]}", [d, d], qtype, n, lambda f: f.write(b"\0" * n)
+        )
 
 
 def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = False) -> None:

@@ -180,6 +180,32 @@ class Architecture:
         return None if down is None else int(down.shape[0])
 
     @classmethod
+    def gguf_head_counts(cls, fields, path) -> tuple[int, int] | None:
+        """(head_count, head_count_kv) of a GGUF that has them per layer (deci); None: scalar keys."""
+        return None
+
+    @classmethod
+    def gguf_layer_counts(cls, fields, shape) -> list[tuple[int, int, int]]:
+        """(head_count, head_count_kv, feed_forward_length) of every layer of a GGUF of this architecture."""
+        ffn = fields[f"{fields['general.architecture'].contents()}.feed_forward_length"].contents()
+        return [(shape.n_head, shape.n_head_kv, int(ffn))] * shape.n_layers
+
+    @classmethod
+    def gguf_fixed_layers(cls, fields) -> dict[int, tuple[str, float | None]]:
+        """Layer -> (action, alpha) of the layers a GGUF has already changed (deci: no attention left)."""
+        return {}
+
+    @classmethod
+    def recorded_plan(cls, fields, plan):
+        """The plan a re-export records: `plan` composed with the one the source file was made with."""
+        return plan
+
+    @classmethod
+    def check_plan(cls, fixed, plan) -> None:
+        """Refuse a plan that changes a layer the source has already changed (`gguf_fixed_layers`) in a
+        way it cannot be changed."""
+
+    @classmethod
     def check_block_removal(cls, kept: list[int]) -> None:
         """Refuse a block removal keeping source layers `kept` that the source architecture cannot run."""
 

@@ -50,7 +50,16 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     with quiet_transformers():
         if path.is_file() and path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            # transformers has no 'deci' config: name the host family (`gatenorm.deci_model`)
+            ckpt = open_checkpoint(path)
+            config = {}
+            if ckpt.arch.name == "deci":
+                from transformers import AutoConfig
+
+                from gatenorm.deci_model import host_family
+
+                config = {"config": AutoConfig.for_model(host_family(ckpt))}
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **config)
         return AutoTokenizer.from_pretrained(path if path.is_dir() else path.parent)
 
 

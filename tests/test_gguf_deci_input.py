@@ -4,6 +4,7 @@ and transformers logits (F32, tiny random models)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -180,3 +181,15 @@ def test_nemotron_style_file(tmp_path, tokenizer_dir):
     expected = torch_logits(apply_plan(load_model(wide), more), TOKENS)
     delta, kl = _report("nemotron-style re-pruned", expected, llama_cpp_logits(out, TOKENS))
     assert kl < 1e-5
+
+
+def test_validate_deci_file_in_llama_cpp_against_pytorch(tmp_path, pruned):
+    """The validator runs a deci file in both runtimes: llama.cpp (auto) and PyTorch (--candidate-runtime
+    torch: tokenizer and model loaded from the file by gatenorm)."""
+    _, _, deci = pruned["llama"]
+    report = tmp_path / "report.json"
+    args = ["validate", deci, deci, "--candidate-runtime", "torch", "--tasks", "none", "--ctx", "64"]
+    _cli(*args, "--max-tokens", "256", "--json", report)
+    agreement_stats = json.loads(report.read_text())["agreement"]
+    print(f"validate deci llama.cpp vs PyTorch: mean KLD {agreement_stats['kld_mean']:.2e}")
+    assert agreement_stats["kld_mean"] < 1e-5

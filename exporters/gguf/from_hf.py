@@ -103,7 +103,7 @@ def _add_hparams(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, file_type: gguf.Ll
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-    elif kind not in (None, "default"):
+    elif kind not in (None, "default", *ckpt.arch.gguf_rope_types):  # llama3: the rope_freqs tensor
         raise GatenormError(f"rope scaling {kind!r} is not supported by the GGUF exporter yet")
     n_vocab = int(config["vocab_size"])
     writer.add_vocab_size(n_vocab)
@@ -144,6 +144,7 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
         else:
             kind = dtype
         tensors.append((name, gguf_name, shard, kind, dims))
+    extra = arch.gguf_extra_tensors(ckpt.config, shape.head_dim)  # generated (llama3's rope_freqs)
     weight_kinds = {kind for *_, kind, dims in tensors if len(dims) > 1}
     file_type = _FILE_TYPES[weight_kinds.pop()] if len(weight_kinds) == 1 else gguf.LlamaFileType.GUESSED
 
@@ -155,6 +156,8 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
             ggml_type, _, np_type = _GGML_TYPES[kind]
             n_bytes = int(np.prod(dims)) * np.dtype(np_type).itemsize
             writer.add_tensor_info(gguf_name, dims, np.dtype(np_type), n_bytes, ggml_type)
+        for gguf_name, values in extra.items():
+            writer.add_tensor_info(gguf_name, list(values.shape), values.dtype, values.nbytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -170,5 +173,7 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
             if torch_type is torch.bfloat16:
                 data = data.view(torch.int16)
             writer.write_tensor_data(data.numpy())
+        for values in extra.values():
+            writer.write_tensor_data(values)
     finally:
         writer.close()

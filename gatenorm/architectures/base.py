@@ -133,6 +133,8 @@ class Architecture:
     onnx_refusal: ClassVar[str] = ""
     #: `exporters.gguf.from_hf` writes this family's HF checkpoints as the GGUF llama.cpp's converter writes.
     gguf_from_hf: ClassVar[bool] = True
+    #: HF rope scaling types (besides none and linear) that `gguf_extra_tensors` writes for llama.cpp.
+    gguf_rope_types: ClassVar[tuple[str, ...]] = ()
 
     # ---- checkpoint side -------------------------------------------------------------------------------
 
@@ -178,6 +180,12 @@ class Architecture:
             return int(value)
         down = ckpt.tensors.get(gguf_tensor(MT.FFN_DOWN).format(i=0))  # ne = (ffn, d)
         return None if down is None else int(down.shape[0])
+
+    @classmethod
+    def gguf_extra_tensors(cls, config: dict, head_dim: int) -> dict[str, np.ndarray]:
+        """Tensors llama.cpp's converter generates for an HF config (Llama-3.x's ``rope_freqs``): name ->
+        float32 values."""
+        return {}
 
     @classmethod
     def gguf_head_counts(cls, fields, path) -> tuple[int, int] | None:

@@ -1,0 +1,65 @@
+"""GGUF of the families that need more than a copy of their tensors to run in stock llama.cpp: Llama-3.x's
+rope scaling (the generated ``rope_freqs`` tensor), Phi-3 (fused qkv / gate_up split for deci) and Granite
+(its multipliers folded into the weights), each checked on llama.cpp's logits against transformers (F32,
+tiny random models, a context past the scaled rope's original length)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from gguf_helpers import agreement, llama_cpp_logits, torch_logits
+
+from exporters.export import export_gguf
+from gatenorm.apply import apply_plan, load_model
+from gatenorm.plan import LayerAction
+from gatenorm.readers import open_checkpoint
+from tests.conftest import mixed_plan, tiny_hf
+
+A = LayerAction
+TOKENS = list(range(300, 428))  # 128 tokens: 8x the scaled rope's original context below
+LLAMA3 = {
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+    "head_dim": 16,
+    "num_attention_heads": 4,
+}
+
+
+def _report(label: str, reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
+    kl, _ = agreement(reference, other)
+    delta = float(np.abs(reference - other).max())
+    print(f"{label}: max |dlogit| {delta:.2e}, KL {kl:.2e}")
+    return delta, kl
+
+
+def test_llama3_rope_freqs_from_hf_unchanged_and_pruned(tmp_path, tokenizer_dir):
+    folder = tiny_hf(tmp_path / "llama3", tokenizer_dir, "llama", **LLAMA3)
+    ckpt = open_checkpoint(folder)
+    model = load_model(folder)
+    same = export_gguf(folder, mixed_plan(ckpt, {}, {}), tmp_path / "same.gguf", quant="F32")
+    tensors = {t.name: t for t in gguf.GGUFReader(same).tensors}
+    factors = np.asarray(tensors["rope_freqs.weight"].data)
+    # wavelengths 2 pi / theta^(-2i/16) against 16/4 and 16/1: the first interpolated, the rest x8
+    smooth = (16 / (2 * np.pi) - 1) / (4 - 1)  # the first wavelength, 2 pi, lies between 16/4 and 16/1
+    assert factors[0] == pytest.approx(1 / ((1 - smooth) / 8 + smooth))
+    assert factors[1:].tolist() == [8.0] * 7  # the others are longer than 16: divided by 8
+    reference = torch_logits(model, TOKENS)
+    delta, kl = _report("llama3 rope unchanged (llama)", reference, llama_cpp_logits(same, TOKENS))
+    assert kl < 1e-6
+    plain = dict(LLAMA3, rope_scaling=None)
+    unscaled = torch_logits(load_model(tiny_hf(tmp_path / "plain", tokenizer_dir, "llama", **plain)), TOKENS)
+    assert agreement(reference, unscaled)[0] > 100 * kl  # the scaling matters at this context
+    plan = mixed_plan(ckpt, {0: A.DROP_ATTENTION, 2: A.LINEARIZE}, {2: 0.8})
+    pruned = export_gguf(folder, plan, tmp_path / "pruned.gguf", quant="F32")
+    assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(pruned).tensors}
+    reference = torch_logits(apply_plan(load_model(folder), plan), TOKENS)
+    delta, kl = _report("llama3 rope pruned (deci)", reference, llama_cpp_logits(pruned, TOKENS))
+    assert kl < 1e-6
+    delta, kl = _report("llama3 rope deci in PyTorch", reference, torch_logits(load_model(pruned), TOKENS))
+    assert delta < 1e-4

@@ -12,6 +12,7 @@ from gguf_helpers import agreement, llama_cpp_logits, torch_logits
 
 from exporters.export import export_gguf
 from gatenorm.apply import apply_plan, load_model
+from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction
 from gatenorm.readers import open_checkpoint
 from tests.conftest import mixed_plan, tiny_hf
@@ -63,3 +64,69 @@ def test_llama3_rope_freqs_from_hf_unchanged_and_pruned(tmp_path, tokenizer_dir)
     assert kl < 1e-6
     delta, kl = _report("llama3 rope deci in PyTorch", reference, torch_logits(load_model(pruned), TOKENS))
     assert delta < 1e-4
+
+
+def _longrope(head_dim: int = 8) -> dict:
+    rng = np.random.default_rng(0)
+    half = head_dim // 2
+    return {
+        "rope_scaling": {
+            "type": "longrope",
+            "long_factor": (1 + 4 * rng.random(half)).tolist(),
+            "short_factor": (1 + 0.5 * rng.random(half)).tolist(),
+        },
+        "original_max_position_embeddings": 32,
+        "max_position_embeddings": 256,
+    }
+
+
+@pytest.mark.parametrize("rope", ["default", "longrope"])
+def test_phi3_unchanged_as_phi3_and_pruned_as_deci(tmp_path, tokenizer_dir, rope):
+    """llama.cpp's vocabulary loader special-cases models named phi3 (it looks up </s>): the folder is not."""
+    overrides = _longrope() if rope == "longrope" else {}
+    folder = tiny_hf(tmp_path / "tiny-p", tokenizer_dir, "phi3", **overrides)
+    ckpt = open_checkpoint(folder)
+    same = export_gguf(folder, mixed_plan(ckpt, {}, {}), tmp_path / "same.gguf", quant="F32")
+    reader = gguf.GGUFReader(same)
+    assert reader.fields["general.architecture"].contents() == "phi3"
+    reference = torch_logits(load_model(folder), TOKENS)
+    _, kl = _report(f"phi3 {rope} unchanged (phi3)", reference, llama_cpp_logits(same, TOKENS))
+    assert kl < 1e-6
+    if rope == "longrope":
+        assert reader.fields["phi3.rope.scaling.type"].contents() == "longrope"
+        plain = {k: v for k, v in overrides.items() if k != "rope_scaling"}
+        unscaled = load_model(tiny_hf(tmp_path / "plain", tokenizer_dir, "phi3", **plain))
+        assert agreement(reference, torch_logits(unscaled, TOKENS))[0] > 100 * kl  # the factors matter
+    plan = mixed_plan(ckpt, {0: A.DROP_ATTENTION, 2: A.LINEARIZE, 3: A.DROP_BLOCK}, {2: 0.8})
+    pruned = export_gguf(folder, plan, tmp_path / "pruned.gguf", quant="F32")
+    reader = gguf.GGUFReader(pruned)
+    names = {t.name for t in reader.tensors}
+    assert {
+        "blk.1.attn_q.weight",
+        "blk.1.attn_k.weight",
+        "blk.1.attn_v.weight",
+        "blk.1.ffn_gate.weight",
+    } <= names
+    assert not any("attn_qkv" in n for n in names)
+    assert {tuple(t.shape) for t in reader.tensors if t.name == "blk.1.ffn_up.weight"} == {(64, 96)}
+    reference = torch_logits(apply_plan(load_model(folder), plan), TOKENS)
+    _, kl = _report(f"phi3 {rope} pruned (deci)", reference, llama_cpp_logits(pruned, TOKENS))
+    assert kl < 1e-6
+    # a Q8_0 phi3 GGUF (llama.cpp's quantizer) split as raw quantized rows
+    q8 = export_gguf(folder, mixed_plan(ckpt, {}, {}), tmp_path / "q8.gguf", quant="Q8_0")
+    actions = {lp.layer: lp.action for lp in plan.layers}
+    split = export_gguf(q8, mixed_plan(open_checkpoint(q8), actions, {2: 0.8}), tmp_path / "split.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(split).tensors}
+    assert types["blk.1.attn_q.weight"] == types["blk.1.ffn_gate.weight"] == "Q8_0"
+    _, kl = _report(f"phi3 {rope} Q8_0 GGUF pruned", reference, llama_cpp_logits(split, TOKENS))
+    assert kl < 1e-3
+
+
+def test_phi3_partial_rotary_refused_for_deci(tmp_path, tokenizer_dir):
+    folder = tiny_hf(tmp_path / "tiny-p", tokenizer_dir, "phi3", partial_rotary_factor=0.5)
+    plan = mixed_plan(open_checkpoint(folder), {1: A.DROP_ATTENTION}, {})
+    with pytest.raises(
+        GatenormError, match=r"phi3 with drop-attention to GGUF: its rope covers part.*what works"
+    ):
+        export_gguf(folder, plan, tmp_path / "out.gguf")
+    assert list(tmp_path.glob("*.gguf")) == []

@@ -67,7 +67,8 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
             f"cannot export a plan that keeps no attention of this {arch.name} model to GGUF: llama.cpp "
             "creates no context without a KV cache; keep at least one layer's attention"
         )
-    if not arch.deci_exportable:
+    reason = arch.deci_refusal if not arch.deci_exportable else arch.deci_unsupported(ckpt)
+    if reason and not keeps_source_architecture(arch, plan):
         actions = sorted(a.value for a in plan.actions - {LayerAction.KEEP})
         if actions == [LayerAction.DROP_BLOCK.value] and arch.gguf_block_removal:
             arch.check_block_removal(
@@ -75,7 +76,7 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
             )
             return
         raise GatenormError(
-            f"cannot export {arch.name} with {', '.join(actions)} to GGUF: {arch.deci_refusal}; what works: "
+            f"cannot export {arch.name} with {', '.join(actions)} to GGUF: {reason}; what works: "
             f"{arch.gguf_works}"
         )
     biased = [i for i in plan.linearized if ckpt.has_attention_bias(i, ("v", "o"))]
@@ -201,6 +202,10 @@ def deci_metadata(
         kv.append(encode_raw_kv(key, field.raw_value))
     for suffix, values in per_layer.items():  # head_count_kv may be implicit in the source
         kv.append(encode_kv(f"{target}.{suffix}", values, t.ARRAY, t.INT32))
+    if target == DECI:  # keys deci needs that the source family's GGUF does without (phi3's longrope)
+        for suffix, value in get_architecture(source_arch).deci_metadata_defaults(header).items():
+            if f"{prefix}{suffix}" not in header.fields:
+                kv.append(encode_kv(f"{DECI}.{suffix}", value, t.STRING))
     recorded = get_architecture(source_arch).recorded_plan(header.fields, plan)  # deci: against its source
     kv += [encode_kv(key, value, vtype, sub) for key, (value, vtype, sub) in plan_metadata(recorded).items()]
     return kv
@@ -251,6 +256,8 @@ def _output_tensors(
                     fout.write(fused_value_output_bytes(ckpt, lp.layer, lp.alpha, qtype))
 
             yield _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write)
+        elif to_deci and (pieces := arch.deci_split(t.name, shape, _ffn_of(header, layer))):
+            yield from _split_tensor(ckpt, t, pieces, layer, new_index)
         elif (part := rotary.get(t.name)) is not None:
 
             def write(fout, t=t, part=part):
@@ -267,6 +274,33 @@ def _output_tensors(
                 t.n_bytes,
                 lambda fout, t=t: _copy_bytes(src_fd, t.data_offset, t.n_bytes, fout),
             )
+
+
+def _ffn_of(header: ScannedGGUF, layer: int | None) -> int:
+    """The source's feed-forward length of `layer` (scalar or per-layer key)."""
+    arch = header.fields["general.architecture"].contents()
+    value = header.fields[f"{arch}.{FFN_LENGTH}"].contents()
+    return int(value[layer] if isinstance(value, list) else value)
+
+
+def _split_tensor(ckpt: GGUFCheckpoint, t, pieces, layer: int, new_index: dict[int, int]):
+    """The row blocks of a fused source tensor as separate output tensors (raw rows: any quant type), q/k
+    rows put in deci's NORM rope order."""
+    ne = [int(n) for n in t.shape]
+    n_rows = int(np.prod(ne[1:])) if len(ne) > 1 else ne[0]  # a bias: one "row" per element
+    row_bytes = int(t.n_bytes) // n_rows
+    s = ckpt.shape
+    for name, rows, part in pieces:
+        count = rows.stop - rows.start
+
+        def write(fout, rows=rows, part=part):
+            raw = np.frombuffer(ckpt.read_raw(t.name), dtype=np.uint8).reshape(n_rows, -1)[rows]
+            if part is not None:
+                raw = ckpt.arch.gguf_to_deci_rows(part, raw, s.n_head, s.n_head_kv)
+            fout.write(np.ascontiguousarray(raw).tobytes())
+
+        out_ne = [ne[0], count] if len(ne) > 1 else [count]
+        yield _OutTensor(renamed(name, layer, new_index), out_ne, t.tensor_type, count * row_bytes, write)
 
 
 def _zero_linear_tensors(ckpt: GGUFCheckpoint, header: ScannedGGUF, plan: Plan, new_index, exact: bool):

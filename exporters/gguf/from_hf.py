@@ -92,7 +92,7 @@ def _add_hparams(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, file_type: gguf.Ll
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(shape.n_head)
     writer.add_head_count_kv(shape.n_head_kv)
-    writer.add_rope_dimension_count(shape.head_dim)
+    writer.add_rope_dimension_count(int(shape.head_dim * float(config.get("partial_rotary_factor", 1.0))))
     if shape.head_dim != shape.d_model // shape.n_head:
         writer.add_key_length(shape.head_dim)
         writer.add_value_length(shape.head_dim)
@@ -103,6 +103,13 @@ def _add_hparams(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, file_type: gguf.Ll
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif kind in ("longrope", "su") and kind in ckpt.arch.gguf_rope_types:  # + the factor tensors
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        original = (
+            config.get("original_max_position_embeddings") or scaling["original_max_position_embeddings"]
+        )
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+        writer.add_rope_scaling_attn_factors(ckpt.arch.longrope_attention_factor(config))
     elif kind not in (None, "default", *ckpt.arch.gguf_rope_types):  # llama3: the rope_freqs tensor
         raise GatenormError(f"rope scaling {kind!r} is not supported by the GGUF exporter yet")
     n_vocab = int(config["vocab_size"])

@@ -133,6 +133,8 @@ class Architecture:
     onnx_refusal: ClassVar[str] = ""
     #: `exporters.gguf.from_hf` writes this family's HF checkpoints as the GGUF llama.cpp's converter writes.
     gguf_from_hf: ClassVar[bool] = True
+    #: GGUF ``ffn_up`` rows per ``feed_forward_length`` (2: gate and up fused, Phi-3).
+    gguf_ffn_up_factor: ClassVar[int] = 1
     #: HF rope scaling types (besides none and linear) that `gguf_extra_tensors` writes for llama.cpp.
     gguf_rope_types: ClassVar[tuple[str, ...]] = ()
 
@@ -185,6 +187,23 @@ class Architecture:
     def gguf_extra_tensors(cls, config: dict, head_dim: int) -> dict[str, np.ndarray]:
         """Tensors llama.cpp's converter generates for an HF config (Llama-3.x's ``rope_freqs``): name ->
         float32 values."""
+        return {}
+
+    @classmethod
+    def deci_unsupported(cls, ckpt) -> str:
+        """Why `ckpt` (of a family deci hosts) cannot be written as deci ("" when it can)."""
+        return ""
+
+    @classmethod
+    def deci_split(cls, name: str, shape, ffn: int) -> list[tuple[str, slice, str | None]] | None:
+        """A fused GGUF tensor deci stores as several: (new name, its rows, 'q'/'k' for a rotary tensor in
+        NEOX order); None for a tensor written as it is."""
+        return None
+
+    @classmethod
+    def deci_metadata_defaults(cls, header) -> dict[str, str]:
+        """``deci.*`` keys (suffix -> string value) a deci file of this family needs when its source lacks
+        them."""
         return {}
 
     @classmethod

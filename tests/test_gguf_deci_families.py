@@ -130,3 +130,46 @@ def test_phi3_partial_rotary_refused_for_deci(tmp_path, tokenizer_dir):
     ):
         export_gguf(folder, plan, tmp_path / "out.gguf")
     assert list(tmp_path.glob("*.gguf")) == []
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_granite_unchanged_as_granite_and_pruned_as_deci_with_folded_multipliers(
+    tmp_path, tokenizer_dir, tied
+):
+    multipliers = dict(
+        embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0
+    )
+    folder = tiny_hf(tmp_path / "granite", tokenizer_dir, "granite", tie_word_embeddings=tied, **multipliers)
+    ckpt = open_checkpoint(folder)
+    same = export_gguf(folder, mixed_plan(ckpt, {}, {}), tmp_path / "same.gguf", quant="F32")
+    fields = gguf.GGUFReader(same).fields
+    assert fields["general.architecture"].contents() == "granite"
+    assert fields["granite.logit_scale"].contents() == 4.0 and fields[
+        "granite.attention.scale"
+    ].contents() == pytest.approx(0.2)
+    reference = torch_logits(load_model(folder), TOKENS)
+    _, kl = _report(f"granite tied={tied} unchanged (granite)", reference, llama_cpp_logits(same, TOKENS))
+    assert kl < 1e-6
+    plan = mixed_plan(ckpt, {0: A.DROP_ATTENTION, 2: A.LINEARIZE}, {2: 0.8})
+    pruned = export_gguf(folder, plan, tmp_path / "pruned.gguf", quant="F32")
+    reader = gguf.GGUFReader(pruned)
+    assert not [key for key in reader.fields if key.startswith("deci.") and key.endswith("_scale")]
+    assert "output.weight" in {t.name for t in reader.tensors}  # its own LM head: scaled unlike the embedding
+    reference = torch_logits(apply_plan(load_model(folder), plan), TOKENS)
+    pruned_logits = llama_cpp_logits(pruned, TOKENS)
+    _, kl = _report(f"granite tied={tied} pruned (deci)", reference, pruned_logits)
+    assert kl < 1e-6
+    delta, _ = _report(
+        f"granite tied={tied} deci in PyTorch", reference, torch_logits(load_model(pruned), TOKENS)
+    )
+    assert delta < 1e-4
+    unfolded = torch_logits(
+        apply_plan(
+            load_model(tiny_hf(tmp_path / "plain", tokenizer_dir, "granite", tie_word_embeddings=tied)), plan
+        ),
+        TOKENS,
+    )
+    assert agreement(unfolded, pruned_logits)[0] > 100 * kl  # the multipliers matter
+    quantized = export_gguf(folder, plan, tmp_path / "q8.gguf", quant="Q8_0")
+    _, kl = _report(f"granite tied={tied} pruned Q8_0", reference, llama_cpp_logits(quantized, TOKENS))
+    assert kl < 1e-3

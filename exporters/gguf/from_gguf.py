@@ -28,6 +28,7 @@ from typing import BinaryIO
 import gguf
 import numpy as np
 
+from exporters.gguf.fold import folded_bytes, folded_nbytes, folded_type
 from exporters.gguf.header import ScannedGGUF, encode_kv, encode_raw_kv, encode_tensor_info
 from exporters.gguf.linearize import fused_nbytes, fused_type, fused_value_output_bytes
 from exporters.gguf.metadata import plan_metadata, pruned_name
@@ -39,6 +40,7 @@ from gatenorm.readers.base import ModelShape
 from gatenorm.readers.gguf_file import GGUFCheckpoint
 
 DECI = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI]
+MT = gguf.MODEL_TENSOR
 #: Keys that become per-layer arrays in ``deci``.
 HEAD_COUNT, HEAD_COUNT_KV = "attention.head_count", "attention.head_count_kv"
 FFN_LENGTH = "feed_forward_length"
@@ -188,8 +190,11 @@ def deci_metadata(
         encode_kv("general.architecture", target, t.STRING),
         encode_kv("general.name", pruned_name(name.contents() if name else None, plan), t.STRING),
     ]
+    dropped = (
+        {prefix + s for s in get_architecture(source_arch).deci_metadata_dropped()} if target == DECI else ()
+    )
     for key, field in header.fields.items():
-        if key in ("general.architecture", "general.name") or key.startswith("gatenorm."):
+        if key in ("general.architecture", "general.name") or key.startswith("gatenorm.") or key in dropped:
             continue
         if key.startswith(prefix):
             key = f"{target}.{key.removeprefix(prefix)}"
@@ -239,7 +244,9 @@ def _output_tensors(
         if lp.action is LayerAction.LINEARIZE and (lp.layer not in fixed or lp.alpha == 0.0)
     }
     d = shape.d_model
+    scales = arch.deci_scales(header.fields, shape) if to_deci else {}  # granite's multipliers
     yield from _zero_linear_tensors(ckpt, header, plan, new_index, exact)
+    yield from _tied_output(ckpt, header, scales, exact)
     for t in header.tensors:
         layer = layer_of(t.name)
         if t.name in removed or (layer is not None and layer not in new_index):
@@ -248,14 +255,22 @@ def _output_tensors(
         ne = [int(n) for n in t.shape]
         if t.name in fused:
             lp, qtype = fused[t.name], fused_type(t.tensor_type, d, exact)
+            scale = scales.get(t.name, 1.0)  # granite: the residual multiplier
 
-            def write(fout, lp=lp, qtype=qtype):
+            def write(fout, lp=lp, qtype=qtype, scale=scale):
                 if lp.layer in fixed:  # a zero first layer written over a source without v / o
                     fout.write(b"\0" * fused_nbytes(qtype, d))
                 else:
-                    fout.write(fused_value_output_bytes(ckpt, lp.layer, lp.alpha, qtype))
+                    fout.write(fused_value_output_bytes(ckpt, lp.layer, lp.alpha * scale, qtype))
 
             yield _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write)
+        elif t.name in scales:
+            qtype = folded_type(t.tensor_type, ne[0], exact)
+
+            def write(fout, t=t, qtype=qtype):
+                fout.write(folded_bytes(ckpt, t.name, scales[t.name], qtype))
+
+            yield _OutTensor(name, ne, qtype, folded_nbytes(qtype, ne), write)
         elif to_deci and (pieces := arch.deci_split(t.name, shape, _ffn_of(header, layer))):
             yield from _split_tensor(ckpt, t, pieces, layer, new_index)
         elif (part := rotary.get(t.name)) is not None:
@@ -301,6 +316,25 @@ def _split_tensor(ckpt: GGUFCheckpoint, t, pieces, layer: int, new_index: dict[i
 
         out_ne = [ne[0], count] if len(ne) > 1 else [count]
         yield _OutTensor(renamed(name, layer, new_index), out_ne, t.tensor_type, count * row_bytes, write)
+
+
+def _tied_output(ckpt: GGUFCheckpoint, header: ScannedGGUF, scales: dict[str, float], exact: bool):
+    """An LM head of its own when the source ties it to the embedding table and the two are scaled
+    differently (granite's embedding multiplier and logit scale)."""
+    embed, output = gguf_tensor(MT.TOKEN_EMBD), gguf_tensor(MT.OUTPUT)
+    stored = {t.name: t for t in header.tensors}
+    if output in stored or output not in scales or embed not in stored:
+        return
+    t = stored[embed]
+    ne = [int(n) for n in t.shape]
+    qtype = folded_type(t.tensor_type, ne[0], exact)
+    yield _OutTensor(
+        output,
+        ne,
+        qtype,
+        folded_nbytes(qtype, ne),
+        lambda f: f.write(folded_bytes(ckpt, embed, scales[output], qtype)),
+    )
 
 
 def _zero_linear_tensors(ckpt: GGUFCheckpoint, header: ScannedGGUF, plan: Plan, new_index, exact: bool):

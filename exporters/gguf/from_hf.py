@@ -112,6 +112,8 @@ def _add_hparams(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, file_type: gguf.Ll
         writer.add_rope_scaling_attn_factors(ckpt.arch.longrope_attention_factor(config))
     elif kind not in (None, "default", *ckpt.arch.gguf_rope_types):  # llama3: the rope_freqs tensor
         raise GatenormError(f"rope scaling {kind!r} is not supported by the GGUF exporter yet")
+    for key, value in ckpt.arch.gguf_hparams(config).items():  # granite's multipliers
+        writer.add_float32(f"{ckpt.arch.gguf_arch}.{key}", value)
     n_vocab = int(config["vocab_size"])
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(file_type)

@@ -207,6 +207,21 @@ class Architecture:
         return {}
 
     @classmethod
+    def gguf_hparams(cls, config: dict) -> dict[str, float]:
+        """Family-specific float keys (``{arch}.`` suffix -> value) the HF -> GGUF writer adds."""
+        return {}
+
+    @classmethod
+    def deci_scales(cls, fields, shape) -> dict[str, float]:
+        """GGUF tensor name -> factor its values are multiplied by in a deci file (scales deci lacks)."""
+        return {}
+
+    @classmethod
+    def deci_metadata_dropped(cls) -> tuple[str, ...]:
+        """``{arch}.`` key suffixes a deci file leaves out (folded into the weights)."""
+        return ()
+
+    @classmethod
     def gguf_head_counts(cls, fields, path) -> tuple[int, int] | None:
         """(head_count, head_count_kv) of a GGUF that has them per layer (deci); None: scalar keys."""
         return None

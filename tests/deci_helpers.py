@@ -13,16 +13,26 @@ V = gguf.GGUFValueType
 
 def nemotron_style(src: Path, out: Path, ffn_widths: dict[int, int] | None = None) -> Path:
     """`src` without its ``gatenorm.*`` keys, layer i's FFN cut to its first `ffn_widths[i]` units."""
+    return rewritten(src, out, ("gatenorm.",), ffn_widths)
+
+
+def rewritten(
+    src: Path, out: Path, drop: tuple[str, ...] = (), ffn_widths: dict[int, int] | None = None
+) -> Path:
+    """An F32 GGUF `src` copied without the keys starting with `drop`, layer i's FFN cut as above."""
     ffn_widths = ffn_widths or {}
     reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(str(out), "deci")
-    widths = list(reader.fields["deci.feed_forward_length"].contents())
-    for i, w in ffn_widths.items():
-        widths[i] = w
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(out), arch)
+    widths = reader.fields[f"{arch}.feed_forward_length"].contents()
+    if ffn_widths:
+        widths = list(widths)
+        for i, w in ffn_widths.items():
+            widths[i] = w
     for name, field in reader.fields.items():
-        if name.startswith(("GGUF.", "gatenorm.")) or name == "general.architecture":
+        if name.startswith(("GGUF.", *drop)) or name == "general.architecture":
             continue
-        value = widths if name == "deci.feed_forward_length" else field.contents()
+        value = widths if name == f"{arch}.feed_forward_length" else field.contents()
         sub = field.types[-1] if field.types[0] == V.ARRAY else None
         writer.add_key_value(name, value, field.types[0], sub)
     for t in reader.tensors:

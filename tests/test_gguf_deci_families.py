@@ -8,6 +8,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from deci_helpers import rewritten
 from gguf_helpers import agreement, llama_cpp_logits, torch_logits
 
 from exporters.export import export_gguf
@@ -112,6 +113,17 @@ def test_phi3_unchanged_as_phi3_and_pruned_as_deci(tmp_path, tokenizer_dir, rope
     reference = torch_logits(apply_plan(load_model(folder), plan), TOKENS)
     _, kl = _report(f"phi3 {rope} pruned (deci)", reference, llama_cpp_logits(pruned, TOKENS))
     assert kl < 1e-6
+    if rope == "longrope":  # llama.cpp's converter writes no rope.scaling.type for phi3: deci needs it
+        bare = rewritten(same, tmp_path / "bare.gguf", ("phi3.rope.scaling.type",))
+        bare_plan = mixed_plan(open_checkpoint(bare), {lp.layer: lp.action for lp in plan.layers}, {2: 0.8})
+        from_bare = export_gguf(bare, bare_plan, tmp_path / "from-bare.gguf")
+        assert gguf.GGUFReader(from_bare).fields["deci.rope.scaling.type"].contents() == "longrope"
+        _, kl = _report(
+            "phi3 longrope GGUF without the scaling type, pruned",
+            reference,
+            llama_cpp_logits(from_bare, TOKENS),
+        )
+        assert kl < 1e-6
     # a Q8_0 phi3 GGUF (llama.cpp's quantizer) split as raw quantized rows
     q8 = export_gguf(folder, mixed_plan(ckpt, {}, {}), tmp_path / "q8.gguf", quant="Q8_0")
     actions = {lp.layer: lp.action for lp in plan.layers}

@@ -209,10 +209,11 @@ def plan_from_actions(
     """A plan giving layer i `actions[i]` (and `alphas[i]` where it linearizes), with `scores` recorded."""
     alphas = dict(alphas or {})
     actions = list(actions)
-    for layer, (action, alpha) in ckpt.fixed_layers.items():  # already changed in the file: stays so
-        actions[layer] = LayerAction(action)
-        if alpha is not None:
-            alphas[layer] = alpha
+    for layer, (action, alpha) in ckpt.fixed_layers.items():  # already changed in the file: stays so,
+        if actions[layer] in (LayerAction.KEEP, LayerAction(action)):  # unless given more (drop-block)
+            actions[layer] = LayerAction(action)
+            if alpha is not None:
+                alphas[layer] = alpha
     return Plan(
         method=method or scores.method.value,
         seed=scores.seed,

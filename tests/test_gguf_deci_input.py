@@ -193,3 +193,22 @@ def test_validate_deci_file_in_llama_cpp_against_pytorch(tmp_path, pruned):
     agreement_stats = json.loads(report.read_text())["agreement"]
     print(f"validate deci llama.cpp vs PyTorch: mean KLD {agreement_stats['kld_mean']:.2e}")
     assert agreement_stats["kld_mean"] < 1e-5
+
+
+def test_attention_free_file_layer_becoming_the_first_written_layer(tmp_path, pruned):
+    """Dropping the file's first blocks makes an attention-free layer (no attn_norm, no attn_output) the first
+    written one: it is written as zero linear attention (a ones attn_norm, a zero attn_output), since
+    llama.cpp reads the head size from layer 0."""
+    _, _, deci = pruned["llama"]
+    ckpt = open_checkpoint(deci)  # file layers: 0 zero-linear, 1 keep, 2 linear, 3 no attention, 4 keep
+    plan = mixed_plan(ckpt, {0: A.DROP_BLOCK, 1: A.DROP_BLOCK, 2: A.DROP_BLOCK}, {})
+    assert plan.layers[3].action is A.DROP_ATTENTION  # the file's own state, kept by the plan
+    out = export_gguf(deci, plan, tmp_path / "out.gguf", quant="F32")
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["deci.attention.head_count"].contents() == [8, 8]
+    assert reader.fields["deci.attention.head_count_kv"].contents() == [0, 2]
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert not tensors["blk.0.attn_output.weight"].any() and (tensors["blk.0.attn_norm.weight"] == 1).all()
+    reference = torch_logits(apply_plan(load_model(deci), plan), TOKENS)
+    _, kl = _report("deci attention-free layer written first", reference, llama_cpp_logits(out, TOKENS))
+    assert kl < 1e-5

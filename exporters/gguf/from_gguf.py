@@ -271,7 +271,11 @@ def _output_tensors(
                 fout.write(folded_bytes(ckpt, t.name, scales[t.name], qtype))
 
             yield _OutTensor(name, ne, qtype, folded_nbytes(qtype, ne), write)
-        elif to_deci and (pieces := arch.deci_split(t.name, shape, _ffn_of(header, layer))):
+        elif (
+            to_deci
+            and layer is not None
+            and (pieces := arch.deci_split(t.name, shape, _ffn_of(header, layer)))
+        ):
             yield from _split_tensor(ckpt, t, pieces, layer, new_index)
         elif (part := rotary.get(t.name)) is not None:
 
@@ -291,7 +295,7 @@ def _output_tensors(
             )
 
 
-def _ffn_of(header: ScannedGGUF, layer: int | None) -> int:
+def _ffn_of(header: ScannedGGUF, layer: int) -> int:
     """The source's feed-forward length of `layer` (scalar or per-layer key)."""
     arch = header.fields["general.architecture"].contents()
     value = header.fields[f"{arch}.{FFN_LENGTH}"].contents()

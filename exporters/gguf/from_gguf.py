@@ -70,7 +70,7 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
             "creates no context without a KV cache; keep at least one layer's attention"
         )
     reason = arch.deci_refusal if not arch.deci_exportable else arch.deci_unsupported(ckpt)
-    if reason and not keeps_source_architecture(arch, plan):
+    if reason:
         actions = sorted(a.value for a in plan.actions - {LayerAction.KEEP})
         if actions == [LayerAction.DROP_BLOCK.value] and arch.gguf_block_removal:
             arch.check_block_removal(

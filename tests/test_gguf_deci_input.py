@@ -91,6 +91,8 @@ def test_gatenorm_export_read_back_and_repruned_equals_the_combined_plan(tmp_pat
     assert combined.layers[source_layer].action is A.DROP_ATTENTION
     assert combined.budget == first.budget + 1
     assert "drop-attention" in _cli("inspect", again)
+    name = gguf.GGUFReader(again).fields["general.name"].contents()
+    assert name.count("gatenorm:") == 1 and f"pruned {combined.budget} of 6 layers" in name
     direct = export_gguf(folder, combined, tmp_path / "direct.gguf", quant="F32")
     assert (
         gguf.GGUFReader(again).fields["deci.attention.head_count"].contents()

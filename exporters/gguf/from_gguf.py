@@ -185,10 +185,11 @@ def deci_metadata(
     counts = get_architecture(source_arch).gguf_layer_counts(header.fields, shape)
     per_layer = deci_layer_hparams(written or plan, shape, counts) if target == DECI else {}
     n_written = len(written_layers(plan))
+    recorded = get_architecture(source_arch).recorded_plan(header.fields, plan)  # deci: against its source
     name = header.fields.get("general.name")
     kv = [
         encode_kv("general.architecture", target, t.STRING),
-        encode_kv("general.name", pruned_name(name.contents() if name else None, plan), t.STRING),
+        encode_kv("general.name", pruned_name(name.contents() if name else None, recorded), t.STRING),
     ]
     dropped = (
         {prefix + s for s in get_architecture(source_arch).deci_metadata_dropped()} if target == DECI else ()
@@ -211,7 +212,6 @@ def deci_metadata(
         for suffix, value in get_architecture(source_arch).deci_metadata_defaults(header).items():
             if f"{prefix}{suffix}" not in header.fields:
                 kv.append(encode_kv(f"{DECI}.{suffix}", value, t.STRING))
-    recorded = get_architecture(source_arch).recorded_plan(header.fields, plan)  # deci: against its source
     kv += [encode_kv(key, value, vtype, sub) for key, (value, vtype, sub) in plan_metadata(recorded).items()]
     return kv
 

@@ -30,6 +30,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     ckpt = open_checkpoint(path)  # validates the input and the architecture first
+    if ckpt.arch.name == "deci":  # transformers' GGUF loader does not take deci
+        from gatenorm.deci_model import load_deci_model
+
+        return load_deci_model(ckpt, dtype)
     path = Path(path)
     kwargs = {"dtype": dtype, "attn_implementation": ckpt.arch.hf_attn_implementation}
     with quiet_transformers():
@@ -47,8 +51,27 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     with quiet_transformers():
         if path.is_file() and path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            # transformers has no 'deci' config: name the host family (`gatenorm.deci_model`)
+            ckpt = open_checkpoint(path)
+            config = {}
+            if ckpt.arch.name == "deci":
+                from transformers import AutoConfig
+
+                from gatenorm.deci_model import host_family
+
+                config = {"config": AutoConfig.for_model(host_family(ckpt))}
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **config)
         return AutoTokenizer.from_pretrained(path if path.is_dir() else path.parent)
+
+
+def _pruned_further(layer: nn.Module, action: LayerAction, arch: type[Architecture]) -> nn.Module:
+    """A layer loaded without attention (deci) given a further action: drop-block, or drop-attention of a
+    linear-attention layer (`Deci.check_plan` refuses the rest before an export; here too)."""
+    if action is LayerAction.DROP_BLOCK:
+        return arch.identity(layer)
+    if action is LayerAction.DROP_ATTENTION and isinstance(layer, LinearAttentionLayer):
+        return layer.without_attention()
+    raise GatenormError(f"a layer already without attention cannot be given {action.value}")
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
@@ -59,8 +82,10 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     Kept layers get consecutive KV-cache slots (0, 1, ...), so changed layers own no cache entry.
     """
     arch = get_architecture(model.config.model_type)
-    if arch.name != get_architecture(plan.source.architecture).name:
-        raise GatenormError(f"plan is for {plan.source.architecture}, model is {model.config.model_type}")
+    declared = getattr(model.config, "gatenorm_architecture", arch.name)  # a deci file in its host family
+    fixed = getattr(model.config, "gatenorm_fixed", {})
+    if get_architecture(declared).name != get_architecture(plan.source.architecture).name:
+        raise GatenormError(f"plan is for {plan.source.architecture}, model is {declared}")
     layers = arch.decoder_layers(model)
     if len(layers) != plan.source.n_layers:
         raise GatenormError(f"plan is for {plan.source.n_layers} layers, model has {len(layers)}")
@@ -70,6 +95,10 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     cache_slot = 0
     for lp in plan.layers:
         layer = layers[lp.layer]
+        if isinstance(layer, PRUNED_LAYERS) and str(lp.layer) in fixed:  # loaded from a deci file
+            if lp.action.value != fixed[str(lp.layer)]:
+                layers[lp.layer] = _pruned_further(layer, lp.action, arch)
+            continue
         if isinstance(layer, PRUNED_LAYERS):
             raise GatenormError(f"layer {lp.layer} is already pruned; apply a plan to an unpruned model")
         attention_type = getattr(layer, "attention_type", None)

@@ -254,6 +254,28 @@ def export(
     )
 
 
+def _inspect_deci(file: Path) -> bool:
+    """A deci GGUF that gatenorm did not write (Nemotron-NAS): print each layer's state; False otherwise."""
+    from gatenorm.readers.gguf_check import check_gguf
+
+    fields = check_gguf(file).fields if file.is_file() else {}
+    arch = fields.get("general.architecture")
+    if arch is None or arch.contents() != "deci" or "gatenorm.plan" in fields:
+        return False
+    ckpt = open_checkpoint(file)
+    console.print(f"{file}: deci, {ckpt.shape.n_layers} layers, no gatenorm plan (not a gatenorm export)")
+    table = Table()
+    for column in ("layer", "state"):
+        table.add_column(column)
+    for i in range(ckpt.shape.n_layers):
+        state = ckpt.fixed_layers.get(i, ("keep", None))[0]
+        table.add_row(
+            str(i), {"keep": "attention", "linearize": "linear attention"}.get(state, "no attention")
+        )
+    console.print(table)
+    return True
+
+
 @app.command()
 def inspect(
     file: Annotated[Path, typer.Argument(help="A GGUF file written by gatenorm export.", show_default=False)],
@@ -261,6 +283,8 @@ def inspect(
     """Print the gatenorm metadata and pruning plan stored in an exported GGUF."""
     from exporters.gguf.metadata import read_gguf_metadata, read_plan_metadata
 
+    if _inspect_deci(file):
+        return
     meta, stored = read_gguf_metadata(file), read_plan_metadata(file)
     console.print(f"{file}: {meta['general.name']} (architecture {meta['general.architecture']})")
     for key, value in meta.items():

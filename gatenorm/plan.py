@@ -207,7 +207,13 @@ def plan_from_actions(
     method: str | None = None,
 ) -> Plan:
     """A plan giving layer i `actions[i]` (and `alphas[i]` where it linearizes), with `scores` recorded."""
-    alphas = alphas or {}
+    alphas = dict(alphas or {})
+    actions = list(actions)
+    for layer, (action, alpha) in ckpt.fixed_layers.items():  # already changed in the file: stays so,
+        if actions[layer] in (LayerAction.KEEP, LayerAction(action)):  # unless given more (drop-block)
+            actions[layer] = LayerAction(action)
+            if alpha is not None:
+                alphas[layer] = alpha
     return Plan(
         method=method or scores.method.value,
         seed=scores.seed,
@@ -227,10 +233,14 @@ def lowest_scored(
 
     Raises a GatenormError naming the problem if `n` is out of range or the scores hold NaN.
     """
-    total = ckpt.shape.n_layers
-    candidates = [i for i in range(total) if i > 0 or allow_first_layer]
+    fixed = ckpt.fixed_layers  # layers without attention already (deci): not candidates, not counted
+    total = ckpt.shape.n_layers - len(fixed)
+    candidates = [i for i in range(ckpt.shape.n_layers) if (i > 0 or allow_first_layer) and i not in fixed]
     if not 0 <= n < total:
-        raise GatenormError(f"--drop {n} out of range: the model has {total} layers, so use 0..{total - 1}")
+        left = f" with attention left ({len(fixed)} already without)" if fixed else ""
+        raise GatenormError(
+            f"--drop {n} out of range: the model has {total} layers{left}, so use 0..{total - 1}"
+        )
     if n > len(candidates):
         raise GatenormError(f"--drop {n} out of range: only {len(candidates)} layers may be dropped")
     if any(s != s for s in scores.scores):

@@ -133,7 +133,8 @@ def score_checkpoint(ckpt: Checkpoint, method: Method | str, seed: int = 0) -> L
             # Scores are invariant to the same row permutation inside every q and k head, so GGUF rows
             # need not be put back in HF order (tests/test_scoring.py checks the invariance).
             for weights in ckpt.iter_attention(("q", "k"), digest, hf_rows=False):
-                scores.append(scorer(weights))
+                # a layer already without attention (deci) is not scored; plans never pick it
+                scores.append(0.0 if weights.q is None else scorer(weights))
                 del weights  # let the reader's prefetch buffer be the only other layer alive
         seconds = time.perf_counter() - start
         return LayerScores(method, scores, digest.hexdigest(), "attention-tensors", seconds)

@@ -28,10 +28,11 @@ from typing import BinaryIO
 import gguf
 import numpy as np
 
+from exporters.gguf.fold import folded_bytes, folded_nbytes, folded_type
 from exporters.gguf.header import ScannedGGUF, encode_kv, encode_raw_kv, encode_tensor_info
 from exporters.gguf.linearize import fused_nbytes, fused_type, fused_value_output_bytes
 from exporters.gguf.metadata import plan_metadata, pruned_name
-from gatenorm.architectures import Architecture, gguf_tensor
+from gatenorm.architectures import Architecture, get_architecture, gguf_tensor
 from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint
@@ -39,6 +40,7 @@ from gatenorm.readers.base import ModelShape
 from gatenorm.readers.gguf_file import GGUFCheckpoint
 
 DECI = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI]
+MT = gguf.MODEL_TENSOR
 #: Keys that become per-layer arrays in ``deci``.
 HEAD_COUNT, HEAD_COUNT_KV = "attention.head_count", "attention.head_count_kv"
 FFN_LENGTH = "feed_forward_length"
@@ -59,6 +61,7 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
     """Refuse, with one line naming the family, the action, the reason and what works, the plans that stock
     llama.cpp could not run as written."""
     arch = ckpt.arch
+    arch.check_plan(ckpt.fixed_layers, plan)  # layers a deci source has already changed
     if not plan.changed:
         return
     if LayerAction.KEEP not in plan.actions:
@@ -66,7 +69,8 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
             f"cannot export a plan that keeps no attention of this {arch.name} model to GGUF: llama.cpp "
             "creates no context without a KV cache; keep at least one layer's attention"
         )
-    if not arch.deci_exportable:
+    reason = arch.deci_refusal if not arch.deci_exportable else arch.deci_unsupported(ckpt)
+    if reason:
         actions = sorted(a.value for a in plan.actions - {LayerAction.KEEP})
         if actions == [LayerAction.DROP_BLOCK.value] and arch.gguf_block_removal:
             arch.check_block_removal(
@@ -74,7 +78,7 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
             )
             return
         raise GatenormError(
-            f"cannot export {arch.name} with {', '.join(actions)} to GGUF: {arch.deci_refusal}; what works: "
+            f"cannot export {arch.name} with {', '.join(actions)} to GGUF: {reason}; what works: "
             f"{arch.gguf_works}"
         )
     biased = [i for i in plan.linearized if ckpt.has_attention_bias(i, ("v", "o"))]
@@ -134,18 +138,24 @@ def removed_tensor_names(arch: type[Architecture], plan: Plan) -> set[str]:
     return removed
 
 
-def deci_layer_hparams(plan: Plan, shape: ModelShape, ffn: int) -> dict[str, list[int]]:
-    """The per-layer ``deci`` arrays (head_count, head_count_kv, feed_forward_length) of the written layers.
+def deci_layer_hparams(
+    plan: Plan, shape: ModelShape, counts: list[tuple[int, int, int]]
+) -> dict[str, list[int]]:
+    """The per-layer ``deci`` arrays (head_count, head_count_kv, feed_forward_length) of the written layers,
+    from the source's per-layer `counts` (head_count, head_count_kv, feed_forward_length).
 
     Dropped blocks are not written at all (`written_layers`): deci's own identity layer (0 heads, 0
     feed-forward length) aborts llama.cpp (``GGML_ASSERT(buffer)``) when it is the last layer.
     """
-    per_action = {
-        LayerAction.KEEP: (shape.n_head, shape.n_head_kv, ffn),
-        LayerAction.DROP_ATTENTION: (0, 0, ffn),
-        LayerAction.LINEARIZE: (shape.n_head, 0, ffn),
-    }
-    rows = [per_action[lp.action] for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
+    rows = []
+    for lp in plan.layers:
+        heads, kv, ffn = counts[lp.layer]
+        if lp.action is LayerAction.KEEP:
+            rows.append((heads, kv, ffn))
+        elif lp.action is LayerAction.DROP_ATTENTION:
+            rows.append((0, 0, ffn))
+        elif lp.action is LayerAction.LINEARIZE:
+            rows.append((heads or shape.n_head, 0, ffn))
     return {key: [row[k] for row in rows] for k, key in enumerate((HEAD_COUNT, HEAD_COUNT_KV, FFN_LENGTH))}
 
 
@@ -170,17 +180,22 @@ def deci_metadata(
     prefix = f"{source_arch}."
     ffn_field = header.fields.get(prefix + FFN_LENGTH)
     ffn = ffn_field.contents() if ffn_field else None
-    if target == DECI and (not isinstance(ffn, int) or ffn <= 0):
+    if target == DECI and source_arch != DECI and (not isinstance(ffn, int) or ffn <= 0):
         raise GatenormError(f"GGUF {header.path} has no usable {prefix}{FFN_LENGTH}")
-    per_layer = deci_layer_hparams(written or plan, shape, ffn) if target == DECI else {}
+    counts = get_architecture(source_arch).gguf_layer_counts(header.fields, shape)
+    per_layer = deci_layer_hparams(written or plan, shape, counts) if target == DECI else {}
     n_written = len(written_layers(plan))
+    recorded = get_architecture(source_arch).recorded_plan(header.fields, plan)  # deci: against its source
     name = header.fields.get("general.name")
     kv = [
         encode_kv("general.architecture", target, t.STRING),
-        encode_kv("general.name", pruned_name(name.contents() if name else None, plan), t.STRING),
+        encode_kv("general.name", pruned_name(name.contents() if name else None, recorded), t.STRING),
     ]
+    dropped = (
+        {prefix + s for s in get_architecture(source_arch).deci_metadata_dropped()} if target == DECI else ()
+    )
     for key, field in header.fields.items():
-        if key in ("general.architecture", "general.name") or key.startswith("gatenorm."):
+        if key in ("general.architecture", "general.name") or key.startswith("gatenorm.") or key in dropped:
             continue
         if key.startswith(prefix):
             key = f"{target}.{key.removeprefix(prefix)}"
@@ -193,7 +208,11 @@ def deci_metadata(
         kv.append(encode_raw_kv(key, field.raw_value))
     for suffix, values in per_layer.items():  # head_count_kv may be implicit in the source
         kv.append(encode_kv(f"{target}.{suffix}", values, t.ARRAY, t.INT32))
-    kv += [encode_kv(key, value, vtype, sub) for key, (value, vtype, sub) in plan_metadata(plan).items()]
+    if target == DECI:  # keys deci needs that the source family's GGUF does without (phi3's longrope)
+        for suffix, value in get_architecture(source_arch).deci_metadata_defaults(header).items():
+            if f"{prefix}{suffix}" not in header.fields:
+                kv.append(encode_kv(f"{DECI}.{suffix}", value, t.STRING))
+    kv += [encode_kv(key, value, vtype, sub) for key, (value, vtype, sub) in plan_metadata(recorded).items()]
     return kv
 
 
@@ -218,12 +237,16 @@ def _output_tensors(
     # q/k rows move only where the source GGUF keeps NEOX order and deci is written; elsewhere every
     # tensor is a kernel copy
     rotary = {} if arch.gguf_qk_permuted or not to_deci else rotary_tensor_parts(arch, shape.n_layers)
+    fixed = ckpt.fixed_layers  # already linear in the source (deci): copied as they are, unless zeroed
     fused = {
         arch.gguf_tensors["o"].format(i=lp.layer): lp
         for lp in plan.layers
-        if lp.action is LayerAction.LINEARIZE
+        if lp.action is LayerAction.LINEARIZE and (lp.layer not in fixed or lp.alpha == 0.0)
     }
     d = shape.d_model
+    scales = arch.deci_scales(header.fields, shape) if to_deci else {}  # granite's multipliers
+    yield from _zero_linear_tensors(ckpt, header, plan, new_index, exact)
+    yield from _tied_output(ckpt, header, scales, exact)
     for t in header.tensors:
         layer = layer_of(t.name)
         if t.name in removed or (layer is not None and layer not in new_index):
@@ -232,11 +255,28 @@ def _output_tensors(
         ne = [int(n) for n in t.shape]
         if t.name in fused:
             lp, qtype = fused[t.name], fused_type(t.tensor_type, d, exact)
+            scale = scales.get(t.name, 1.0)  # granite: the residual multiplier
 
-            def write(fout, lp=lp, qtype=qtype):
-                fout.write(fused_value_output_bytes(ckpt, lp.layer, lp.alpha, qtype))
+            def write(fout, lp=lp, qtype=qtype, scale=scale):
+                if lp.layer in fixed:  # a zero first layer written over a source without v / o
+                    fout.write(b"\0" * fused_nbytes(qtype, d))
+                else:
+                    fout.write(fused_value_output_bytes(ckpt, lp.layer, lp.alpha * scale, qtype))
 
             yield _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write)
+        elif t.name in scales:
+            qtype = folded_type(t.tensor_type, ne[0], exact)
+
+            def write(fout, t=t, qtype=qtype):
+                fout.write(folded_bytes(ckpt, t.name, scales[t.name], qtype))
+
+            yield _OutTensor(name, ne, qtype, folded_nbytes(qtype, ne), write)
+        elif (
+            to_deci
+            and layer is not None
+            and (pieces := arch.deci_split(t.name, shape, _ffn_of(header, layer)))
+        ):
+            yield from _split_tensor(ckpt, t, pieces, layer, new_index)
         elif (part := rotary.get(t.name)) is not None:
 
             def write(fout, t=t, part=part):
@@ -253,6 +293,75 @@ def _output_tensors(
                 t.n_bytes,
                 lambda fout, t=t: _copy_bytes(src_fd, t.data_offset, t.n_bytes, fout),
             )
+
+
+def _ffn_of(header: ScannedGGUF, layer: int) -> int:
+    """The source's feed-forward length of `layer` (scalar or per-layer key)."""
+    arch = header.fields["general.architecture"].contents()
+    value = header.fields[f"{arch}.{FFN_LENGTH}"].contents()
+    return int(value[layer] if isinstance(value, list) else value)
+
+
+def _split_tensor(ckpt: GGUFCheckpoint, t, pieces, layer: int, new_index: dict[int, int]):
+    """The row blocks of a fused source tensor as separate output tensors (raw rows: any quant type), q/k
+    rows put in deci's NORM rope order."""
+    ne = [int(n) for n in t.shape]
+    n_rows = int(np.prod(ne[1:])) if len(ne) > 1 else ne[0]  # a bias: one "row" per element
+    row_bytes = int(t.n_bytes) // n_rows
+    s = ckpt.shape
+    for name, rows, part in pieces:
+        count = rows.stop - rows.start
+
+        def write(fout, rows=rows, part=part):
+            raw = np.frombuffer(ckpt.read_raw(t.name), dtype=np.uint8).reshape(n_rows, -1)[rows]
+            if part is not None:
+                raw = ckpt.arch.gguf_to_deci_rows(part, raw, s.n_head, s.n_head_kv)
+            fout.write(np.ascontiguousarray(raw).tobytes())
+
+        out_ne = [ne[0], count] if len(ne) > 1 else [count]
+        yield _OutTensor(renamed(name, layer, new_index), out_ne, t.tensor_type, count * row_bytes, write)
+
+
+def _tied_output(ckpt: GGUFCheckpoint, header: ScannedGGUF, scales: dict[str, float], exact: bool):
+    """An LM head of its own when the source ties it to the embedding table and the two are scaled
+    differently (granite's embedding multiplier and logit scale)."""
+    embed, output = gguf_tensor(MT.TOKEN_EMBD), gguf_tensor(MT.OUTPUT)
+    stored = {t.name: t for t in header.tensors}
+    if output in stored or output not in scales or embed not in stored:
+        return
+    t = stored[embed]
+    ne = [int(n) for n in t.shape]
+    qtype = folded_type(t.tensor_type, ne[0], exact)
+    yield _OutTensor(
+        output,
+        ne,
+        qtype,
+        folded_nbytes(qtype, ne),
+        lambda f: f.write(folded_bytes(ckpt, embed, scales[output], qtype)),
+    )
+
+
+def _zero_linear_tensors(ckpt: GGUFCheckpoint, header: ScannedGGUF, plan: Plan, new_index, exact: bool):
+    """The ``attn_norm`` (ones) and all-zero ``attn_output`` of a zero linear first layer (`deci_plan`) whose
+    source layer has none: a deci source's attention-free layer that becomes the first written layer."""
+    lp = next(lp for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK)
+    if lp.action is not LayerAction.LINEARIZE or lp.alpha != 0.0 or lp.layer not in ckpt.fixed_layers:
+        return
+    d, stored = ckpt.shape.d_model, {t.name for t in header.tensors}
+    norm, out = (ckpt.arch.gguf_tensors[part].format(i=lp.layer) for part in ("norm", "o"))
+    i = new_index[lp.layer]
+    if norm not in stored:
+        ones = np.ones(d, dtype=np.float32).tobytes()
+        name = renamed(norm, lp.layer, new_index)
+        yield _OutTensor(name, [d], gguf.GGMLQuantizationType.F32, 4 * d, lambda f: f.write(ones))
+    if out not in stored:
+        qtype = (
+            gguf.GGMLQuantizationType.F32 if exact else fused_type(gguf.GGMLQuantizationType.F16, d, exact)
+        )
+        n = fused_nbytes(qtype, d)
+        yield _OutTensor(
+            f"{BLOCK}.{i}.{out.split('.', 2)[2]}", [d, d], qtype, n, lambda f: f.write(b"\0" * n)
+        )
 
 
 def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = False) -> None:

@@ -92,7 +92,7 @@ def _add_hparams(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, file_type: gguf.Ll
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(shape.n_head)
     writer.add_head_count_kv(shape.n_head_kv)
-    writer.add_rope_dimension_count(shape.head_dim)
+    writer.add_rope_dimension_count(int(shape.head_dim * float(config.get("partial_rotary_factor", 1.0))))
     if shape.head_dim != shape.d_model // shape.n_head:
         writer.add_key_length(shape.head_dim)
         writer.add_value_length(shape.head_dim)
@@ -103,8 +103,17 @@ def _add_hparams(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, file_type: gguf.Ll
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-    elif kind not in (None, "default"):
+    elif kind in ("longrope", "su") and kind in ckpt.arch.gguf_rope_types:  # + the factor tensors
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        original = (
+            config.get("original_max_position_embeddings") or scaling["original_max_position_embeddings"]
+        )
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+        writer.add_rope_scaling_attn_factors(ckpt.arch.longrope_attention_factor(config))
+    elif kind not in (None, "default", *ckpt.arch.gguf_rope_types):  # llama3: the rope_freqs tensor
         raise GatenormError(f"rope scaling {kind!r} is not supported by the GGUF exporter yet")
+    for key, value in ckpt.arch.gguf_hparams(config).items():  # granite's multipliers
+        writer.add_float32(f"{ckpt.arch.gguf_arch}.{key}", value)
     n_vocab = int(config["vocab_size"])
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(file_type)
@@ -144,6 +153,7 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
         else:
             kind = dtype
         tensors.append((name, gguf_name, shard, kind, dims))
+    extra = arch.gguf_extra_tensors(ckpt.config, shape.head_dim)  # generated (llama3's rope_freqs)
     weight_kinds = {kind for *_, kind, dims in tensors if len(dims) > 1}
     file_type = _FILE_TYPES[weight_kinds.pop()] if len(weight_kinds) == 1 else gguf.LlamaFileType.GUESSED
 
@@ -155,6 +165,8 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
             ggml_type, _, np_type = _GGML_TYPES[kind]
             n_bytes = int(np.prod(dims)) * np.dtype(np_type).itemsize
             writer.add_tensor_info(gguf_name, dims, np.dtype(np_type), n_bytes, ggml_type)
+        for gguf_name, values in extra.items():
+            writer.add_tensor_info(gguf_name, list(values.shape), values.dtype, values.nbytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -170,5 +182,7 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
             if torch_type is torch.bfloat16:
                 data = data.view(torch.int16)
             writer.write_tensor_data(data.numpy())
+        for values in extra.values():
+            writer.write_tensor_data(values)
     finally:
         writer.close()

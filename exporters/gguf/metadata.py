@@ -42,7 +42,7 @@ def plan_metadata(plan: Plan) -> dict[str, tuple[object, gguf.GGUFValueType, ggu
 
 def pruned_name(name: str | None, plan: Plan) -> str:
     """``general.name`` of a pruned export: the source name, saying how many layers were pruned and how."""
-    base = name or Path(plan.source.path).stem
+    base = (name or Path(plan.source.path).stem).split(" (gatenorm: ")[0]  # a re-export: not nested
     changed = {
         "attention dropped": plan.dropped,
         "linearized": plan.linearized,

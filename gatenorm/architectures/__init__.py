@@ -10,6 +10,7 @@ from gatenorm.architectures.base import (
     register,
     reorder_rotary_rows,
 )
+from gatenorm.architectures.deci import Deci
 from gatenorm.architectures.gemma2 import Gemma2
 from gatenorm.architectures.gemma3 import Gemma3
 from gatenorm.architectures.granite import Granite
@@ -24,6 +25,7 @@ from gatenorm.architectures.smollm3 import SmolLM3
 __all__ = [
     "ATTENTION_PARTS",
     "Architecture",
+    "Deci",
     "Gemma2",
     "Gemma3",
     "Granite",

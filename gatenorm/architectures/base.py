@@ -139,6 +139,10 @@ class Architecture:
     genai_model_type: ClassVar[str | None] = None
     #: `exporters.gguf.from_hf` writes this family's HF checkpoints as the GGUF llama.cpp's converter writes.
     gguf_from_hf: ClassVar[bool] = True
+    #: GGUF ``ffn_up`` rows per ``feed_forward_length`` (2: gate and up fused, Phi-3).
+    gguf_ffn_up_factor: ClassVar[int] = 1
+    #: HF rope scaling types (besides none and linear) that `gguf_extra_tensors` writes for llama.cpp.
+    gguf_rope_types: ClassVar[tuple[str, ...]] = ()
 
     # ---- checkpoint side -------------------------------------------------------------------------------
 
@@ -184,6 +188,70 @@ class Architecture:
             return int(value)
         down = ckpt.tensors.get(gguf_tensor(MT.FFN_DOWN).format(i=0))  # ne = (ffn, d)
         return None if down is None else int(down.shape[0])
+
+    @classmethod
+    def gguf_extra_tensors(cls, config: dict, head_dim: int) -> dict[str, np.ndarray]:
+        """Tensors llama.cpp's converter generates for an HF config (Llama-3.x's ``rope_freqs``): name ->
+        float32 values."""
+        return {}
+
+    @classmethod
+    def deci_unsupported(cls, ckpt) -> str:
+        """Why `ckpt` (of a family deci hosts) cannot be written as deci ("" when it can)."""
+        return ""
+
+    @classmethod
+    def deci_split(cls, name: str, shape, ffn: int) -> list[tuple[str, slice, str | None]] | None:
+        """A fused GGUF tensor deci stores as several: (new name, its rows, 'q'/'k' for a rotary tensor in
+        NEOX order); None for a tensor written as it is."""
+        return None
+
+    @classmethod
+    def deci_metadata_defaults(cls, header) -> dict[str, str]:
+        """``deci.*`` keys (suffix -> string value) a deci file of this family needs when its source lacks
+        them."""
+        return {}
+
+    @classmethod
+    def gguf_hparams(cls, config: dict) -> dict[str, float]:
+        """Family-specific float keys (``{arch}.`` suffix -> value) the HF -> GGUF writer adds."""
+        return {}
+
+    @classmethod
+    def deci_scales(cls, fields, shape) -> dict[str, float]:
+        """GGUF tensor name -> factor its values are multiplied by in a deci file (scales deci lacks)."""
+        return {}
+
+    @classmethod
+    def deci_metadata_dropped(cls) -> tuple[str, ...]:
+        """``{arch}.`` key suffixes a deci file leaves out (folded into the weights)."""
+        return ()
+
+    @classmethod
+    def gguf_head_counts(cls, fields, path) -> tuple[int, int] | None:
+        """(head_count, head_count_kv) of a GGUF that has them per layer (deci); None: scalar keys."""
+        return None
+
+    @classmethod
+    def gguf_layer_counts(cls, fields, shape) -> list[tuple[int, int, int]]:
+        """(head_count, head_count_kv, feed_forward_length) of every layer of a GGUF of this architecture."""
+        ffn = fields[f"{fields['general.architecture'].contents()}.feed_forward_length"].contents()
+        return [(shape.n_head, shape.n_head_kv, int(ffn))] * shape.n_layers
+
+    @classmethod
+    def gguf_fixed_layers(cls, fields) -> dict[int, tuple[str, float | None]]:
+        """Layer -> (action, alpha) of the layers a GGUF has already changed (deci: no attention left)."""
+        return {}
+
+    @classmethod
+    def recorded_plan(cls, fields, plan):
+        """The plan a re-export records: `plan` composed with the one the source file was made with."""
+        return plan
+
+    @classmethod
+    def check_plan(cls, fixed, plan) -> None:
+        """Refuse a plan that changes a layer the source has already changed (`gguf_fixed_layers`) in a
+        way it cannot be changed."""
 
     @classmethod
     def check_block_removal(cls, kept: list[int]) -> None:

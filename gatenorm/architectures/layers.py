@@ -105,6 +105,18 @@ class LinearAttentionLayer(AttentionFreeLayer):
         update = _apply(self._part("post_attention_norm"), self.fused_attention(normed))
         return self._out(self.mlp_step(hidden_states + self.residual_scale * self.scale * update))
 
+    def without_attention(self) -> AttentionFreeLayer:
+        """This layer with its linear attention removed too: the MLP step alone."""
+        free = AttentionFreeLayer.__new__(AttentionFreeLayer)
+        _Pruned.__init__(free, getattr(self, "attention_type", None), self.returns_tuple)
+        free._roles = dict(self._roles)
+        for role in ("mlp_norm", "mlp", "post_mlp_norm"):
+            part = self._part(role)
+            if part is not None:
+                free.add_module(self._roles[role], part)
+        free.residual_scale = self.residual_scale
+        return free
+
 
 class IdentityLayer(_Pruned):
     """A decoder block removed whole (ShortGPT): the residual stream passes through unchanged."""

@@ -85,6 +85,9 @@ class Checkpoint(ABC):
     path: Path
     arch: type[Architecture]
     shape: ModelShape
+    #: layer -> (action, alpha) of the layers the checkpoint has already changed (a deci GGUF's layers
+    #: without attention): not scored, and kept so by every plan made for it
+    fixed_layers: dict[int, tuple[str, float | None]] = {}  # noqa: RUF012  (never mutated)
 
     @abstractmethod
     def tensor_name(self, part: str, layer: int) -> str:
@@ -115,6 +118,8 @@ class Checkpoint(ABC):
         """sha256 of the raw bytes of `parts` of every layer, in the order `iter_attention` reads them."""
         digest = ContentHash()
         for layer in range(self.shape.n_layers):
+            if layer in self.fixed_layers:
+                continue  # no q/k left
             for name in dict.fromkeys(self.tensor_name(part, layer) for part in parts):  # fused: once
                 digest.update(name, self.read_raw(name))
         return digest.hexdigest()
@@ -136,6 +141,8 @@ class Checkpoint(ABC):
             raise GatenormError(f"layer {layer} out of range: model has {self.shape.n_layers} layers")
         s = self.shape
         weights = AttentionWeights(layer, s.n_head, s.n_head_kv, s.head_dim)
+        if layer in self.fixed_layers:
+            return weights  # already without attention: nothing to read (parts stay None)
         read: dict[str, torch.Tensor] = {}  # a fused tensor (Phi-3's qkv) is read and hashed once
         for part in parts:
             if part not in ATTENTION_PARTS:

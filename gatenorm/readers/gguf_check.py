@@ -474,7 +474,7 @@ def check_gguf_tensors(ckpt) -> None:
     where = f"GGUF {ckpt.path}"
     names = {p: n for p, n in ckpt.arch.gguf_tensors.items() if p in _SHAPED_PARTS and n is not None}
     check_tensor_shapes(where, ckpt.shape, names, stored, len(stored))
-    _check_block_tensors(where, ckpt.shape.d_model, ckpt.reader, stored)
+    _check_block_tensors(where, ckpt.shape.d_model, ckpt.reader, stored, ckpt.arch.gguf_ffn_up_factor)
     for layer in range(ckpt.shape.n_layers):
         for pattern in names.values():
             t = ckpt.tensors.get(pattern.format(i=layer))
@@ -496,8 +496,11 @@ _WIDTH_TENSORS = {
 }
 
 
-def _check_block_tensors(where: str, d_model: int, header, stored: Mapping[str, tuple[int, ...]]) -> None:
-    """MLP, norm and output tensors must be `d_model` wide (and as long as feed_forward_length)."""
+def _check_block_tensors(
+    where: str, d_model: int, header, stored: Mapping[str, tuple[int, ...]], up_factor: int = 1
+) -> None:
+    """MLP, norm and output tensors must be `d_model` wide (and as long as feed_forward_length; ``ffn_up``
+    `up_factor` times that where it holds gate and up, Phi-3)."""
     arch = header.fields["general.architecture"].contents()
     ffn_field = header.fields.get(f"{arch}.feed_forward_length")
     ffn = ffn_field.contents() if ffn_field is not None else None
@@ -509,7 +512,7 @@ def _check_block_tensors(where: str, d_model: int, header, stored: Mapping[str, 
         axis, n_dims = rule
         bad = len(got) != n_dims or got[axis] != d_model
         if not bad and n_dims == 2 and isinstance(ffn, int) and suffix.startswith("ffn_"):
-            bad = got[1 - axis] != ffn
+            bad = got[1 - axis] != ffn * (up_factor if suffix == "ffn_up.weight" else 1)
         if bad:
             raise GatenormError(
                 f"{where}: tensor {name} has shape {got}, which does not fit width {d_model}"

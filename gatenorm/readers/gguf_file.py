@@ -56,6 +56,7 @@ class GGUFCheckpoint(Checkpoint):
         arch_name = check_hparams(self.reader)
         self.arch = get_architecture(arch_name)
         self.shape = self._shape(arch_name)
+        self.fixed_layers = self.arch.gguf_fixed_layers(self.reader.fields)
         self.tensors = {t.name: t for t in self.reader.tensors}
         check_gguf_tensors(self)
 
@@ -72,14 +73,16 @@ class GGUFCheckpoint(Checkpoint):
                 raise GatenormError(f"GGUF {self.path}: per-layer {prefix}.{name} is not supported here")
             return int(value)
 
-        d_model, n_head = key("embedding_length"), key("attention.head_count")
+        counts = self.arch.gguf_head_counts(self.reader.fields, self.path)  # per-layer arrays (deci)
+        d_model = key("embedding_length")
+        n_head, n_head_kv = counts or (key("attention.head_count"), None)
         try:
             return ModelShape(
                 architecture=self.arch.name,
                 n_layers=key("block_count"),
                 d_model=d_model,
                 n_head=n_head,
-                n_head_kv=key("attention.head_count_kv", n_head),
+                n_head_kv=n_head_kv or key("attention.head_count_kv", n_head),
                 head_dim=key("attention.key_length", d_model // n_head),
             )
         except GatenormError as e:

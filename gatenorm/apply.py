@@ -31,11 +31,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
     ckpt = open_checkpoint(path)  # validates the input and the architecture first
     path = Path(path)
+    attention = ckpt.arch.hf_attn_implementation
+    options = {"dtype": dtype} | ({"attn_implementation": attention} if attention else {})
     with quiet_transformers():
         if ckpt.format == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **options)
         else:
-            model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(ckpt.path, **options)
     return model.eval()
 
 

@@ -161,10 +161,16 @@ def rotary_tensor_parts(arch: type[Architecture], n_layers: int) -> dict[str, st
 
 
 def deci_metadata(
-    header: ScannedGGUF, shape: ModelShape, plan: Plan, written: Plan | None = None, target: str = DECI
+    header: ScannedGGUF,
+    shape: ModelShape,
+    plan: Plan,
+    written: Plan | None = None,
+    target: str = DECI,
+    own_keys: dict | None = None,
 ) -> list[bytes]:
     """The encoded key/value pairs of the pruned file: the source's, renamed to `target`, plus per-layer
-    (``deci`` only: `written` is the plan as written, `deci_plan`) and plan keys."""
+    (``deci`` only: `written` is the plan as written, `deci_plan`) and plan keys; `own_keys` (suffix ->
+    (value, type, item type) or None to drop) are the family's own (`Architecture.gguf_own_arch_rewrite`)."""
     t = gguf.GGUFValueType
     source_arch = header.fields["general.architecture"].contents()
     prefix = f"{source_arch}."
@@ -174,6 +180,7 @@ def deci_metadata(
         raise GatenormError(f"GGUF {header.path} has no usable {prefix}{FFN_LENGTH}")
     per_layer = deci_layer_hparams(written or plan, shape, ffn) if target == DECI else {}
     n_written = len(written_layers(plan))
+    own_keys = dict(own_keys or {})
     name = header.fields.get("general.name")
     kv = [
         encode_kv("general.architecture", target, t.STRING),
@@ -190,9 +197,14 @@ def deci_metadata(
             if suffix == BLOCK_COUNT:
                 kv.append(encode_kv(key, n_written, field.types[0]))
                 continue
+            if suffix in own_keys:
+                if (value := own_keys.pop(suffix)) is not None:
+                    kv.append(encode_kv(key, *value))
+                continue
         kv.append(encode_raw_kv(key, field.raw_value))
     for suffix, values in per_layer.items():  # head_count_kv may be implicit in the source
         kv.append(encode_kv(f"{target}.{suffix}", values, t.ARRAY, t.INT32))
+    kv += [encode_kv(f"{target}.{suffix}", *value) for suffix, value in own_keys.items() if value is not None]
     kv += [encode_kv(key, value, vtype, sub) for key, (value, vtype, sub) in plan_metadata(plan).items()]
     return kv
 
@@ -209,9 +221,17 @@ class _OutTensor:
 
 
 def _output_tensors(
-    ckpt: GGUFCheckpoint, header: ScannedGGUF, plan: Plan, src_fd: int, exact: bool, to_deci: bool = True
+    ckpt: GGUFCheckpoint,
+    header: ScannedGGUF,
+    plan: Plan,
+    src_fd: int,
+    exact: bool,
+    to_deci: bool = True,
+    factors: dict[str, float] | None = None,
 ):
-    """The output tensors in source order: kernel copies, reordered q/k rows, fused linear attention."""
+    """The output tensors in source order: kernel copies, reordered q/k rows, fused linear attention, F32
+    tensors multiplied by `factors` (source name -> factor)."""
+    factors = factors or {}
     arch, shape = ckpt.arch, ckpt.shape
     removed = removed_tensor_names(arch, plan)
     new_index = written_layers(plan)
@@ -237,6 +257,15 @@ def _output_tensors(
                 fout.write(fused_value_output_bytes(ckpt, lp.layer, lp.alpha, qtype))
 
             yield _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write)
+        elif t.name in factors:
+            if t.tensor_type is not gguf.GGMLQuantizationType.F32:
+                raise GatenormError(f"cannot rescale {t.name}: it is {t.tensor_type.name}, not F32")
+
+            def write(fout, t=t):
+                values = np.frombuffer(ckpt.read_raw(t.name), dtype="<f4")
+                fout.write((values * np.float32(factors[t.name])).astype("<f4").tobytes())
+
+            yield _OutTensor(name, ne, t.tensor_type, t.n_bytes, write)
         elif (part := rotary.get(t.name)) is not None:
 
             def write(fout, t=t, part=part):
@@ -265,14 +294,19 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = 
     """
     check_deci_plan(ckpt, plan)
     header = ckpt.reader if isinstance(ckpt.reader, ScannedGGUF) else ScannedGGUF(ckpt.path)
+    own_keys, factors = {}, {}
     if keeps_source_architecture(ckpt.arch, plan):
         written, target = plan, header.fields["general.architecture"].contents()
+        kept = [lp.layer for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
+        own_keys, factors = ckpt.arch.gguf_own_arch_rewrite(header.fields, kept)
     else:
         written, target = deci_plan(plan), DECI
-    kv = deci_metadata(header, ckpt.shape, plan, written, target)
+    kv = deci_metadata(header, ckpt.shape, plan, written, target, own_keys)
     align = header.alignment
     with _open_for_writing(out) as fout, open(ckpt.path, "rb") as src:
-        tensors = list(_output_tensors(ckpt, header, written, src.fileno(), fused_exact, target == DECI))
+        tensors = list(
+            _output_tensors(ckpt, header, written, src.fileno(), fused_exact, target == DECI, factors)
+        )
         infos, offset = [], 0
         for t in tensors:
             infos.append(encode_tensor_info(t.name, t.ne, t.ggml_type, offset))

@@ -110,6 +110,8 @@ class Architecture:
     hf_output_proj: ClassVar[str] = "o_proj"
     #: Per-head RMSNorm modules applied to q and k before the rotary embedding, if any.
     hf_qk_norms: ClassVar[tuple[str, str] | None] = None
+    #: transformers attention implementation that computes the family exactly (None: its default).
+    hf_attn_implementation: ClassVar[str | None] = None
     #: The model loop reads ``layer(...)[0]``.
     layer_returns_tuple: ClassVar[bool] = False
     #: Per-layer GGUF tensors that make up the attention sublayer: a layer whose attention is dropped loses
@@ -182,6 +184,24 @@ class Architecture:
     @classmethod
     def check_block_removal(cls, kept: list[int]) -> None:
         """Refuse a block removal keeping source layers `kept` that the source architecture cannot run."""
+
+    @classmethod
+    def gguf_hf_metadata(cls, ckpt) -> dict[str, tuple]:
+        """Family keys (after ``{arch}.``) the HF -> GGUF writer adds, as (value, GGUF type, item type or
+        None), as llama.cpp's converter writes them; refuses a config llama.cpp cannot run."""
+        return {}
+
+    @classmethod
+    def gguf_hf_factors(cls, ckpt) -> dict[str, float]:
+        """HF tensors the HF -> GGUF writer multiplies by a factor (after `hf_to_gguf_tensor`)."""
+        return {}
+
+    @classmethod
+    def gguf_own_arch_rewrite(cls, fields: dict, kept: list[int]) -> tuple[dict, dict[str, float]]:
+        """A GGUF of this architecture written with only source layers `kept`: keys (after ``{arch}.``) to
+        set, as (value, GGUF type, item type or None), or to remove (None), and the source tensors whose
+        F32 values are multiplied by a factor; refuses what llama.cpp cannot run."""
+        return {}, {}
 
     @classmethod
     def gguf_to_hf_rows(cls, part: str, weight: T, n_head: int, n_head_kv: int) -> T:

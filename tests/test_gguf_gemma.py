@@ -28,7 +28,8 @@ COMMON = dict(head_dim=16, sliding_window=16, query_pre_attn_scalar=24, tie_word
 GEMMA = {
     "gemma2": COMMON,
     "gemma3_text": COMMON
-    | dict(num_hidden_layers=6, layer_types=[S, G, S, S, G, S], rope_theta=1e6, rope_local_base_freq=1e4),
+    | dict(num_hidden_layers=6, layer_types=[S, G, S, S, G, S], rope_theta=1e6, rope_local_base_freq=1e4)
+    | dict(rope_scaling={"rope_type": "linear", "factor": 8.0}),  # global layers only, as Gemma-3 4B+
 }
 #: blocks dropped: the kept layers' pattern differs from llama.cpp's default (by index) for their count
 DROPPED = {"gemma2": [1], "gemma3_text": [1, 2]}
@@ -112,7 +113,6 @@ def test_gemma_27b_attention_scale_kept_after_block_removal(tmp_path, tokenizer_
     A deep random model amplifies llama.cpp's rounding (F16 GELU table), so the KV cache is F32 and the
     bound is the issue's 1e-3 (measured about 3e-4; without the fix 5e-2)."""
     config = COMMON | dict(num_hidden_layers=n_layers, query_pre_attn_scalar=64 // 8)  # d / n_head = 8
-    config.pop("layer_types", None)
     folder = tiny_hf(tmp_path / model_type, tokenizer_dir, model_type, **config)
     unchanged = export_gguf(
         folder, mixed_plan(open_checkpoint(folder), {}, {}), tmp_path / "same.gguf", quant="F32"

@@ -68,6 +68,8 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
         )
     if not arch.deci_exportable:
         actions = sorted(a.value for a in plan.actions - {LayerAction.KEEP})
+        if set(actions) <= arch.gguf_host_actions:
+            return  # another llama.cpp architecture hosts them (`Architecture.gguf_host_layout`)
         if actions == [LayerAction.DROP_BLOCK.value] and arch.gguf_block_removal:
             arch.check_block_removal(
                 [lp.layer for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
@@ -284,6 +286,42 @@ def _output_tensors(
             )
 
 
+def _hosted_tensors(ckpt: GGUFCheckpoint, header: ScannedGGUF, host, new_index: dict[int, int], src_fd: int):
+    """The output tensors of a `gguf_layout.HostLayout`: kernel copies, rows of a source tensor (all-zero
+    rows where the layout says -1), new F32 tensors."""
+    sources = {t.name: t for t in header.tensors}
+    for ht in host.tensors:
+        layer = layer_of(ht.name)
+        name = ht.name if layer is None else renamed(ht.name, layer, new_index)
+        if ht.values is not None:
+            data = np.ascontiguousarray(ht.values, dtype="<f4").tobytes()
+            ne = [int(n) for n in reversed(ht.values.shape)]
+            yield _OutTensor(
+                name, ne, gguf.GGMLQuantizationType.F32, len(data), lambda f, data=data: f.write(data)
+            )
+            continue
+        t = sources[ht.source]
+        if ht.rows is None:
+            yield _OutTensor(
+                name,
+                [int(n) for n in t.shape],
+                t.tensor_type,
+                t.n_bytes,
+                lambda fout, t=t: _copy_bytes(src_fd, t.data_offset, t.n_bytes, fout),
+            )
+            continue
+        row_bytes = t.n_bytes // int(np.prod(t.shape[1:]))
+
+        def write(fout, t=t, rows=ht.rows, row_bytes=row_bytes):
+            src = np.frombuffer(ckpt.read_raw(t.name), dtype=np.uint8).reshape(-1, row_bytes)
+            zero = np.zeros(row_bytes, dtype=np.uint8)  # 0 in every ggml type (block scales 0)
+            fout.write(b"".join((src[r] if r >= 0 else zero).tobytes() for r in rows))
+
+        yield _OutTensor(
+            name, [int(t.shape[0]), len(ht.rows)], t.tensor_type, row_bytes * len(ht.rows), write
+        )
+
+
 def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = False) -> None:
     """Write `ckpt` pruned by `plan` as a ``deci`` GGUF at `out`.
 
@@ -294,19 +332,24 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = 
     """
     check_deci_plan(ckpt, plan)
     header = ckpt.reader if isinstance(ckpt.reader, ScannedGGUF) else ScannedGGUF(ckpt.path)
-    own_keys, factors = {}, {}
+    own_keys, factors, host = {}, {}, None
     if keeps_source_architecture(ckpt.arch, plan):
         written, target = plan, header.fields["general.architecture"].contents()
         kept = [lp.layer for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
         own_keys, factors = ckpt.arch.gguf_own_arch_rewrite(header.fields, kept)
+    elif (host := ckpt.arch.gguf_host_layout(header, plan)) is not None:
+        written, target, own_keys = plan, host.arch, host.keys
     else:
         written, target = deci_plan(plan), DECI
     kv = deci_metadata(header, ckpt.shape, plan, written, target, own_keys)
     align = header.alignment
     with _open_for_writing(out) as fout, open(ckpt.path, "rb") as src:
-        tensors = list(
-            _output_tensors(ckpt, header, written, src.fileno(), fused_exact, target == DECI, factors)
-        )
+        if host is not None:
+            tensors = list(_hosted_tensors(ckpt, header, host, written_layers(plan), src.fileno()))
+        else:
+            tensors = list(
+                _output_tensors(ckpt, header, written, src.fileno(), fused_exact, target == DECI, factors)
+            )
         infos, offset = [], 0
         for t in tensors:
             infos.append(encode_tensor_info(t.name, t.ne, t.ggml_type, offset))

@@ -129,6 +129,8 @@ class Architecture:
     #: Where deci cannot run it: a GGUF of the source architecture with whole blocks left out runs in stock
     #: llama.cpp (checked against llama.cpp's logits by the tests).
     gguf_block_removal: ClassVar[bool] = False
+    #: Plan actions (values) another llama.cpp architecture runs for this family (`gguf_host_layout`).
+    gguf_host_actions: ClassVar[frozenset[str]] = frozenset()
     #: What a refused GGUF export can do instead (the end of the refusal line).
     gguf_works: ClassVar[str] = "apply the plan in PyTorch (gatenorm validate --candidate-plan)"
     #: Why the ONNX exporter does not take this family yet (empty: it does, checked against PyTorch).
@@ -202,6 +204,12 @@ class Architecture:
         set, as (value, GGUF type, item type or None), or to remove (None), and the source tensors whose
         F32 values are multiplied by a factor; refuses what llama.cpp cannot run."""
         return {}, {}
+
+    @classmethod
+    def gguf_host_layout(cls, header, plan):
+        """The `gguf_layout.HostLayout` of `plan` on the GGUF `header` (a scan of this architecture's file)
+        as the architecture that hosts it, or None where the plan is written as deci or the source's own."""
+        return None
 
     @classmethod
     def gguf_to_hf_rows(cls, part: str, weight: T, n_head: int, n_head_kv: int) -> T:

@@ -105,7 +105,10 @@ def test_gemma3_keeping_only_global_layers_has_no_sliding_window(tmp_path, token
     _check("gemma3 only global layers kept", reference, llama_cpp_logits(out, TOKENS))
 
 
-@pytest.mark.parametrize(("model_type", "n_layers"), [("gemma2", 46), ("gemma3_text", 62)])
+@pytest.mark.parametrize(
+    ("model_type", "n_layers"),
+    [("gemma2", 46), pytest.param("gemma3_text", 62, marks=pytest.mark.slow)],  # 62 layers: about 90 s
+)
 def test_gemma_27b_attention_scale_kept_after_block_removal(tmp_path, tokenizer_dir, model_type, n_layers):
     """llama.cpp scales q by 1/sqrt(n_embd / n_head) only at the 27B's layer count (HF's
     query_pre_attn_scalar there), else by 1/sqrt(head_dim): a removed block must not change it.

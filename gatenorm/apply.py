@@ -35,12 +35,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
         return load_deci_model(ckpt, dtype)
     path = Path(path)
-    kwargs = {"dtype": dtype, "attn_implementation": ckpt.arch.hf_attn_implementation}
+    attention = ckpt.arch.hf_attn_implementation
+    options = {"dtype": dtype} | ({"attn_implementation": attention} if attention else {})
     with quiet_transformers():
         if ckpt.format == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **options)
         else:
-            model = AutoModelForCausalLM.from_pretrained(ckpt.path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(ckpt.path, **options)
     return model.eval()
 
 

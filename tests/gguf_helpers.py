@@ -17,9 +17,14 @@ def wiki_text(n_articles: int = 4) -> str:
     return "\n\n".join(a["extract"] for a in list(articles.values())[:n_articles])
 
 
-def llama_cpp_logits(path: Path, tokens: list[int], flash_attn: bool = False) -> np.ndarray:
-    """Logits of every position of `tokens` in llama.cpp (llama-cpp-python), float32 (n, vocab)."""
-    from llama_cpp import Llama
+def llama_cpp_logits(
+    path: Path, tokens: list[int], flash_attn: bool = False, f32_cache: bool = False
+) -> np.ndarray:
+    """Logits of every position of `tokens` in llama.cpp (llama-cpp-python), float32 (n, vocab); the KV
+    cache is F16 (llama.cpp's default) or, with `f32_cache`, F32 (deep random models amplify F16 rounding)."""
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_cache else {}
 
     llm = Llama(
         str(path),
@@ -29,6 +34,7 @@ def llama_cpp_logits(path: Path, tokens: list[int], flash_attn: bool = False) ->
         logits_all=True,
         flash_attn=flash_attn,
         verbose=False,
+        **cache,
     )
     try:
         llm.eval(tokens)

@@ -192,13 +192,6 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, tiny_gguf):
     assert leftovers(tmp_path) == ["out.gguf"] and (tmp_path / "out.gguf").read_bytes() == b"previous"
 
 
-def test_qwen3_refused(tmp_path, tokenizer_dir):
-    folder = tiny_hf(tmp_path / "qwen3", tokenizer_dir, "qwen3", head_dim=8)
-    with pytest.raises(GatenormError, match="qwen3"):
-        export_gguf(folder, plan_for(folder, 1), tmp_path / "out.gguf")
-    assert not (tmp_path / "out.gguf").exists()
-
-
 def test_unknown_quant_refused(tmp_path, tiny_gguf):
     with pytest.raises(GatenormError, match="unknown --quant"):
         export_gguf(tiny_gguf, plan_for(tiny_gguf, 1), tmp_path / "out.gguf", quant="Q3_X")

@@ -72,6 +72,8 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
     reason = arch.deci_refusal if not arch.deci_exportable else arch.deci_unsupported(ckpt)
     if reason:
         actions = sorted(a.value for a in plan.actions - {LayerAction.KEEP})
+        if set(actions) <= arch.gguf_host_actions:
+            return  # another llama.cpp architecture hosts them (`Architecture.gguf_host_layout`)
         if actions == [LayerAction.DROP_BLOCK.value] and arch.gguf_block_removal:
             arch.check_block_removal(
                 [lp.layer for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
@@ -171,10 +173,16 @@ def rotary_tensor_parts(arch: type[Architecture], n_layers: int) -> dict[str, st
 
 
 def deci_metadata(
-    header: ScannedGGUF, shape: ModelShape, plan: Plan, written: Plan | None = None, target: str = DECI
+    header: ScannedGGUF,
+    shape: ModelShape,
+    plan: Plan,
+    written: Plan | None = None,
+    target: str = DECI,
+    own_keys: dict | None = None,
 ) -> list[bytes]:
     """The encoded key/value pairs of the pruned file: the source's, renamed to `target`, plus per-layer
-    (``deci`` only: `written` is the plan as written, `deci_plan`) and plan keys."""
+    (``deci`` only: `written` is the plan as written, `deci_plan`) and plan keys; `own_keys` (suffix ->
+    (value, type, item type) or None to drop) are the family's own (`Architecture.gguf_own_arch_rewrite`)."""
     t = gguf.GGUFValueType
     source_arch = header.fields["general.architecture"].contents()
     prefix = f"{source_arch}."
@@ -186,6 +194,7 @@ def deci_metadata(
     per_layer = deci_layer_hparams(written or plan, shape, counts) if target == DECI else {}
     n_written = len(written_layers(plan))
     recorded = get_architecture(source_arch).recorded_plan(header.fields, plan)  # deci: against its source
+    own_keys = dict(own_keys or {})
     name = header.fields.get("general.name")
     kv = [
         encode_kv("general.architecture", target, t.STRING),
@@ -205,6 +214,10 @@ def deci_metadata(
             if suffix == BLOCK_COUNT:
                 kv.append(encode_kv(key, n_written, field.types[0]))
                 continue
+            if suffix in own_keys:
+                if (value := own_keys.pop(suffix)) is not None:
+                    kv.append(encode_kv(key, *value))
+                continue
         kv.append(encode_raw_kv(key, field.raw_value))
     for suffix, values in per_layer.items():  # head_count_kv may be implicit in the source
         kv.append(encode_kv(f"{target}.{suffix}", values, t.ARRAY, t.INT32))
@@ -212,6 +225,7 @@ def deci_metadata(
         for suffix, value in get_architecture(source_arch).deci_metadata_defaults(header).items():
             if f"{prefix}{suffix}" not in header.fields:
                 kv.append(encode_kv(f"{DECI}.{suffix}", value, t.STRING))
+    kv += [encode_kv(f"{target}.{suffix}", *value) for suffix, value in own_keys.items() if value is not None]
     kv += [encode_kv(key, value, vtype, sub) for key, (value, vtype, sub) in plan_metadata(recorded).items()]
     return kv
 
@@ -228,9 +242,17 @@ class _OutTensor:
 
 
 def _output_tensors(
-    ckpt: GGUFCheckpoint, header: ScannedGGUF, plan: Plan, src_fd: int, exact: bool, to_deci: bool = True
+    ckpt: GGUFCheckpoint,
+    header: ScannedGGUF,
+    plan: Plan,
+    src_fd: int,
+    exact: bool,
+    to_deci: bool = True,
+    factors: dict[str, float] | None = None,
 ):
-    """The output tensors in source order: kernel copies, reordered q/k rows, fused linear attention."""
+    """The output tensors in source order: kernel copies, reordered q/k rows, fused linear attention, F32
+    tensors multiplied by `factors` (source name -> factor)."""
+    factors = factors or {}
     arch, shape = ckpt.arch, ckpt.shape
     removed = removed_tensor_names(arch, plan)
     new_index = written_layers(plan)
@@ -277,6 +299,15 @@ def _output_tensors(
             and (pieces := arch.deci_split(t.name, shape, _ffn_of(header, layer)))
         ):
             yield from _split_tensor(ckpt, t, pieces, layer, new_index)
+        elif t.name in factors:
+            if t.tensor_type is not gguf.GGMLQuantizationType.F32:
+                raise GatenormError(f"cannot rescale {t.name}: it is {t.tensor_type.name}, not F32")
+
+            def write(fout, t=t):
+                values = np.frombuffer(ckpt.read_raw(t.name), dtype="<f4")
+                fout.write((values * np.float32(factors[t.name])).astype("<f4").tobytes())
+
+            yield _OutTensor(name, ne, t.tensor_type, t.n_bytes, write)
         elif (part := rotary.get(t.name)) is not None:
 
             def write(fout, t=t, part=part):
@@ -364,6 +395,42 @@ def _zero_linear_tensors(ckpt: GGUFCheckpoint, header: ScannedGGUF, plan: Plan, 
         )
 
 
+def _hosted_tensors(ckpt: GGUFCheckpoint, header: ScannedGGUF, host, new_index: dict[int, int], src_fd: int):
+    """The output tensors of a `gguf_layout.HostLayout`: kernel copies, rows of a source tensor (all-zero
+    rows where the layout says -1), new F32 tensors."""
+    sources = {t.name: t for t in header.tensors}
+    for ht in host.tensors:
+        layer = layer_of(ht.name)
+        name = ht.name if layer is None else renamed(ht.name, layer, new_index)
+        if ht.values is not None:
+            data = np.ascontiguousarray(ht.values, dtype="<f4").tobytes()
+            ne = [int(n) for n in reversed(ht.values.shape)]
+            yield _OutTensor(
+                name, ne, gguf.GGMLQuantizationType.F32, len(data), lambda f, data=data: f.write(data)
+            )
+            continue
+        t = sources[ht.source]
+        if ht.rows is None:
+            yield _OutTensor(
+                name,
+                [int(n) for n in t.shape],
+                t.tensor_type,
+                t.n_bytes,
+                lambda fout, t=t: _copy_bytes(src_fd, t.data_offset, t.n_bytes, fout),
+            )
+            continue
+        row_bytes = t.n_bytes // int(np.prod(t.shape[1:]))
+
+        def write(fout, t=t, rows=ht.rows, row_bytes=row_bytes):
+            src = np.frombuffer(ckpt.read_raw(t.name), dtype=np.uint8).reshape(-1, row_bytes)
+            zero = np.zeros(row_bytes, dtype=np.uint8)  # 0 in every ggml type (block scales 0)
+            fout.write(b"".join((src[r] if r >= 0 else zero).tobytes() for r in rows))
+
+        yield _OutTensor(
+            name, [int(t.shape[0]), len(ht.rows)], t.tensor_type, row_bytes * len(ht.rows), write
+        )
+
+
 def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = False) -> None:
     """Write `ckpt` pruned by `plan` as a ``deci`` GGUF at `out`.
 
@@ -374,14 +441,24 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = 
     """
     check_deci_plan(ckpt, plan)
     header = ckpt.reader if isinstance(ckpt.reader, ScannedGGUF) else ScannedGGUF(ckpt.path)
+    own_keys, factors, host = {}, {}, None
     if keeps_source_architecture(ckpt.arch, plan):
         written, target = plan, header.fields["general.architecture"].contents()
+        kept = [lp.layer for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
+        own_keys, factors = ckpt.arch.gguf_own_arch_rewrite(header.fields, kept)
+    elif (host := ckpt.arch.gguf_host_layout(header, plan)) is not None:
+        written, target, own_keys = plan, host.arch, host.keys
     else:
         written, target = deci_plan(plan), DECI
-    kv = deci_metadata(header, ckpt.shape, plan, written, target)
+    kv = deci_metadata(header, ckpt.shape, plan, written, target, own_keys)
     align = header.alignment
     with _open_for_writing(out) as fout, open(ckpt.path, "rb") as src:
-        tensors = list(_output_tensors(ckpt, header, written, src.fileno(), fused_exact, target == DECI))
+        if host is not None:
+            tensors = list(_hosted_tensors(ckpt, header, host, written_layers(plan), src.fileno()))
+        else:
+            tensors = list(
+                _output_tensors(ckpt, header, written, src.fileno(), fused_exact, target == DECI, factors)
+            )
         infos, offset = [], 0
         for t in tensors:
             infos.append(encode_tensor_info(t.name, t.ne, t.ggml_type, offset))

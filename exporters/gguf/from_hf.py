@@ -114,6 +114,8 @@ def _add_hparams(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, file_type: gguf.Ll
         raise GatenormError(f"rope scaling {kind!r} is not supported by the GGUF exporter yet")
     for key, value in ckpt.arch.gguf_hparams(config).items():  # granite's multipliers
         writer.add_float32(f"{ckpt.arch.gguf_arch}.{key}", value)
+    for key, (value, vtype, sub_type) in ckpt.arch.gguf_hf_metadata(ckpt).items():  # the family's own keys
+        writer.add_key_value(f"{ckpt.arch.gguf_arch}.{key}", value, vtype, sub_type)
     n_vocab = int(config["vocab_size"])
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(file_type)
@@ -134,6 +136,7 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
         for part in ("q", "k")
         for suffix in (".weight", ".bias")
     }
+    factors = arch.gguf_hf_factors(ckpt)
     tensors = []  # (hf name, gguf name, shard, GGUF type, shape)
     for name, shard in ckpt.weight_map.items():
         if name.endswith(_SKIPPED):
@@ -178,6 +181,8 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
             if part is not None:
                 value = arch.hf_to_gguf_rows(part, value, shape.n_head, shape.n_head_kv)
             value = arch.hf_to_gguf_tensor(name, value)
+            if name in factors:
+                value = value.float() * factors[name]
             data = value.to(torch_type).contiguous()
             if torch_type is torch.bfloat16:
                 data = data.view(torch.int16)

@@ -130,6 +130,8 @@ class Architecture:
     #: Where deci cannot run it: a GGUF of the source architecture with whole blocks left out runs in stock
     #: llama.cpp (checked against llama.cpp's logits by the tests).
     gguf_block_removal: ClassVar[bool] = False
+    #: Plan actions (values) another llama.cpp architecture runs for this family (`gguf_host_layout`).
+    gguf_host_actions: ClassVar[frozenset[str]] = frozenset()
     #: What a refused GGUF export can do instead (the end of the refusal line).
     gguf_works: ClassVar[str] = "apply the plan in PyTorch (gatenorm validate --candidate-plan)"
     #: Why the ONNX exporter does not take this family yet (empty: it does, checked against PyTorch).
@@ -256,6 +258,30 @@ class Architecture:
     @classmethod
     def check_block_removal(cls, kept: list[int]) -> None:
         """Refuse a block removal keeping source layers `kept` that the source architecture cannot run."""
+
+    @classmethod
+    def gguf_hf_metadata(cls, ckpt) -> dict[str, tuple]:
+        """Family keys (after ``{arch}.``) the HF -> GGUF writer adds, as (value, GGUF type, item type or
+        None), as llama.cpp's converter writes them; refuses a config llama.cpp cannot run."""
+        return {}
+
+    @classmethod
+    def gguf_hf_factors(cls, ckpt) -> dict[str, float]:
+        """HF tensors the HF -> GGUF writer multiplies by a factor (after `hf_to_gguf_tensor`)."""
+        return {}
+
+    @classmethod
+    def gguf_own_arch_rewrite(cls, fields: dict, kept: list[int]) -> tuple[dict, dict[str, float]]:
+        """A GGUF of this architecture written with only source layers `kept`: keys (after ``{arch}.``) to
+        set, as (value, GGUF type, item type or None), or to remove (None), and the source tensors whose
+        F32 values are multiplied by a factor; refuses what llama.cpp cannot run."""
+        return {}, {}
+
+    @classmethod
+    def gguf_host_layout(cls, header, plan):
+        """The `gguf_layout.HostLayout` of `plan` on the GGUF `header` (a scan of this architecture's file)
+        as the architecture that hosts it, or None where the plan is written as deci or the source's own."""
+        return None
 
     @classmethod
     def gguf_to_hf_rows(cls, part: str, weight: T, n_head: int, n_head_kv: int) -> T:

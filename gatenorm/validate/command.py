@@ -18,9 +18,7 @@ from gatenorm.validate.runtimes import model_spec
 from gatenorm.validate.zeroshot import DEFAULT_TASKS, parse_tasks
 
 console = Console(stderr=True, markup=False, highlight=False)
-RUNTIME_HELP = (
-    "auto (GGUF: llama.cpp, HF folder: torch, gatenorm ONNX folder: onnx), torch, llama.cpp, onnx."
-)
+RUNTIME_HELP = "auto (GGUF: llama.cpp, HF folder: torch, gatenorm ONNX folder: onnx), torch, llama.cpp, onnx."
 _defaults = Gates()
 
 

@@ -260,11 +260,12 @@ def inspect(
 ) -> None:
     """Print the gatenorm metadata and pruning plan stored in an exported GGUF."""
     from exporters.gguf.metadata import read_gguf_metadata, read_plan_metadata
+    from exporters.keys import Keys
 
     meta, stored = read_gguf_metadata(file), read_plan_metadata(file)
     console.print(f"{file}: {meta['general.name']} (architecture {meta['general.architecture']})")
     for key, value in meta.items():
-        if key.startswith("gatenorm.") and key not in ("gatenorm.plan", "gatenorm.scores"):
+        if key.startswith(Keys.PREFIX) and key not in (Keys.PLAN, Keys.SCORES):
             console.print(f"  {key} = {value}")
     table = Table()
     for column in ("layer", "score", "action", "alpha"):

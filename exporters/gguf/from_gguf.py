@@ -31,6 +31,7 @@ import numpy as np
 from exporters.gguf.header import ScannedGGUF, encode_kv, encode_raw_kv, encode_tensor_info
 from exporters.gguf.linearize import fused_nbytes, fused_type, fused_value_output_bytes
 from exporters.gguf.metadata import plan_metadata, pruned_name
+from exporters.keys import Keys
 from gatenorm.architectures import Architecture, gguf_tensor
 from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction, Plan
@@ -180,7 +181,7 @@ def deci_metadata(
         encode_kv("general.name", pruned_name(name.contents() if name else None, plan), t.STRING),
     ]
     for key, field in header.fields.items():
-        if key in ("general.architecture", "general.name") or key.startswith("gatenorm."):
+        if key in ("general.architecture", "general.name") or key.startswith(Keys.PREFIX):
             continue
         if key.startswith(prefix):
             key = f"{target}.{key.removeprefix(prefix)}"

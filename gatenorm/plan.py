@@ -209,7 +209,7 @@ def plan_from_actions(
     """A plan giving layer i `actions[i]` (and `alphas[i]` where it linearizes), with `scores` recorded."""
     alphas = alphas or {}
     return Plan(
-        method=method or scores.method.value,
+        method=method or scores.method,
         seed=scores.seed,
         budget=sum(a is not LayerAction.KEEP for a in actions),
         source=source_of(ckpt, scores),
@@ -234,7 +234,7 @@ def lowest_scored(
     if n > len(candidates):
         raise GatenormError(f"--drop {n} out of range: only {len(candidates)} layers may be dropped")
     if any(s != s for s in scores.scores):
-        raise GatenormError(f"{scores.method.value} produced NaN scores; the checkpoint weights are invalid")
+        raise GatenormError(f"{scores.method} produced NaN scores; the checkpoint weights are invalid")
     return sorted(candidates, key=lambda i: (scores.scores[i], -i))[:n]
 
 

@@ -206,10 +206,10 @@ def prepare(workdir: Path, args) -> tuple[dict[str, tuple[str, Path]], object]:
     from transformers import AutoConfig
 
     from exporters.onnx import export_onnx
+    from gatenorm.methods import score_checkpoint
     from gatenorm.models import smollm2
     from gatenorm.plan import make_plan
     from gatenorm.readers import open_checkpoint
-    from gatenorm.scoring import score_checkpoint
 
     gguf = smollm2()
     ckpt = open_checkpoint(gguf)

@@ -24,18 +24,19 @@ import torch
 
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text
-from gatenorm.methods import MethodOptions, Ranking, make_method_plan, rank_layers
-from gatenorm.methods.calibration import SYNTHETIC, Calibration
+from gatenorm.methods import METHODS, MethodOptions, Ranking, make_method_plan, method_spec, rank_layers
+from gatenorm.methods.calibration import Calibration
 from gatenorm.methods.cost import cost_model
 from gatenorm.models import smollm2
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import open_checkpoint
-from gatenorm.scoring import LayerScores, Method
+from gatenorm.scoring import LayerScores
 from gatenorm.validate.agreement import AgreementAccumulator
 from gatenorm.validate.text import WIKI_HELDOUT, token_windows, wiki_articles, window_chars
 from gatenorm.validate.zeroshot import DEFAULT_TASKS
 
-ALL_METHODS = "gate-norm,mixed,mixed-synthetic,attention-cosine,harp,harp-free,block-influence,last,random"
+#: Every registered method the study takes (`MethodSpec.in_study`).
+ALL_METHODS = ",".join(name for name, spec in METHODS.items() if spec.in_study)
 TASKS = ",".join(DEFAULT_TASKS)
 
 
@@ -106,15 +107,17 @@ def budgets(args: argparse.Namespace) -> list[int]:
 
 
 def options(args: argparse.Namespace, method: str, seed: int) -> MethodOptions:
-    """mixed-synthetic calibrates on text the model generates, the data-driven methods on held-out text."""
+    """A method with a default calibration (mixed-synthetic: text the model generates) calibrates on that
+    source, the others on held-out text."""
     samples = args.harp_samples if method == "harp" else args.calib_samples
-    source = SYNTHETIC if method == "mixed-synthetic" else WIKI_HELDOUT
+    default = method_spec(method).default_calib
+    source = WIKI_HELDOUT if default is None else default.source
     return MethodOptions(seed=seed, calib=Calibration(source, samples, args.calib_len), ctx=args.ctx, log=log)
 
 
 def ranking_from_cache(entry: dict) -> Ranking:
     s = entry["scores"]
-    scores = LayerScores(Method(s["method"]), s["scores"], s["sha"], s["hashed"], s["seconds"], s["seed"])
+    scores = LayerScores(s["method"], s["scores"], s["sha"], s["hashed"], s["seconds"], s["seed"])
     actions = [LayerAction(a) for a in entry["actions"]]
     return Ranking(scores, actions, {int(k): v for k, v in entry["alphas"].items()}, entry["extra"])
 
@@ -129,7 +132,7 @@ def stage_rank(args, cache: Cache, ckpt) -> None:
         s = r.scores
         section[name] = {
             "scores": {
-                "method": s.method.value,
+                "method": s.method,
                 "scores": s.scores,
                 "sha": s.content_sha256,
                 "hashed": s.hashed,

@@ -8,19 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from gatenorm.io import atomic_path, atomic_write_text
+from gatenorm.methods import METHODS
 from gatenorm.plan import Plan
 
-NAMES = {
-    "gate-norm": "Gate-Norm",
-    "last": "last",
-    "random": "random (mean ± sd)",
-    "mixed": "mixed (data-free, ours)",
-    "mixed-synthetic": "mixed, self-generated text (no data, ours)",
-    "harp-free": "HARP, data-free alpha (ours)",
-    "attention-cosine": "attention-cosine (data)",
-    "block-influence": "block-influence (data)",
-    "harp": "HARP, calibrated alpha (data)",
-}
+#: Each method's label (`MethodSpec.label`); random's figures are a mean over seeds.
+NAMES = {name: spec.label + (" (mean ± sd)" if name == "random" else "") for name, spec in METHODS.items()}
 
 
 NOTES = [

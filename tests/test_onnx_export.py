@@ -22,9 +22,9 @@ from exporters.onnx.metadata import CONFIG_NAME, OnnxExportConfig
 from gatenorm.apply import apply_plan, load_model
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
+from gatenorm.methods import score_checkpoint
 from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers import open_checkpoint
-from gatenorm.scoring import score_checkpoint
 
 DECODE_STEPS = 16
 TOL = 1e-3

@@ -12,12 +12,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text
-from gatenorm.methods import MethodOptions, Ranking, make_method_plan, rank_layers
+from gatenorm.methods import MethodSettings, Ranking, make_method_plan, method_spec, rank_layers
 from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.recipes.schema import MethodEntry, Recipe, Target, Validation
@@ -158,27 +158,27 @@ def _validation(source: ResolvedSource, export: ExportSpec, key: str, recipe: Re
     )
 
 
-#: Keys of a recipe method's `options`: calibration windows and the context of the cost model / alpha.
-METHOD_OPTIONS = {"calib_samples", "calib_len", "ctx"}
-
-
 def rank_with(ckpt: Checkpoint, method: MethodEntry) -> Ranking:
     """Rank `ckpt`'s layers with a recipe's method entry (`gatenorm.methods.rank_layers`)."""
-    from gatenorm.methods.calibration import Calibration
+    settings = method_settings(method)
+    return rank_layers(ckpt, method.name, settings.method_options(seed=method.seed, calib=method.calib))
 
-    unknown = sorted(set(method.options) - METHOD_OPTIONS)
+
+def method_settings(method: MethodEntry) -> MethodSettings:
+    """A recipe method entry's ``options``, checked against the method's options model."""
+    model = method_spec(method.name).options
+    unknown = sorted(set(method.options) - set(model.model_fields))
     if unknown:
         raise GatenormError(
             f"method {method.name} takes no option(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(METHOD_OPTIONS))})"
+            f"(known: {', '.join(sorted(model.model_fields))})"
         )
-    opts = method.options
-    calib = None
-    if method.calib is not None:
-        calib = Calibration(method.calib, opts.get("calib_samples", 16), opts.get("calib_len", 256))
-    return rank_layers(
-        ckpt, method.name, MethodOptions(seed=method.seed, calib=calib, ctx=opts.get("ctx", 512))
-    )
+    try:
+        return model.model_validate(method.options)
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(map(str, error["loc"]))
+        raise GatenormError(f"method {method.name}: options.{where}: {error['msg']}") from None
 
 
 def _method_labels(methods: list[MethodEntry]) -> list[str]:

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from gatenorm.scoring import Method
+from gatenorm.methods.registry import METHODS
 from gatenorm.validate.bench import BenchConfig
 from gatenorm.validate.passkey import RETRIEVAL_TASKS, PasskeyConfig
 from gatenorm.validate.zeroshot import TASKS
@@ -65,7 +65,8 @@ class ModelEntry(_Strict):
 
 
 class MethodEntry(_Strict):
-    """A scoring method (a name of `gatenorm.scoring.Method`) and the options passed on to it."""
+    """A method (a name in `gatenorm.methods.METHODS`) and the options passed on to it (checked against the
+    method's options model, `MethodSpec.options`)."""
 
     name: str
     seed: int = 0
@@ -79,9 +80,8 @@ class MethodEntry(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        known = [m.value for m in Method]
-        if value not in known:
-            raise ValueError(f"unknown method {value!r} (known: {', '.join(known)})")
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r} (known: {', '.join(METHODS)})")
         return value
 
 

@@ -61,3 +61,80 @@ def test_method_registry_refuses_a_second_entry_of_a_name():
             lambda *a: None
         )
     assert METHODS["gate-norm"].score_only
+
+
+class _UniformRuntime:
+    """A dummy runtime: uniform logits over a vocabulary, for files ending in ``.uniform`` (its one file:
+    here; it implements the `Runtime` protocol and the three class-level declarations)."""
+
+    name = "uniform"
+    applies_plans = False
+
+    @classmethod
+    def claim(cls, path, plan):
+        from gatenorm.validate.runtimes.base import DEFAULT, NO
+
+        return DEFAULT if path.suffix == ".uniform" and plan is None else NO
+
+    @classmethod
+    def refusal(cls, path):
+        return None if path.is_file() else f"uniform: no such file {path}"
+
+    def __init__(self, path, threads=2, **_):
+        self.path = path
+        self.vocab_size = int(path.read_text())
+        self.bos_id = None
+
+    def tokenize(self, text):
+        return [ord(c) % self.vocab_size for c in text]
+
+    def window_logits(self, windows, first):
+        import numpy as np
+
+        for _row in windows:
+            yield np.zeros((windows.shape[1] - 1 - first, self.vocab_size), dtype=np.float32)
+
+    def loglikelihoods(self, requests):
+        import math
+
+        return [(-len(cont) * math.log(self.vocab_size), False) for _ctx, cont in requests]
+
+    def generate(self, prompt, n_new):
+        from gatenorm.validate.runtimes import Timing
+
+        return Timing(0.0, 0.0, n_new)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def uniform_runtime():
+    from gatenorm.validate.runtimes import register_runtime
+    from gatenorm.validate.runtimes.base import unregister_runtime
+
+    yield register_runtime(_UniformRuntime)
+    unregister_runtime("uniform")
+
+
+def test_dummy_runtime_is_detected_and_validated(uniform_runtime, tmp_path):
+    import math
+
+    from gatenorm.models import tiny
+    from gatenorm.validate.gates import Gates
+    from gatenorm.validate.run import Settings, validate
+    from gatenorm.validate.runtimes import Runtime, detect_runtime, model_spec, open_runtime
+
+    ref = model_spec(str(tiny()))
+    vocab = open_runtime(ref).vocab_size
+    path = tmp_path / "model.uniform"
+    path.write_text(str(vocab))
+    assert detect_runtime(path) == "uniform" and detect_runtime(tiny()) == "llama.cpp"
+    spec = model_spec(str(path))
+    assert spec.runtime == "uniform" and isinstance(open_runtime(spec), Runtime)
+    with pytest.raises(GatenormError, match="plan can only be applied in the torch runtime, not uniform"):
+        model_spec(str(path), "uniform", tmp_path / "model.uniform")
+    report = validate(ref, spec, Settings(ctx=16, max_tokens=64), Gates())
+    assert report["candidate"]["runtime"] == "uniform"
+    assert math.isclose(report["agreement"]["ppl_cand"], vocab, rel_tol=1e-4)
+    assert "min_top1" in report["failed_gates"]  # uniform logits: argmax is token 0

@@ -134,7 +134,7 @@ def test_dummy_runtime_is_detected_and_validated(uniform_runtime, tmp_path):
     assert spec.runtime == "uniform" and isinstance(open_runtime(spec), Runtime)
     with pytest.raises(GatenormError, match="plan can only be applied in the torch runtime, not uniform"):
         model_spec(str(path), "uniform", tmp_path / "model.uniform")
-    report = validate(ref, spec, Settings(ctx=16, max_tokens=64), Gates())
+    report = validate(ref, spec, Settings(ctx=16, max_tokens=64, tasks=[], bench=None), Gates())
     assert report["candidate"]["runtime"] == "uniform"
     assert math.isclose(report["agreement"]["ppl_cand"], vocab, rel_tol=1e-4)
     assert "min_top1" in report["failed_gates"]  # uniform logits: argmax is token 0

@@ -19,9 +19,7 @@ from pydantic import (
 )
 
 from gatenorm.methods.registry import METHODS
-from gatenorm.validate.bench import BenchConfig
-from gatenorm.validate.passkey import RETRIEVAL_TASKS, PasskeyConfig
-from gatenorm.validate.zeroshot import TASKS
+from gatenorm.validate.settings import ValidationSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -192,41 +190,14 @@ class Exports(_Strict):
         return self
 
 
-class Gates(_Strict):
-    """Pass/fail limits of each variant (None disables one); see `gatenorm validate`."""
-
-    max_kld: float | None = 0.5
-    min_top1: float | None = 0.7
-    max_ppl_ratio: float | None = 1.5
-    max_acc_drop: float | None = 5.0
-    min_retrieval: float | None = None
-
-
-class Validation(_Strict):
-    """What every variant is measured on, against the unpruned source model."""
+class Validation(ValidationSettings):
+    """What every variant is measured on, against the unpruned source model: `gatenorm validate`'s settings
+    (`gatenorm.validate.settings.ValidationSettings`, the same defaults) plus whether to run at all."""
 
     enabled: bool = True
-    text: str = "wiki"
-    ctx: int = Field(512, ge=8)
-    max_tokens: int = Field(20480, ge=0)
-    tasks: list[str] = Field(default_factory=lambda: ["arc_easy", "hellaswag"])
-    limit: int = Field(200, ge=0, description="Items per task; 0 = all.")
-    threads: int = Field(2, ge=0)
-    bench: BenchConfig | None = Field(default_factory=BenchConfig)
-    passkey: PasskeyConfig = Field(default_factory=PasskeyConfig)
-    gates: Gates = Field(default_factory=Gates)
     fail_on_gates: bool = Field(
         False, description="Exit 1 when a variant fails a gate (else: reported only)."
     )
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, value: list[str]) -> list[str]:
-        known = [*TASKS, *RETRIEVAL_TASKS]
-        unknown = [t for t in value if t not in known]
-        if unknown:
-            raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(known)})")
-        return list(dict.fromkeys(value))
 
 
 class Recipe(_Strict):

@@ -12,8 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from exporters.export import Target, open_model
 from exporters.export import export as run_export
+from exporters.export import open_model
+from exporters.targets import TARGETS, target_spec
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text, refuse_overwriting_inputs
 from gatenorm.methods import METHODS, MethodOptions, Ranking, make_method_plan, method_spec, rank_layers
@@ -43,6 +44,14 @@ def _method_name(value: str) -> str:
     """A registered method's name (checked when the command runs: a method registered after import counts)."""
     try:
         return method_spec(value).name
+    except GatenormError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _target_name(value: str) -> str:
+    """A registered export target's name."""
+    try:
+        return target_spec(value).name
     except GatenormError as e:
         raise typer.BadParameter(str(e)) from None
 
@@ -210,7 +219,9 @@ def plan(
 def export(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the exported model.")],
-    to: Annotated[Target, typer.Option("--to", help="Export format.")] = Target.GGUF,
+    to: Annotated[
+        str, typer.Option("--to", callback=_target_name, help=f"Export format: {', '.join(TARGETS)}.")
+    ] = "gguf",
     plan_file: Annotated[
         Path | None, typer.Option("--plan", "-p", help="Plan JSON made for MODEL (or use --drop).")
     ] = None,
@@ -230,8 +241,7 @@ def export(
         typer.Option(
             "--quant",
             "-q",
-            help="gguf: keep (source types), F32, F16, BF16, Q8_0, Q4_K_M, ...; "
-            "onnx: fp32 (= keep), fp16, int8, int4",
+            help="; ".join(f"{name}: {t.quant_help}" for name, t in TARGETS.items()),
         ),
     ] = "keep",
     mobile: Annotated[

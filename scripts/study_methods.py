@@ -238,7 +238,8 @@ def combo(plan: Plan) -> str:
 
 
 def stage_speed(args, cache: Cache, ckpt) -> None:
-    from exporters.export import SUPPORTED_ACTIONS, Target, export
+    from exporters.export import export
+    from exporters.targets import TARGETS
     from gatenorm.validate.bench import BenchConfig, run_bench
     from gatenorm.validate.runtimes import ModelSpec
     from gatenorm.validate.text import load_text
@@ -263,10 +264,10 @@ def stage_speed(args, cache: Cache, ckpt) -> None:
     speed_budgets = {int(b) for b in args.speed_budgets.split(",")}
     for (name, b), plan in sorted(plans(args, cache, ckpt).items(), key=lambda kv: -kv[0][1]):
         key = combo(plan)
-        if b not in speed_budgets or key in section or plan.actions - SUPPORTED_ACTIONS[Target.GGUF]:
+        if b not in speed_budgets or key in section or plan.actions - TARGETS["gguf"].actions(ckpt.arch)[0]:
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            out = export(ckpt.path, plan, Path(tmp) / "cand.gguf", Target.GGUF, "keep")
+            out = export(ckpt.path, plan, Path(tmp) / "cand.gguf", "gguf", "keep")
             result = run_bench(ref, ModelSpec(out, "llama.cpp"), tokens, cfg, args.threads)
         section[key] = {
             "ratio": result["ratio"],

@@ -138,3 +138,102 @@ def test_dummy_runtime_is_detected_and_validated(uniform_runtime, tmp_path):
     assert report["candidate"]["runtime"] == "uniform"
     assert math.isclose(report["agreement"]["ppl_cand"], vocab, rel_tol=1e-4)
     assert "min_top1" in report["failed_gates"]  # uniform logits: argmax is token 0
+
+
+@pytest.fixture
+def planjson_target():
+    """A dummy export target writing the plan JSON as the artifact (its one file: here)."""
+    from pydantic import BaseModel
+
+    from exporters.targets import ExportTarget, register_target, unregister_target
+    from gatenorm.io import atomic_write_text
+
+    class PlanJsonExports(BaseModel):
+        indent: list[int] = [2]
+
+    def write(ckpt, plan, out, quant, before_commit, **options):
+        before_commit()
+        atomic_write_text(out, plan.to_json() if quant == "pretty" else plan.model_dump_json())
+        return out
+
+    def parse(quant: str) -> str:
+        if quant not in ("keep", "pretty"):
+            raise GatenormError(f"--quant {quant!r}: planjson takes keep or pretty")
+        return quant
+
+    yield register_target(
+        ExportTarget(
+            name="planjson",
+            export=write,
+            parse_quant=parse,
+            actions=lambda arch: (
+                {LayerAction.KEEP, LayerAction.DROP_ATTENTION},
+                "plans only drop attention",
+            ),
+            options=PlanJsonExports,
+            variants=lambda o: [("pretty" if i else "keep", {}) for i in o.indent],
+            artifact=lambda name: f"{name}.plan.json",
+            runtimes=lambda _gguf: ("torch", "torch"),
+            usage=lambda artifact: f"`Plan.load('{artifact}')`",
+            quant_help="keep, pretty",
+            card_front_matter=("library_name: gatenorm",),
+        )
+    )
+    unregister_target("planjson")
+
+
+def test_dummy_export_target_reaches_export_cli_and_cards(planjson_target, tmp_path):
+    from exporters.export import export
+    from gatenorm.cli import app
+    from gatenorm.models import tiny
+    from gatenorm.readers import open_checkpoint
+    from gatenorm.recipes.batch import ExportSpec, Variant
+    from gatenorm.recipes.card import model_card
+
+    ckpt = open_checkpoint(tiny())
+    plan = make_method_plan(ckpt, "gate-norm", 1)
+    out = export(tiny(), plan, tmp_path / "p.json", "planjson", "pretty")
+    assert Plan.from_json(out.read_text()) == plan
+    linear = make_method_plan(ckpt, "harp-free", 1)
+    with pytest.raises(GatenormError, match=r"planjson exporter \(llama: plans only drop attention\) cannot"):
+        export(tiny(), linear, tmp_path / "l.json", "planjson")
+
+    result = CliRunner().invoke(
+        app, ["export", str(tiny()), "--drop", "1", "--to", "planjson", "-o", str(tmp_path / "c.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert Plan.from_json((tmp_path / "c.json").read_text()).dropped == plan.dropped
+    bad = CliRunner().invoke(app, ["export", str(tiny()), "--drop", "1", "--to", "nope", "-o", "x"])
+    assert bad.exit_code == 2 and "planjson" in bad.output
+
+    variant = Variant(
+        name="v",
+        model="tiny",
+        source_path=str(tiny()),
+        source_sha256="0" * 64,
+        method="gate-norm",
+        budget=1,
+        plan=plan.to_json(),
+        export=ExportSpec(target="planjson", quant="pretty"),
+        key="k",
+        validation=None,
+    )
+    assert variant.artifact == "v/v.plan.json"
+    card = model_card(variant, None)
+    assert "`Plan.load('v.plan.json')`" in card and "library_name: gatenorm" in card
+
+
+def test_builtin_targets_refuse_through_plan_require():
+    """Plan.require can fail: the GGUF target asks the adapter (qwen3: deci has no per-head q/k norm)."""
+    from exporters.targets import TARGETS
+    from gatenorm.architectures import get_architecture
+    from gatenorm.models import tiny
+    from gatenorm.readers import open_checkpoint
+
+    qwen3, llama = get_architecture("qwen3"), get_architecture("llama")
+    assert TARGETS["gguf"].actions(qwen3)[0] == {LayerAction.KEEP, LayerAction.DROP_BLOCK}
+    assert TARGETS["gguf"].actions(llama)[0] == set(LayerAction)
+    assert TARGETS["onnx"].actions(get_architecture("phi3"))[0] == set()
+    plan = make_method_plan(open_checkpoint(tiny()), "gate-norm", 1)
+    with pytest.raises(GatenormError, match="cannot apply plan action"):
+        TARGETS["gguf"].require(qwen3, plan)

@@ -106,14 +106,14 @@ def clean_leftovers(folder: Path) -> None:
 
 def _export(out: Path, variant: Variant) -> str:
     from exporters.export import export
+    from exporters.targets import target_spec
 
     if artifact_current(out, variant):
         return "skipped"
     folder = out / variant.folder
     (folder / BUILD_RECORD).unlink(missing_ok=True)
-    options = dict(variant.export.options)
-    if variant.export.target == "onnx":
-        options["overwrite"] = True  # a stale folder of an older key is replaced at the end
+    target = target_spec(variant.export.target)
+    options = dict(variant.export.options) | target.rebuild_options  # replace a stale artifact at the end
     artifact = out / variant.artifact
     export(
         variant.source_path,

@@ -7,17 +7,18 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
     Tag,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from exporters.targets import TARGETS
 from gatenorm.methods.registry import METHODS
 from gatenorm.validate.settings import ValidationSettings
 
@@ -143,51 +144,21 @@ class Search(_Strict):
     threads: int = Field(2, ge=0)
 
 
-def _quant(name: str) -> str:
-    from exporters.gguf.quantize import parse_quant
-    from gatenorm.errors import GatenormError
-
-    try:
-        return parse_quant(name)
-    except GatenormError as e:
-        raise ValueError(str(e).replace("--quant ", "quant ")) from None
-
-
-class GgufExports(_Strict):
-    """GGUF files for llama.cpp, one per llama.cpp quant type (keep = the source's types)."""
-
-    quants: list[Annotated[str, AfterValidator(_quant)]] = Field(min_length=1)
-    ladder: list[Annotated[str, AfterValidator(_quant)]] = Field(
-        default_factory=list,
-        description="More quant types for the unpruned model only: the quantization ladder that pruned "
-        "variants are compared with.",
-    )
-
-
-class OnnxExports(_Strict):
-    """ONNX folders for onnxruntime, one per weight precision."""
-
-    precisions: list[Literal["fp32", "fp16", "int8", "int4"]] = Field(min_length=1)
-    block_size: int = Field(32, ge=16, description="int4: weights per scale (a power of two).")
-    mobile: bool = Field(False, description="Also write model.ort and its ORT Mobile operator list.")
-
-    @field_validator("block_size")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"block_size {value} is not a power of two")
-        return value
-
-
-class Exports(_Strict):
-    gguf: GgufExports | None = None
-    onnx: OnnxExports | None = None
-
+class _Exports(_Strict):
     @model_validator(mode="after")
-    def _some(self) -> Exports:
-        if self.gguf is None and self.onnx is None:
-            raise ValueError("name at least one export: gguf or onnx")
+    def _some(self) -> _Exports:
+        if all(getattr(self, name) is None for name in type(self).model_fields):
+            raise ValueError(f"name at least one export: {' or '.join(type(self).model_fields)}")
         return self
+
+
+#: One optional entry per export target, each the target's own options model (`exporters.targets`).
+Exports = create_model(
+    "Exports",
+    __base__=_Exports,
+    __doc__="The artifacts of every variant: one entry per export target.",
+    **{name: (target.options | None, None) for name, target in TARGETS.items()},
+)
 
 
 class Validation(ValidationSettings):

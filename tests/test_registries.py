@@ -33,10 +33,12 @@ def dummy_method():
     unregister_method("dummy-first")
 
 
-def test_dummy_method_reaches_planning_cli_and_recipes(dummy_method, tiny_llama_dir, tmp_path):
+def test_dummy_method_reaches_planning_cli_recipes_and_study(dummy_method, tiny_llama_dir, tmp_path):
     from gatenorm.cli import app
     from gatenorm.readers import open_checkpoint
     from gatenorm.recipes.schema import MethodEntry
+    from gatenorm.study.common import study_methods
+    from gatenorm.study.report import method_label
 
     ckpt = open_checkpoint(tiny_llama_dir)
     plan = make_method_plan(ckpt, dummy_method, 2)
@@ -53,6 +55,8 @@ def test_dummy_method_reaches_planning_cli_and_recipes(dummy_method, tiny_llama_
     assert bad.exit_code == 2 and "unknown method 'nope'" in bad.output and dummy_method in bad.output
 
     assert MethodEntry(name=dummy_method).name == dummy_method
+    assert dummy_method in study_methods() and "gate-norm-head" not in study_methods()
+    assert method_label(dummy_method) == "dummy (shallowest first)"
 
 
 def test_method_registry_refuses_a_second_entry_of_a_name():

@@ -33,7 +33,7 @@ from gatenorm.scoring import LayerScores
 from gatenorm.study.common import combo, study_methods
 from gatenorm.study.report import write_report
 from gatenorm.validate.agreement import AgreementAccumulator
-from gatenorm.validate.text import WIKI_HELDOUT, token_windows, wiki_articles, window_chars
+from gatenorm.validate.text import WIKI_HELDOUT, hf_tokenize, token_windows, wiki_articles, window_chars
 from gatenorm.validate.zeroshot import DEFAULT_TASKS
 
 #: Every registered method the study takes (`MethodSpec.in_study`), when the module is imported.
@@ -177,12 +177,9 @@ def plans(args, cache: Cache, ckpt) -> dict[tuple[str, int], Plan]:
 
 
 def eval_windows(args, tokenizer) -> np.ndarray:
-    bos = tokenizer.bos_token_id
-
-    def tokenize(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
-
-    return token_windows("wiki", tokenize, args.eval_len, args.eval_windows * args.eval_len, bos)
+    bos = tokenizer.bos_token_id  # always first: the windows docs/study.md was measured on
+    tokens = args.eval_windows * args.eval_len
+    return token_windows("wiki", hf_tokenize(tokenizer), args.eval_len, tokens, bos)
 
 
 def check_disjoint(args) -> dict:

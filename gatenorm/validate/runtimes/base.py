@@ -21,6 +21,7 @@ import numpy as np
 
 from gatenorm.errors import GatenormError
 from gatenorm.models import resolve_model
+from gatenorm.validate.text import hf_bos_id, hf_tokenize
 
 #: A log-likelihood request: context token ids, continuation token ids.
 Request = tuple[list[int], list[int]]
@@ -129,13 +130,11 @@ class BatchLogitsRuntime(ABC):
         """Bytes of the KV cache tensors held in a decoding `state`."""
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return hf_tokenize(self.tokenizer)(text)
 
     def _set_bos(self) -> None:
         """BOS is the tokenizer's when encoding with special tokens puts it first."""
-        probe = self.tokenizer("a").input_ids
-        bos = self.tokenizer.bos_token_id
-        self.bos_id = bos if bos is not None and probe and probe[0] == bos else None
+        self.bos_id = hf_bos_id(self.tokenizer)
 
     def generate(self, prompt: list[int], n_new: int) -> Timing:
         start = time.perf_counter()

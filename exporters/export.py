@@ -42,6 +42,7 @@ def export(
     model's architecture.
     """
     spec = target_spec(target)
+    spec.check_options(options)
     ckpt = model if isinstance(model, Checkpoint) else open_model(model)
     refuse_overwriting_inputs(Path(out), {"the model": ckpt.path})
     if check_source:

@@ -47,6 +47,8 @@ class ExportTarget:
     quant_help: str
     #: checks that name the family, action and reason, run before anything is read or written
     check: Callable[[Checkpoint, Plan], None] = lambda _ckpt, _plan: None
+    #: refuses exporter options this target does not take (run first)
+    check_options: Callable[[dict], None] = lambda _options: None
     #: quant types of the unpruned model only (the quantization ladder of a recipe)
     ladder: Callable[[BaseModel], list[str]] = lambda _options: []
     #: front-matter lines of the model card (e.g. ``library_name``)
@@ -77,9 +79,13 @@ def unregister_target(name: str) -> None:
     TARGETS.pop(name, None)
 
 
+class UnknownTarget(GatenormError, ValueError):
+    """No export target of that name (a bad value: one line, exit 2)."""
+
+
 def target_spec(name: str) -> ExportTarget:
     """The target called `name`; one line naming the known ones if there is none."""
     name = str(getattr(name, "value", name))
     if name not in TARGETS:
-        raise GatenormError(f"unknown export target {name!r} (known: {', '.join(TARGETS)})")
+        raise UnknownTarget(f"unknown export target {name!r} (known: {', '.join(TARGETS)})")
     return TARGETS[name]

@@ -12,17 +12,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from exporters.export import Target, open_model
 from exporters.export import export as run_export
+from exporters.export import open_model
+from exporters.targets import TARGETS, target_spec
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text, refuse_overwriting_inputs
-from gatenorm.methods import MethodOptions, Ranking, make_method_plan, rank_layers
+from gatenorm.methods import METHODS, MethodOptions, Ranking, make_method_plan, method_spec, rank_layers
 from gatenorm.methods.cost import Phase, cost_model
 from gatenorm.models import resolve_model
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.recipes.command import run_command
-from gatenorm.scoring import LayerScores, Method
+from gatenorm.scoring import LayerScores
 from gatenorm.validate.command import validate_command
 
 app = typer.Typer(
@@ -37,17 +38,35 @@ ModelArg = Annotated[
     str,
     typer.Argument(help="GGUF file, HF model folder, or a shipped model: smollm2, tiny.", show_default=False),
 ]
+
+
+def _method_name(value: str) -> str:
+    """A registered method's name (checked when the command runs: a method registered after import counts)."""
+    try:
+        return method_spec(value).name
+    except GatenormError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _target_name(value: str) -> str:
+    """A registered export target's name."""
+    try:
+        return target_spec(value).name
+    except GatenormError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 MethodOpt = Annotated[
-    Method,
+    str,
     typer.Option(
         "--method",
         "-m",
-        help="Method (see README, Methods): attention-cosine, block-influence and harp need --calib.",
+        callback=_method_name,
+        help=f"Method: {', '.join(METHODS)} (see README, Methods); "
+        f"{', '.join(n for n, s in METHODS.items() if s.data)} need --calib.",
     ),
 ]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the random method and of synthetic calibration text.")]
-#: Methods that only score layers (drop-attention plans); they alone may drop layer 0 on request.
-SCORE_ONLY = {Method.GATE_NORM, Method.GATE_NORM_HEAD, Method.RANDOM, Method.LAST}
 CalibOpt = Annotated[
     str | None,
     typer.Option(
@@ -75,7 +94,7 @@ def _options(
 
 
 def _rank(
-    model: str, method: Method, options: MethodOptions, needed: int | None = None
+    model: str, method: str, options: MethodOptions, needed: int | None = None
 ) -> tuple[Checkpoint, Ranking]:
     ckpt = open_checkpoint(resolve_model(model))
     return ckpt, rank_layers(ckpt, method, options, needed)
@@ -103,7 +122,7 @@ def _table(
 @app.command()
 def score(
     model: ModelArg,
-    method: MethodOpt = Method.GATE_NORM,
+    method: MethodOpt = "gate-norm",
     seed: SeedOpt = 0,
     calib: CalibOpt = None,
     calib_samples: CalibSamplesOpt = 16,
@@ -118,11 +137,11 @@ def score(
             refuse_overwriting_inputs(out, {"the model": resolve_model(model)})
     ckpt, ranking = _rank(model, method, _options(seed, calib, calib_samples, calib_len, ctx))
     scores = ranking.scores
-    console.print(f"{method.value} scores of {ckpt.path} ({scores.seconds:.2f} s)")
+    console.print(f"{method} scores of {ckpt.path} ({scores.seconds:.2f} s)")
     console.print(_table(scores, ranking.actions, ranking.alphas))
     if json_out is not None:
         doc = {
-            "method": method.value,
+            "method": method,
             "model": str(ckpt.path),
             "seconds": scores.seconds,
             "layers": [
@@ -164,7 +183,7 @@ def plan(
     ] = None,
     budget_speedup: SpeedupOpt = None,
     speedup_for: SpeedupForOpt = "prefill",
-    method: MethodOpt = Method.GATE_NORM,
+    method: MethodOpt = "gate-norm",
     seed: SeedOpt = 0,
     calib: CalibOpt = None,
     calib_samples: CalibSamplesOpt = 16,
@@ -177,10 +196,9 @@ def plan(
     """Rank the layers with a method and write a plan changing the N lowest-ranked (or reaching a speedup)."""
     if (drop is None) == (budget_speedup is None):
         raise GatenormError("give exactly one of --drop N and --budget-speedup X")
-    if allow_first_layer and (drop is None or method not in SCORE_ONLY):
-        raise GatenormError(
-            "--allow-first-layer goes with --drop and gate-norm, gate-norm-head, random, last"
-        )
+    if allow_first_layer and (drop is None or not method_spec(method).score_only):
+        score_only = ", ".join(name for name, spec in METHODS.items() if spec.score_only)
+        raise GatenormError(f"--allow-first-layer goes with --drop and {score_only}")
     refuse_overwriting_inputs(output, {"the model": resolve_model(model)})
     options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for)
     ckpt, ranking = _rank(model, method, options, drop)
@@ -188,7 +206,7 @@ def plan(
     result = make_method_plan(ckpt, method, drop, budget_speedup, options, ranking, allow_first_layer)
     result.save(output)
     actions = [lp.action for lp in result.layers]
-    console.print(f"{method.value} plan for {ckpt.path}")
+    console.print(f"{method} plan for {ckpt.path}")
     console.print(
         _table(scores, actions, {lp.layer: lp.alpha for lp in result.layers if lp.alpha is not None})
     )
@@ -201,7 +219,9 @@ def plan(
 def export(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the exported model.")],
-    to: Annotated[Target, typer.Option("--to", help="Export format.")] = Target.GGUF,
+    to: Annotated[
+        str, typer.Option("--to", callback=_target_name, help=f"Export format: {', '.join(TARGETS)}.")
+    ] = "gguf",
     plan_file: Annotated[
         Path | None, typer.Option("--plan", "-p", help="Plan JSON made for MODEL (or use --drop).")
     ] = None,
@@ -210,7 +230,7 @@ def export(
     ] = None,
     budget_speedup: SpeedupOpt = None,
     speedup_for: SpeedupForOpt = "prefill",
-    method: MethodOpt = Method.GATE_NORM,
+    method: MethodOpt = "gate-norm",
     seed: SeedOpt = 0,
     calib: CalibOpt = None,
     calib_samples: CalibSamplesOpt = 16,
@@ -221,8 +241,7 @@ def export(
         typer.Option(
             "--quant",
             "-q",
-            help="gguf: keep (source types), F32, F16, BF16, Q8_0, Q4_K_M, ...; "
-            "onnx: fp32 (= keep), fp16, int8, int4",
+            help="; ".join(f"{name}: {t.quant_help}" for name, t in TARGETS.items()),
         ),
     ] = "keep",
     mobile: Annotated[
@@ -282,13 +301,14 @@ def inspect(
 ) -> None:
     """Print the gatenorm metadata and pruning plan stored in an exported GGUF."""
     from exporters.gguf.metadata import read_gguf_metadata, read_plan_metadata
+    from exporters.keys import Keys
 
     if _inspect_deci(file):
         return
     meta, stored = read_gguf_metadata(file), read_plan_metadata(file)
     console.print(f"{file}: {meta['general.name']} (architecture {meta['general.architecture']})")
     for key, value in meta.items():
-        if key.startswith("gatenorm.") and key not in ("gatenorm.plan", "gatenorm.scores"):
+        if key.startswith(Keys.PREFIX) and key not in (Keys.PLAN, Keys.SCORES):
             console.print(f"  {key} = {value}")
     table = Table()
     for column in ("layer", "score", "action", "alpha"):

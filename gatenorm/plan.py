@@ -215,7 +215,7 @@ def plan_from_actions(
             if alpha is not None:
                 alphas[layer] = alpha
     return Plan(
-        method=method or scores.method.value,
+        method=method or scores.method,
         seed=scores.seed,
         budget=sum(a is not LayerAction.KEEP for a in actions),
         source=source_of(ckpt, scores),
@@ -244,7 +244,7 @@ def lowest_scored(
     if n > len(candidates):
         raise GatenormError(f"--drop {n} out of range: only {len(candidates)} layers may be dropped")
     if any(s != s for s in scores.scores):
-        raise GatenormError(f"{scores.method.value} produced NaN scores; the checkpoint weights are invalid")
+        raise GatenormError(f"{scores.method} produced NaN scores; the checkpoint weights are invalid")
     return sorted(candidates, key=lambda i: (scores.scores[i], -i))[:n]
 
 

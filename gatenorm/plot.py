@@ -20,7 +20,7 @@ def plot_scores(scores: LayerScores, title: str, path: Path, dropped: list[int] 
     colors = ["tab:red" if i in dropped else "tab:blue" for i in range(len(scores.scores))]
     ax.bar(range(len(scores.scores)), scores.scores, color=colors)
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"{scores.method.value} score")
+    ax.set_ylabel(f"{scores.method} score")
     ax.set_title(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:

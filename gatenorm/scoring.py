@@ -8,30 +8,13 @@ from __future__ import annotations
 import math
 import random as _random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
 from gatenorm.errors import GatenormError
 from gatenorm.readers import AttentionWeights, Checkpoint, ContentHash
-
-
-class Method(str, Enum):
-    """Scoring methods known to `score_checkpoint`."""
-
-    GATE_NORM = "gate-norm"
-    GATE_NORM_HEAD = "gate-norm-head"
-    RANDOM = "random"
-    LAST = "last"
-    # Methods that need calibration text or more than q/k: ranked by `gatenorm.methods`.
-    ATTENTION_COSINE = "attention-cosine"
-    BLOCK_INFLUENCE = "block-influence"
-    HARP = "harp"
-    HARP_FREE = "harp-free"
-    MIXED = "mixed"
-    MIXED_SYNTHETIC = "mixed-synthetic"
 
 
 def grouped_queries(w: AttentionWeights) -> torch.Tensor:
@@ -93,23 +76,19 @@ def gate_norm_head(w: AttentionWeights) -> float:
     return math.sqrt(max(_frobenius_inner(gram_q, gram_k), 0.0))
 
 
-#: Scores computed from each layer's q/k weights.
-WEIGHT_SCORERS: dict[Method, Callable[[AttentionWeights], float]] = {
-    Method.GATE_NORM: gate_norm,
-    Method.GATE_NORM_HEAD: gate_norm_head,
-}
-
-
 @dataclass
 class LayerScores:
     """One method's score per layer of one checkpoint, with what is needed to reproduce it."""
 
-    method: Method
+    method: str  # the method's name (a `gatenorm.methods.Method` member is normalized to its value)
     scores: list[float]
     content_sha256: str
     hashed: str  # "attention-tensors" (raw bytes of the q/k read) or "shape" (nothing was read)
     seconds: float
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.method = str(getattr(self.method, "value", self.method))
 
     def ranks(self) -> list[int]:
         """Rank of each layer, 1 = lowest score (dropped first); ties go to the deeper layer first."""
@@ -120,36 +99,37 @@ class LayerScores:
         return ranks
 
 
-def score_checkpoint(ckpt: Checkpoint, method: Method | str, seed: int = 0) -> LayerScores:
-    """Score every layer of `ckpt` with `method`, reading only the tensors the method needs."""
-    method = Method(method)
+def weight_scores(ckpt: Checkpoint, method: str, scorer: Callable[[AttentionWeights], float]) -> LayerScores:
+    """`scorer` of every layer's q/k weights, read one layer at a time; hashed over the q/k bytes read."""
     start = time.perf_counter()
-    scorer = WEIGHT_SCORERS.get(method)
-    n = ckpt.shape.n_layers
-    if scorer is not None:
-        digest = ContentHash()
-        scores = []
-        with torch.inference_mode():
-            # Scores are invariant to the same row permutation inside every q and k head, so GGUF rows
-            # need not be put back in HF order (tests/test_scoring.py checks the invariance).
-            for weights in ckpt.iter_attention(("q", "k"), digest, hf_rows=False):
-                # a layer already without attention (deci) is not scored; plans never pick it
-                scores.append(0.0 if weights.q is None else scorer(weights))
-                del weights  # let the reader's prefetch buffer be the only other layer alive
-        seconds = time.perf_counter() - start
-        return LayerScores(method, scores, digest.hexdigest(), "attention-tensors", seconds)
-    if method not in (Method.RANDOM, Method.LAST):
-        raise GatenormError(f"{method.value} is ranked by gatenorm.methods.rank_layers, not score_checkpoint")
-    if method is Method.RANDOM:
-        rng = _random.Random(seed)
-        scores = [rng.random() for _ in range(n)]
-    else:  # Method.LAST: deepest layer has the lowest score
-        scores = [float(n - 1 - i) for i in range(n)]
-    return LayerScores(
-        method,
-        scores,
-        ContentHash.of_shape(ckpt.shape).hexdigest(),
-        "shape",
-        time.perf_counter() - start,
-        seed if method is Method.RANDOM else None,
-    )
+    digest = ContentHash()
+    scores = []
+    with torch.inference_mode():
+        # Scores are invariant to the same row permutation inside every q and k head, so GGUF rows
+        # need not be put back in HF order (tests/test_scoring.py checks the invariance).
+        for weights in ckpt.iter_attention(("q", "k"), digest, hf_rows=False):
+            # a layer already without attention (deci) is not scored; plans never pick it
+            scores.append(0.0 if weights.q is None else scorer(weights))
+            del weights  # let the reader's prefetch buffer be the only other layer alive
+    return LayerScores(method, scores, digest.hexdigest(), "attention-tensors", time.perf_counter() - start)
+
+
+def depth_scores(n: int) -> list[float]:
+    """Scores that rank the deepest of `n` layers lowest (changed first)."""
+    return [float(n - 1 - i) for i in range(n)]
+
+
+def shape_scores(
+    ckpt: Checkpoint, method: str, scores: Iterable[float], seed: int | None = None
+) -> LayerScores:
+    """Scores that read no tensor (a seeded draw, depth): hashed over the model's shape only."""
+    values = list(scores)
+    if len(values) != ckpt.shape.n_layers:
+        raise GatenormError(f"{method}: {len(values)} scores for {ckpt.shape.n_layers} layers")
+    return LayerScores(method, values, ContentHash.of_shape(ckpt.shape).hexdigest(), "shape", 0.0, seed)
+
+
+def seeded_scores(n: int, seed: int) -> list[float]:
+    """A seeded uniform draw per layer (the random baseline)."""
+    rng = _random.Random(seed)
+    return [rng.random() for _ in range(n)]

@@ -28,10 +28,11 @@ import gguf
 import numpy as np
 
 from exporters.export import export, export_gguf
+from gatenorm.methods import score_checkpoint
 from gatenorm.models import smollm2, tiny
 from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers.gguf_file import GGUFCheckpoint
-from gatenorm.scoring import LayerScores, score_checkpoint
+from gatenorm.scoring import LayerScores
 
 THREADS = 2
 #: label -> (layers changed, action): the runs compared, the first is the baseline.

@@ -23,11 +23,11 @@ import tempfile
 from pathlib import Path
 
 from exporters.export import export_gguf
+from gatenorm.methods import Method, score_checkpoint
 from gatenorm.methods.cost import cost_model
 from gatenorm.models import smollm2
 from gatenorm.plan import make_plan
 from gatenorm.readers import open_checkpoint
-from gatenorm.scoring import Method, score_checkpoint
 from gatenorm.validate.bench import _kv_without_flash, _Worker, clip_depths
 from gatenorm.validate.runtimes import ModelSpec
 from gatenorm.validate.text import load_text

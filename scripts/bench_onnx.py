@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -146,11 +145,10 @@ def measure_plain_loop(model: Path, decode_steps: int) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM: unlike ru_maxrss it does not carry the parent's peak over exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS in MiB (`gatenorm.validate.bench.peak_rss_bytes`)."""
+    from gatenorm.validate.bench import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 # ---------------------------------------------------------------- ideal speedups
@@ -206,10 +204,10 @@ def prepare(workdir: Path, args) -> tuple[dict[str, tuple[str, Path]], object]:
     from transformers import AutoConfig
 
     from exporters.onnx import export_onnx
+    from gatenorm.methods import score_checkpoint
     from gatenorm.models import smollm2
     from gatenorm.plan import make_plan
     from gatenorm.readers import open_checkpoint
-    from gatenorm.scoring import score_checkpoint
 
     gguf = smollm2()
     ckpt = open_checkpoint(gguf)

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
+from gatenorm.methods import Method, score_checkpoint
 from gatenorm.readers import open_checkpoint
-from gatenorm.scoring import Method, gate_norm, gate_norm_head, grouped_queries, score_checkpoint
+from gatenorm.scoring import gate_norm, gate_norm_head, grouped_queries
 
 SHAPES = {
     "llama3-8b-shape": dict(n_layers=32, d=4096, n_head=32, n_kv=8, fmt="gguf"),
@@ -163,7 +164,7 @@ def child_peak_rss(path: Path, method: Method) -> dict:
     """
     code = (
         "import json,re;from gatenorm.readers import open_checkpoint;"
-        "from gatenorm.scoring import score_checkpoint;import torch\n"
+        "from gatenorm.methods import score_checkpoint;import torch\n"
         "def mib(key):\n"
         "    return int(re.search(key+r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))/1024\n"
         "base=mib('VmRSS')\n"

@@ -32,8 +32,8 @@ SMOLLM2_MIXED_ALPHAS = {17: 0.6, 25: 1.4}
 
 def mixed_plan(ckpt, actions: dict[int, str], alphas: dict[int, float], scores=None):
     """A Gate-Norm-scored plan for `ckpt` giving layer i `actions[i]` (keep elsewhere) and `alphas`."""
+    from gatenorm.methods import score_checkpoint
     from gatenorm.plan import LayerAction, plan_from_actions
-    from gatenorm.scoring import score_checkpoint
 
     scores = scores or score_checkpoint(ckpt, "gate-norm")
     per_layer = [LayerAction(actions.get(i, "keep")) for i in range(ckpt.shape.n_layers)]
@@ -67,8 +67,8 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_scored(smollm2_gguf):
     """SmolLM2 opened once (opening parses 100k tokenizer strings) and its Gate-Norm scores."""
+    from gatenorm.methods import score_checkpoint
     from gatenorm.readers import open_checkpoint
-    from gatenorm.scoring import score_checkpoint
 
     ckpt = open_checkpoint(smollm2_gguf)
     return ckpt, score_checkpoint(ckpt, "gate-norm")

@@ -16,9 +16,10 @@ from gatenorm.apply import (
     load_tokenizer,
 )
 from gatenorm.errors import GatenormError
+from gatenorm.methods import Method, score_checkpoint
 from gatenorm.plan import LayerAction, make_plan, plan_from_actions
 from gatenorm.readers import open_checkpoint
-from gatenorm.scoring import LayerScores, Method, score_checkpoint
+from gatenorm.scoring import LayerScores
 from tests.conftest import make_tiny_model
 
 

@@ -317,7 +317,7 @@ def _plans_apply_and_cache(family, methods) -> None:
         with torch.no_grad():
             cached = pruned.generate(ids, use_cache=True, **kwargs)
             full = pruned.generate(ids, use_cache=False, **kwargs)
-        assert cached.tolist() == full.tolist(), f"{model_type} {method.value}: cache differs"
+        assert cached.tolist() == full.tolist(), f"{model_type} {method}: cache differs"
 
 
 def test_weight_methods_plan_and_apply(family):

@@ -27,9 +27,10 @@ from exporters.gguf import read_plan_metadata
 from gatenorm.apply import apply_plan, load_model, load_tokenizer
 from gatenorm.cli import app
 from gatenorm.errors import GatenormError
+from gatenorm.methods import score_checkpoint
 from gatenorm.plan import Plan, make_plan
 from gatenorm.readers import Checkpoint, open_checkpoint
-from gatenorm.scoring import LayerScores, score_checkpoint
+from gatenorm.scoring import LayerScores
 from tests.conftest import tiny_hf
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_hf
 
+from gatenorm.methods import Method, score_checkpoint
 from gatenorm.plan import make_plan
 from gatenorm.readers import open_checkpoint
-from gatenorm.scoring import Method, score_checkpoint
 from gatenorm.validate.bench import BenchConfig, clip_depths, kv_key, tg_key
 from gatenorm.validate.runtimes import model_spec, open_runtime
 

@@ -16,14 +16,15 @@ import pytest
 import torch
 from conftest import SMOLLM2_MIXED_ACTIONS, SMOLLM2_MIXED_ALPHAS, make_tiny_model, mixed_plan
 
+from exporters.keys import Keys
 from exporters.onnx import OnnxRunner, Precision, export_onnx
 from exporters.onnx.metadata import CONFIG_NAME, OnnxExportConfig
 from gatenorm.apply import apply_plan, load_model
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
+from gatenorm.methods import score_checkpoint
 from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers import open_checkpoint
-from gatenorm.scoring import score_checkpoint
 
 DECODE_STEPS = 16
 TOL = 1e-3
@@ -174,7 +175,7 @@ def test_tiny_first_layer_dropped_and_metadata(tiny_models, tmp_path):
     assert Plan.from_json(props["gatenorm.plan"]) == plan
     assert json.loads(props["gatenorm.dropped_layers"]) == plan.dropped
     assert props["gatenorm.method"] == "gate-norm"
-    assert props["gatenorm.source_sha256"] == plan.source.sha256
+    assert props[Keys.Source.SHA256] == plan.source.sha256  # the GGUF spelling (older: source_sha256)
     assert props["gatenorm.tool_version"] == plan.tool_version
     config = json.loads((out / CONFIG_NAME).read_text())
     kept = [lp.layer for lp in plan.layers if lp.layer not in plan.dropped]

@@ -7,9 +7,10 @@ import json
 import pytest
 
 from gatenorm.errors import GatenormError
+from gatenorm.methods import Method, score_checkpoint
 from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers import open_checkpoint
-from gatenorm.scoring import LayerScores, Method, score_checkpoint
+from gatenorm.scoring import LayerScores
 
 
 @pytest.fixture(scope="module")

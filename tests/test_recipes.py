@@ -234,8 +234,8 @@ def test_two_runs_give_byte_identical_artifacts(tmp_path):
 
 def test_onnx_export_is_byte_identical(tmp_path, tiny_llama_dir):
     from exporters.export import export, open_model
+    from gatenorm.methods import score_checkpoint
     from gatenorm.plan import make_plan
-    from gatenorm.scoring import score_checkpoint
 
     ckpt = open_model(tiny_llama_dir)
     plan = make_plan(ckpt, score_checkpoint(ckpt, "gate-norm"), 1)

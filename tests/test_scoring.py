@@ -8,8 +8,9 @@ import gguf
 import numpy as np
 import pytest
 
+from gatenorm.methods import Method, score_checkpoint
 from gatenorm.readers import ContentHash, open_checkpoint
-from gatenorm.scoring import Method, gate_norm, gate_norm_head, score_checkpoint
+from gatenorm.scoring import gate_norm, gate_norm_head
 from tests.conftest import TINY_LLAMA, make_tiny_model
 from tests.reference_gguf import write_llama_gguf
 

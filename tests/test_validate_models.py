@@ -112,9 +112,9 @@ def test_broken_candidate_fails_default_gates(smollm2_hf, broken_hf, tmp_path, m
 
 
 def test_pruned_candidate_from_plan(smollm2_hf, smollm2_gguf, tmp_path):
+    from gatenorm.methods import Method, score_checkpoint
     from gatenorm.plan import make_plan
     from gatenorm.readers import open_checkpoint
-    from gatenorm.scoring import Method, score_checkpoint
 
     ckpt = open_checkpoint(smollm2_hf)
     plan = make_plan(ckpt, score_checkpoint(ckpt, Method.GATE_NORM, 0), drop=2)

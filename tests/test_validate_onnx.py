@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from gatenorm.methods import Method, score_checkpoint
 from gatenorm.plan import make_plan
 from gatenorm.readers import open_checkpoint
-from gatenorm.scoring import Method, score_checkpoint
 from gatenorm.validate.gates import Gates
 from gatenorm.validate.run import Settings, validate
 from gatenorm.validate.runtimes import model_spec

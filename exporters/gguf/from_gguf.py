@@ -32,6 +32,7 @@ from exporters.gguf.fold import folded_bytes, folded_nbytes, folded_type
 from exporters.gguf.header import ScannedGGUF, encode_kv, encode_raw_kv, encode_tensor_info
 from exporters.gguf.linearize import fused_nbytes, fused_type, fused_value_output_bytes
 from exporters.gguf.metadata import plan_metadata, pruned_name
+from exporters.keys import Keys
 from gatenorm.architectures import Architecture, get_architecture, gguf_tensor
 from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction, Plan
@@ -204,7 +205,7 @@ def deci_metadata(
         {prefix + s for s in get_architecture(source_arch).deci_metadata_dropped()} if target == DECI else ()
     )
     for key, field in header.fields.items():
-        if key in ("general.architecture", "general.name") or key.startswith("gatenorm.") or key in dropped:
+        if key in ("general.architecture", "general.name") or key.startswith(Keys.PREFIX) or key in dropped:
             continue
         if key.startswith(prefix):
             key = f"{target}.{key.removeprefix(prefix)}"

@@ -6,38 +6,33 @@ from pathlib import Path
 
 import gguf
 
-from gatenorm import __version__
+from exporters.keys import Keys, canonical, plan_values
 from gatenorm.errors import GatenormError
 from gatenorm.plan import Plan
 from gatenorm.readers.gguf_check import check_gguf
 
-PREFIX = "gatenorm."
-KEY_PLAN = "gatenorm.plan"
+#: The GGUF value type (and array item type) of every plan key (`exporters.keys.plan_values`).
+_T = gguf.GGUFValueType
+TYPES: dict[str, tuple[gguf.GGUFValueType, gguf.GGUFValueType | None]] = {
+    Keys.TOOL_VERSION: (_T.STRING, None),
+    Keys.PLAN: (_T.STRING, None),
+    Keys.METHOD: (_T.STRING, None),
+    Keys.BUDGET: (_T.UINT32, None),
+    Keys.SCORES: (_T.ARRAY, _T.FLOAT32),
+    Keys.Source.PATH: (_T.STRING, None),
+    Keys.Source.FORMAT: (_T.STRING, None),
+    Keys.Source.SHA256: (_T.STRING, None),
+    Keys.Source.HASHED: (_T.STRING, None),
+    Keys.DROPPED_LAYERS: (_T.ARRAY, _T.INT32),
+    Keys.LINEARIZED_LAYERS: (_T.ARRAY, _T.INT32),
+    Keys.LINEARIZE_ALPHAS: (_T.ARRAY, _T.FLOAT32),
+    Keys.DROPPED_BLOCKS: (_T.ARRAY, _T.INT32),
+}
 
 
 def plan_metadata(plan: Plan) -> dict[str, tuple[object, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
     """The ``gatenorm.*`` key/value pairs describing `plan`: key -> (value, type, array item type)."""
-    t = gguf.GGUFValueType
-    keys: dict[str, tuple[object, gguf.GGUFValueType, gguf.GGUFValueType | None]] = {
-        "gatenorm.tool_version": (__version__, t.STRING, None),
-        KEY_PLAN: (plan.to_json(), t.STRING, None),
-        "gatenorm.method": (plan.method, t.STRING, None),
-        "gatenorm.budget": (plan.budget, t.UINT32, None),
-        "gatenorm.scores": ([float(s) for s in plan.scores], t.ARRAY, t.FLOAT32),
-        "gatenorm.source.path": (plan.source.path, t.STRING, None),
-        "gatenorm.source.format": (plan.source.format, t.STRING, None),
-        "gatenorm.source.sha256": (plan.source.sha256, t.STRING, None),
-        "gatenorm.source.hashed": (plan.source.hashed, t.STRING, None),
-    }
-    # gguf-py cannot read back an empty array: a key is written only when the plan uses its action
-    if plan.dropped:
-        keys["gatenorm.dropped_layers"] = (plan.dropped, t.ARRAY, t.INT32)
-    if plan.linearized:
-        keys["gatenorm.linearized_layers"] = (plan.linearized, t.ARRAY, t.INT32)
-        keys["gatenorm.linearize_alphas"] = (plan.linearize_alphas, t.ARRAY, t.FLOAT32)
-    if plan.blocks_dropped:
-        keys["gatenorm.dropped_blocks"] = (plan.blocks_dropped, t.ARRAY, t.INT32)
-    return keys
+    return {key: (value, *TYPES[key]) for key, value in plan_values(plan).items()}
 
 
 def pruned_name(name: str | None, plan: Plan) -> str:
@@ -59,7 +54,7 @@ def read_gguf_metadata(path: str | Path) -> dict[str, object]:
     if not path.is_file():
         raise GatenormError(f"no such file: {path}")
     fields = check_gguf(path).fields
-    found = {key: field.contents() for key, field in fields.items() if key.startswith(PREFIX)}
+    found = canonical({key: f.contents() for key, f in fields.items() if key.startswith(Keys.PREFIX)})
     if not found:
         raise GatenormError(f"{path} has no gatenorm metadata: it is not a gatenorm export")
     for key in ("general.name", "general.architecture"):
@@ -70,6 +65,6 @@ def read_gguf_metadata(path: str | Path) -> dict[str, object]:
 def read_plan_metadata(path: str | Path) -> Plan:
     """The plan stored in a gatenorm GGUF export."""
     meta = read_gguf_metadata(path)
-    if KEY_PLAN not in meta:
-        raise GatenormError(f"{path} has gatenorm keys but no {KEY_PLAN}")
-    return Plan.from_json(str(meta[KEY_PLAN]))
+    if Keys.PLAN not in meta:
+        raise GatenormError(f"{path} has gatenorm keys but no {Keys.PLAN}")
+    return Plan.from_json(str(meta[Keys.PLAN]))

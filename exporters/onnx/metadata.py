@@ -8,13 +8,13 @@ from pathlib import Path
 import onnx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from exporters.keys import LISTS, Keys, canonical, plan_values
 from exporters.onnx.graph import past_name, present_name
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction, Plan
 
 CONFIG_NAME = "gatenorm_onnx.json"
-METADATA_PREFIX = "gatenorm."
 
 
 class KVLayer(BaseModel):
@@ -82,19 +82,17 @@ def kv_layers(plan: Plan) -> list[KVLayer]:
 
 
 def plan_metadata(plan: Plan, precision: str) -> dict[str, str]:
-    """The ``metadata_props`` of an export: plan, method, changed layers, source hash, tool version."""
-    return {
-        f"{METADATA_PREFIX}plan": plan.model_dump_json(),
-        f"{METADATA_PREFIX}method": plan.method,
-        f"{METADATA_PREFIX}dropped_layers": json.dumps(plan.dropped),
-        f"{METADATA_PREFIX}linearized_layers": json.dumps(plan.linearized),
-        f"{METADATA_PREFIX}linearize_alphas": json.dumps(plan.linearize_alphas),
-        f"{METADATA_PREFIX}dropped_blocks": json.dumps(plan.blocks_dropped),
-        f"{METADATA_PREFIX}kv_layers": json.dumps(plan.kv_layers),  # cache slot -> original layer
-        f"{METADATA_PREFIX}source_sha256": plan.source.sha256,
-        f"{METADATA_PREFIX}tool_version": __version__,
-        f"{METADATA_PREFIX}precision": precision,
-    }
+    """The ``metadata_props`` of an export: the plan keys every format writes (`exporters.keys`; lists as
+    JSON), the cache slots' original layers and the precision."""
+    values = plan_values(plan) | {Keys.KV_LAYERS: plan.kv_layers, Keys.PRECISION: precision}
+    return {key: json.dumps(v) if isinstance(v, list) else str(v) for key, v in values.items()}
+
+
+def read_metadata(props: dict[str, str]) -> dict[str, object]:
+    """The ``gatenorm.*`` props of a model, lists decoded, under today's names (older folders included)."""
+    found = {key: value for key, value in props.items() if key.startswith(Keys.PREFIX)}
+    lists = {*LISTS, Keys.SCORES, Keys.KV_LAYERS}
+    return {key: json.loads(v) if key in lists else v for key, v in canonical(found).items()}
 
 
 def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
@@ -104,7 +102,7 @@ def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
 
 def plan_from_metadata(props: dict[str, str]) -> Plan:
     """The plan stored in a model's metadata (``InferenceSession.get_modelmeta().custom_metadata_map``)."""
-    text = props.get(f"{METADATA_PREFIX}plan")
+    text = props.get(Keys.PLAN)
     if text is None:
         raise GatenormError("the model carries no gatenorm plan in its metadata")
     return Plan.from_json(text)

@@ -15,11 +15,26 @@ layer; `make_method_plan` turns that into a `Plan` for a budget in layers or in 
 
 from gatenorm.methods.registry import (
     METHODS,
-    MethodInfo,
-    MethodOptions,
-    Ranking,
+    Method,
     make_method_plan,
+    method_names,
+    method_spec,
     rank_layers,
+    score_checkpoint,
 )
+from gatenorm.methods.spec import MethodOptions, MethodSettings, MethodSpec, Ranking, register_method
 
-__all__ = ["METHODS", "MethodInfo", "MethodOptions", "Ranking", "make_method_plan", "rank_layers"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodOptions",
+    "MethodSettings",
+    "MethodSpec",
+    "Ranking",
+    "make_method_plan",
+    "method_names",
+    "method_spec",
+    "rank_layers",
+    "register_method",
+    "score_checkpoint",
+]

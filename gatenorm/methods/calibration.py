@@ -13,7 +13,7 @@ from torch import nn
 
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
-from gatenorm.validate.text import WIKI_HELDOUT, token_windows
+from gatenorm.validate.text import WIKI_HELDOUT, hf_bos_id, hf_tokenize, token_windows
 
 #: Calibration source: text sampled from the model itself (`generated_windows`), no external data.
 SYNTHETIC = "synthetic"
@@ -43,17 +43,14 @@ class Calibration:
     def windows(self, tokenizer, model: nn.Module | None = None, seed: int = 0) -> np.ndarray:
         """Token ids [samples, length] of the text, BOS first when the tokenizer adds one (`model` and
         `seed` generate the ``synthetic`` text)."""
-        probe = tokenizer("a").input_ids
-        bos = tokenizer.bos_token_id if probe and probe[0] == tokenizer.bos_token_id else None
+        bos = hf_bos_id(tokenizer)
         if self.source == SYNTHETIC:
             if model is None:
                 raise GatenormError("synthetic calibration text needs the model that generates it")
             return generated_windows(model, tokenizer, self.samples, self.length, bos, seed)
-
-        def tokenize(text: str) -> list[int]:
-            return list(tokenizer(text, add_special_tokens=False).input_ids)
-
-        return token_windows(self.source, tokenize, self.length, self.samples * self.length, bos)
+        return token_windows(
+            self.source, hf_tokenize(tokenizer), self.length, self.samples * self.length, bos
+        )
 
 
 def generated_windows(

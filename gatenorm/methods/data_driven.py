@@ -12,10 +12,10 @@ import numpy as np
 
 from gatenorm.methods.calibration import LayerStatistics, TailRunner, layer_statistics
 from gatenorm.methods.harp_alpha import calibrate_alphas
-from gatenorm.methods.registry import MethodOptions, Ranking, per_layer_fields
+from gatenorm.methods.spec import MethodOptions, Ranking, per_layer_fields, register_method
 from gatenorm.plan import LayerAction
 from gatenorm.readers import Checkpoint
-from gatenorm.scoring import LayerScores, Method
+from gatenorm.scoring import LayerScores, depth_scores
 
 
 def _model_and_windows(ckpt: Checkpoint, options: MethodOptions):
@@ -29,7 +29,7 @@ def _model_and_windows(ckpt: Checkpoint, options: MethodOptions):
     return model, windows
 
 
-def _scores(ckpt: Checkpoint, method: Method, values: list[float]) -> LayerScores:
+def _scores(ckpt: Checkpoint, method: str, values: list[float]) -> LayerScores:
     return LayerScores(method, values, ckpt.attention_sha256(("q", "k")), "attention-tensors", 0.0)
 
 
@@ -41,10 +41,10 @@ def calibration_statistics(ckpt: Checkpoint, options: MethodOptions) -> tuple[La
     return layer_statistics(model, windows), ckpt.attention_sha256(("q", "k"))
 
 
-def _statistics_ranking(ckpt: Checkpoint, options: MethodOptions, method: Method) -> Ranking:
+def _statistics_ranking(ckpt: Checkpoint, options: MethodOptions, method: str) -> Ranking:
     stats, sha = calibration_statistics(ckpt, options)
     extra = per_layer_fields(stats)
-    if method is Method.BLOCK_INFLUENCE:
+    if method == "block-influence":
         scores, action = [1.0 - c for c in stats.block_cosine], LayerAction.DROP_BLOCK
     else:
         scores, action = [1.0 - c for c in stats.attention_cosine], LayerAction.DROP_ATTENTION
@@ -52,21 +52,37 @@ def _statistics_ranking(ckpt: Checkpoint, options: MethodOptions, method: Method
     return Ranking(scored, [action] * len(scores), extra=extra)
 
 
+@register_method(
+    "attention-cosine",
+    label="attention-cosine (data)",
+    summary="LLM-Drop attention drop",
+    actions={LayerAction.DROP_ATTENTION},
+    data=True,
+)
 def attention_cosine(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
     """Importance 1 - mean cos(X_l, X_l + Attn_l(norm X_l)); the least important attention is dropped."""
-    return _statistics_ranking(ckpt, options, Method.ATTENTION_COSINE)
+    return _statistics_ranking(ckpt, options, "attention-cosine")
 
 
+@register_method(
+    "block-influence",
+    label="block-influence (data)",
+    summary="ShortGPT block removal",
+    actions={LayerAction.DROP_BLOCK},
+    data=True,
+)
 def block_influence(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
     """ShortGPT's block influence 1 - mean cos(block input, block output); the least influential blocks go."""
-    return _statistics_ranking(ckpt, options, Method.BLOCK_INFLUENCE)
+    return _statistics_ranking(ckpt, options, "block-influence")
 
 
-def depth_scores(n: int) -> list[float]:
-    """Scores that rank the deepest layer lowest (changed first), as the `last` method does."""
-    return [float(n - 1 - i) for i in range(n)]
-
-
+@register_method(
+    "harp",
+    label="HARP, calibrated alpha (data)",
+    summary="HARP: linearize top layers, calibrated alpha",
+    actions={LayerAction.LINEARIZE},
+    data=True,
+)
 def harp(ckpt: Checkpoint, options: MethodOptions, needed: int | None) -> Ranking:
     """HARP: linearize the highest layers; alphas by the top-down calibration-perplexity search, for the
     `needed` highest layers (all but layer 0 if None)."""
@@ -81,4 +97,4 @@ def harp(ckpt: Checkpoint, options: MethodOptions, needed: int | None) -> Rankin
         alphas = calibrate_alphas(model, runner, layers, log=options.log)
         extra["calib_nll_unpruned"] = [runner.nll(layers[0])]
     extra["alpha"] = [alphas.get(i, np.nan) for i in range(n)]
-    return Ranking(_scores(ckpt, Method.HARP, depth_scores(n)), [LayerAction.LINEARIZE] * n, alphas, extra)
+    return Ranking(_scores(ckpt, "harp", depth_scores(n)), [LayerAction.LINEARIZE] * n, alphas, extra)

@@ -22,24 +22,30 @@ from dataclasses import replace
 from gatenorm.errors import GatenormError
 from gatenorm.methods.calibration import SYNTHETIC, Calibration
 from gatenorm.methods.cost import Phase, cost_model
-from gatenorm.methods.data_driven import calibration_statistics, depth_scores
-from gatenorm.methods.registry import MethodOptions, Ranking, per_layer_fields
+from gatenorm.methods.data_driven import calibration_statistics
+from gatenorm.methods.spec import MethodOptions, Ranking, per_layer_fields, register_method
 from gatenorm.methods.weights import WeightStatistics, weight_statistics
 from gatenorm.plan import LayerAction
 from gatenorm.readers import Checkpoint
-from gatenorm.scoring import LayerScores, Method
+from gatenorm.scoring import LayerScores, depth_scores
 
 
-def _scores(stats: WeightStatistics, method: Method, values: list[float]) -> LayerScores:
+def _scores(stats: WeightStatistics, method: str, values: list[float]) -> LayerScores:
     return LayerScores(method, values, stats.content_sha256, "attention-tensors", stats.seconds)
 
 
+@register_method(
+    "harp-free",
+    label="HARP, data-free alpha (ours)",
+    summary="HARP with the data-free alpha",
+    actions={LayerAction.LINEARIZE},
+)
 def harp_free(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
     """HARP's choice of layers (the highest) with alphas from the data-free self-weight rule."""
     stats = weight_statistics(ckpt, options.ctx)
     n = ckpt.shape.n_layers
     alphas = dict(enumerate(stats.alpha))
-    scores = _scores(stats, Method.HARP_FREE, depth_scores(n))
+    scores = _scores(stats, "harp-free", depth_scores(n))
     return Ranking(scores, [LayerAction.LINEARIZE] * n, alphas, per_layer_fields(stats))
 
 
@@ -56,6 +62,12 @@ def linearize_threshold(ckpt: Checkpoint, ctx: int, phase: Phase = "prefill") ->
     return 1.0 - saved[LayerAction.LINEARIZE] / saved[LayerAction.DROP_ATTENTION]
 
 
+@register_method(
+    "mixed",
+    label="mixed (data-free, ours)",
+    summary="data-free keep/drop/linearize per layer",
+    actions={LayerAction.DROP_ATTENTION, LayerAction.LINEARIZE},
+)
 def mixed(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
     """Gate-Norm order; linearize where the data-free alpha beats `linearize_threshold`, else drop."""
     stats = weight_statistics(ckpt, options.ctx)
@@ -64,18 +76,25 @@ def mixed(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Rank
     actions = [LayerAction.LINEARIZE if lin else LayerAction.DROP_ATTENTION for lin in linear]
     alphas = {i: a for i, (a, lin) in enumerate(zip(stats.alpha, linear, strict=True)) if lin}
     extra = {**per_layer_fields(stats), "linearize_threshold": [threshold]}
-    return Ranking(_scores(stats, Method.MIXED, stats.gate_norm), actions, alphas, extra)
+    return Ranking(_scores(stats, "mixed", stats.gate_norm), actions, alphas, extra)
 
 
 #: Self-generated calibration of mixed-synthetic when none is given: 8 windows of 256 tokens.
 DEFAULT_SYNTHETIC = Calibration(SYNTHETIC, 8, 256)
 
 
+@register_method(
+    "mixed-synthetic",
+    label="mixed, self-generated text (no data, ours)",
+    summary="keep/drop/linearize/drop-block by measured damage on self-generated text (no data)",
+    actions={LayerAction.DROP_ATTENTION, LayerAction.LINEARIZE, LayerAction.DROP_BLOCK},
+    default_calib=DEFAULT_SYNTHETIC,
+)
 def mixed_synthetic(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
     """Rank by the smallest drop / linearize / drop-block damage per saved FLOP on self-generated text
     (module doc). Scores are in units of a dropped attention: 1 - cos(X + A, X) for a layer whose attention
     is dropped, a damage times c_drop / c_action for the other actions."""
-    calib = options.calib or DEFAULT_SYNTHETIC
+    calib = options.calib or DEFAULT_SYNTHETIC  # the registry passes the default; direct calls too
     if calib.source != SYNTHETIC:
         raise GatenormError(
             f"--method mixed-synthetic calibrates on text the model generates; --calib {calib.source} is "
@@ -98,5 +117,5 @@ def mixed_synthetic(ckpt: Checkpoint, options: MethodOptions, _needed: int | Non
         actions.append(action)
         if action is LayerAction.LINEARIZE:
             alphas[i] = stats.linear_alpha[i]
-    ranked = LayerScores(Method.MIXED_SYNTHETIC, scores, sha, "attention-tensors", 0.0, options.seed)
+    ranked = LayerScores("mixed-synthetic", scores, sha, "attention-tensors", 0.0, options.seed)
     return Ranking(ranked, actions, alphas, per_layer_fields(stats))

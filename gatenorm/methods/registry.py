@@ -1,113 +1,45 @@
-"""The method registry: name -> how the method ranks layers and what it does to the chosen ones."""
+"""The method registry: every method's `MethodSpec`, found by name; ranking, layer choice and plans.
+
+The method modules are imported here, at the top, and register themselves with
+`gatenorm.methods.spec.register_method`; everything else (the CLI's choices and help, the recipe schema,
+the study, the tests) reads `METHODS` / `method_spec`. A new method is one decorated function in a module
+imported below.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from enum import Enum
 
+import gatenorm.methods.score_only  # noqa: F401  (first: the score-only methods lead every listing)
 from gatenorm.errors import GatenormError
-from gatenorm.methods.calibration import Calibration
+from gatenorm.methods import data_driven, data_free  # noqa: F401  (the method modules register themselves)
 from gatenorm.methods.cost import Phase, cost_model
+from gatenorm.methods.spec import SPECS, MethodOptions, MethodSpec, Ranking
 from gatenorm.plan import LayerAction, Plan, lowest_scored, plan_from_actions
 from gatenorm.readers import Checkpoint
-from gatenorm.scoring import LayerScores, Method, score_checkpoint
+from gatenorm.scoring import LayerScores
+
+#: Every registered method by name (the live table: a method registered later appears here too).
+METHODS: dict[str, MethodSpec] = SPECS
+
+#: The built-in methods' names as an enum (``Method.GATE_NORM == "gate-norm"``), made from the registry.
+Method = Enum("Method", {name.upper().replace("-", "_"): name for name in SPECS}, type=str)
 
 
-@dataclass(frozen=True)
-class MethodOptions:
-    """Settings a method may use: the seed (random), calibration text (data-driven methods), and the context
-    length of the cost model and of the data-free alpha."""
-
-    seed: int = 0
-    calib: Calibration | None = None
-    ctx: int = 512
-    #: what an estimated speedup target is about: a prompt of `ctx` tokens, or decoding at depth `ctx`
-    speedup_for: Phase = "prefill"
-    log: Callable[[str], None] = field(default=lambda _: None, compare=False)
+def method_names() -> list[str]:
+    """Names of every registered method, in registration order."""
+    return list(METHODS)
 
 
-@dataclass
-class Ranking:
-    """A method's scores (lowest changed first), the action it gives each changed layer, and alphas of the
-    layers it would linearize. `extra` holds method-specific per-layer diagnostics."""
-
-    scores: LayerScores
-    actions: list[LayerAction]
-    alphas: dict[int, float] = field(default_factory=dict)
-    extra: dict[str, list[float]] = field(default_factory=dict)
-
-
-def per_layer_fields(stats) -> dict[str, list[float]]:
-    """The per-layer (list-valued) fields of a statistics dataclass, as a ranking's `extra`."""
-    values = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
-    return {name: value for name, value in values.items() if isinstance(value, list)}
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """One registry entry: does the method need calibration text, and how it ranks (given how many layers
-    at most will be changed, which lets HARP's search stop early)."""
-
-    name: Method
-    data: bool
-    rank: Callable[[Checkpoint, MethodOptions, int | None], Ranking]
-    summary: str
-
-
-def _weight_method(method: Method) -> Callable[[Checkpoint, MethodOptions, int | None], Ranking]:
-    def rank(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
-        scores = score_checkpoint(ckpt, method, options.seed)
-        return Ranking(scores, [LayerAction.DROP_ATTENTION] * ckpt.shape.n_layers)
-
-    return rank
-
-
-def _data_method(name: str) -> Callable[[Checkpoint, MethodOptions, int | None], Ranking]:
-    def rank(ckpt: Checkpoint, options: MethodOptions, needed: int | None) -> Ranking:
-        from gatenorm.methods import data_driven
-
-        if options.calib is None:
-            raise GatenormError(
-                f"--method {name} needs calibration text: give --calib FILE (or wiki-heldout)"
-            )
-        return getattr(data_driven, name.replace("-", "_"))(ckpt, options, needed)
-
-    return rank
-
-
-def _data_free(name: str) -> Callable[[Checkpoint, MethodOptions, int | None], Ranking]:
-    def rank(ckpt: Checkpoint, options: MethodOptions, needed: int | None) -> Ranking:
-        from gatenorm.methods import data_free
-
-        return getattr(data_free, name.replace("-", "_"))(ckpt, options, needed)
-
-    return rank
-
-
-METHODS: dict[Method, MethodInfo] = {
-    info.name: info
-    for info in (
-        MethodInfo(Method.GATE_NORM, False, _weight_method(Method.GATE_NORM), "Gate-Norm ||W_q W_k^T||_F"),
-        MethodInfo(Method.GATE_NORM_HEAD, False, _weight_method(Method.GATE_NORM_HEAD), "per-head Gate-Norm"),
-        MethodInfo(Method.RANDOM, False, _weight_method(Method.RANDOM), "seeded random order"),
-        MethodInfo(Method.LAST, False, _weight_method(Method.LAST), "deepest layers first"),
-        MethodInfo(
-            Method.ATTENTION_COSINE, True, _data_method("attention-cosine"), "LLM-Drop attention drop"
-        ),
-        MethodInfo(Method.BLOCK_INFLUENCE, True, _data_method("block-influence"), "ShortGPT block removal"),
-        MethodInfo(Method.HARP, True, _data_method("harp"), "HARP: linearize top layers, calibrated alpha"),
-        MethodInfo(Method.HARP_FREE, False, _data_free("harp-free"), "HARP with the data-free alpha"),
-        MethodInfo(Method.MIXED, False, _data_free("mixed"), "data-free keep/drop/linearize per layer"),
-        MethodInfo(
-            Method.MIXED_SYNTHETIC,
-            False,
-            _data_free("mixed-synthetic"),
-            "keep/drop/linearize/drop-block by measured damage on self-generated text (no data)",
-        ),
-    )
-}
+def method_spec(method: str) -> MethodSpec:
+    """The spec of `method` (a name or `Method` member); one line naming the known ones if unknown."""
+    name = str(getattr(method, "value", method))
+    spec = METHODS.get(name)
+    if spec is None:
+        raise GatenormError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+    return spec
 
 
 #: Methods that read only q/k (or nothing): they rank a checkpoint with layers already without attention.
@@ -119,13 +51,21 @@ def rank_layers(
 ) -> Ranking:
     """Rank `ckpt`'s layers with `method`; `needed` (at most this many layers will be changed) lets HARP's
     calibration search only the layers it will linearize. `scores.seconds` is the whole ranking time."""
-    if ckpt.fixed_layers and Method(method) not in WEIGHT_ONLY:
+    spec = method_spec(method)
+    options = options or MethodOptions()
+    if options.calib is None and spec.data:
         raise GatenormError(
-            f"--method {Method(method).value} on {ckpt.path}: its layers without attention are not run by "
+            f"--method {spec.name} needs calibration text: give --calib FILE (or wiki-heldout)"
+        )
+    if options.calib is None and spec.default_calib is not None:
+        options = dataclasses.replace(options, calib=spec.default_calib)
+    if ckpt.fixed_layers and spec.name not in {m.value for m in WEIGHT_ONLY}:
+        raise GatenormError(
+            f"--method {spec.name} on {ckpt.path}: its layers without attention are not run by "
             f"the calibration passes yet; what works: {', '.join(m.value for m in WEIGHT_ONLY)}"
         )
     start = time.perf_counter()
-    ranking = METHODS[Method(method)].rank(ckpt, options or MethodOptions(), needed)
+    ranking = spec.rank(ckpt, options, needed)
     ranking.scores.seconds = time.perf_counter() - start
     return ranking
 
@@ -161,7 +101,7 @@ def chosen_layers(
         actions[layer] = ranking.actions[layer]
         if gain() >= speedup:
             return order[:n]
-    best, name = gain(), ranking.scores.method.value
+    best, name = gain(), ranking.scores.method
     raise GatenormError(f"estimated speedup {speedup} is out of reach: {name} reaches at most {best:.3f}")
 
 
@@ -177,6 +117,7 @@ def make_method_plan(
     """The plan of `method` for `budget` changed layers or an estimated `speedup` (reuses `ranking` if
     given: a ranking made once serves every budget)."""
     options = options or MethodOptions()
+    name = method_spec(method).name
     if ranking is None:
         ranking = rank_layers(ckpt, method, options, budget)
     chosen = set(
@@ -185,7 +126,14 @@ def make_method_plan(
     actions = [ranking.actions[i] if i in chosen else LayerAction.KEEP for i in range(ckpt.shape.n_layers)]
     missing = [i for i in chosen if actions[i] is LayerAction.LINEARIZE and i not in ranking.alphas]
     if missing:
-        raise GatenormError(
-            f"{Method(method).value}: no alpha for layers {missing}; rank with a larger budget"
-        )
-    return plan_from_actions(ckpt, ranking.scores, actions, ranking.alphas, Method(method).value)
+        raise GatenormError(f"{name}: no alpha for layers {missing}; rank with a larger budget")
+    return plan_from_actions(ckpt, ranking.scores, actions, ranking.alphas, name)
+
+
+def score_checkpoint(ckpt: Checkpoint, method: str, seed: int = 0) -> LayerScores:
+    """The scores of a score-only method (gate-norm, gate-norm-head, random, last); other methods plan
+    through `rank_layers`."""
+    spec = method_spec(method)
+    if not spec.score_only:
+        raise GatenormError(f"{spec.name} is ranked by gatenorm.methods.rank_layers, not score_checkpoint")
+    return rank_layers(ckpt, spec.name, MethodOptions(seed=seed)).scores

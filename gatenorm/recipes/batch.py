@@ -12,12 +12,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from exporters.targets import TARGETS, target_spec
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text
-from gatenorm.methods import MethodOptions, Ranking, make_method_plan, rank_layers
+from gatenorm.methods import MethodSettings, Ranking, make_method_plan, method_spec, rank_layers
 from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.recipes.schema import MethodEntry, Recipe, Target, Validation
@@ -77,7 +78,7 @@ class Variant(BaseModel):
     @property
     def artifact(self) -> str:
         """The exported model, relative to the output folder: a GGUF file, or an ONNX folder."""
-        return f"{self.name}/{self.name}.gguf" if self.export.target == "gguf" else f"{self.name}/onnx"
+        return f"{self.name}/{target_spec(self.export.target).artifact(self.name)}"
 
     def load_plan(self) -> Plan:
         return Plan.from_json(self.plan)
@@ -108,23 +109,24 @@ def artifact_key(source_sha256: str, plan_json: str, export: ExportSpec) -> str:
 
 def _ladder(recipe: Recipe) -> list[ExportSpec]:
     """GGUF quant types exported for the unpruned model only (the quantization ladder)."""
-    gguf = recipe.exports.gguf
-    if gguf is None:
-        return []
-    return [ExportSpec(target="gguf", quant=q) for q in dict.fromkeys(gguf.ladder) if q not in gguf.quants]
+    return [
+        ExportSpec(target=name, quant=q)
+        for name, options in _targets(recipe)
+        for q in TARGETS[name].ladder(options)
+    ]
+
+
+def _targets(recipe: Recipe) -> list[tuple[str, BaseModel]]:
+    """(target name, its ``exports`` entry) of every target the recipe names, in registry order."""
+    return [(n, o) for n in TARGETS if (o := getattr(recipe.exports, n, None)) is not None]
 
 
 def _exports(recipe: Recipe) -> list[ExportSpec]:
-    out = []
-    if recipe.exports.gguf is not None:
-        out += [ExportSpec(target="gguf", quant=q) for q in dict.fromkeys(recipe.exports.gguf.quants)]
-    if (onnx := recipe.exports.onnx) is not None:
-        for precision in dict.fromkeys(onnx.precisions):
-            options: dict[str, int | bool] = {"mobile": onnx.mobile}
-            if precision == "int4":
-                options["block_size"] = onnx.block_size
-            out.append(ExportSpec(target="onnx", quant=precision, options=options))
-    return out
+    return [
+        ExportSpec(target=name, quant=quant, options=exporter_options)
+        for name, options in _targets(recipe)
+        for quant, exporter_options in TARGETS[name].variants(options)
+    ]
 
 
 def reference_of(source: ResolvedSource, export: ExportSpec) -> tuple[str, str, str]:
@@ -133,9 +135,7 @@ def reference_of(source: ResolvedSource, export: ExportSpec) -> tuple[str, str, 
     GGUF variants run in llama.cpp against the source in llama.cpp (a GGUF source; an HF folder runs in
     PyTorch); ONNX variants run in onnxruntime against the source in PyTorch (its exact weights, dequantized
     from a GGUF). Either way the figures include both the pruning and the precision loss of the export."""
-    if export.target == "gguf":
-        return str(source.path), "llama.cpp" if source.is_gguf else "torch", "llama.cpp"
-    return str(source.path), "torch", "onnx"
+    return str(source.path), *target_spec(export.target).runtimes(source.is_gguf)
 
 
 def _validation(source: ResolvedSource, export: ExportSpec, key: str, recipe: Recipe) -> ValidationJob | None:
@@ -158,31 +158,27 @@ def _validation(source: ResolvedSource, export: ExportSpec, key: str, recipe: Re
     )
 
 
-#: Keys of a recipe method's `options`: calibration windows and the context of the cost model / alpha.
-METHOD_OPTIONS = {"calib_samples", "calib_len", "ctx", "speedup_for"}
-
-
 def rank_with(ckpt: Checkpoint, method: MethodEntry) -> Ranking:
     """Rank `ckpt`'s layers with a recipe's method entry (`gatenorm.methods.rank_layers`)."""
-    from gatenorm.methods.calibration import Calibration
+    settings = method_settings(method)
+    return rank_layers(ckpt, method.name, settings.method_options(seed=method.seed, calib=method.calib))
 
-    unknown = sorted(set(method.options) - METHOD_OPTIONS)
+
+def method_settings(method: MethodEntry) -> MethodSettings:
+    """A recipe method entry's ``options``, checked against the method's options model."""
+    model = method_spec(method.name).options
+    unknown = sorted(set(method.options) - set(model.model_fields))
     if unknown:
         raise GatenormError(
             f"method {method.name} takes no option(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(METHOD_OPTIONS))})"
+            f"(known: {', '.join(sorted(model.model_fields))})"
         )
-    opts = method.options
-    calib = None
-    if method.calib is not None:
-        calib = Calibration(method.calib, opts.get("calib_samples", 16), opts.get("calib_len", 256))
-    options = MethodOptions(
-        seed=method.seed,
-        calib=calib,
-        ctx=opts.get("ctx", 512),
-        speedup_for=opts.get("speedup_for", "prefill"),
-    )
-    return rank_layers(ckpt, method.name, options)
+    try:
+        return model.model_validate(method.options)
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(map(str, error["loc"]))
+        raise GatenormError(f"method {method.name}: options.{where}: {error['msg']}") from None
 
 
 def _method_labels(methods: list[MethodEntry]) -> list[str]:

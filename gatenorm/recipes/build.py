@@ -106,14 +106,14 @@ def clean_leftovers(folder: Path) -> None:
 
 def _export(out: Path, variant: Variant) -> str:
     from exporters.export import export
+    from exporters.targets import target_spec
 
     if artifact_current(out, variant):
         return "skipped"
     folder = out / variant.folder
     (folder / BUILD_RECORD).unlink(missing_ok=True)
-    options = dict(variant.export.options)
-    if variant.export.target == "onnx":
-        options["overwrite"] = True  # a stale folder of an older key is replaced at the end
+    target = target_spec(variant.export.target)
+    options = dict(variant.export.options) | target.rebuild_options  # replace a stale artifact at the end
     artifact = out / variant.artifact
     export(
         variant.source_path,
@@ -128,10 +128,12 @@ def _export(out: Path, variant: Variant) -> str:
     return "built"
 
 
-def _gates(variant: Variant):
-    from gatenorm.validate.gates import Gates
+#: Fields of a recipe's ``validation`` that are not validation settings.
+_RECIPE_ONLY = {"enabled", "fail_on_gates"}
 
-    return Gates(**variant.validation.settings.gates.model_dump())
+
+def _gates(variant: Variant):
+    return variant.validation.settings.gates
 
 
 def _write_report(report: dict, folder: Path) -> None:
@@ -167,8 +169,9 @@ def _regate(report: dict, variant: Variant) -> bool:
 
 
 def _validate(out: Path, variant: Variant) -> str:
-    from gatenorm.validate.run import Settings, validate
+    from gatenorm.validate.run import validate
     from gatenorm.validate.runtimes import ModelSpec
+    from gatenorm.validate.settings import ValidationSettings
 
     job = variant.validation
     folder = out / variant.folder
@@ -178,17 +181,7 @@ def _validate(out: Path, variant: Variant) -> str:
             _write_report(report, folder)
         return "skipped"
     (folder / REPORT_JSON).unlink(missing_ok=True)
-    s = job.settings
-    settings = Settings(
-        text=s.text,
-        ctx=s.ctx,
-        max_tokens=s.max_tokens,
-        tasks=list(s.tasks),
-        limit=s.limit or None,
-        threads=s.threads,
-        bench=s.bench,
-        passkey=s.passkey,
-    )
+    settings = ValidationSettings.model_validate(job.settings.model_dump(exclude=_RECIPE_ONLY))
     ref = ModelSpec(Path(job.reference), job.reference_runtime)
     cand = ModelSpec(out / variant.artifact, job.runtime)
     report = validate(ref, cand, settings, _gates(variant))

@@ -4,40 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from exporters.targets import target_spec
 from gatenorm import __version__
 from gatenorm.recipes.batch import Variant
 from gatenorm.validate.report import percent_with_error
-
-_RUN_GGUF = """```bash
-llama-cli -m {file} -fa on -p "Hello"        # llama.cpp; flash attention shrinks the V cache too
-```
-
-```python
-from llama_cpp import Llama
-
-llm = Llama("{file}", flash_attn=True)
-print(llm("Hello", max_tokens=32)["choices"][0]["text"])
-```
-
-The file uses llama.cpp's `deci` architecture (per-layer head counts): stock llama.cpp and everything built
-on it (llama-cpp-python, LM Studio, Ollama's llama.cpp engine) run it with no patch. Transformers cannot
-load `deci` GGUFs."""
-
-_RUN_ONNX = """```python
-from exporters.onnx import OnnxRunner  # part of gatenorm
-
-runner = OnnxRunner("onnx", threads=2)
-ids = runner.tokenizer.encode("Hello")
-print(runner.tokenizer.decode(runner.generate(ids, max_new_tokens=32)))
-```
-
-The `onnx` folder opens as it is in onnxruntime-genai (`og.Model("onnx")`), optimum
-(`ORTModelForCausalLM.from_pretrained("onnx", subfolder="onnx")`) and transformers.js (`config.json`,
-tokenizer files, the model under `onnx/onnx/` with transformers.js's file names). The graph takes
-`input_ids`, `attention_mask`, `position_ids` and the KV cache `past_key_values.{slot}.*` of the layers that
-keep attention (`onnx/gatenorm_onnx.json` maps slots to layers; `config.json`'s `num_hidden_layers` counts
-them). Kept attention uses onnxruntime's fused `com.microsoft` operators, so it needs onnxruntime (any
-client built on it), not another ONNX runtime."""
 
 
 def source_info(path: Path) -> dict[str, str]:
@@ -75,8 +45,7 @@ def _front_matter(variant: Variant, info: dict[str, str]) -> list[str]:
     if "license" in info:
         lines.append(f"license: {info['license']}")
     lines += ["tags:", *(f"- {t}" for t in tags)]
-    if variant.export.target == "onnx":
-        lines.append("library_name: onnxruntime")
+    lines += target_spec(variant.export.target).card_front_matter
     return [*lines, "---", ""]
 
 
@@ -130,7 +99,7 @@ def model_card(variant: Variant, report: dict | None) -> str:
         "",
         "## Use",
         "",
-        (_RUN_GGUF.format(file=artifact) if variant.export.target == "gguf" else _RUN_ONNX),
+        target_spec(variant.export.target).usage(artifact),
         "",
     ]
     if report is not None:

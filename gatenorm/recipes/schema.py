@@ -7,21 +7,20 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
     Tag,
+    create_model,
     field_validator,
     model_validator,
 )
 
-from gatenorm.scoring import Method
-from gatenorm.validate.bench import BenchConfig
-from gatenorm.validate.passkey import RETRIEVAL_TASKS, PasskeyConfig
-from gatenorm.validate.zeroshot import TASKS
+from exporters.targets import TARGETS
+from gatenorm.methods.registry import METHODS
+from gatenorm.validate.settings import ValidationSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -65,7 +64,8 @@ class ModelEntry(_Strict):
 
 
 class MethodEntry(_Strict):
-    """A scoring method (a name of `gatenorm.scoring.Method`) and the options passed on to it."""
+    """A method (a name in `gatenorm.methods.METHODS`) and the options passed on to it (checked against the
+    method's options model, `MethodSpec.options`)."""
 
     name: str
     seed: int = 0
@@ -79,9 +79,8 @@ class MethodEntry(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        known = [m.value for m in Method]
-        if value not in known:
-            raise ValueError(f"unknown method {value!r} (known: {', '.join(known)})")
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r} (known: {', '.join(METHODS)})")
         return value
 
 
@@ -145,88 +144,31 @@ class Search(_Strict):
     threads: int = Field(2, ge=0)
 
 
-def _quant(name: str) -> str:
-    from exporters.gguf.quantize import parse_quant
-    from gatenorm.errors import GatenormError
-
-    try:
-        return parse_quant(name)
-    except GatenormError as e:
-        raise ValueError(str(e).replace("--quant ", "quant ")) from None
-
-
-class GgufExports(_Strict):
-    """GGUF files for llama.cpp, one per llama.cpp quant type (keep = the source's types)."""
-
-    quants: list[Annotated[str, AfterValidator(_quant)]] = Field(min_length=1)
-    ladder: list[Annotated[str, AfterValidator(_quant)]] = Field(
-        default_factory=list,
-        description="More quant types for the unpruned model only: the quantization ladder that pruned "
-        "variants are compared with.",
-    )
-
-
-class OnnxExports(_Strict):
-    """ONNX folders for onnxruntime, one per weight precision."""
-
-    precisions: list[Literal["fp32", "fp16", "int8", "int4"]] = Field(min_length=1)
-    block_size: int = Field(32, ge=16, description="int4: weights per scale (a power of two).")
-    mobile: bool = Field(False, description="Also write model.ort and its ORT Mobile operator list.")
-
-    @field_validator("block_size")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"block_size {value} is not a power of two")
-        return value
-
-
-class Exports(_Strict):
-    gguf: GgufExports | None = None
-    onnx: OnnxExports | None = None
-
+class _Exports(_Strict):
     @model_validator(mode="after")
-    def _some(self) -> Exports:
-        if self.gguf is None and self.onnx is None:
-            raise ValueError("name at least one export: gguf or onnx")
+    def _some(self) -> _Exports:
+        if all(getattr(self, name) is None for name in type(self).model_fields):
+            raise ValueError(f"name at least one export: {' or '.join(type(self).model_fields)}")
         return self
 
 
-class Gates(_Strict):
-    """Pass/fail limits of each variant (None disables one); see `gatenorm validate`."""
+#: One optional entry per export target, each the target's own options model (`exporters.targets`).
+Exports = create_model(
+    "Exports",
+    __base__=_Exports,
+    __doc__="The artifacts of every variant: one entry per export target.",
+    **{name: (target.options | None, None) for name, target in TARGETS.items()},
+)
 
-    max_kld: float | None = 0.5
-    min_top1: float | None = 0.7
-    max_ppl_ratio: float | None = 1.5
-    max_acc_drop: float | None = 5.0
-    min_retrieval: float | None = None
 
-
-class Validation(_Strict):
-    """What every variant is measured on, against the unpruned source model."""
+class Validation(ValidationSettings):
+    """What every variant is measured on, against the unpruned source model: `gatenorm validate`'s settings
+    (`gatenorm.validate.settings.ValidationSettings`, the same defaults) plus whether to run at all."""
 
     enabled: bool = True
-    text: str = "wiki"
-    ctx: int = Field(512, ge=8)
-    max_tokens: int = Field(20480, ge=0)
-    tasks: list[str] = Field(default_factory=lambda: ["arc_easy", "hellaswag"])
-    limit: int = Field(200, ge=0, description="Items per task; 0 = all.")
-    threads: int = Field(2, ge=0)
-    bench: BenchConfig | None = Field(default_factory=BenchConfig)
-    passkey: PasskeyConfig = Field(default_factory=PasskeyConfig)
-    gates: Gates = Field(default_factory=Gates)
     fail_on_gates: bool = Field(
         False, description="Exit 1 when a variant fails a gate (else: reported only)."
     )
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, value: list[str]) -> list[str]:
-        known = [*TASKS, *RETRIEVAL_TASKS]
-        unknown = [t for t in value if t not in known]
-        if unknown:
-            raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(known)})")
-        return list(dict.fromkeys(value))
 
 
 class Recipe(_Strict):

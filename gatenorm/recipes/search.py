@@ -61,7 +61,7 @@ def resolve_target(
     bisection, assuming quality falls as layers go. `min_speedup`: the fewest layers whose method actions
     reach the target under the cost model (`gatenorm.methods.cost`) at the validation context, as
     `--budget-speedup` does (the report shows the measured speedup)."""
-    name = ranking.scores.method.value
+    name = ranking.scores.method
     top = ckpt.shape.n_layers - 1  # make_plan's limit: one attention sublayer stays
     if target.kind == "min_speedup":
         try:

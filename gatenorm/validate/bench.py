@@ -31,11 +31,18 @@ class BenchConfig(BaseModel):
         min_length=1,
         description="Context depths decoding is timed after (tg @ d), clipped to the models' context.",
     )
-    generate: int = Field(128, ge=2, description="Tokens decoded per generation run.")
+    generate: int = Field(
+        128,
+        ge=2,
+        description="Tokens decoded per generation run (llama-bench's -n).",
+        json_schema_extra={"flag": "--bench-gen"},
+    )
     runs: int = Field(5, ge=1, description="Timed runs per model, interleaved.")
     warmup: int = Field(1, ge=0, description="Untimed runs first.")
     flash_attn: bool = Field(
-        True, description="llama.cpp: flash attention (a dropped layer keeps no V cache)."
+        True,
+        description="llama.cpp: flash attention (a dropped layer keeps no V cache).",
+        json_schema_extra={"flag": "--flash-attn/--no-flash-attn"},
     )
     compare_flash: bool = Field(
         True,

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from pydantic import BaseModel, ConfigDict, Field
 
-@dataclass(frozen=True)
-class Gates:
-    """Limits a candidate must meet; None disables a gate. Defaults catch a broken model, not a pruned one."""
 
-    max_kld: float | None = 0.5
-    min_top1: float | None = 0.70
-    max_ppl_ratio: float | None = 1.5
-    max_acc_drop: float | None = 5.0  # percentage points of the average headline accuracy
-    #: retrieval (passkey tasks): candidate minus reference exact-match accuracy, in points, at least this
-    min_retrieval: float | None = None
+class Gates(BaseModel):
+    """Limits a candidate must meet; None disables a gate. Defaults catch a broken model, not a pruned one.
+    (`gatenorm validate --max-kld ...`, recipes' ``validation.gates``: this one model.)"""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    max_kld: float | None = Field(0.5, description="Gate: mean KLD at most this.")
+    min_top1: float | None = Field(0.70, description="Gate: top-1 agreement (0..1) at least.")
+    max_ppl_ratio: float | None = Field(1.5, description="Gate: PPL ratio at most.")
+    max_acc_drop: float | None = Field(
+        5.0, description="Gate: drop of the average accuracy, in points, at most."
+    )
+    min_retrieval: float | None = Field(
+        None, description="Gate: passkey exact-match accuracy of the candidate minus the reference's, points."
+    )
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ def check_gates(
         ),
     }
     results = []
-    for name, limit in asdict(gates).items():
+    for name, limit in gates.model_dump().items():
         if limit is None:
             continue
         metric, value = measured[name]

@@ -40,7 +40,7 @@ class PasskeyConfig(BaseModel):
     )
     depths: int = Field(5, ge=1, description="Depths per length, evenly from the start (0) to the end (1).")
     trials: int = Field(2, ge=1, description="Prompts per length and depth (a new key and filler each).")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the keys and filler.")
 
 
 def depth_fractions(n: int) -> list[float]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
@@ -13,26 +12,16 @@ import numpy as np
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.validate.agreement import compare_logits
-from gatenorm.validate.bench import BenchConfig, bench_tokens_needed, run_bench
+from gatenorm.validate.bench import bench_tokens_needed, run_bench
 from gatenorm.validate.gates import Gates, check_gates
-from gatenorm.validate.passkey import RETRIEVAL_TASKS, PasskeyConfig, build_prompts, evaluate_retrieval
+from gatenorm.validate.passkey import RETRIEVAL_TASKS, build_prompts, evaluate_retrieval
 from gatenorm.validate.runtimes import ModelSpec, Request, Runtime, open_runtime
+from gatenorm.validate.settings import ValidationSettings
 from gatenorm.validate.text import token_windows
 from gatenorm.validate.zeroshot import Item, build_requests, evaluate_task, load_items
 
-
-@dataclass
-class Settings:
-    """What to measure (see `gatenorm validate --help`)."""
-
-    text: str = "wiki"
-    ctx: int = 512
-    max_tokens: int | None = 20480
-    tasks: list[str] = field(default_factory=list)
-    limit: int | None = 200
-    threads: int = 2
-    bench: BenchConfig | None = None
-    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
+#: What to measure: the one validation-settings model (`gatenorm.validate.settings`).
+Settings = ValidationSettings
 
 
 class _Clock:
@@ -91,16 +80,18 @@ def _mean_with_error(scores: list[dict]) -> tuple[float, float]:
 def validate(
     ref_spec: ModelSpec,
     cand_spec: ModelSpec,
-    settings: Settings,
-    gates: Gates,
+    settings: ValidationSettings,
+    gates: Gates | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
-    """Run every requested measurement of `cand_spec` against `ref_spec` and evaluate the gates.
+    """Run every requested measurement of `cand_spec` against `ref_spec` and evaluate the gates (`gates`,
+    default `settings.gates`).
 
     All inputs (text, task data, benchmark prompt) are read and tokenized, with the reference's tokenizer,
     before the first measurement, so bad input fails fast."""
     if settings.max_tokens == 0 and not settings.tasks and settings.bench is None:
         raise GatenormError("nothing to validate: --max-tokens 0, --tasks none and no --bench")
+    gates = settings.gates if gates is None else gates
     clock = _Clock()
     cand = None
     retrieval_tasks = [t for t in settings.tasks if t in RETRIEVAL_TASKS]
@@ -129,7 +120,7 @@ def validate(
         }
         work = {}
         for task in (t for t in settings.tasks if t not in RETRIEVAL_TASKS):  # one token stream for both
-            items = load_items(task, settings.limit)
+            items = load_items(task, settings.item_limit)
             work[task] = (items, build_requests(items, ref.tokenize, ref.bos_id))
 
         agreement = None
@@ -166,9 +157,8 @@ def validate(
 
     gate_results = check_gates(gates, agreement, zeroshot, retrieval)
     passed = all(g.passed is not False for g in gate_results)
-    settings_doc = asdict(settings)
-    settings_doc["bench"] = settings.bench.model_dump() if settings.bench else None
-    settings_doc["passkey"] = settings.passkey.model_dump()
+    settings_doc = settings.model_dump(exclude={"gates"})
+    settings_doc["limit"] = settings.item_limit  # None: every item (as reports of earlier versions say)
     return {
         "gatenorm_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

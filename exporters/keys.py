@@ -1,0 +1,76 @@
+"""The ``gatenorm.*`` metadata keys every export format writes about its plan (GGUF key/values, ONNX
+``metadata_props``), one spelling for both, like gguf-py's `Keys`; and the older spellings still read.
+
+`plan_values` is what both writers write (a list only when the plan uses its action: gguf-py cannot read an
+empty array back); `canonical` maps what a reader found to today's names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gatenorm import __version__
+from gatenorm.plan import Plan
+
+
+class Keys:
+    """Metadata key names."""
+
+    PREFIX = "gatenorm."
+    TOOL_VERSION = "gatenorm.tool_version"
+    PLAN = "gatenorm.plan"  # the plan JSON: the one key readers need
+    METHOD = "gatenorm.method"
+    BUDGET = "gatenorm.budget"
+    SCORES = "gatenorm.scores"
+    DROPPED_LAYERS = "gatenorm.dropped_layers"
+    LINEARIZED_LAYERS = "gatenorm.linearized_layers"
+    LINEARIZE_ALPHAS = "gatenorm.linearize_alphas"
+    DROPPED_BLOCKS = "gatenorm.dropped_blocks"
+
+    class Source:
+        PATH = "gatenorm.source.path"
+        FORMAT = "gatenorm.source.format"
+        SHA256 = "gatenorm.source.sha256"
+        HASHED = "gatenorm.source.hashed"
+
+    # ONNX only
+    KV_LAYERS = "gatenorm.kv_layers"  # cache slot -> original layer
+    PRECISION = "gatenorm.precision"
+
+
+#: Names written by earlier versions -> today's (ONNX folders before the keys were shared).
+LEGACY = {"gatenorm.source_sha256": Keys.Source.SHA256}
+
+#: Keys that hold a list of layers or alphas.
+LISTS = (Keys.DROPPED_LAYERS, Keys.LINEARIZED_LAYERS, Keys.LINEARIZE_ALPHAS, Keys.DROPPED_BLOCKS)
+
+
+def plan_values(plan: Plan) -> dict[str, object]:
+    """Every plan key of an export of `plan` with its value (lists only when non-empty)."""
+    values: dict[str, object] = {
+        Keys.TOOL_VERSION: __version__,
+        Keys.PLAN: plan.to_json(),
+        Keys.METHOD: plan.method,
+        Keys.BUDGET: plan.budget,
+        Keys.SCORES: [float(s) for s in plan.scores],
+        Keys.Source.PATH: plan.source.path,
+        Keys.Source.FORMAT: plan.source.format,
+        Keys.Source.SHA256: plan.source.sha256,
+        Keys.Source.HASHED: plan.source.hashed,
+    }
+    lists = {
+        Keys.DROPPED_LAYERS: plan.dropped,
+        Keys.LINEARIZED_LAYERS: plan.linearized,
+        Keys.LINEARIZE_ALPHAS: plan.linearize_alphas,
+        Keys.DROPPED_BLOCKS: plan.blocks_dropped,
+    }
+    return values | {key: value for key, value in lists.items() if value}
+
+
+def canonical(found: Mapping[str, object]) -> dict[str, object]:
+    """`found` with older key names renamed to today's (today's name wins if a file has both)."""
+    out = dict(found)
+    for old, new in LEGACY.items():
+        if old in out:
+            out.setdefault(new, out.pop(old))
+    return out

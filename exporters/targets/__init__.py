@@ -1,0 +1,8 @@
+"""Export targets: `base` (what a target declares, the table) and one module per target, imported here at
+the top so that importing the package registers them all. A new target is one module calling
+`register_target`, and one import line below."""
+
+from exporters.targets import gguf, onnx  # noqa: F401  (the target modules register themselves)
+from exporters.targets.base import TARGETS, ExportTarget, register_target, target_spec, unregister_target
+
+__all__ = ["TARGETS", "ExportTarget", "register_target", "target_spec", "unregister_target"]

@@ -1,0 +1,91 @@
+"""What an export target is: an `ExportTarget` (options model, quant parsing, export function, artifact
+path, validation runtimes, model-card usage, the plan actions each architecture supports), added to
+`TARGETS` with `register_target`. The CLI (``gatenorm export --to``), `exporters.export.export`, recipes
+(schema, batch, build, card) ask this table; nothing else names a target."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from gatenorm.architectures import Architecture
+from gatenorm.errors import GatenormError
+from gatenorm.plan import LayerAction, Plan
+from gatenorm.readers import Checkpoint
+
+#: Called by an exporter once its output is complete, before moving it to OUT: raises if the plan turned
+#: out not to belong to the model (its content hash is checked while the exporter works).
+BeforeCommit = Callable[[], None]
+#: (checkpoint, plan, out, quant, before_commit, **options) -> the written artifact.
+ExportFn = Callable[..., Path]
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """One export format."""
+
+    name: str
+    #: writes the artifact (atomically: nothing at `out` on failure)
+    export: ExportFn
+    #: a quant name as this target spells it (one line naming the known ones if unknown)
+    parse_quant: Callable[[str], str]
+    #: the plan actions this target writes for an architecture, and why the others are not (or "")
+    actions: Callable[[type[Architecture]], tuple[set[LayerAction], str]]
+    #: a recipe's ``exports.<name>`` model, and its exports: (quant, exporter options) per artifact
+    options: type[BaseModel]
+    variants: Callable[[BaseModel], list[tuple[str, dict[str, int | bool]]]]
+    #: the artifact inside a variant's folder, from the variant's name
+    artifact: Callable[[str], str]
+    #: (reference runtime, candidate runtime) of a variant, given whether the source is a GGUF file
+    runtimes: Callable[[bool], tuple[str, str]]
+    #: the model card's "Use" section, given the artifact's path inside the folder
+    usage: Callable[[str], str]
+    #: ``gatenorm export --quant`` help for this target
+    quant_help: str
+    #: checks that name the family, action and reason, run before anything is read or written
+    check: Callable[[Checkpoint, Plan], None] = lambda _ckpt, _plan: None
+    #: refuses exporter options this target does not take (run first)
+    check_options: Callable[[dict], None] = lambda _options: None
+    #: quant types of the unpruned model only (the quantization ladder of a recipe)
+    ladder: Callable[[BaseModel], list[str]] = lambda _options: []
+    #: front-matter lines of the model card (e.g. ``library_name``)
+    card_front_matter: tuple[str, ...] = ()
+    #: exporter options a recipe rebuild passes (replace a stale artifact of an older key)
+    rebuild_options: dict[str, bool] = field(default_factory=dict)
+
+    def require(self, arch: type[Architecture], plan: Plan) -> None:
+        """Refuse `plan` if it uses an action this target cannot write for `arch` (`Plan.require`)."""
+        supported, reason = self.actions(arch)
+        plan.require(supported, f"the {self.name} exporter ({arch.name}{f': {reason}' if reason else ''})")
+
+
+#: target name -> ExportTarget, in registration order; the target modules are imported by the package.
+TARGETS: dict[str, ExportTarget] = {}
+
+
+def register_target(target: ExportTarget) -> ExportTarget:
+    """Add `target` to `TARGETS` (a GatenormError if its name is taken)."""
+    if target.name in TARGETS:
+        raise GatenormError(f"export target {target.name!r} is registered twice")
+    TARGETS[target.name] = target
+    return target
+
+
+def unregister_target(name: str) -> None:
+    """Remove a target (tests that register a throw-away one)."""
+    TARGETS.pop(name, None)
+
+
+class UnknownTarget(GatenormError, ValueError):
+    """No export target of that name (a bad value: one line, exit 2)."""
+
+
+def target_spec(name: str) -> ExportTarget:
+    """The target called `name`; one line naming the known ones if there is none."""
+    name = str(getattr(name, "value", name))
+    if name not in TARGETS:
+        raise UnknownTarget(f"unknown export target {name!r} (known: {', '.join(TARGETS)})")
+    return TARGETS[name]

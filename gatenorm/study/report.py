@@ -1,0 +1,527 @@
+"""docs/study.md and its figures, from the study's results JSON only (see `gatenorm.study.run`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from gatenorm.io import atomic_path, atomic_write_text
+from gatenorm.methods import METHODS
+from gatenorm.plan import Plan
+from gatenorm.study.common import combo
+
+
+def method_label(method: str) -> str:
+    """A method's label in the study's tables (`MethodSpec.label`); random's figures are a mean over seeds."""
+    return METHODS[method].label + (" (mean ± sd)" if method == "random" else "")
+
+
+NOTES = [
+    "## Reading the results",
+    "",
+    "- Weights-only criteria do not find the harmless attention sublayers of this 135M model: Gate-Norm's "
+    "ranks agree poorly with the measured importance (the rank-correlation table), and so does every other "
+    "weight statistic tried (data-free alpha, predicted self weight, value-output gain). The `mixed` plan "
+    "(weights only) inherits Gate-Norm's layer choice; linearizing instead of dropping lowers its KLD but "
+    "cannot repair the choice.",
+    "- Measuring instead of predicting works without data: attention-cosine computed on text the model "
+    "samples itself ranks the layers much like attention-cosine on held-out Wikipedia text (the correlation "
+    "table), and `mixed-synthetic` chooses per layer between dropping the attention, linearizing it at the "
+    "least-squares alpha and dropping the whole block, by damage per saved FLOP. It costs a generation and "
+    "one forward pass (the timing table), not the weights-only second of Gate-Norm.",
+    "- A linearized layer keeps a d x d matmul (Q8_0 in the GGUF of a Q4_1 source). By FLOPs it saves about "
+    "two thirds of what dropping saves at 256 tokens; measured in llama.cpp, 16 linearized layers save 90 % "
+    "of what 16 dropped ones save in prompt processing and 60 % in generation (the speed table). "
+    "mixed-synthetic weighs damage by the FLOP ratio and linearizes only where that still pays (on SmolLM2 "
+    "the last layer); calibrated HARP and harp-free linearize every chosen layer.",
+    "- At 135M parameters the MLPs take about 70 % of a layer's prompt compute at 256 tokens (and in "
+    "generation the 49k-row LM head runs for every token), so removing attention alone gives small "
+    "speedups: 16 dropped attention sublayers reach 1.20x. A dropped block saves 3.5x the FLOPs of a dropped "
+    "attention, so where a block's damage is less than 3.5x its attention's (on SmolLM2 mostly layers 10-19) "
+    "mixed-synthetic drops the block. That is how its plans beat ShortGPT's block removal at every measured "
+    "speedup (at 1.23x: KLD 0.73 against 1.10) and reach 1.49x; the attention-only methods cannot get as "
+    "fast at any studied budget, so the target tables compare with them up to budget 6.",
+    "- A budget counts changed layers, so at equal budget mixed-synthetic now removes more compute (and "
+    "loses more) than the attention-only methods: compare methods at equal speedup (the target tables, the "
+    "figure), or ask for a speedup (`--budget-speedup`, a recipe's `min_speedup`).",
+    "",
+]
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (average ranks for ties), with numpy only."""
+
+    def ranks(x):
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):
+            r[x == v] = r[x == v].mean()
+        return r
+
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    _plt().close(fig)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points (speedup, KLD) not beaten by a faster-or-equal point with lower-or-equal KLD, by speedup."""
+    front = []
+    for s, k in sorted(points, key=lambda p: (-p[0], p[1])):
+        if not front or k < front[-1][1]:
+            front.append((s, k))
+    return sorted(front)
+
+
+def front_kld_at(front: list[tuple[float, float]], speedup: float) -> float | None:
+    """The best KLD a method's Pareto front reaches at >= `speedup` (step interpolation: no extrapolation)."""
+    ok = [k for s, k in front if s >= speedup - 1e-9]
+    return min(ok) if ok else None
+
+
+class Rows:
+    """Per method family and budget: quality, measured and estimated speedup."""
+
+    def __init__(self, data: dict, args, plans: dict[tuple[str, int], Plan], cost):
+        self.data, self.args = data, args
+        self.budgets = [int(b) for b in args.budgets.split(",")]
+        self.rows: dict[str, dict[int, dict]] = {}
+        speed = data.get("speed", {})
+        for (name, b), plan in plans.items():
+            family = "random" if name.startswith("random-") else name
+            q = data.get("quality", {}).get(f"{name}/{b}")
+            if q is None:
+                continue
+            s = speed.get(combo(plan), {}).get("ratio", {})  # measured once per action count
+            entry = {
+                "kld": q["kld"],
+                "ppl": q["ppl"],
+                "top1": q["top1"],
+                "est": cost.speedup([lp.action for lp in plan.layers]),
+                "pp": s.get(f"pp{args.bench_prompt}_tok_s"),
+                "tg": s.get(f"tg{args.bench_gen}_tok_s"),
+                "plan": plan.describe(),
+            }
+            self.rows.setdefault(family, {}).setdefault(b, []).append(entry)
+
+    def value(self, family: str, b: int, key: str) -> tuple[float, float] | None:
+        entries = self.rows.get(family, {}).get(b)
+        if not entries or any(e[key] is None for e in entries):
+            return None
+        vals = np.array([e[key] for e in entries], dtype=float)
+        return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+
+    def points(self, family: str, key: str) -> list[tuple[float, float]]:
+        out = []
+        for b in self.budgets:
+            s, k = self.value(family, b, key), self.value(family, b, "kld")
+            if s is not None and k is not None:
+                out.append((s[0], k[0]))
+        return out
+
+
+def fmt(v: tuple[float, float] | None, digits: int = 3, spread: bool = True) -> str:
+    if v is None:
+        return "–"
+    return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if spread and v[1] else f"{v[0]:.{digits}f}"
+
+
+def write_report(data: dict, args, ckpt, plans, cost) -> None:
+    docs = Path(args.docs)
+    rows = Rows(data, args, plans, cost)
+    ranks = data["rankings"]
+    settings = data["settings"]
+    split = settings["text_split"]
+    families = [f for f in METHODS if f in rows.rows]
+    md: list[str] = ["# Methods study: SmolLM2-135M", ""]
+    md += [
+        "Produced by `scripts/study_methods.py`: every number below comes from `docs/study_results.json`, "
+        "which the script writes (rerun with the same flags to reproduce). Settings:",
+        "",
+        f"- evaluation: {settings['eval_windows']} windows x {settings['eval_len']} tokens of the shipped "
+        f"Wikipedia leads (articles {split['eval_articles']}), fp32 PyTorch with `apply_plan`, "
+        "PPL of the pruned model and KLD(unpruned || pruned) per token;",
+        f"- calibration (data-driven methods): `wiki-heldout`, {settings['calib_samples']} x "
+        f"{settings['calib_len']} tokens ({settings['harp_samples']} windows for HARP's alpha search), "
+        f"articles {split['calib_articles']}: disjoint from the evaluation text (checked); mixed-synthetic: "
+        f"{settings['calib_samples']} x {settings['calib_len']} tokens the model generates itself (seed 0);",
+        f"- speed: llama.cpp (llama-cpp-python, {settings['threads']} threads, flash attention), the "
+        "exported GGUF (Q4_1 tensors as shipped) vs the unpruned shipped GGUF, interleaved in one run, "
+        f"median of {settings['bench_runs']} runs after a warm-up: prompt processing of "
+        f"{settings['bench_prompt']} tokens (pp) and {settings['bench_gen']} generated tokens (tg); one "
+        "measurement per distinct count of dropped / linearized / removed layers (speed depends on the "
+        "counts, not on which layers), at the budgets listed in the speed table only (the benchmark is the "
+        "costliest stage); 1-minute load average of the 2-core machine after each measurement: "
+        f"{load_range(data)};",
+        f"- cost model and data-free alpha at context {settings['ctx']}; random: seeds "
+        f"0..{settings['seeds'] - 1}.",
+        "",
+    ]
+    n_plans = sum(len(v) for f in rows.rows.values() for v in f.values())
+    md += [
+        f"**Coverage:** quality for {n_plans} plans; llama.cpp speed for {len(data.get('speed', {}))} "
+        f"action counts; zero-shot for {len(data.get('zeroshot', {}))} models at the budgets of that table "
+        "(the script resumes from its JSON: rerun it with more budgets to fill the rest).",
+        "",
+    ]
+    for candidate in ("mixed-synthetic", "mixed"):
+        if candidate in rows.rows:
+            if data.get("speed"):
+                md += target_section(rows, families, "pp", candidate)
+            md += target_section(rows, families, "est", candidate)
+    md += quality_table(rows, families)
+    md += timing_section(ranks)
+    md += correlation_section(ranks)
+    md += alpha_section(ranks, docs)
+    md += zeroshot_section(data, families)
+    md += speed_section(data, plans, cost, args)
+    md += NOTES
+    mechanism_plot(ranks, docs / "study_mechanism.png")
+    pareto_plot(rows, families, docs / "study_pareto.png")
+    md += [
+        "## Figures",
+        "",
+        "![KLD vs speedup](study_pareto.png)",
+        "",
+        "![mechanism](study_mechanism.png)",
+        "",
+        "![alpha](study_alpha.png)",
+        "",
+    ]
+    atomic_write_text(docs / "study.md", "\n".join(md) + "\n")
+
+
+def target_section(rows: Rows, families: list[str], key: str, candidate: str) -> list[str]:
+    """`candidate`'s plans against the best KLD of Gate-Norm, HARP, attention-cosine and block-influence at
+    >= its speedup."""
+    label = {
+        "pp": "measured prompt-processing speedup",
+        "tg": "measured generation speedup",
+        "est": "estimated speedup (cost model)",
+    }[key]
+    md = [
+        f"## Target: {method_label(candidate)} vs Gate-Norm, HARP, attention-cosine (and block-influence) "
+        "at equal "
+        f"{label}",
+        "",
+        f"For each plan of `{candidate}`, the best KLD each other method's Pareto front reaches at a {label} "
+        "at least as high (no extrapolation; – where none of that method's studied budgets gets as fast).",
+        "",
+        "| budget | speedup | KLD | Gate-Norm | HARP (calibrated) | attention-cosine | block-influence "
+        "| ours / cosine |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    fronts = {f: pareto(rows.points(f, key)) for f in families}
+    wins = {"gate-norm": [0, 0], "harp": [0, 0], "block-influence": [0, 0]}  # [wins, comparable budgets]
+    within = compared = 0
+    for b in rows.budgets:
+        s, k = rows.value(candidate, b, key), rows.value(candidate, b, "kld")
+        if s is None or k is None:
+            continue
+        others = {
+            f: front_kld_at(fronts.get(f, []), s[0])
+            for f in ("gate-norm", "harp", "attention-cosine", "block-influence")
+        }
+        for f, count in wins.items():
+            if others[f] is not None:
+                count[0] += k[0] < others[f]
+                count[1] += 1
+        cos = others["attention-cosine"]
+        if cos is not None:
+            compared += 1
+            within += k[0] <= 1.1 * cos
+        cells = ["–" if v is None else f"{v:.4f}" for v in others.values()]
+        ratio = "–" if cos is None else f"{k[0] / cos:.2f}"
+        md.append(f"| {b} | {s[0]:.3f} | {k[0]:.4f} | {' | '.join(cells)} | {ratio} |")
+    (gate, n_gate), (harp, n_harp), (block, n_block) = wins.values()
+    md += [
+        "",
+        f"`{candidate}` has a lower KLD than Gate-Norm at {gate} of {n_gate} comparable budgets, than "
+        f"calibrated HARP at {harp} of {n_harp} and than block-influence at {block} of {n_block}; it is "
+        f"within 10 % of attention-cosine's KLD at {within} of {compared}.",
+        "",
+    ]
+    return md
+
+
+def quality_table(rows: Rows, families: list[str]) -> list[str]:
+    md = ["## KLD and speedup per method and budget", ""]
+    head = "| method | " + " | ".join(f"{b}" for b in rows.budgets) + " |"
+    md += [
+        "KLD (nats/token) vs the unpruned model; random: mean ± sd over seeds.",
+        "",
+        head,
+        "|" + " --- |" * (len(rows.budgets) + 1),
+    ]
+    for f in families:
+        md.append(
+            f"| {method_label(f)} | " + " | ".join(fmt(rows.value(f, b, "kld")) for b in rows.budgets) + " |"
+        )
+    md += ["", "PPL of the pruned model (unpruned: " + unpruned_ppl(rows) + ").", "", head]
+    md.append("|" + " --- |" * (len(rows.budgets) + 1))
+    for f in families:
+        md.append(
+            f"| {method_label(f)} | "
+            + " | ".join(fmt(rows.value(f, b, "ppl"), 1) for b in rows.budgets)
+            + " |"
+        )
+    for key, title in (("pp", "prompt processing"), ("tg", "generation"), ("est", "cost model (estimate)")):
+        md += ["", f"Speedup, {title}:", "", head, "|" + " --- |" * (len(rows.budgets) + 1)]
+        for f in families:
+            md.append(
+                f"| {method_label(f)} | "
+                + " | ".join(fmt(rows.value(f, b, key), 3, False) for b in rows.budgets)
+                + " |"
+            )
+    md += ["", "Plans (first seed for random):", ""]
+    for f in families:
+        for b in rows.budgets:
+            entries = rows.rows[f].get(b)
+            if entries and b in (rows.budgets[len(rows.budgets) // 2], rows.budgets[-1]):
+                md.append(f"- {method_label(f)}, budget {b}: {entries[0]['plan']}")
+    return [*md, ""]
+
+
+def unpruned_ppl(rows: Rows) -> str:
+    quality = rows.data.get("quality")
+    return f"{next(iter(quality.values()))['ppl_ref']:.2f}" if quality else "–"
+
+
+def timing_section(ranks: dict) -> list[str]:
+    named = {n: r for n, r in ranks.items() if not n.startswith("random-")}
+    secs = {n: r["scores"]["seconds"] for n, r in named.items()}
+    md = [
+        "## Scoring time",
+        "",
+        "Wall time of ranking all 30 layers on the 2-core machine, with the 1-minute load average at the "
+        "time (data-driven: loading the model with transformers, the calibration pass, the q/k content hash; "
+        "mixed-synthetic also generates its text; HARP: its alpha search for the layers the largest budget "
+        "linearizes). The GGUF is in the page cache.",
+        "",
+        "| method | seconds | x Gate-Norm | load |",
+        "| --- | --- | --- | --- |",
+    ]
+    base = secs.get("gate-norm")
+    for n, s in sorted(secs.items(), key=lambda kv: kv[1]):
+        load = named[n].get("timed_at_load")
+        cells = [f"{s:.2f}", f"{s / base:.0f}" if base else "–", "–" if load is None else f"{load:.1f}"]
+        md.append(f"| {n} | {' | '.join(cells)} |")
+    if base and "attention-cosine" in secs:
+        md += [
+            "",
+            f"Attention-cosine takes {secs['attention-cosine'] / base:.0f}x Gate-Norm's time here (paper: "
+            "~1000x on 13B). Gate-Norm reads and dequantizes the q/k tensors only; the data-driven time is "
+            "mostly loading the whole model and one forward pass over the calibration tokens, which grows "
+            "with the model and the calibration size.",
+        ]
+    return [*md, ""]
+
+
+def correlation_section(ranks: dict) -> list[str]:
+    cos = ranks.get("attention-cosine", {}).get("scores", {}).get("scores")
+    gn = ranks.get("gate-norm", {}).get("scores", {}).get("scores")
+    if cos is None or gn is None:
+        return []
+    md = ["## Rank correlation with attention-cosine importance (layers 1..29)", ""]
+    pairs = [("Gate-Norm", gn)]
+    extra = ranks.get("mixed", {}).get("extra", {})
+    for key, label in (
+        ("alpha", "data-free alpha"),
+        ("self_weight", "predicted self-attention weight"),
+        ("value_gain", "value-output gain, Frobenius norm of W_o W_v G"),
+    ):
+        if key in extra:
+            pairs.append((label, extra[key]))
+    ratio = ranks["attention-cosine"]["extra"].get("attention_ratio")
+    if ratio:
+        pairs.append(("measured attention-output / residual norm (data)", ratio))
+    synthetic = ranks.get("mixed-synthetic", {})
+    if synthetic:
+        own = [1 - c for c in synthetic["extra"]["attention_cosine"]]
+        pairs.append(("attention-cosine on self-generated text (no data)", own))
+        pairs.append(("mixed-synthetic score (damage per saved FLOP)", synthetic["scores"]["scores"]))
+    md += ["| score | Spearman vs 1 - cos |", "| --- | --- |"]
+    md += [f"| {label} | {spearman(v[1:], cos[1:]):.2f} |" for label, v in pairs]
+    return [*md, ""]
+
+
+def alpha_section(ranks: dict, docs: Path) -> list[str]:
+    harp = ranks.get("harp", {}).get("alphas")
+    free = ranks.get("harp-free", {}).get("alphas")
+    if not harp or not free:
+        return []
+    layers = sorted(int(k) for k in harp)
+    cal = [harp[str(i)] for i in layers]
+    est = [free[str(i)] for i in layers]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot(layers, cal, "o-", label="calibrated (HARP search)")
+    ax.plot(layers, est, "s--", label="data-free (self + shared rule)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("alpha")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, docs / "study_alpha.png")
+    mae = float(np.mean(np.abs(np.array(cal) - np.array(est))))
+    return [
+        "## HARP alpha: calibrated vs data-free",
+        "",
+        f"Layers {layers[0]}..{layers[-1]}: mean |difference| {mae:.3f}, Spearman {spearman(cal, est):.2f}, "
+        f"mean calibrated {np.mean(cal):.3f}, mean data-free {np.mean(est):.3f}.",
+        "",
+        "| layer | " + " | ".join(str(i) for i in layers) + " |",
+        "|" + " --- |" * (len(layers) + 1),
+        "| calibrated | " + " | ".join(f"{a:.2f}" for a in cal) + " |",
+        "| data-free | " + " | ".join(f"{a:.2f}" for a in est) + " |",
+        "",
+    ]
+
+
+def zeroshot_section(data: dict, families: list[str]) -> list[str]:
+    z = data.get("zeroshot")
+    if not z:
+        return ["## Zero-shot", "", "Not measured in this run.", ""]
+    base = z.get("unpruned/0", {}).get("average")
+    budgets = sorted({int(k.split("/")[1]) for k in z if not k.startswith("unpruned")})
+    md = [
+        f"## Zero-shot average ({len(data['settings']['tasks'].split(','))} tasks)",
+        "",
+        f"`--limit {data['settings']['limit']}` items per task (so each average has a standard error of "
+        f"several points); unpruned: {100 * base:.1f} %."
+        if base is not None
+        else "",
+        "",
+        "| method | " + " | ".join(str(b) for b in budgets) + " |",
+        "|" + " --- |" * (len(budgets) + 1),
+    ]
+    for f in families:
+        cells = []
+        for b in budgets:
+            vals = [
+                v["average"]
+                for k, v in z.items()
+                if k.rsplit("/", 1)[0] in (f, *_seeds(f, z)) and k.endswith(f"/{b}")
+            ]
+            cells.append("–" if not vals else f"{100 * np.mean(vals):.1f}")
+        md.append(f"| {method_label(f)} | " + " | ".join(cells) + " |")
+    pruned = [v["average"] for k, v in z.items() if not k.startswith("unpruned")]
+    n_items = len(data["settings"]["tasks"].split(",")) * data["settings"]["limit"]
+    if pruned and base is not None:
+        md += [
+            "",
+            f"The pruned models' averages span {100 * min(pruned):.1f} to {100 * max(pruned):.1f} % around "
+            f"the unpruned {100 * base:.1f} %; with {n_items} items an average's standard error is about "
+            f"{100 * math.sqrt(0.25 / n_items):.1f} points, and this 135M model is near chance on most of "
+            "these tasks (BoolQ flips between always-no and always-yes), so zero-shot does not separate the "
+            "methods here; KLD and PPL on text do.",
+        ]
+    return [*md, ""]
+
+
+def _seeds(family: str, z: dict) -> list[str]:
+    if family != "random":
+        return []
+    return sorted({k.rsplit("/", 1)[0] for k in z if k.startswith("random-")})
+
+
+def speed_section(data: dict, plans, cost, args) -> list[str]:
+    speed = data.get("speed")
+    if not speed:
+        return ["## Measured speed", "", "Not measured in this run (estimates only).", ""]
+    estimate = {combo(p): cost.speedup([lp.action for lp in p.layers]) for p in plans.values()}
+    pp, tg = f"pp{args.bench_prompt}_tok_s", f"tg{args.bench_gen}_tok_s"
+    md = [
+        "## Measured llama.cpp speed per action count",
+        "",
+        "Ratios pruned / unpruned of tokens per second (median of the interleaved runs); the cost model's "
+        "estimate beside them.",
+        "",
+        "| drop-attention / linearize / drop-block | prompt (pp) | generation (tg) | cost model "
+        "| measured on |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for key, s in sorted(speed.items(), key=lambda kv: [int(x[1:]) for x in kv[0].split("-")]):
+        d, lin, blk = (int(x[1:]) for x in key.split("-"))
+        r = s["ratio"]
+        md.append(f"| {d} / {lin} / {blk} | {r[pp]:.3f} | {r[tg]:.3f} | {estimate.get(key, math.nan):.3f} | "
+                  f"{s['plan']} |")  # fmt: skip
+    ref = next(iter(speed.values()))["reference"]
+    md += [
+        "",
+        f"The unpruned reference in the first measured pair ran at {ref[pp]:.0f} tok/s prompt and "
+        f"{ref[tg]:.1f} tok/s generation; load average during the stage {load_range(data)}. Interleaving "
+        "makes both models see the same conditions; generation ratios of 32 tokens carry the most noise.",
+    ]
+    return [*md, ""]
+
+
+def load_range(data: dict) -> str:
+    """The range of load averages recorded with the speed measurements (older entries have none)."""
+    loads = [s["load"] for s in data.get("speed", {}).values() if "load" in s]
+    return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not recorded"
+
+
+def mechanism_plot(ranks: dict, path: Path) -> None:
+    cos = ranks.get("attention-cosine", {})
+    ratio = cos.get("extra", {}).get("attention_ratio")
+    gn = ranks.get("gate-norm", {}).get("scores", {}).get("scores")
+    if not ratio or not gn:
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    layers = np.arange(len(ratio))
+    ax.bar(layers, ratio, color="tab:blue", label="||Attn(norm X)|| / ||X|| (calibration mean)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("attention-output / residual norm")
+    ax2 = ax.twinx()
+    ax2.plot(layers, gn, "o-", color="tab:red", label="Gate-Norm ||W_q W_k^T||_F")
+    ax2.set_ylabel("Gate-Norm")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper center", fontsize=8)
+    ax.set_title("How much each attention sublayer writes into the residual stream (SmolLM2-135M)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def pareto_plot(rows: Rows, families: list[str], path: Path) -> None:
+    plt = _plt()
+    keys = [k for k in ("pp", "tg", "est") if any(rows.points(f, k) for f in families)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
+    titles = {
+        "pp": "measured prompt speedup",
+        "tg": "measured generation speedup",
+        "est": "estimated speedup",
+    }
+    for ax, key in zip(axes[0], keys, strict=True):
+        for i, f in enumerate(families):
+            pts = rows.points(f, key)
+            if not pts:
+                continue
+            color = f"C{i}"
+            ax.scatter(*zip(*pts, strict=True), color=color, s=14)
+            front = pareto(pts)
+            ax.plot(*zip(*front, strict=True), "-", color=color, label=method_label(f))
+        ax.set_yscale("log")
+        ax.set_xlabel(titles[key])
+        ax.set_ylabel("KLD vs unpruned (nats/token)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: quality vs speedup, lines = each method's Pareto front")
+    fig.tight_layout()
+    _save(fig, path)

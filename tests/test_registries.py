@@ -1,0 +1,243 @@
+"""Each kind of extension is one registry entry: a dummy method, export target and runtime added through
+the registries alone reach every caller (CLI, recipes, study, validation)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from gatenorm.errors import GatenormError
+from gatenorm.methods import METHODS, MethodOptions, Ranking, make_method_plan, register_method
+from gatenorm.methods.spec import unregister_method
+from gatenorm.plan import LayerAction, Plan
+from gatenorm.readers import Checkpoint
+from gatenorm.scoring import depth_scores, shape_scores
+
+
+@pytest.fixture
+def dummy_method():
+    """A method that changes the shallowest layers first, registered for one test (its one file: here)."""
+
+    @register_method(
+        "dummy-first",
+        label="dummy (shallowest first)",
+        summary="shallowest layers first",
+        actions={LayerAction.LINEARIZE},
+    )
+    def dummy_first(ckpt: Checkpoint, options: MethodOptions, _needed: int | None) -> Ranking:
+        n = ckpt.shape.n_layers
+        scores = shape_scores(ckpt, "dummy-first", reversed(depth_scores(n)))
+        return Ranking(scores, [LayerAction.LINEARIZE] * n, dict.fromkeys(range(n), 0.5))
+
+    yield "dummy-first"
+    unregister_method("dummy-first")
+
+
+def test_dummy_method_reaches_planning_cli_recipes_and_study(dummy_method, tiny_llama_dir, tmp_path):
+    from gatenorm.cli import app
+    from gatenorm.readers import open_checkpoint
+    from gatenorm.recipes.schema import MethodEntry
+    from gatenorm.study.common import study_methods
+    from gatenorm.study.report import method_label
+
+    ckpt = open_checkpoint(tiny_llama_dir)
+    plan = make_method_plan(ckpt, dummy_method, 2)
+    assert plan.method == dummy_method and plan.linearized == [1, 2]
+    assert all(lp.alpha == 0.5 for lp in plan.layers if lp.action is LayerAction.LINEARIZE)
+
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(
+        app, ["plan", str(tiny_llama_dir), "--drop", "1", "-m", dummy_method, "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert Plan.load(out).linearized == [1]
+    bad = CliRunner().invoke(app, ["plan", str(tiny_llama_dir), "--drop", "1", "-m", "nope", "-o", str(out)])
+    assert bad.exit_code == 2 and "unknown method 'nope'" in bad.output and dummy_method in bad.output
+
+    assert MethodEntry(name=dummy_method).name == dummy_method
+    assert dummy_method in study_methods() and "gate-norm-head" not in study_methods()
+    assert method_label(dummy_method) == "dummy (shallowest first)"
+
+
+def test_method_registry_refuses_a_second_entry_of_a_name():
+    with pytest.raises(GatenormError, match="registered twice"):
+        register_method("gate-norm", label="x", summary="x", actions={LayerAction.DROP_ATTENTION})(
+            lambda *a: None
+        )
+    assert METHODS["gate-norm"].score_only
+
+
+class _UniformRuntime:
+    """A dummy runtime: uniform logits over a vocabulary, for files ending in ``.uniform`` (its one file:
+    here; it implements the `Runtime` protocol and the three class-level declarations)."""
+
+    name = "uniform"
+    applies_plans = False
+
+    @classmethod
+    def claim(cls, path, plan):
+        from gatenorm.validate.runtimes.base import DEFAULT, NO
+
+        return DEFAULT if path.suffix == ".uniform" and plan is None else NO
+
+    @classmethod
+    def refusal(cls, path):
+        return None if path.is_file() else f"uniform: no such file {path}"
+
+    def __init__(self, path, threads=2, **_):
+        self.path = path
+        self.vocab_size = int(path.read_text())
+        self.bos_id = None
+
+    def tokenize(self, text):
+        return [ord(c) % self.vocab_size for c in text]
+
+    def window_logits(self, windows, first):
+        import numpy as np
+
+        for _row in windows:
+            yield np.zeros((windows.shape[1] - 1 - first, self.vocab_size), dtype=np.float32)
+
+    def loglikelihoods(self, requests):
+        import math
+
+        return [(-len(cont) * math.log(self.vocab_size), False) for _ctx, cont in requests]
+
+    def generate(self, prompt, n_new):
+        from gatenorm.validate.runtimes import Timing
+
+        return Timing(0.0, 0.0, n_new)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def uniform_runtime():
+    from gatenorm.validate.runtimes import register_runtime
+    from gatenorm.validate.runtimes.base import unregister_runtime
+
+    yield register_runtime(_UniformRuntime)
+    unregister_runtime("uniform")
+
+
+def test_dummy_runtime_is_detected_and_validated(uniform_runtime, tmp_path):
+    import math
+
+    from gatenorm.models import tiny
+    from gatenorm.validate.gates import Gates
+    from gatenorm.validate.run import Settings, validate
+    from gatenorm.validate.runtimes import Runtime, detect_runtime, model_spec, open_runtime
+
+    ref = model_spec(str(tiny()))
+    vocab = open_runtime(ref).vocab_size
+    path = tmp_path / "model.uniform"
+    path.write_text(str(vocab))
+    assert detect_runtime(path) == "uniform" and detect_runtime(tiny()) == "llama.cpp"
+    spec = model_spec(str(path))
+    assert spec.runtime == "uniform" and isinstance(open_runtime(spec), Runtime)
+    with pytest.raises(GatenormError, match="plan can only be applied in the torch runtime, not uniform"):
+        model_spec(str(path), "uniform", tmp_path / "model.uniform")
+    report = validate(ref, spec, Settings(ctx=16, max_tokens=64, tasks=[], bench=None), Gates())
+    assert report["candidate"]["runtime"] == "uniform"
+    assert math.isclose(report["agreement"]["ppl_cand"], vocab, rel_tol=1e-4)
+    assert "min_top1" in report["failed_gates"]  # uniform logits: argmax is token 0
+
+
+@pytest.fixture
+def planjson_target():
+    """A dummy export target writing the plan JSON as the artifact (its one file: here)."""
+    from pydantic import BaseModel
+
+    from exporters.targets import ExportTarget, register_target, unregister_target
+    from gatenorm.io import atomic_write_text
+
+    class PlanJsonExports(BaseModel):
+        indent: list[int] = [2]
+
+    def write(ckpt, plan, out, quant, before_commit, **options):
+        before_commit()
+        atomic_write_text(out, plan.to_json() if quant == "pretty" else plan.model_dump_json())
+        return out
+
+    def parse(quant: str) -> str:
+        if quant not in ("keep", "pretty"):
+            raise GatenormError(f"--quant {quant!r}: planjson takes keep or pretty")
+        return quant
+
+    yield register_target(
+        ExportTarget(
+            name="planjson",
+            export=write,
+            parse_quant=parse,
+            actions=lambda arch: (
+                {LayerAction.KEEP, LayerAction.DROP_ATTENTION},
+                "plans only drop attention",
+            ),
+            options=PlanJsonExports,
+            variants=lambda o: [("pretty" if i else "keep", {}) for i in o.indent],
+            artifact=lambda name: f"{name}.plan.json",
+            runtimes=lambda _gguf: ("torch", "torch"),
+            usage=lambda artifact: f"`Plan.load('{artifact}')`",
+            quant_help="keep, pretty",
+            card_front_matter=("library_name: gatenorm",),
+        )
+    )
+    unregister_target("planjson")
+
+
+def test_dummy_export_target_reaches_export_cli_and_cards(planjson_target, tmp_path):
+    from exporters.export import export
+    from gatenorm.cli import app
+    from gatenorm.models import tiny
+    from gatenorm.readers import open_checkpoint
+    from gatenorm.recipes.batch import ExportSpec, Variant
+    from gatenorm.recipes.card import model_card
+
+    ckpt = open_checkpoint(tiny())
+    plan = make_method_plan(ckpt, "gate-norm", 1)
+    out = export(tiny(), plan, tmp_path / "p.json", "planjson", "pretty")
+    assert Plan.from_json(out.read_text()) == plan
+    linear = make_method_plan(ckpt, "harp-free", 1)
+    with pytest.raises(GatenormError, match=r"planjson exporter \(llama: plans only drop attention\) cannot"):
+        export(tiny(), linear, tmp_path / "l.json", "planjson")
+
+    result = CliRunner().invoke(
+        app, ["export", str(tiny()), "--drop", "1", "--to", "planjson", "-o", str(tmp_path / "c.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert Plan.from_json((tmp_path / "c.json").read_text()).dropped == plan.dropped
+    bad = CliRunner().invoke(app, ["export", str(tiny()), "--drop", "1", "--to", "nope", "-o", "x"])
+    assert bad.exit_code == 2 and "planjson" in bad.output
+
+    variant = Variant(
+        name="v",
+        model="tiny",
+        source_path=str(tiny()),
+        source_sha256="0" * 64,
+        method="gate-norm",
+        budget=1,
+        plan=plan.to_json(),
+        export=ExportSpec(target="planjson", quant="pretty"),
+        key="k",
+        validation=None,
+    )
+    assert variant.artifact == "v/v.plan.json"
+    card = model_card(variant, None)
+    assert "`Plan.load('v.plan.json')`" in card and "library_name: gatenorm" in card
+
+
+def test_builtin_targets_refuse_through_plan_require():
+    """Plan.require can fail: the GGUF target asks the adapter (qwen3: deci has no per-head q/k norm)."""
+    from exporters.targets import TARGETS
+    from gatenorm.architectures import get_architecture
+    from gatenorm.models import tiny
+    from gatenorm.readers import open_checkpoint
+
+    qwen3, llama = get_architecture("qwen3"), get_architecture("llama")
+    assert TARGETS["gguf"].actions(qwen3)[0] == {LayerAction.KEEP, LayerAction.DROP_BLOCK}
+    assert TARGETS["gguf"].actions(llama)[0] == set(LayerAction)
+    assert TARGETS["onnx"].actions(get_architecture("phi3"))[0] == set()
+    plan = make_method_plan(open_checkpoint(tiny()), "gate-norm", 1)
+    with pytest.raises(GatenormError, match="cannot apply plan action"):
+        TARGETS["gguf"].require(qwen3, plan)

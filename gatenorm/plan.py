@@ -6,15 +6,17 @@ import math
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text, read_text_file
-from gatenorm.readers import Checkpoint
-from gatenorm.scoring import LayerScores
+
+if TYPE_CHECKING:  # annotations only: the plan is below the readers (architectures read plans)
+    from gatenorm.readers import Checkpoint
+    from gatenorm.scoring import LayerScores
 
 PLAN_SCHEMA_VERSION = 2
 #: Bounds on what a plan file may claim (a hostile plan cannot make gatenorm allocate or loop much).

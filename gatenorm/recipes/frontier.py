@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gatenorm.plot import pareto_front, pyplot
 from gatenorm.recipes.batch import BatchPlan
 from gatenorm.recipes.build import read_report
-from gatenorm.recipes.plots import _pyplot, _save, pareto_front
+from gatenorm.recipes.plots import _save
 from gatenorm.validate.bench import pp_key, tg_key
 
 
@@ -67,7 +68,7 @@ def _short(p: dict) -> str:
 
 def plot_frontier(by_metric: dict[str, list[dict]], path: Path) -> None:
     """One panel per metric: the ladder and the pruned variants, KLD against speed, the front drawn."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(by_metric)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), dpi=100, squeeze=False)
     for ax, (label, pts) in zip(axes[0], by_metric.items(), strict=True):

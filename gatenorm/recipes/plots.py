@@ -7,29 +7,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gatenorm.io import atomic_path
+from gatenorm.plot import pareto_front, pyplot
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+__all__ = ["pareto_front"]
 
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})  # no version/date: stable bytes
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def plot_layer_scores(model: str, methods: dict[str, tuple[list[float], dict[int, int]]], path: Path) -> None:
     """One bar chart per method: each layer's score, coloured by the smallest budget that drops it.
 
     `methods`: method -> (scores, {layer: smallest budget dropping it})."""
-    plt = _pyplot()
+    plt = pyplot()
     n_layers = max(len(s) for s, _ in methods.values())
     fig, axes = plt.subplots(
         len(methods), 1, figsize=(max(6.0, 0.28 * n_layers), 2.6 * len(methods)), dpi=110, squeeze=False
@@ -61,7 +55,7 @@ Point = dict  # {"series", "dropped", "kld", "top1", "zeroshot", "speedup_pp", "
 
 def plot_quality(points: Sequence[Point], path: Path) -> None:
     """Mean KLD (and zero-shot average, when measured) against the number of dropped layers, per series."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [("kld", "mean KLD vs source")]
     if any(p.get("zeroshot") is not None for p in points):
         panels.append(("zeroshot", "zero-shot average (%)"))
@@ -84,21 +78,9 @@ def plot_quality(points: Sequence[Point], path: Path) -> None:
     _save(fig, path)
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points (loss, speedup) that no other point beats on both (lower loss, higher
-    speedup), in order of increasing loss."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], float("-inf")
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
 def plot_speed_quality(points: Sequence[Point], path: Path) -> None:
     """Speedup (prompt, generation) against mean KLD; the Pareto front of each panel is drawn and ringed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12.4, 4.4), dpi=110, squeeze=False)
     for ax, (key, label) in zip(
         axes[0], [("speedup_pp", "prompt speedup"), ("speedup_tg", "generation speedup")], strict=True

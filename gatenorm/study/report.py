@@ -10,6 +10,7 @@ import numpy as np
 from gatenorm.io import atomic_path, atomic_write_text
 from gatenorm.methods import METHODS
 from gatenorm.plan import Plan
+from gatenorm.plot import pareto_front, pyplot
 from gatenorm.study.common import combo
 
 
@@ -65,28 +66,15 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Points (speedup, KLD) not beaten by a faster-or-equal point with lower-or-equal KLD, by speedup."""
-    front = []
-    for s, k in sorted(points, key=lambda p: (-p[0], p[1])):
-        if not front or k < front[-1][1]:
-            front.append((s, k))
-    return sorted(front)
+    return sorted(points[i] for i in pareto_front([(k, s) for s, k in points]))
 
 
 def front_kld_at(front: list[tuple[float, float]], speedup: float) -> float | None:
@@ -369,7 +357,7 @@ def alpha_section(ranks: dict, docs: Path) -> list[str]:
     layers = sorted(int(k) for k in harp)
     cal = [harp[str(i)] for i in layers]
     est = [free[str(i)] for i in layers]
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.plot(layers, cal, "o-", label="calibrated (HARP search)")
     ax.plot(layers, est, "s--", label="data-free (self + shared rule)")
@@ -483,7 +471,7 @@ def mechanism_plot(ranks: dict, path: Path) -> None:
     gn = ranks.get("gate-norm", {}).get("scores", {}).get("scores")
     if not ratio or not gn:
         return
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.4))
     layers = np.arange(len(ratio))
     ax.bar(layers, ratio, color="tab:blue", label="||Attn(norm X)|| / ||X|| (calibration mean)")
@@ -500,7 +488,7 @@ def mechanism_plot(ranks: dict, path: Path) -> None:
 
 
 def pareto_plot(rows: Rows, families: list[str], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     keys = [k for k in ("pp", "tg", "est") if any(rows.points(f, k) for f in families)]
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
     titles = {

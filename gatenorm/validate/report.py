@@ -134,12 +134,10 @@ def write_markdown(report: dict, path: Path) -> None:
 
 def write_png(report: dict, path: Path) -> None:
     """Per-window mean KLD and the accuracy per task of both models, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from gatenorm.plot import pyplot
     from gatenorm.validate.passkey import n_panels, plot_heatmaps
+
+    plt = pyplot()
 
     panels = [k for k in ("agreement", "zeroshot") if report.get(k)]
     heat = n_panels(report["retrieval"]) if report.get("retrieval") else 0

@@ -227,17 +227,21 @@ def test_dummy_export_target_reaches_export_cli_and_cards(planjson_target, tmp_p
     assert "`Plan.load('v.plan.json')`" in card and "library_name: gatenorm" in card
 
 
-def test_builtin_targets_refuse_through_plan_require():
-    """Plan.require can fail: the GGUF target asks the adapter (qwen3: deci has no per-head q/k norm)."""
+def test_builtin_targets_refuse_through_plan_require(monkeypatch):
+    """Plan.require can fail: the targets ask the adapter (qwen3 in GGUF: no linearize, since deci has no
+    per-head q/k norm and the qwen35 host, which runs its drop-attention, has no linear map)."""
     from exporters.targets import TARGETS
     from gatenorm.architectures import get_architecture
     from gatenorm.models import tiny
     from gatenorm.readers import open_checkpoint
 
-    qwen3, llama = get_architecture("qwen3"), get_architecture("llama")
-    assert TARGETS["gguf"].actions(qwen3)[0] == {LayerAction.KEEP, LayerAction.DROP_BLOCK}
+    qwen3, llama, gemma2 = (get_architecture(a) for a in ("qwen3", "llama", "gemma2"))
+    assert TARGETS["gguf"].actions(qwen3)[0] == set(LayerAction) - {LayerAction.LINEARIZE}
+    assert TARGETS["gguf"].actions(gemma2)[0] == {LayerAction.KEEP, LayerAction.DROP_BLOCK}
     assert TARGETS["gguf"].actions(llama)[0] == set(LayerAction)
-    assert TARGETS["onnx"].actions(get_architecture("phi3"))[0] == set()
+    assert TARGETS["onnx"].actions(get_architecture("phi3"))[0] == set(LayerAction)
+    monkeypatch.setattr(get_architecture("phi3"), "onnx_refusal", "not checked")
+    assert TARGETS["onnx"].actions(get_architecture("phi3")) == (set(), "not checked")
     plan = make_method_plan(open_checkpoint(tiny()), "gate-norm", 1)
     with pytest.raises(GatenormError, match="cannot apply plan action"):
-        TARGETS["gguf"].require(qwen3, plan)
+        TARGETS["gguf"].require(gemma2, plan)

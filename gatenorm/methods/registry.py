@@ -52,6 +52,11 @@ def rank_layers(
     """Rank `ckpt`'s layers with `method`; `needed` (at most this many layers will be changed) lets HARP's
     calibration search only the layers it will linearize. `scores.seconds` is the whole ranking time."""
     spec = method_spec(method)
+    if ckpt.fixed_layers and spec.name not in {m.value for m in WEIGHT_ONLY}:
+        raise GatenormError(
+            f"--method {spec.name} on {ckpt.path}: its layers without attention are not run by "
+            f"the calibration passes yet; what works: {', '.join(m.value for m in WEIGHT_ONLY)}"
+        )
     options = options or MethodOptions()
     if options.calib is None and spec.data:
         raise GatenormError(
@@ -59,11 +64,6 @@ def rank_layers(
         )
     if options.calib is None and spec.default_calib is not None:
         options = dataclasses.replace(options, calib=spec.default_calib)
-    if ckpt.fixed_layers and spec.name not in {m.value for m in WEIGHT_ONLY}:
-        raise GatenormError(
-            f"--method {spec.name} on {ckpt.path}: its layers without attention are not run by "
-            f"the calibration passes yet; what works: {', '.join(m.value for m in WEIGHT_ONLY)}"
-        )
     start = time.perf_counter()
     ranking = spec.rank(ckpt, options, needed)
     ranking.scores.seconds = time.perf_counter() - start

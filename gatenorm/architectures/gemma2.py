@@ -114,12 +114,17 @@ class Gemma2(Architecture):
         return None
 
     @classmethod
-    def gguf_hf_metadata(cls, ckpt) -> dict[str, tuple]:
-        c = ckpt.config
+    def _check_hf(cls, ckpt) -> None:
+        """One line naming why llama.cpp's graph cannot run this config (`_hf_refusal`), if it cannot."""
         if reason := cls._hf_refusal(ckpt):
             raise GatenormError(
                 f"cannot export {cls.name} from {ckpt.path} to GGUF: {reason}; what works: PyTorch"
             )
+
+    @classmethod
+    def gguf_hf_metadata(cls, ckpt) -> dict[str, tuple]:
+        c = ckpt.config
+        cls._check_hf(ckpt)
         keys = {
             "attn_logit_softcapping": (float(c["attn_logit_softcapping"]), V.FLOAT32, None),
             "final_logit_softcapping": (float(c["final_logit_softcapping"]), V.FLOAT32, None),

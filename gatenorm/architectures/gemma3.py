@@ -14,7 +14,6 @@ from torch import nn
 
 from gatenorm.architectures.base import MT, gguf_tensor, register
 from gatenorm.architectures.gemma2 import NO_ATTENTION_FREE_HOST, Gemma2, V
-from gatenorm.errors import GatenormError
 
 HF_Q_NORM = "model.layers.{i}.self_attn.q_norm.weight"
 
@@ -62,10 +61,7 @@ class Gemma3(Gemma2):
     @classmethod
     def gguf_hf_metadata(cls, ckpt) -> dict[str, tuple]:
         c = ckpt.config
-        if reason := cls._hf_refusal(ckpt):
-            raise GatenormError(
-                f"cannot export {cls.name} from {ckpt.path} to GGUF: {reason}; what works: PyTorch"
-            )
+        cls._check_hf(ckpt)
         keys = {}
         if c.get("final_logit_softcapping"):
             keys["final_logit_softcapping"] = (float(c["final_logit_softcapping"]), V.FLOAT32, None)

@@ -1,0 +1,108 @@
+"""Pruning next to quantization, timed in one interleaved run: every GGUF variant of a recipe's output
+folder (e.g. ``gatenorm run recipes/smollm2-frontier.yaml``) and the source, speeds as ratios over the
+source, next to each variant's mean KLD from its validation report, with the Pareto front per metric.
+
+A recipe times each variant against the source in its own validation step, so on a machine that is busy
+with anything else the ratios of different variants are not comparable; here every model is loaded once
+(llama-cpp-python, 2 threads, flash attention on, one process per model) and each repetition runs them all
+in turn: prompt processing at `--prompt` tokens, decoding `--gen` tokens at each of `--depths`.
+
+    python scripts/bench_frontier.py out/smollm2-frontier [--reps 3] [--depths 0,4096] [--prompt 512]
+
+Ratios only: the interleaving makes them comparable; absolute tokens/s depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from gatenorm.plot import pareto_front
+from gatenorm.validate.bench import _Worker, clip_depths
+from gatenorm.validate.runtimes import ModelSpec
+from gatenorm.validate.text import load_text
+
+THREADS = 2
+
+
+def variants(out: Path) -> dict[str, tuple[Path, float, bool]]:
+    """Variant name -> (its GGUF, mean KLD vs the source, pruned) for every validated GGUF variant."""
+    found = {}
+    for report in sorted(out.glob("*/validation.json")):
+        doc = json.loads(report.read_text())
+        ggufs = sorted(report.parent.glob("*.gguf"))
+        if not ggufs or not doc.get("agreement"):
+            continue
+        name = report.parent.name
+        found[name] = (ggufs[0], doc["agreement"]["kld_mean"], "-d00-" not in name)
+    return found
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path, help="a recipe's output folder")
+    p.add_argument("--source", type=Path, help="the source GGUF (default: the recipe's reference)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up)")
+    p.add_argument("--gen", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--depths", default="0,4096")
+    args = p.parse_args()
+    found = variants(args.out)
+    if args.source is None:
+        reference = json.loads(next(args.out.glob("*/validation.json")).read_text())["reference"]
+        args.source = Path(reference["path"] if isinstance(reference, dict) else reference)
+    models = {"source": args.source} | {name: f for name, (f, _, _) in found.items()}
+    depths = [int(d) for d in args.depths.split(",")]
+    n_ctx = max([*depths, args.prompt]) + args.gen + 8
+    workers = {name: _Worker(ModelSpec(path, "llama.cpp"), THREADS, n_ctx) for name, path in models.items()}
+    try:
+        depths = clip_depths(depths, args.gen, workers["source"].max_context)
+        from llama_cpp import Llama
+
+        vocab = Llama(str(args.source), vocab_only=True, verbose=False)
+        text = load_text("wiki", 8 * max([*depths, args.prompt]) + 4096)
+        tokens = vocab.tokenize(text.encode(), add_bos=False)[: max([*depths, args.prompt]) + 1]
+        vocab.close()
+        runs: dict[str, list[dict]] = {name: [] for name in models}
+        for rep in range(1 + args.reps):
+            for name, worker in workers.items():
+                sample = {}
+                t = worker.call("generate", tokens[: args.prompt], 1)
+                sample[f"pp{args.prompt}"] = args.prompt / t.first_token_s
+                for d in depths:
+                    t = worker.call("generate", tokens[: max(d, 1)], args.gen + 1)
+                    sample[f"tg{args.gen} @ d{d}"] = args.gen / (t.total_s - t.first_token_s)
+                if rep:
+                    runs[name].append(sample)
+        for w in workers.values():
+            w.stop()
+    finally:
+        for w in workers.values():
+            w.kill()
+    med = {n: {k: statistics.median(r[k] for r in runs[n]) for k in runs[n][0]} for n in models}
+    metrics = list(med["source"])
+    print(
+        f"{args.out.name}: {len(found)} GGUF variants and the source, llama-cpp-python {THREADS} threads, "
+        f"flash attention, median of {args.reps} interleaved runs after 1 warm-up; speed x source"
+    )
+    print("source: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in med["source"].items()))
+    print(f"{'variant':<44} {'KLD':>7} " + " ".join(f"{m:>13}" for m in metrics))
+    for name, (_, kld, _) in found.items():
+        ratios = " ".join(f"{med[name][m] / med['source'][m]:>13.3f}" for m in metrics)
+        print(f"{name:<44} {kld:>7.3f} {ratios}")
+    print("\nPareto front (lower KLD, higher speed) per metric; * = pruned")
+    names = list(found)
+    for m in metrics:
+        pts = [(found[n][1], med[n][m] / med["source"][m]) for n in names]
+        front = [names[i] for i in pareto_front(pts)]
+        shown = ", ".join(
+            f"{'*' if found[n][2] else ''}{n} ({found[n][1]:.3f}, {med[n][m] / med['source'][m]:.2f}x)"
+            for n in front
+        )
+        print(f"  {m}: {shown}")
+
+
+if __name__ == "__main__":
+    main()

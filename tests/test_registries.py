@@ -4,6 +4,7 @@ the registries alone reach every caller (CLI, recipes, study, validation)."""
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -286,3 +287,42 @@ def test_recipe_schema_reads_the_registries_when_a_recipe_is_validated(tmp_path)
         unregister_method("dummy-first")
     with pytest.raises(GatenormError, match="unknown method 'dummy-first'"):
         parse_recipe(text.replace("planjson: {indent: [2, 0]}", "gguf: {quants: [Q8_0]}"), path)
+
+
+def test_export_cli_flags_are_generated_from_the_targets_options(tmp_path, monkeypatch, capsys):
+    """Every exporter option a target declares (`ExportTarget.flags`) is a ``gatenorm export`` flag with
+    the option's description as help; one the chosen target does not take is one line, exit 2."""
+    import re
+
+    from exporters.targets import TARGETS, export_flags_model
+    from gatenorm.cli import app, main
+    from gatenorm.models import tiny
+
+    declared = {
+        (name, field): info.description
+        for name, target in TARGETS.items()
+        if target.flags is not None
+        for field, info in target.flags.model_fields.items()
+    }
+    assert ("onnx", "block_size") in declared and ("onnx", "mobile") in declared
+    assert set(export_flags_model().model_fields) == {field for _, field in declared}
+    result = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "400", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    text = re.sub(r"\s+", " ", result.output)
+    for (name, field), description in declared.items():
+        flag = f"--{field.replace('_', '-')}"
+        help_ = re.escape(f"{name}: {description.rstrip('.')}")
+        assert re.search(rf"{flag} .*{help_}", text), flag
+    assert "--no-mobile" not in text and "--no-overwrite" not in text
+
+    out = tmp_path / "t.gguf"
+    monkeypatch.setattr(
+        sys, "argv", ["gatenorm", "export", str(tiny()), "-n", "1", "--block-size", "32", "-o", str(out)]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    stderr = capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2 and stderr == "gatenorm: error: --block-size applies to --to onnx only\n"
+    ), stderr
+    assert not out.exists()

@@ -269,6 +269,10 @@ def export(
     )
 
 
+#: one flag per exporter option of the registered targets (`exporters.targets.export_flags_model`)
+app.command("export")(with_settings_flags(export, export_flags_model()))
+
+
 def _inspect_deci(file: Path) -> bool:
     """A deci GGUF that gatenorm did not write (Nemotron-NAS): print each layer's state; False otherwise."""
     from gatenorm.readers.gguf_check import check_gguf
@@ -316,8 +320,6 @@ def inspect(
     console.print(stored.describe())
 
 
-#: one flag per exporter option of the registered targets (`exporters.targets.export_flags_model`)
-app.command("export")(with_settings_flags(export, export_flags_model()))
 app.command("validate")(validate_command)
 app.command("run")(run_command)
 

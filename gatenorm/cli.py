@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
 from exporters.export import export as run_export
 from exporters.export import open_model
-from exporters.targets import TARGETS, target_spec
+from exporters.targets import TARGETS, export_flags_model, target_spec
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text, refuse_overwriting_inputs
 from gatenorm.methods import METHODS, MethodOptions, Ranking, make_method_plan, method_spec, rank_layers
@@ -25,6 +26,7 @@ from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.recipes.command import run_command
 from gatenorm.scoring import LayerScores
 from gatenorm.validate.command import validate_command
+from gatenorm.validate.flags import with_settings_flags
 
 app = typer.Typer(
     help="Data-free attention-sublayer pruning (Gate-Norm) and edge export for decoder-only LLMs.",
@@ -215,7 +217,6 @@ def plan(
     console.print(f"{result.describe()} (estimated speedup {speedup:.3f} at {at}) -> {output}")
 
 
-@app.command()
 def export(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the exported model.")],
@@ -244,15 +245,12 @@ def export(
             help="; ".join(f"{name}: {t.quant_help}" for name, t in TARGETS.items()),
         ),
     ] = "keep",
-    mobile: Annotated[
-        bool | None, typer.Option("--mobile", help="onnx: also write model.ort and its ORT Mobile op list.")
-    ] = None,
-    block_size: Annotated[int | None, typer.Option(help="onnx int4: weights per scale (default 32).")] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="onnx: replace an existing output folder.")
-    ] = False,
+    settings: BaseModel | None = None,
 ) -> None:
     """Export MODEL with the plan's attention sublayers removed (GGUF: runs in stock llama.cpp)."""
+    # the targets' exporter options (`ExportTarget.flags`), those given on the command line
+    given = {} if settings is None else settings.model_dump(exclude_defaults=True)
+    target_spec(to).check_options(given)  # before any work: an option the target does not take
     if [plan_file, drop, budget_speedup].count(None) != 2:
         raise GatenormError("give exactly one of --plan PLAN.json, --drop N and --budget-speedup X")
     refuse_overwriting_inputs(output, {"the model": resolve_model(model), "the plan": plan_file})
@@ -263,14 +261,16 @@ def export(
         options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for)
         result, check = make_method_plan(ckpt, method, drop, budget_speedup, options=options), False
     start = time.perf_counter()
-    options = {k: v for k, v in {"mobile": mobile, "block_size": block_size}.items() if v is not None}
-    options |= {"overwrite": True} if overwrite else {}
-    out = run_export(ckpt, result, output, to, quant, check_source=check, **options)
+    out = run_export(ckpt, result, output, to, quant, check_source=check, **given)
     size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
     console.print(
         f"exported {ckpt.path} ({result.describe()}) -> {out} "
         f"({size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s)"
     )
+
+
+#: one flag per exporter option of the registered targets (`exporters.targets.export_flags_model`)
+app.command("export")(with_settings_flags(export, export_flags_model()))
 
 
 def _inspect_deci(file: Path) -> bool:

@@ -28,7 +28,9 @@ import gguf
 import numpy as np
 
 from exporters.export import export, export_gguf
+from exporters.keys import Keys
 from gatenorm.methods import score_checkpoint
+from gatenorm.methods.cost import cost_model
 from gatenorm.models import smollm2, tiny
 from gatenorm.plan import LayerAction, Plan, make_plan
 from gatenorm.readers.gguf_file import GGUFCheckpoint
@@ -156,35 +158,32 @@ class Cost:
     bytes_tg: float
 
 
+def file_actions(ckpt: GGUFCheckpoint) -> list[LayerAction]:
+    """The action each layer of a (pruned) GGUF runs: a deci file's linear and attention-free layers are its
+    `fixed_layers`, dropped blocks are not in the file; checked against the plan the file carries."""
+    actions = [
+        LayerAction(ckpt.fixed_layers.get(i, (LayerAction.KEEP.value, None))[0])
+        for i in range(ckpt.shape.n_layers)
+    ]
+    field = ckpt.reader.fields.get(Keys.PLAN)
+    if field is not None:
+        planned = [lp.action for lp in Plan.from_json(field.contents()).layers]
+        if actions != [a for a in planned if a is not LayerAction.DROP_BLOCK]:
+            raise SystemExit(f"{ckpt.path}: its layers do not match the plan it carries")
+    return actions
+
+
 def model_cost(path: Path, pp: int, tg: int) -> Cost:
-    """FLOPs and bytes of a (pruned) GGUF, from its tensor shapes and per-layer head counts."""
-    reader = gguf.GGUFReader(path)
-    arch = reader.fields["general.architecture"].contents()
-    n_layers = reader.fields[f"{arch}.block_count"].contents()
-    d = reader.fields[f"{arch}.embedding_length"].contents()
-
-    def per_layer(key: str) -> list[int]:
-        value = reader.fields[f"{arch}.{key}"].contents()
-        return value if isinstance(value, list) else [value] * n_layers
-
-    heads, heads_kv = per_layer("attention.head_count"), per_layer("attention.head_count_kv")
-    head_dim = d // heads[0]
-    by_name = {t.name: t for t in reader.tensors}
-    embd = by_name["token_embd.weight"]
-    head = by_name.get("output.weight", embd)  # tied embeddings: the head reuses token_embd
-    layer_tensors = [t for t in reader.tensors if t.name.startswith("blk.")]
-    body_flops = sum(2 * int(np.prod(t.shape)) for t in layer_tensors if len(t.shape) == 2)
-    head_flops = 2 * int(np.prod(head.shape))
-    weight_bytes = sum(int(t.n_bytes) for t in layer_tensors) + int(head.n_bytes)  # embedding: a lookup
-
-    def attention_flops(ctx: float) -> float:  # q.k and p.v over `ctx` positions, layers with a KV cache
-        return sum(4 * h * head_dim * ctx for h, hk in zip(heads, heads_kv, strict=True) if hk)
-
-    kv_bytes_per_pos = sum(2 * hk * head_dim * 2 for hk in heads_kv)  # K and V, f16
+    """FLOPs and bytes per token of a (pruned) GGUF from the cost model (`gatenorm.methods.cost`): prefill
+    of `pp` tokens; `tg` decode steps from an empty cache, at their mean depth, the bytes at the file's own
+    storage types (weights, KV cache, LM head)."""
+    ckpt = GGUFCheckpoint(path)
+    actions = file_actions(ckpt)
+    decode = cost_model(ckpt, (tg - 1) // 2, "decode", stored_bytes=True)
     return Cost(
-        flops_pp=body_flops + attention_flops((pp + 1) / 2),  # the head runs for the last token only
-        flops_tg=body_flops + head_flops + attention_flops(tg / 2),
-        bytes_tg=weight_bytes + kv_bytes_per_pos * tg / 2,
+        flops_pp=cost_model(ckpt, pp).flops(actions),  # the head runs for the last token only: left out
+        flops_tg=decode.compute(actions),
+        bytes_tg=decode.bytes_read(actions),
     )
 
 

@@ -144,13 +144,6 @@ def measure_plain_loop(model: Path, decode_steps: int) -> dict:
     return result
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS in MiB (`gatenorm.validate.bench.peak_rss_bytes`)."""
-    from gatenorm.validate.bench import peak_rss_bytes
-
-    return peak_rss_bytes() / 2**20
-
-
 # ---------------------------------------------------------------- ideal speedups
 
 
@@ -309,7 +302,9 @@ def main() -> None:
     if args.measure:
         kind, path = args.measure
         result = MEASURE[kind](Path(path), args.decode_steps)
-        result["peak_rss_mb"] = peak_rss_mb()
+        from gatenorm.validate.bench import peak_rss_bytes
+
+        result["peak_rss_mb"] = peak_rss_bytes() / 2**20
         print(json.dumps(result))
         return
 

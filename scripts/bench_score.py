@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ import torch
 from gatenorm.methods import Method, score_checkpoint
 from gatenorm.readers import open_checkpoint
 from gatenorm.scoring import gate_norm, gate_norm_head, grouped_queries
+from gatenorm.validate.bench import peak_rss_bytes
 
 SHAPES = {
     "llama3-8b-shape": dict(n_layers=32, d=4096, n_head=32, n_kv=8, fmt="gguf"),
@@ -165,11 +165,12 @@ def child_peak_rss(path: Path, method: Method) -> dict:
     code = (
         "import json,re;from gatenorm.readers import open_checkpoint;"
         "from gatenorm.methods import score_checkpoint;import torch\n"
+        "from gatenorm.validate.bench import peak_rss_bytes\n"
         "def mib(key):\n"
         "    return int(re.search(key+r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))/1024\n"
         "base=mib('VmRSS')\n"
         f"score_checkpoint(open_checkpoint({str(path)!r}),{method.value!r})\n"
-        "print(json.dumps({'base':base,'peak':mib('VmHWM')}))"
+        "print(json.dumps({'base':base,'peak':peak_rss_bytes()/2**20}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
@@ -254,7 +255,7 @@ def main() -> None:
             f"  {r['model']:32s} {r['method']:15s} speed {'OK ' if ok_ratio else 'MISS'}"
             f"  memory {'OK ' if ok_rss else 'MISS'}"
         )
-    driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    driver = peak_rss_bytes() / 2**20
     print(f"max RSS of this driver process: {driver:.0f} MiB")
 
 

@@ -3,6 +3,9 @@ the registries alone reach every caller (CLI, recipes, study, validation)."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -11,6 +14,7 @@ from gatenorm.methods import METHODS, MethodOptions, Ranking, make_method_plan, 
 from gatenorm.methods.spec import unregister_method
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint
+from gatenorm.recipes import schema as recipe_schema  # imported before the dummies are registered
 from gatenorm.scoring import depth_scores, shape_scores
 
 
@@ -147,6 +151,13 @@ def test_dummy_runtime_is_detected_and_validated(uniform_runtime, tmp_path):
 @pytest.fixture
 def planjson_target():
     """A dummy export target writing the plan JSON as the artifact (its one file: here)."""
+    with planjson():
+        yield "planjson"
+
+
+@contextlib.contextmanager
+def planjson():
+    """Register the dummy ``planjson`` target for the block."""
     from pydantic import BaseModel
 
     from exporters.targets import ExportTarget, register_target, unregister_target
@@ -165,7 +176,7 @@ def planjson_target():
             raise GatenormError(f"--quant {quant!r}: planjson takes keep or pretty")
         return quant
 
-    yield register_target(
+    register_target(
         ExportTarget(
             name="planjson",
             export=write,
@@ -183,7 +194,10 @@ def planjson_target():
             card_front_matter=("library_name: gatenorm",),
         )
     )
-    unregister_target("planjson")
+    try:
+        yield
+    finally:
+        unregister_target("planjson")
 
 
 def test_dummy_export_target_reaches_export_cli_and_cards(planjson_target, tmp_path):
@@ -245,3 +259,70 @@ def test_builtin_targets_refuse_through_plan_require(monkeypatch):
     plan = make_method_plan(open_checkpoint(tiny()), "gate-norm", 1)
     with pytest.raises(GatenormError, match="cannot apply plan action"):
         TARGETS["gguf"].require(gemma2, plan)
+
+
+def test_recipe_schema_reads_the_registries_when_a_recipe_is_validated(tmp_path):
+    """A target and a method registered after the schema was imported are accepted by the next recipe,
+    with nothing rebuilt by hand; once unregistered they are refused again."""
+    from gatenorm.recipes.loader import parse_recipe
+
+    text = "models: [tiny]\nmethods: [dummy-first]\nbudgets: [1]\nexports: {planjson: {indent: [2, 0]}}\n"
+    path = tmp_path / "r.yaml"
+    assert "planjson" not in recipe_schema.exports_model().model_fields
+    with pytest.raises(GatenormError, match="planjson"):
+        parse_recipe(text, path)
+    method = register_method("dummy-first", label="d", summary="d", actions={LayerAction.DROP_ATTENTION})(
+        lambda ckpt, options, _needed: None
+    )
+    assert method is not None
+    try:
+        with pytest.raises(GatenormError, match="planjson"):  # the method is known now, the target not yet
+            parse_recipe(text, path)
+        with planjson():
+            recipe = parse_recipe(text, path)
+            assert [m.name for m in recipe.methods] == ["dummy-first"]
+            assert recipe.exports.planjson.indent == [2, 0] and recipe.exports.gguf is None
+            assert isinstance(recipe, recipe_schema.Recipe)
+    finally:
+        unregister_method("dummy-first")
+    with pytest.raises(GatenormError, match="unknown method 'dummy-first'"):
+        parse_recipe(text.replace("planjson: {indent: [2, 0]}", "gguf: {quants: [Q8_0]}"), path)
+
+
+def test_export_cli_flags_are_generated_from_the_targets_options(tmp_path, monkeypatch, capsys):
+    """Every exporter option a target declares (`ExportTarget.flags`) is a ``gatenorm export`` flag with
+    the option's description as help; one the chosen target does not take is one line, exit 2."""
+    import re
+
+    from exporters.targets import TARGETS, export_flags_model
+    from gatenorm.cli import app, main
+    from gatenorm.models import tiny
+
+    declared = {
+        (name, field): info.description
+        for name, target in TARGETS.items()
+        if target.flags is not None
+        for field, info in target.flags.model_fields.items()
+    }
+    assert ("onnx", "block_size") in declared and ("onnx", "mobile") in declared
+    assert set(export_flags_model().model_fields) == {field for _, field in declared}
+    result = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "400", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    text = re.sub(r"\s+", " ", result.output)
+    for (name, field), description in declared.items():
+        flag = f"--{field.replace('_', '-')}"
+        help_ = re.escape(f"{name}: {description.rstrip('.')}")
+        assert re.search(rf"{flag} .*{help_}", text), flag
+    assert "--no-mobile" not in text and "--no-overwrite" not in text
+
+    out = tmp_path / "t.gguf"
+    monkeypatch.setattr(
+        sys, "argv", ["gatenorm", "export", str(tiny()), "-n", "1", "--block-size", "32", "-o", str(out)]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    stderr = capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2 and stderr == "gatenorm: error: --block-size applies to --to onnx only\n"
+    ), stderr
+    assert not out.exists()

@@ -3,6 +3,20 @@ the top so that importing the package registers them all. A new target is one mo
 `register_target`, and one import line below."""
 
 from exporters.targets import gguf, onnx  # noqa: F401  (the target modules register themselves)
-from exporters.targets.base import TARGETS, ExportTarget, register_target, target_spec, unregister_target
+from exporters.targets.base import (
+    TARGETS,
+    ExportTarget,
+    export_flags_model,
+    register_target,
+    target_spec,
+    unregister_target,
+)
 
-__all__ = ["TARGETS", "ExportTarget", "register_target", "target_spec", "unregister_target"]
+__all__ = [
+    "TARGETS",
+    "ExportTarget",
+    "export_flags_model",
+    "register_target",
+    "target_spec",
+    "unregister_target",
+]

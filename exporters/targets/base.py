@@ -5,11 +5,12 @@ path, validation runtimes, model-card usage, the plan actions each architecture 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, create_model
+from pydantic.fields import FieldInfo
 
 from gatenorm.architectures import Architecture
 from gatenorm.errors import GatenormError
@@ -47,14 +48,29 @@ class ExportTarget:
     quant_help: str
     #: checks that name the family, action and reason, run before anything is read or written
     check: Callable[[Checkpoint, Plan], None] = lambda _ckpt, _plan: None
-    #: refuses exporter options this target does not take (run first)
-    check_options: Callable[[dict], None] = lambda _options: None
+    #: the exporter's keyword options, one field each (default: not given): ``gatenorm export`` offers a
+    #: flag per field, its description the help (`export_flags_model`); None: the exporter takes none
+    flags: type[BaseModel] | None = None
     #: quant types of the unpruned model only (the quantization ladder of a recipe)
     ladder: Callable[[BaseModel], list[str]] = lambda _options: []
     #: front-matter lines of the model card (e.g. ``library_name``)
     card_front_matter: tuple[str, ...] = ()
     #: exporter options a recipe rebuild passes (replace a stale artifact of an older key)
     rebuild_options: dict[str, bool] = field(default_factory=dict)
+
+    def check_options(self, options: Mapping[str, object]) -> None:
+        """Refuse exporter options this target does not declare in `flags`: one line naming the targets
+        that take the option."""
+        known = self.flags.model_fields if self.flags is not None else {}
+        for name in options:
+            if name not in known:
+                owners = [
+                    t.name for t in TARGETS.values() if t.flags is not None and name in t.flags.model_fields
+                ]
+                flag = f"--{name.replace('_', '-')}"
+                if owners:
+                    raise GatenormError(f"{flag} applies to --to {' or '.join(owners)} only")
+                raise GatenormError(f"{flag}: no export target takes this option")
 
     def require(self, arch: type[Architecture], plan: Plan) -> None:
         """Refuse `plan` if it uses an action this target cannot write for `arch` (`Plan.require`)."""
@@ -77,6 +93,32 @@ def register_target(target: ExportTarget) -> ExportTarget:
 def unregister_target(name: str) -> None:
     """Remove a target (tests that register a throw-away one)."""
     TARGETS.pop(name, None)
+
+
+def export_flags_model() -> type[BaseModel]:
+    """One model with every registered target's exporter options (`ExportTarget.flags`), a field declared
+    by several targets once: what ``gatenorm export`` generates its target flags from
+    (`gatenorm.validate.flags`). Each field's help names the targets that take it."""
+    fields: dict[str, tuple[object, FieldInfo]] = {}
+    helps: dict[str, list[str]] = {}
+    for target in TARGETS.values():
+        for name, info in (target.flags.model_fields if target.flags is not None else {}).items():
+            if name in fields and fields[name][0] != info.annotation:
+                raise GatenormError(
+                    f"export option {name!r} of {target.name} has another type than the same option of "
+                    f"{', '.join(helps[name])}"
+                )
+            fields.setdefault(name, (info.annotation, info))
+            helps.setdefault(name, []).append(f"{target.name}: {(info.description or name).rstrip('.')}")
+
+    def field(name: str, info: FieldInfo) -> FieldInfo:
+        help_ = "; ".join(helps[name]) + "."
+        return Field(info.default, description=help_, json_schema_extra=info.json_schema_extra)
+
+    return create_model(
+        "ExportFlags",
+        **{name: (annotation, field(name, info)) for name, (annotation, info) in fields.items()},
+    )
 
 
 class UnknownTarget(GatenormError, ValueError):

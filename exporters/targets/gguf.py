@@ -46,15 +46,18 @@ def export(
 ) -> Path:
     from exporters.gguf import write_gguf
 
-    check_options(options)
     return write_gguf(ckpt, plan, out, quant, before_commit)
 
 
-def check_options(options: dict) -> None:
-    """A GGUF file is replaced in one rename anyway (``overwrite`` is moot); it takes no other option."""
-    other = [k for k in options if k != "overwrite"]
-    if other:
-        raise GatenormError(f"--{other[0].replace('_', '-')} applies to --to onnx only")
+class GgufFlags(BaseModel):
+    """The GGUF exporter's options: ``overwrite`` only, and it is moot (a GGUF file is replaced in one rename
+    anyway)."""
+
+    overwrite: bool = Field(
+        False,
+        description="moot, an existing file is replaced anyway.",
+        json_schema_extra={"negatable": False},
+    )
 
 
 def check(ckpt: Checkpoint, plan: Plan) -> None:
@@ -105,6 +108,6 @@ GGUF = register_target(
         usage=lambda artifact: USAGE.format(file=artifact),
         quant_help="keep (source types), F32, F16, BF16, Q8_0, Q4_K_M, ...",
         check=check,
-        check_options=check_options,
+        flags=GgufFlags,
     )
 )

@@ -41,6 +41,20 @@ class OnnxExports(BaseModel):
         return value
 
 
+class OnnxFlags(BaseModel):
+    """The ONNX exporter's options (`exporters.onnx.export_onnx`); a recipe sets them in `OnnxExports`."""
+
+    mobile: bool | None = Field(
+        None,
+        description="also write model.ort and its ORT Mobile op list.",
+        json_schema_extra={"negatable": False},
+    )
+    block_size: int | None = Field(None, description="int4: weights per scale (default 32).")
+    overwrite: bool = Field(
+        False, description="replace an existing output folder.", json_schema_extra={"negatable": False}
+    )
+
+
 def _variants(o: OnnxExports) -> list[tuple[str, dict[str, int | bool]]]:
     out = []
     for precision in dict.fromkeys(o.precisions):
@@ -91,6 +105,7 @@ ONNX = register_target(
         parse_quant=parse_quant,
         actions=actions,
         options=OnnxExports,
+        flags=OnnxFlags,
         variants=_variants,
         artifact=lambda _name: "onnx",
         # in onnxruntime against the source in PyTorch (its exact weights, dequantized from a GGUF)

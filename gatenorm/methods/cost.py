@@ -50,6 +50,8 @@ class CostModel:
     vocab: int = 0  # decode: the LM head's rows (0: left out)
     weight_bytes: float = Q8_0_BYTES
     flops_per_byte: float = DECODE_FLOPS_PER_BYTE
+    #: bytes per weight of the LM head (None: `weight_bytes`); a quantized file often stores it apart
+    head_weight_bytes: float | None = None
 
     @property
     def mlp(self) -> float:
@@ -96,26 +98,46 @@ class CostModel:
             return self._flops(action) + self.flops_per_byte * self._bytes(action)
         return self._flops(action)
 
+    def _head(self) -> tuple[float, float]:
+        """Decode: (FLOPs, bytes) of the LM head per token (prefill leaves it out)."""
+        if self.phase != "decode":
+            return 0.0, 0.0
+        n = float(self.vocab * self.shape.d_model)
+        per_weight = self.weight_bytes if self.head_weight_bytes is None else self.head_weight_bytes
+        return 2.0 * n, n * per_weight
+
     @property
     def head(self) -> float:
         """Decode: the LM head's cost per token (prefill leaves it out)."""
-        if self.phase != "decode":
-            return 0.0
-        n = float(self.vocab * self.shape.d_model)
-        return 2.0 * n + self.flops_per_byte * n * self.weight_bytes
+        flops, nbytes = self._head()
+        return flops + self.flops_per_byte * nbytes
 
     def flops(self, actions: Sequence[LayerAction]) -> float:
         """Cost per token of the model with `actions` per layer (prefill: FLOPs of the layers)."""
         return sum(self.layer(a) for a in actions) + self.head
+
+    def compute(self, actions: Sequence[LayerAction]) -> float:
+        """FLOPs alone per token of the model with `actions` (decode: with the LM head), no bytes term."""
+        return sum(self._flops(a) for a in actions) + self._head()[0]
+
+    def bytes_read(self, actions: Sequence[LayerAction]) -> float:
+        """Decode: bytes one token reads with `actions` (the layers' weights, the KV cache up to the depth,
+        the LM head); 0 for prefill, which this model counts in FLOPs only."""
+        if self.phase != "decode":
+            return 0.0
+        return sum(self._bytes(a) for a in actions) + self._head()[1]
 
     def speedup(self, actions: Sequence[LayerAction]) -> float:
         """Estimated speedup of `actions` over the unpruned model."""
         return self.flops([LayerAction.KEEP] * len(actions)) / self.flops(actions)
 
 
-def cost_model(ckpt: Checkpoint, ctx: int = 512, phase: Phase = "prefill") -> CostModel:
+def cost_model(
+    ckpt: Checkpoint, ctx: int = 512, phase: Phase = "prefill", stored_bytes: bool = False
+) -> CostModel:
     """The cost model of `ckpt` for `phase` at context `ctx`, its MLP width and FLOPs from the
-    architecture adapter."""
+    architecture adapter; with `stored_bytes`, decode's bytes per weight are the file's own (its layer
+    matrices' and its LM head's storage types, `stored_weight_bytes`) instead of Q8_0."""
     if ctx < 1 and phase == "prefill":
         raise GatenormError(f"--ctx {ctx}: the cost model needs a context of at least 1 token")
     if phase not in PHASES:
@@ -126,7 +148,25 @@ def cost_model(ckpt: Checkpoint, ctx: int = 512, phase: Phase = "prefill") -> Co
     model = CostModel(ckpt.shape, int(ffn), ctx, ckpt.arch.mlp_flops(ckpt.shape.d_model, int(ffn)))
     if phase == "decode":
         model = dataclasses.replace(model, phase="decode", vocab=_vocab(ckpt))
+        if stored_bytes:
+            layers, head = stored_weight_bytes(ckpt)
+            model = dataclasses.replace(model, weight_bytes=layers, head_weight_bytes=head)
     return model
+
+
+def stored_weight_bytes(ckpt: Checkpoint) -> tuple[float, float]:
+    """Bytes per weight of a GGUF's layer matrices (all ``blk.*`` 2-D tensors) and of its LM head
+    (``output.weight``, else the tied ``token_embd.weight``), as stored (quantized)."""
+    tensors = getattr(ckpt, "tensors", None)
+    if not tensors:
+        raise GatenormError(f"{ckpt.path}: stored bytes per weight are read from a GGUF's tensors")
+
+    def per_weight(ts: list) -> float:
+        return sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts)
+
+    layers = [t for name, t in tensors.items() if name.startswith("blk.") and len(t.shape) == 2]
+    head = tensors.get("output.weight", tensors.get("token_embd.weight"))
+    return per_weight(layers), per_weight([head])
 
 
 def _vocab(ckpt: Checkpoint) -> int:

@@ -3,6 +3,7 @@ batch. Every model here forbids unknown keys, so a typo is an error before any w
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any, Literal
 
@@ -152,13 +153,20 @@ class _Exports(_Strict):
         return self
 
 
-#: One optional entry per export target, each the target's own options model (`exporters.targets`).
-Exports = create_model(
-    "Exports",
-    __base__=_Exports,
-    __doc__="The artifacts of every variant: one entry per export target.",
-    **{name: (target.options | None, None) for name, target in TARGETS.items()},
-)
+@functools.cache
+def _exports_model(targets: tuple[tuple[str, type[BaseModel]], ...]) -> type[_Exports]:
+    return create_model(
+        "Exports",
+        __base__=_Exports,
+        __doc__="The artifacts of every variant: one entry per export target.",
+        **{name: (options | None, None) for name, options in targets},
+    )
+
+
+def exports_model() -> type[_Exports]:
+    """The ``exports`` model of the targets registered now: one optional entry per export target, each the
+    target's own options model (`exporters.targets`); built once per registry contents."""
+    return _exports_model(tuple((name, target.options) for name, target in TARGETS.items()))
 
 
 class Validation(ValidationSettings):
@@ -182,7 +190,7 @@ class Recipe(_Strict):
     )
     budgets: list[Budget] = Field(min_length=1)
     allow_first_layer: bool = False
-    exports: Exports
+    exports: _Exports = Field(description="The artifacts of every variant: one entry per export target.")
     validation: Validation = Field(default_factory=Validation)
     search: Search = Field(default_factory=Search)
     jobs: int = Field(1, ge=1, description="Variants built at once (--jobs overrides it).")
@@ -191,3 +199,22 @@ class Recipe(_Strict):
     @classmethod
     def _name(cls, value: str | None) -> str | None:
         return _check_name(value)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Recipe:
+        """Validate `obj` against the recipe of the registries as they are now (`recipe_model`)."""
+        if cls is Recipe:
+            return recipe_model().model_validate(obj, **kwargs)
+        return super().model_validate(obj, **kwargs)
+
+
+@functools.cache
+def _recipe_model(exports: type[_Exports]) -> type[Recipe]:
+    return create_model("Recipe", __base__=Recipe, __doc__=Recipe.__doc__, exports=(exports, ...))
+
+
+def recipe_model() -> type[Recipe]:
+    """`Recipe` with the ``exports`` of the export targets registered now (`exports_model`); methods are
+    looked up in `METHODS` as a recipe is validated. A target or method registered after import is
+    accepted without rebuilding anything by hand."""
+    return _recipe_model(exports_model())

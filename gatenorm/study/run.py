@@ -32,7 +32,7 @@ from gatenorm.readers import open_checkpoint
 from gatenorm.scoring import LayerScores
 from gatenorm.study.common import combo, study_methods
 from gatenorm.study.report import write_report
-from gatenorm.validate.agreement import AgreementAccumulator
+from gatenorm.validate.agreement import compare_logits
 from gatenorm.validate.text import WIKI_HELDOUT, hf_tokenize, token_windows, wiki_articles, window_chars
 from gatenorm.validate.zeroshot import DEFAULT_TASKS
 
@@ -213,10 +213,7 @@ def stage_quality(args, cache: Cache, ckpt) -> None:
     for (name, b), plan in todo.items():
         start = time.perf_counter()
         model = apply_plan(copy.deepcopy(base), plan)
-        acc = AgreementAccumulator()
-        for row, r, c in zip(windows, ref, logits_of(model, windows), strict=True):
-            acc.add(r, c, row[1:])
-        a = acc.result()
+        a = compare_logits(ref, logits_of(model, windows), windows, first=0)
         section[f"{name}/{b}"] = {
             "ppl": a.ppl_cand,
             "ppl_ref": a.ppl_ref,

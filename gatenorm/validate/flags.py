@@ -74,7 +74,7 @@ def _flags(model: type[BaseModel], path: tuple[str, ...] = (), prefix: str = "")
             help_ = f"{info.description or ''} Comma-separated.".strip()
             out.append((flag, (str, typer.Option(option, help=help_), text)))
         else:
-            if kind is bool and "/" not in option:
+            if kind is bool and "/" not in option and extra.get("negatable", True):
                 option = f"{option}/--no-{option.removeprefix('--')}"
             flag = Flag(where, option, param, "value")
             annotation = kind | None if optional else kind

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 from gguf_helpers import agreement, llama_cpp_logits, torch_logits
+from typer.testing import CliRunner
 
 from exporters.export import export, export_gguf
 from exporters.gguf import read_gguf_metadata, read_plan_metadata
 from exporters.keys import Keys
 from gatenorm.apply import apply_plan, load_model
-from gatenorm.cli import main
+from gatenorm.cli import app, main
 from gatenorm.heal.fit import HealSettings, fit_repairs
 from gatenorm.heal.store import LinearRepair, healed, save_repairs, weights_path_for
 from gatenorm.plan import Healing, Plan
@@ -99,6 +100,10 @@ def test_tiny_hf_healed_plan_in_llama_cpp_matches_pytorch(tmp_path, tiny):
         f"blk.{i}.{part}.weight" for i in (3, 4) for part in ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
     }
     assert read_plan_metadata(out).layers == plan.layers
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    for text in (Keys.REPAIRED_LAYERS, Keys.HEAL_CALIB, "synthetic", plan.layers[3].repair.sha256[:16]):
+        assert text in shown.output, text
 
     tokens = list(range(200, 328))
     reference = torch_logits(apply_plan(load_model(folder), plan), tokens)
@@ -110,6 +115,35 @@ def test_tiny_hf_healed_plan_in_llama_cpp_matches_pytorch(tmp_path, tiny):
         assert delta < 2e-3 and kl < 1e-6 and top1 > 0.95, (delta, kl, top1)
     unhealed = torch_logits(apply_plan(load_model(folder), _unhealed(plan)), tokens)
     assert _max_delta(unhealed, got) > 0.1  # the repairs are what llama.cpp runs
+
+
+FAMILIES = {  # families deci runs with more than a copy: multipliers folded, fused qkv split, qkv biases
+    "granite": dict(
+        embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0
+    ),
+    "phi3": {},
+    "qwen2": {},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_healed_families_in_llama_cpp_match_pytorch(tmp_path, tokenizer_dir, family):
+    """Granite: h + s * W norm(h) with the residual multiplier s folded into attn_output (none on a healed
+    block); Phi-3: fused qkv and gate_up left out of the repaired layers; Qwen2: its q/k/v biases too."""
+    folder = tiny_hf(tmp_path / "tiny", tokenizer_dir, family, **FAMILIES[family])  # not named phi3: see
+    # tests/test_gguf_deci_families.py
+    ckpt = open_checkpoint(folder)
+    actions = {1: "linearize", 2: "drop-attention", 3: "drop-block"}
+    plan = _healed(tmp_path, ckpt, actions, _random_repairs(ckpt.shape.d_model, actions, seed=1))
+    out = export_gguf(folder, plan, tmp_path / "healed.gguf", quant="F32")
+    tokens = list(range(300, 364))
+    reference = torch_logits(apply_plan(load_model(folder), plan), tokens)
+    got = llama_cpp_logits(out, tokens, f32_cache=True)
+    delta, (kl, _) = _max_delta(reference, got), agreement(reference, got)
+    print(f"{family} healed F32: max|dlogit| {delta:.2e}, KL {kl:.2e}")
+    assert delta < 2e-3 and kl < 1e-6, (delta, kl)
+    unhealed = torch_logits(apply_plan(load_model(folder), _unhealed(plan)), tokens)
+    assert _max_delta(unhealed, got) > 0.1
 
 
 def _load(plan: Plan) -> dict[int, LinearRepair]:

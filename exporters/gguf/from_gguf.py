@@ -102,7 +102,8 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
             f"cannot export {arch.name} with {', '.join(actions)} to GGUF: {reason}; what works: "
             f"{arch.gguf_works}"
         )
-    biased = [i for i in plan.linearized if ckpt.has_attention_bias(i, ("v", "o"))]
+    repaired = set(plan.repaired)  # a repair replaces W_o W_v and their biases
+    biased = [i for i in plan.linearized if i not in repaired and ckpt.has_attention_bias(i, ("v", "o"))]
     if biased:
         raise GatenormError(
             f"cannot linearize layers {biased} of this {arch.name} model in GGUF: llama.cpp's deci linear "

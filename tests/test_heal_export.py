@@ -19,6 +19,7 @@ from exporters.gguf import read_gguf_metadata, read_plan_metadata
 from exporters.keys import Keys
 from gatenorm.apply import apply_plan, load_model
 from gatenorm.cli import app, main
+from gatenorm.errors import GatenormError
 from gatenorm.heal.fit import HealSettings, fit_repairs
 from gatenorm.heal.store import LinearRepair, healed, save_repairs, weights_path_for
 from gatenorm.plan import Healing, Plan
@@ -115,6 +116,15 @@ def test_tiny_hf_healed_plan_in_llama_cpp_matches_pytorch(tmp_path, tiny):
         assert delta < 2e-3 and kl < 1e-6 and top1 > 0.95, (delta, kl, top1)
     unhealed = torch_logits(apply_plan(load_model(folder), _unhealed(plan)), tokens)
     assert _max_delta(unhealed, got) > 0.1  # the repairs are what llama.cpp runs
+    with pytest.raises(GatenormError, match="different FFN widths"):  # the healed blocks' width-32 FFN
+        load_model(out)  # transformers' llama has one intermediate_size: one line, as for Nemotron files
+    fixed = open_checkpoint(out).fixed_layers  # its repaired layers: linear attention, the whole update
+    assert fixed == {
+        0: ("linearize", 1.0),
+        2: ("linearize", 1.0),
+        3: ("linearize", 1.0),
+        4: ("linearize", 1.0),
+    }
 
 
 FAMILIES = {  # families deci runs with more than a copy: multipliers folded, fused qkv split, qkv biases
@@ -144,6 +154,22 @@ def test_healed_families_in_llama_cpp_match_pytorch(tmp_path, tokenizer_dir, fam
     assert delta < 2e-3 and kl < 1e-6, (delta, kl)
     unhealed = torch_logits(apply_plan(load_model(folder), _unhealed(plan)), tokens)
     assert _max_delta(unhealed, got) > 0.1
+
+
+def test_healed_deci_file_reads_back_in_pytorch(tmp_path, tiny):
+    """gatenorm's deci reader takes a repaired layer's linear attention as the whole update (not the dropped
+    attention its plan names), so the file runs in PyTorch as in llama.cpp."""
+    folder, _ = tiny
+    ckpt = open_checkpoint(folder)
+    actions = {1: "drop-attention", 2: "linearize"}
+    plan = _healed(tmp_path, ckpt, actions, _random_repairs(ckpt.shape.d_model, actions, seed=2))
+    out = export_gguf(folder, plan, tmp_path / "healed.gguf", quant="F32")
+    assert open_checkpoint(out).fixed_layers == {1: ("linearize", 1.0), 2: ("linearize", 1.0)}
+    tokens = list(range(200, 264))
+    reference = torch_logits(apply_plan(load_model(folder), plan), tokens)
+    delta = _max_delta(reference, torch_logits(load_model(out), tokens))
+    print(f"tiny llama healed deci file in PyTorch: max|dlogit| {delta:.2e}")
+    assert delta < 1e-4, delta
 
 
 def _load(plan: Plan) -> dict[int, LinearRepair]:

@@ -21,7 +21,7 @@ from gatenorm.apply import apply_plan, load_model
 from gatenorm.cli import app, main
 from gatenorm.errors import GatenormError
 from gatenorm.heal.fit import HealSettings, fit_repairs
-from gatenorm.heal.store import LinearRepair, healed, save_repairs, weights_path_for
+from gatenorm.heal.store import LinearRepair, healed, load_repairs, save_repairs, weights_path_for
 from gatenorm.plan import Healing, Plan
 from gatenorm.readers import open_checkpoint
 from tests.conftest import make_tiny_model, mixed_plan, tiny_hf
@@ -91,7 +91,7 @@ def test_tiny_hf_healed_plan_in_llama_cpp_matches_pytorch(tmp_path, tiny):
     for new in (3, 4):
         down = tensors[f"blk.{new}.ffn_down.weight"]
         assert list(down.shape) == [32, 64] and not np.asarray(down.data).any()
-    repairs = {i: r.weight.numpy() for i, r in _load(plan).items()}
+    repairs = {i: r.weight.numpy() for i, r in load_repairs(plan).items()}
     assert np.array_equal(np.asarray(tensors["blk.2.attn_output.weight"].data), repairs[2])  # F32: exact
     meta = read_gguf_metadata(out)
     assert meta[Keys.REPAIRED_LAYERS] == list(TINY_REPAIRED)
@@ -170,12 +170,6 @@ def test_healed_deci_file_reads_back_in_pytorch(tmp_path, tiny):
     delta = _max_delta(reference, torch_logits(load_model(out), tokens))
     print(f"tiny llama healed deci file in PyTorch: max|dlogit| {delta:.2e}")
     assert delta < 1e-4, delta
-
-
-def _load(plan: Plan) -> dict[int, LinearRepair]:
-    from gatenorm.heal.store import load_repairs
-
-    return load_repairs(plan)
 
 
 def test_q4_k_m_keeps_the_repairs_at_q8_0(tmp_path, tiny):

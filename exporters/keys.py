@@ -26,6 +26,11 @@ class Keys:
     LINEARIZED_LAYERS = "gatenorm.linearized_layers"
     LINEARIZE_ALPHAS = "gatenorm.linearize_alphas"
     DROPPED_BLOCKS = "gatenorm.dropped_blocks"
+    # healed plans (`gatenorm.heal`)
+    REPAIRED_LAYERS = "gatenorm.repaired_layers"  # source layers that apply a fitted repair
+    REPAIR_SHA256 = "gatenorm.repair_sha256"  # each repair's sha256, in the order of REPAIRED_LAYERS
+    HEAL_CALIB = "gatenorm.heal.calib"  # the calibration text the repairs were fitted on
+    CHANGED_TENSORS = "gatenorm.changed_tensors"  # tensors whose values gatenorm computed (not copied)
 
     class Source:
         PATH = "gatenorm.source.path"
@@ -42,11 +47,23 @@ class Keys:
 LEGACY = {"gatenorm.source_sha256": Keys.Source.SHA256}
 
 #: Keys that hold a list of layers or alphas.
-LISTS = (Keys.DROPPED_LAYERS, Keys.LINEARIZED_LAYERS, Keys.LINEARIZE_ALPHAS, Keys.DROPPED_BLOCKS)
+LISTS = (
+    Keys.DROPPED_LAYERS,
+    Keys.LINEARIZED_LAYERS,
+    Keys.LINEARIZE_ALPHAS,
+    Keys.DROPPED_BLOCKS,
+    Keys.REPAIRED_LAYERS,
+    Keys.REPAIR_SHA256,
+    Keys.CHANGED_TENSORS,
+)
 
 
-def plan_values(plan: Plan) -> dict[str, object]:
-    """Every plan key of an export of `plan` with its value (lists only when non-empty)."""
+def plan_values(plan: Plan, changed_tensors: list[str] | None = None) -> dict[str, object]:
+    """Every plan key of an export of `plan` with its value (lists only when non-empty).
+
+    A healed plan adds its repaired layers, their hashes and calibration source; `changed_tensors` are the
+    export's tensors (its own names: GGUF tensors, ONNX initializers) whose values the exporter computed
+    rather than copied from the source (fitted repairs, fused or rescaled weights, generated zeros)."""
     values: dict[str, object] = {
         Keys.TOOL_VERSION: __version__,
         Keys.PLAN: plan.to_json(),
@@ -63,7 +80,12 @@ def plan_values(plan: Plan) -> dict[str, object]:
         Keys.LINEARIZED_LAYERS: plan.linearized,
         Keys.LINEARIZE_ALPHAS: plan.linearize_alphas,
         Keys.DROPPED_BLOCKS: plan.blocks_dropped,
+        Keys.REPAIRED_LAYERS: plan.repaired,
+        Keys.REPAIR_SHA256: [lp.repair.sha256 for lp in plan.layers if lp.repair is not None],
+        Keys.CHANGED_TENSORS: sorted(changed_tensors or []),
     }
+    if plan.healing is not None:
+        values[Keys.HEAL_CALIB] = plan.healing.calib
     return values | {key: value for key, value in lists.items() if value}
 
 

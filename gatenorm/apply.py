@@ -13,8 +13,10 @@ from gatenorm.architectures.layers import (  # noqa: F401  (re-exported: the pru
     AttentionFreeLayer,
     IdentityLayer,
     LinearAttentionLayer,
+    LinearBlockLayer,
 )
 from gatenorm.errors import GatenormError
+from gatenorm.heal.store import load_repairs
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.quiet import quiet_transformers
 from gatenorm.readers import open_checkpoint
@@ -78,7 +80,8 @@ def _pruned_further(layer: nn.Module, action: LayerAction, arch: type[Architectu
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Rewrite `model` in place as the plan says, with the architecture's replacement modules: a dropped
     attention leaves the MLP step (``h + mlp(post_norm(h))`` for llama), a linearized one HARP's fused matmul
-    (`LinearAttentionLayer`), a dropped block the identity.
+    (`LinearAttentionLayer`), a dropped block the identity; a healed layer applies its fitted repair
+    instead (`Architecture.repaired`, weights from the plan's file, checked against its hashes).
 
     Kept layers get consecutive KV-cache slots (0, 1, ...), so changed layers own no cache entry.
     """
@@ -92,6 +95,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         raise GatenormError(f"plan is for {plan.source.n_layers} layers, model has {len(layers)}")
     if not any(lp.action is LayerAction.KEEP for lp in plan.layers):
         raise GatenormError("plan removes every attention sublayer; at least one must stay")
+    if plan.healing is not None and fixed:
+        raise GatenormError("a healed plan cannot be applied to a model loaded from a deci file")
+    repairs = load_repairs(plan)  # checked against the plan's hashes
     kept_types = []
     cache_slot = 0
     for lp in plan.layers:
@@ -107,6 +113,10 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             getattr(layer, arch.hf_attention_module).layer_idx = cache_slot
             kept_types.append(attention_type)
             cache_slot += 1
+        elif lp.layer in repairs:
+            repair = repairs[lp.layer]
+            block = lp.action is LayerAction.DROP_BLOCK
+            layers[lp.layer] = arch.repaired(layer, block, repair.weight, repair.bias)
         elif lp.action is LayerAction.DROP_ATTENTION:
             layers[lp.layer] = arch.attention_free(layer)
         elif lp.action is LayerAction.LINEARIZE:

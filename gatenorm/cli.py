@@ -311,11 +311,13 @@ def inspect(
         if key.startswith(Keys.PREFIX) and key not in (Keys.PLAN, Keys.SCORES):
             console.print(f"  {key} = {value}")
     table = Table()
-    for column in ("layer", "score", "action", "alpha"):
+    columns = ("layer", "score", "action", "alpha") + (("repair sha256",) if stored.repaired else ())
+    for column in columns:
         table.add_column(column)
     for lp in stored.layers:
         alpha = "" if lp.alpha is None else f"{lp.alpha:.6g}"
-        table.add_row(str(lp.layer), f"{lp.score:.6g}", lp.action.value, alpha)
+        repair = () if not stored.repaired else ("" if lp.repair is None else lp.repair.sha256[:16],)
+        table.add_row(str(lp.layer), f"{lp.score:.6g}", lp.action.value, alpha, *repair)
     console.print(table)
     console.print(stored.describe())
 

@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # annotations only: the plan is below the readers (architectu
     from gatenorm.scoring import LayerScores
 
 PLAN_SCHEMA_VERSION = 2
+#: The schema of a plan whose changed layers carry fitted repairs (`Repair`, `Healing`).
+HEALED_SCHEMA_VERSION = 3
 #: Bounds on what a plan file may claim (a hostile plan cannot make gatenorm allocate or loop much).
 MAX_PLAN_LAYERS = 100_000
 MAX_PLAN_BYTES = 64 * 2**20
@@ -50,6 +52,46 @@ class Source(BaseModel):
     hashed: Literal["attention-tensors", "shape"]
 
 
+class Repair(BaseModel):
+    """A fitted linear map that stands in for what a changed layer lost (`gatenorm.heal`).
+
+    On a dropped or linearized attention the layer adds ``post(W @ norm(h) + b)`` where the attention was
+    (its input norm kept, the MLP step after it: one ``d x d`` matmul, no KV cache); on a dropped block it
+    adds ``W @ norm(h) + b`` alone. The weights live in the plan's weights file (`Healing.weights`) under
+    ``blk.{layer}.weight`` / ``.bias``; `sha256` is that of their float32 bytes (`gatenorm.heal.store`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["linear"] = "linear"
+    #: (outputs, inputs) of W: (d_model, d_model)
+    shape: tuple[int, int]
+    bias: bool = False
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Healing(BaseModel):
+    """How a healed plan's repairs were fitted, and where their weights are."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: ridge least squares of each changed layer's lost output on its normed input
+    method: Literal["ridge-ls"] = "ridge-ls"
+    #: calibration text: 'synthetic', 'wiki-heldout' or 'file:<sha256>'
+    calib: str
+    samples: int = Field(ge=1)
+    length: int = Field(ge=2)
+    seed: int = 0
+    #: ridge strength, relative to the mean diagonal of the inputs' second moment
+    ridge: float = Field(ge=0)
+    #: each repair fitted on the inputs the already-repaired earlier layers give
+    sequential: bool = True
+    seconds: float = Field(0.0, ge=0)
+    #: the safetensors file of the repairs: relative to the plan file's folder in the JSON, absolute in a
+    #: plan loaded from a file
+    weights: str
+
+
 class LayerPlan(BaseModel):
     """One layer's score and action."""
 
@@ -60,9 +102,13 @@ class LayerPlan(BaseModel):
     action: LayerAction
     #: HARP's rescaling of a linearized attention sublayer; set exactly when action is linearize.
     alpha: float | None = None
+    #: the fitted map the layer applies instead of what it lost (healed plans); never on a kept layer
+    repair: Repair | None = None
 
     @model_validator(mode="after")
     def _alpha(self) -> LayerPlan:
+        if self.repair is not None and self.action is LayerAction.KEEP:
+            raise ValueError(f"layer {self.layer}: a kept layer has no repair")
         if (self.alpha is not None) != (self.action is LayerAction.LINEARIZE):
             raise ValueError(f"layer {self.layer}: alpha goes with action 'linearize' and only with it")
         if self.alpha is not None and not math.isfinite(self.alpha):
@@ -77,13 +123,15 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1, 2] = PLAN_SCHEMA_VERSION  # 1: keep / drop-attention only
+    schema_version: Literal[1, 2, 3] = PLAN_SCHEMA_VERSION  # 1: keep / drop-attention only; 3: healed
     tool_version: str = __version__
     method: str
     seed: int | None = None
     budget: int
     source: Source
     layers: list[LayerPlan]
+    #: set exactly when layers carry repairs (schema 3)
+    healing: Healing | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
@@ -96,6 +144,10 @@ class Plan(BaseModel):
             raise ValueError(f"budget {self.budget} but {len(self.changed)} layers changed")
         if self.schema_version == 1 and self.actions - {LayerAction.KEEP, LayerAction.DROP_ATTENTION}:
             raise ValueError("schema_version 1 plans only keep or drop-attention")
+        if (self.healing is None) == bool(self.repaired):
+            raise ValueError("healing goes with layer repairs and only with them")
+        if self.healing is not None and self.schema_version != HEALED_SCHEMA_VERSION:
+            raise ValueError(f"a healed plan has schema_version {HEALED_SCHEMA_VERSION}")
         return self
 
     def with_action(self, action: LayerAction) -> list[int]:
@@ -128,6 +180,11 @@ class Plan(BaseModel):
         return [lp.layer for lp in self.layers if lp.action is not LayerAction.KEEP]
 
     @property
+    def repaired(self) -> list[int]:
+        """Indices of the layers that apply a fitted repair (healed plans)."""
+        return [lp.layer for lp in self.layers if lp.repair is not None]
+
+    @property
     def actions(self) -> set[LayerAction]:
         """The actions the plan uses."""
         return {lp.action for lp in self.layers}
@@ -148,6 +205,8 @@ class Plan(BaseModel):
             )
             if layers
         ]
+        if self.repaired:
+            parts.append(f"healed {len(self.repaired)} of them (fitted on {self.healing.calib} text)")
         return "; ".join(parts) or "kept every layer"
 
     def require(self, supported: set[LayerAction], what: str) -> None:
@@ -164,17 +223,32 @@ class Plan(BaseModel):
         return self.model_dump_json(indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
+    def from_json(cls, text: str, folder: Path | None = None) -> Plan:
+        """The plan in `text`; a healed plan's weights file is resolved against `folder` (its file's)."""
         try:
-            return cls.model_validate_json(text)
+            plan = cls.model_validate_json(text)
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "plan"
             raise GatenormError(f"invalid plan: {where}: {first['msg']}") from None
+        if plan.healing is not None and folder is not None:
+            plan = plan.with_weights(Path(folder) / plan.healing.weights)
+        return plan
+
+    def with_weights(self, weights: Path) -> Plan:
+        """This healed plan with its weights file at `weights` (absolute)."""
+        healing = self.healing.model_copy(update={"weights": str(Path(weights).absolute())})
+        return self.model_copy(update={"healing": healing})
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the plan as JSON, atomically."""
-        atomic_write_text(Path(path), self.to_json() + "\n")
+        """Write the plan as JSON, atomically; a healed plan names its weights file relative to `path`'s
+        folder (keep the two together when moving them)."""
+        path = Path(path)
+        plan = self
+        if self.healing is not None:
+            weights = os.path.relpath(Path(self.healing.weights).absolute(), path.absolute().parent)
+            plan = self.model_copy(update={"healing": self.healing.model_copy(update={"weights": weights})})
+        atomic_write_text(path, plan.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
@@ -184,7 +258,7 @@ class Plan(BaseModel):
         if path.stat().st_size > MAX_PLAN_BYTES:
             raise GatenormError(f"{path} is {path.stat().st_size} bytes: too big for a plan file")
         try:
-            return cls.from_json(read_text_file(path, "plan file"))
+            return cls.from_json(read_text_file(path, "plan file"), path.parent)
         except GatenormError as e:
             raise GatenormError(f"{path}: {e}") from None
 

@@ -8,11 +8,17 @@
   (``attn_norm`` included) omitted;
 - linearize: 0 KV heads, "linear attention" ``h + attn_output @ attn_norm(h)``, with ``attn_output`` the
   fused HARP matrix (`exporters.gguf.linearize`) and q/k/v omitted; no KV cache;
-- drop-block: the layer is not written at all; later layers are renumbered and ``block_count`` shrinks.
+- drop-block: the layer is not written at all; later layers are renumbered and ``block_count`` shrinks;
+- a healed layer (a fitted repair ``W``, `gatenorm.heal`): linear attention with ``attn_output = s * W`` (s:
+  the residual multiplier deci folds into tensors, `Architecture.deci_scales`) and q/k/v omitted, the MLP
+  as the action leaves it; a healed dropped block is linear attention ``W`` plus an FFN of width
+  `HEALED_BLOCK_FFN` whose ``ffn_down`` is all zeros (it adds exactly 0: deci skips a layer without FFN
+  before its residual add, which would discard the repair).
 
 llama.cpp rejects extra tensors, so omitted means absent. Every other tensor's bytes and every metadata
 value (tokenizer, chat template) are copied unchanged, apart from the ``{arch}.*`` -> ``deci.*`` rename.
-The ``gatenorm.*`` keys keep the plan with its source layer numbers.
+The ``gatenorm.*`` keys keep the plan with its source layer numbers and name the tensors whose values were
+computed rather than copied (``gatenorm.changed_tensors``).
 """
 
 from __future__ import annotations
@@ -30,12 +36,19 @@ import numpy as np
 
 from exporters.gguf.fold import folded_bytes, folded_nbytes, folded_type
 from exporters.gguf.header import ScannedGGUF, encode_kv, encode_raw_kv, encode_tensor_info
-from exporters.gguf.linearize import fused_nbytes, fused_type, fused_value_output_bytes
+from exporters.gguf.linearize import (
+    fused_nbytes,
+    fused_type,
+    fused_value_output_bytes,
+    repair_bytes,
+    repair_type,
+)
 from exporters.gguf.metadata import plan_metadata, pruned_name
 from exporters.keys import Keys
 from gatenorm.architectures import Architecture, get_architecture, gguf_tensor
 from gatenorm.errors import GatenormError
-from gatenorm.plan import LayerAction, Plan
+from gatenorm.heal.store import load_repairs
+from gatenorm.plan import LayerAction, LayerPlan, Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.readers.base import ModelShape
 from gatenorm.readers.gguf_file import GGUFCheckpoint
@@ -48,6 +61,9 @@ FFN_LENGTH = "feed_forward_length"
 BLOCK_COUNT = "block_count"
 #: First component of every per-layer GGUF tensor name (``blk.{i}.attn_q.weight``).
 BLOCK = "blk"
+#: FFN width of a healed dropped block: 32, the smallest block of llama.cpp's quant types (Q8_0, Q4_0), so
+#: its all-zero ``ffn_down`` rows split into blocks; F32 (zeros: exact whatever the quantizer picks later).
+HEALED_BLOCK_FFN = 32
 
 
 def keeps_source_architecture(arch: type[Architecture], plan: Plan) -> bool:
@@ -65,6 +81,8 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
     arch.check_plan(ckpt.fixed_layers, plan)  # layers a deci source has already changed
     if not plan.changed:
         return
+    if plan.healing is not None:
+        check_healed_plan(ckpt, plan)
     if LayerAction.KEEP not in plan.actions:
         raise GatenormError(
             f"cannot export a plan that keeps no attention of this {arch.name} model to GGUF: llama.cpp "
@@ -84,7 +102,8 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
             f"cannot export {arch.name} with {', '.join(actions)} to GGUF: {reason}; what works: "
             f"{arch.gguf_works}"
         )
-    biased = [i for i in plan.linearized if ckpt.has_attention_bias(i, ("v", "o"))]
+    repaired = set(plan.repaired)  # a repair replaces W_o W_v and their biases
+    biased = [i for i in plan.linearized if i not in repaired and ckpt.has_attention_bias(i, ("v", "o"))]
     if biased:
         raise GatenormError(
             f"cannot linearize layers {biased} of this {arch.name} model in GGUF: llama.cpp's deci linear "
@@ -92,13 +111,41 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
         )
 
 
+def check_healed_plan(ckpt: Checkpoint, plan: Plan) -> None:
+    """Refuse, with one line naming the layer, a healed plan whose repairs stock llama.cpp cannot run as
+    written: a repair with a bias (deci's linear attention adds none), a family or source that is not
+    exported as ``deci`` (the source's own architecture or another host has no linear attention), and a
+    weights file that does not match the plan's hashes (`gatenorm.heal.store.load_repairs`)."""
+    arch, first = ckpt.arch, plan.repaired[0]
+    biased = [lp.layer for lp in plan.layers if lp.repair is not None and lp.repair.bias]
+    if biased:
+        raise GatenormError(
+            f"cannot export the repair of layer {biased[0]} to GGUF: it has a bias, and llama.cpp's linear "
+            "attention adds no bias; fit with bias off (or export to ONNX)"
+        )
+    reason = arch.deci_refusal if not arch.deci_exportable else arch.deci_unsupported(ckpt)
+    if ckpt.fixed_layers or ckpt.arch.gguf_arch == DECI:
+        reason = "the source is already a deci file (heal the plan of the model it was pruned from)"
+    if reason:
+        raise GatenormError(
+            f"cannot export the repair of layer {first} of this {arch.name} model to GGUF: a repair runs as "
+            f"llama.cpp deci linear attention, and {reason}; what works: export the plan unhealed, or "
+            "--to onnx"
+        )
+    load_repairs(plan)  # the weights file matches the plan's hashes, before anything is written
+
+
+def _healed_block(lp: LayerPlan) -> bool:
+    return lp.action is LayerAction.DROP_BLOCK and lp.repair is not None
+
+
 def deci_plan(plan: Plan) -> Plan:
     """The plan as the ``deci`` file writes it: a dropped attention in the first written layer becomes
     linear attention with an all-zero ``attn_output`` (alpha 0: ``h + 0 @ attn_norm(h)``, exactly the
     dropped attention), since llama.cpp reads the head size from the first layer."""
-    first = next(lp for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK)
-    if first.action is not LayerAction.DROP_ATTENTION:
-        return plan
+    first = next(lp for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK or _healed_block(lp))
+    if first.action is not LayerAction.DROP_ATTENTION or first.repair is not None:
+        return plan  # a repaired layer is linear attention already
     doc = plan.model_dump(mode="json")
     doc["layers"][first.layer].update(action=LayerAction.LINEARIZE.value, alpha=0.0)
     return Plan.model_validate(doc)
@@ -117,21 +164,28 @@ def renamed(name: str, layer: int, new_index: dict[int, int]) -> str:
 
 
 def written_layers(plan: Plan) -> dict[int, int]:
-    """Source layer -> layer index in the written file: dropped blocks are left out, later ones move up."""
-    kept = [lp.layer for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
+    """Source layer -> layer index in the written file: dropped blocks are left out (healed ones stay:
+    linear attention), later ones move up."""
+    kept = [lp.layer for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK or _healed_block(lp)]
     return {layer: i for i, layer in enumerate(kept)}
 
 
 def removed_tensor_names(arch: type[Architecture], plan: Plan) -> set[str]:
     """Attention tensors (weights and biases) that the plan removes from the layers it writes.
 
-    A linearized layer keeps ``attn_norm`` and ``attn_output`` (with new contents); dropped blocks lose
-    every tensor and are not listed here.
+    A linearized or repaired layer keeps ``attn_norm`` and ``attn_output`` (with new contents; a repaired
+    one loses its ``attn_output`` bias, which deci's linear attention would not add); dropped blocks lose
+    every tensor and are not listed here (a healed one keeps only its attention norm and output).
     """
     removed = set()
     for lp in plan.layers:
         i = lp.layer
-        if lp.action is LayerAction.DROP_ATTENTION:
+        if lp.repair is not None:
+            kept = (arch.gguf_tensors["norm"].format(i=i), arch.gguf_tensors["o"].format(i=i))
+            sublayer = [gguf_tensor(t).format(i=i) for t in arch.gguf_attention_sublayer]
+            weights = [w for w in sublayer if w not in kept]
+            removed |= {kept[1].removesuffix("weight") + "bias"}
+        elif lp.action is LayerAction.DROP_ATTENTION:
             weights = [gguf_tensor(t).format(i=i) for t in arch.gguf_attention_sublayer]
         elif lp.action is LayerAction.LINEARIZE:
             weights = [arch.gguf_tensors[part].format(i=i) for part in ("q", "k", "v")]
@@ -153,7 +207,9 @@ def deci_layer_hparams(
     rows = []
     for lp in plan.layers:
         heads, kv, ffn = counts[lp.layer]
-        if lp.action is LayerAction.KEEP:
+        if lp.repair is not None:  # linear attention; a healed block's FFN adds zero
+            rows.append((heads or shape.n_head, 0, HEALED_BLOCK_FFN if _healed_block(lp) else ffn))
+        elif lp.action is LayerAction.KEEP:
             rows.append((heads, kv, ffn))
         elif lp.action is LayerAction.DROP_ATTENTION:
             rows.append((0, 0, ffn))
@@ -180,10 +236,12 @@ def deci_metadata(
     written: Plan | None = None,
     target: str = DECI,
     own_keys: dict | None = None,
+    changed_tensors: list[str] | None = None,
 ) -> list[bytes]:
     """The encoded key/value pairs of the pruned file: the source's, renamed to `target`, plus per-layer
     (``deci`` only: `written` is the plan as written, `deci_plan`) and plan keys; `own_keys` (suffix ->
-    (value, type, item type) or None to drop) are the family's own (`Architecture.gguf_own_arch_rewrite`)."""
+    (value, type, item type) or None to drop) are the family's own (`Architecture.gguf_own_arch_rewrite`);
+    `changed_tensors` the written tensors whose values were computed."""
     t = gguf.GGUFValueType
     source_arch = header.fields["general.architecture"].contents()
     prefix = f"{source_arch}."
@@ -193,7 +251,7 @@ def deci_metadata(
         raise GatenormError(f"GGUF {header.path} has no usable {prefix}{FFN_LENGTH}")
     counts = get_architecture(source_arch).gguf_layer_counts(header.fields, shape)
     per_layer = deci_layer_hparams(written or plan, shape, counts) if target == DECI else {}
-    n_written = len(written_layers(plan))
+    n_written = len(written_layers(written or plan))
     recorded = get_architecture(source_arch).recorded_plan(header.fields, plan)  # deci: against its source
     own_keys = dict(own_keys or {})
     name = header.fields.get("general.name")
@@ -227,7 +285,8 @@ def deci_metadata(
             if f"{prefix}{suffix}" not in header.fields:
                 kv.append(encode_kv(f"{DECI}.{suffix}", value, t.STRING))
     kv += [encode_kv(f"{target}.{suffix}", *value) for suffix, value in own_keys.items() if value is not None]
-    kv += [encode_kv(key, value, vtype, sub) for key, (value, vtype, sub) in plan_metadata(recorded).items()]
+    plan_keys = plan_metadata(recorded, changed_tensors)
+    kv += [encode_kv(key, value, vtype, sub) for key, (value, vtype, sub) in plan_keys.items()]
     return kv
 
 
@@ -240,6 +299,8 @@ class _OutTensor:
     ggml_type: gguf.GGMLQuantizationType
     n_bytes: int
     write: Callable[[BinaryIO], None]
+    #: its values are computed here (fused, repaired, rescaled, generated), not the source's bytes
+    changed: bool = False
 
 
 def _output_tensors(
@@ -251,8 +312,9 @@ def _output_tensors(
     to_deci: bool = True,
     factors: dict[str, float] | None = None,
 ):
-    """The output tensors in source order: kernel copies, reordered q/k rows, fused linear attention, F32
-    tensors multiplied by `factors` (source name -> factor)."""
+    """The output tensors in source order: kernel copies, reordered q/k rows, fused linear attention, the
+    repaired layers' fitted ``attn_output`` (and a healed block's zero FFN after its tensors), F32 tensors
+    multiplied by `factors` (source name -> factor)."""
     factors = factors or {}
     arch, shape = ckpt.arch, ckpt.shape
     removed = removed_tensor_names(arch, plan)
@@ -268,15 +330,34 @@ def _output_tensors(
     }
     d = shape.d_model
     scales = arch.deci_scales(header.fields, shape) if to_deci else {}  # granite's multipliers
+    repairs = load_repairs(plan)
+    repaired = {arch.gguf_tensors["o"].format(i=layer): layer for layer in repairs}
+    healed_blocks = {lp.layer for lp in plan.layers if _healed_block(lp)}
+    block_kept = {arch.gguf_tensors[part].format(i=i) for i in healed_blocks for part in ("norm", "o")}
     yield from _zero_linear_tensors(ckpt, header, plan, new_index, exact)
     yield from _tied_output(ckpt, header, scales, exact)
     for t in header.tensors:
         layer = layer_of(t.name)
         if t.name in removed or (layer is not None and layer not in new_index):
             continue
+        if layer in healed_blocks and t.name not in block_kept:
+            continue  # a healed block: its attention norm and the repair, then `_zero_ffn_tensors`
         name = t.name if layer is None else renamed(t.name, layer, new_index)
         ne = [int(n) for n in t.shape]
-        if t.name in fused:
+        if t.name in repaired:
+            i = repaired[t.name]
+            qtype = repair_type(t.tensor_type, d, exact)
+            # h + s * W norm(h) as apply_plan computes it: s (granite's residual multiplier) on the repair
+            # of a dropped or linearized attention, none on a healed block's
+            scale = 1.0 if i in healed_blocks else scales.get(t.name, 1.0)
+
+            def write(fout, i=i, qtype=qtype, scale=scale):
+                fout.write(repair_bytes(repairs[i].weight.numpy(), scale, qtype))
+
+            yield _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write, changed=True)
+            if i in healed_blocks:
+                yield from _zero_ffn_tensors(new_index[i], d)
+        elif t.name in fused:
             lp, qtype = fused[t.name], fused_type(t.tensor_type, d, exact)
             scale = scales.get(t.name, 1.0)  # granite: the residual multiplier
 
@@ -286,14 +367,14 @@ def _output_tensors(
                 else:
                     fout.write(fused_value_output_bytes(ckpt, lp.layer, lp.alpha * scale, qtype))
 
-            yield _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write)
+            yield _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write, changed=True)
         elif t.name in scales:
             qtype = folded_type(t.tensor_type, ne[0], exact)
 
             def write(fout, t=t, qtype=qtype):
                 fout.write(folded_bytes(ckpt, t.name, scales[t.name], qtype))
 
-            yield _OutTensor(name, ne, qtype, folded_nbytes(qtype, ne), write)
+            yield _OutTensor(name, ne, qtype, folded_nbytes(qtype, ne), write, changed=True)
         elif (
             to_deci
             and layer is not None
@@ -308,7 +389,7 @@ def _output_tensors(
                 values = np.frombuffer(ckpt.read_raw(t.name), dtype="<f4")
                 fout.write((values * np.float32(factors[t.name])).astype("<f4").tobytes())
 
-            yield _OutTensor(name, ne, t.tensor_type, t.n_bytes, write)
+            yield _OutTensor(name, ne, t.tensor_type, t.n_bytes, write, changed=True)
         elif (part := rotary.get(t.name)) is not None:
 
             def write(fout, t=t, part=part):
@@ -370,6 +451,7 @@ def _tied_output(ckpt: GGUFCheckpoint, header: ScannedGGUF, scales: dict[str, fl
         qtype,
         folded_nbytes(qtype, ne),
         lambda f: f.write(folded_bytes(ckpt, embed, scales[output], qtype)),
+        changed=True,
     )
 
 
@@ -385,15 +467,28 @@ def _zero_linear_tensors(ckpt: GGUFCheckpoint, header: ScannedGGUF, plan: Plan, 
     if norm not in stored:
         ones = np.ones(d, dtype=np.float32).tobytes()
         name = renamed(norm, lp.layer, new_index)
-        yield _OutTensor(name, [d], gguf.GGMLQuantizationType.F32, 4 * d, lambda f: f.write(ones))
+        yield _OutTensor(name, [d], gguf.GGMLQuantizationType.F32, 4 * d, lambda f: f.write(ones), True)
     if out not in stored:
         qtype = (
             gguf.GGMLQuantizationType.F32 if exact else fused_type(gguf.GGMLQuantizationType.F16, d, exact)
         )
         n = fused_nbytes(qtype, d)
         yield _OutTensor(
-            f"{BLOCK}.{i}.{out.split('.', 2)[2]}", [d, d], qtype, n, lambda f: f.write(b"\0" * n)
+            f"{BLOCK}.{i}.{out.split('.', 2)[2]}", [d, d], qtype, n, lambda f: f.write(b"\0" * n), True
         )
+
+
+def _zero_ffn_tensors(index: int, d: int):
+    """The FFN of a healed block written as layer `index`: ``ffn_norm`` ones, ``ffn_gate`` / ``ffn_up`` /
+    ``ffn_down`` all-zero F32 of width `HEALED_BLOCK_FFN` (``down(silu(0) * 0) = 0``: the layer adds exactly
+    its linear attention)."""
+    f32, n = gguf.GGMLQuantizationType.F32, HEALED_BLOCK_FFN
+    ones = np.ones(d, dtype="<f4").tobytes()
+    yield _OutTensor(gguf_tensor(MT.FFN_NORM).format(i=index), [d], f32, 4 * d, lambda f: f.write(ones), True)
+    zeros = b"\0" * (4 * d * n)
+    for tensor, ne in ((MT.FFN_GATE, [d, n]), (MT.FFN_UP, [d, n]), (MT.FFN_DOWN, [n, d])):
+        name = gguf_tensor(tensor).format(i=index)
+        yield _OutTensor(name, ne, f32, len(zeros), lambda f: f.write(zeros), True)
 
 
 def _hosted_tensors(ckpt: GGUFCheckpoint, header: ScannedGGUF, host, new_index: dict[int, int], src_fd: int):
@@ -407,7 +502,7 @@ def _hosted_tensors(ckpt: GGUFCheckpoint, header: ScannedGGUF, host, new_index: 
             data = np.ascontiguousarray(ht.values, dtype="<f4").tobytes()
             ne = [int(n) for n in reversed(ht.values.shape)]
             yield _OutTensor(
-                name, ne, gguf.GGMLQuantizationType.F32, len(data), lambda f, data=data: f.write(data)
+                name, ne, gguf.GGMLQuantizationType.F32, len(data), lambda f, data=data: f.write(data), True
             )
             continue
         t = sources[ht.source]
@@ -438,7 +533,9 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = 
     Kept tensors are copied byte for byte by the kernel, one at a time; only the q/k rows of architectures
     whose GGUF stores NEOX rope order are reordered (as raw rows, so quantized tensors stay as they are).
     A linearized layer's fused ``attn_output`` is computed when written: F32 with `fused_exact` (a
-    quantizer runs next), else as `fused_type` says (float and Q8_0 sources' type, else Q8_0).
+    quantizer runs next), else as `fused_type` says (float and Q8_0 sources' type, else Q8_0); a repaired
+    layer's likewise (`repair_type`; `repaired_outputs` names them for the quantizer, which keeps them at
+    Q8_0 or better).
     """
     check_deci_plan(ckpt, plan)
     header = ckpt.reader if isinstance(ckpt.reader, ScannedGGUF) else ScannedGGUF(ckpt.path)
@@ -451,7 +548,6 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = 
         written, target, own_keys = plan, host.arch, host.keys
     else:
         written, target = deci_plan(plan), DECI
-    kv = deci_metadata(header, ckpt.shape, plan, written, target, own_keys)
     align = header.alignment
     with _open_for_writing(out) as fout, open(ckpt.path, "rb") as src:
         if host is not None:
@@ -460,6 +556,8 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = 
             tensors = list(
                 _output_tensors(ckpt, header, written, src.fileno(), fused_exact, target == DECI, factors)
             )
+        changed = [t.name for t in tensors if t.changed]
+        kv = deci_metadata(header, ckpt.shape, plan, written, target, own_keys, changed)
         infos, offset = [], 0
         for t in tensors:
             infos.append(encode_tensor_info(t.name, t.ne, t.ggml_type, offset))
@@ -527,3 +625,9 @@ def _plain_copy(src_fd: int, offset: int, n_bytes: int, fout: BinaryIO, chunk: i
         done += len(data)
     fout.flush()
     return done
+
+
+def repaired_outputs(plan: Plan) -> list[str]:
+    """The written names of the repaired layers' ``attn_output`` tensors in the ``deci`` file of `plan`."""
+    index = written_layers(deci_plan(plan)) if plan.changed else {}
+    return [gguf_tensor(MT.ATTN_OUT).format(i=index[i]) for i in plan.repaired]

@@ -46,3 +46,19 @@ def fused_value_output_bytes(ckpt: Checkpoint, layer: int, alpha: float, ggml_ty
     w = ckpt.read_attention(layer, ("v", "o"))
     weight, _ = fuse_value_output(w.v, w.o, s.n_head, s.n_head_kv, alpha)
     return gguf.quants.quantize(weight.numpy().astype(np.float32), ggml_type).tobytes()
+
+
+def repair_type(source: Q, d_model: int, exact: bool) -> Q:
+    """The type of a repaired layer's ``attn_output`` (its fitted ``d x d`` map), whose source was `source`.
+
+    `exact` (llama.cpp's quantizer runs afterwards): F32, and the quantizer is told to store it as Q8_0
+    (`exporters.gguf.quantize.quantize_gguf`'s overrides), so it ends at Q8_0 or better whatever the file
+    type; otherwise as `fused_type` (F32/F16/BF16/Q8_0 sources keep their type, lower-bit ones give Q8_0,
+    F16 where the rows do not split into blocks)."""
+    return fused_type(source, d_model, exact)
+
+
+def repair_bytes(weight: np.ndarray, scale: float, ggml_type: Q) -> bytes:
+    """The stored bytes of a repair's ``scale * W`` (float32 ``d x d``, rows = outputs) as `ggml_type`."""
+    value = np.ascontiguousarray(weight, dtype=np.float32) * np.float32(scale)
+    return gguf.quants.quantize(value, ggml_type).tobytes()

@@ -27,12 +27,19 @@ TYPES: dict[str, tuple[gguf.GGUFValueType, gguf.GGUFValueType | None]] = {
     Keys.LINEARIZED_LAYERS: (_T.ARRAY, _T.INT32),
     Keys.LINEARIZE_ALPHAS: (_T.ARRAY, _T.FLOAT32),
     Keys.DROPPED_BLOCKS: (_T.ARRAY, _T.INT32),
+    Keys.REPAIRED_LAYERS: (_T.ARRAY, _T.INT32),
+    Keys.REPAIR_SHA256: (_T.ARRAY, _T.STRING),
+    Keys.HEAL_CALIB: (_T.STRING, None),
+    Keys.CHANGED_TENSORS: (_T.ARRAY, _T.STRING),
 }
 
 
-def plan_metadata(plan: Plan) -> dict[str, tuple[object, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
-    """The ``gatenorm.*`` key/value pairs describing `plan`: key -> (value, type, array item type)."""
-    return {key: (value, *TYPES[key]) for key, value in plan_values(plan).items()}
+def plan_metadata(
+    plan: Plan, changed_tensors: list[str] | None = None
+) -> dict[str, tuple[object, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
+    """The ``gatenorm.*`` key/value pairs describing `plan` (and the tensors whose values the export
+    computed, `exporters.keys.plan_values`): key -> (value, type, array item type)."""
+    return {key: (value, *TYPES[key]) for key, value in plan_values(plan, changed_tensors).items()}
 
 
 def pruned_name(name: str | None, plan: Plan) -> str:

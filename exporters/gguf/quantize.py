@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import gguf
@@ -31,14 +34,28 @@ def parse_quant(name: str) -> str:
     return canonical
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
-    """Write `src` quantized to `quant` (a `FILE_TYPES` name) at `dst`, with llama.cpp's type mixes."""
+#: The type a tensor named in `quantize_gguf`'s `at_least_q8` gets when the file type is quantized.
+AT_LEAST_Q8 = gguf.GGMLQuantizationType.Q8_0
+
+
+def quantize_gguf(
+    src: Path, dst: Path, quant: str, threads: int | None = None, at_least_q8: Sequence[str] = ()
+) -> None:
+    """Write `src` quantized to `quant` (a `FILE_TYPES` name) at `dst`, with llama.cpp's type mixes; the
+    tensors named in `at_least_q8` (a healed plan's fitted repairs) are stored as Q8_0 where the mix would
+    quantize them (llama.cpp's per-tensor overrides; float file types leave them F32/F16/BF16)."""
     import llama_cpp  # loads libllama; keep the import off the CLI's start-up path
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads or os.cpu_count() or 1
     params.ftype = int(FILE_TYPES[quant])
     params.allow_requantize = True  # a quantized source asked to become another type
+    patterns = [f"^{re.escape(name)}$".encode() for name in at_least_q8]
+    if patterns:  # kept alive until the call returns; a null pattern ends the array
+        overrides = (llama_cpp.llama_model_tensor_override * (len(patterns) + 1))()
+        for slot, pattern in zip(overrides, patterns, strict=False):
+            slot.pattern, slot.type = pattern, int(AT_LEAST_Q8)
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     log = logging.getLogger("llama-cpp-python")  # llama.cpp's log goes through this logger
     level = log.level
     log.setLevel(logging.ERROR)

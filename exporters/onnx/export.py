@@ -13,6 +13,7 @@ from exporters.onnx.graph import trace_to_onnx
 from exporters.onnx.metadata import (
     CONFIG_NAME,
     OnnxExportConfig,
+    fused_initializers,
     kv_layers,
     plan_metadata,
     set_metadata,
@@ -99,7 +100,7 @@ def export_onnx(
         del model
         gc.collect()
         graph = convert_precision(fuse_norms(onnx.load(str(onnx_path))), precision, block_size)
-        set_metadata(graph, plan_metadata(plan, precision.value))
+        set_metadata(graph, plan_metadata(plan, precision.value, fused_initializers(graph, plan)))
         for stale in (tmp / ONNX_DIR).iterdir():  # the traced fp32 files, replaced below
             stale.unlink()
         save_model(graph, onnx_path)

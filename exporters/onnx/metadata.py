@@ -81,11 +81,22 @@ def kv_layers(plan: Plan) -> list[KVLayer]:
     ]
 
 
-def plan_metadata(plan: Plan, precision: str) -> dict[str, str]:
+def plan_metadata(plan: Plan, precision: str, changed_tensors: list[str] | None = None) -> dict[str, str]:
     """The ``metadata_props`` of an export: the plan keys every format writes (`exporters.keys`; lists as
-    JSON), the cache slots' original layers and the precision."""
-    values = plan_values(plan) | {Keys.KV_LAYERS: plan.kv_layers, Keys.PRECISION: precision}
+    JSON; `changed_tensors`: `fused_initializers`), the cache slots' original layers and the precision."""
+    values = plan_values(plan, changed_tensors) | {Keys.KV_LAYERS: plan.kv_layers, Keys.PRECISION: precision}
     return {key: json.dumps(v) if isinstance(v, list) else str(v) for key, v in values.items()}
+
+
+def fused_initializers(model: onnx.ModelProto, plan: Plan) -> list[str]:
+    """The initializers of the linearized and repaired layers' fused matmul (``fused_attention``: HARP's
+    ``alpha W_o W_v`` or a fitted repair, and its bias), the tensors whose values gatenorm computed."""
+    scopes = tuple(f"/model/layers.{i}/fused_attention/" for i in sorted({*plan.linearized, *plan.repaired}))
+    if not scopes:
+        return []
+    inits = {i.name for i in model.graph.initializer}
+    used = {x for n in model.graph.node if n.name.startswith(scopes) for x in n.input if x in inits}
+    return sorted(used)
 
 
 def read_metadata(props: dict[str, str]) -> dict[str, object]:

@@ -81,6 +81,14 @@ def actions(arch: type[Architecture]) -> tuple[set[LayerAction], str]:
     return (set(), arch.onnx_refusal) if arch.onnx_refusal else (set(LayerAction), "")
 
 
+def check(_ckpt: Checkpoint, plan: Plan) -> None:
+    """A healed plan's repair weights match its hashes (one line naming the layer), before anything is
+    written; the exporter then builds each repaired layer as one MatMul (and Add for a bias)."""
+    from gatenorm.heal.store import load_repairs
+
+    load_repairs(plan)
+
+
 USAGE = """```python
 from exporters.onnx import OnnxRunner  # part of gatenorm
 
@@ -113,6 +121,7 @@ ONNX = register_target(
         usage=lambda _artifact: USAGE,
         quant_help="fp32 (= keep), fp16, int8, int4",
         card_front_matter=("library_name: onnxruntime",),
+        check=check,
         rebuild_options={"overwrite": True},
     )
 )

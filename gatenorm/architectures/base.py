@@ -22,6 +22,8 @@ from gatenorm.architectures.layers import (
     IdentityLayer,
     LayerParts,
     LinearAttentionLayer,
+    LinearBlockLayer,
+    linear_module,
 )
 from gatenorm.errors import GatenormError
 
@@ -379,13 +381,24 @@ class Architecture:
             None if v_b is None else v_b.detach(),
             None if o_b is None else o_b.detach(),
         )
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(weight)
-            if bias is not None:
-                fused.bias.copy_(bias)
         scale = 1.0 if parts.post_attention_norm is None else alpha
-        return LinearAttentionLayer(parts, fused, scale, getattr(layer, "attention_type", None))
+        return LinearAttentionLayer(
+            parts, linear_module(weight, bias), scale, getattr(layer, "attention_type", None)
+        )
+
+    @classmethod
+    def repaired(
+        cls, layer: nn.Module, block: bool, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> LinearAttentionLayer | LinearBlockLayer:
+        """`layer` healed (`gatenorm.heal`): its attention replaced by the fitted ``weight @ norm(h) + bias``
+        (the MLP step after it), or with `block` the whole block replaced by it."""
+        parts = cls.layer_parts(layer)
+        dtype = next(parts.mlp.parameters()).dtype
+        fused = linear_module(weight.to(dtype), None if bias is None else bias.to(dtype))
+        attention_type = getattr(layer, "attention_type", None)
+        if block:
+            return LinearBlockLayer(parts, fused, attention_type)
+        return LinearAttentionLayer(parts, fused, 1.0, attention_type)
 
     @classmethod
     def attention_free(cls, layer: nn.Module) -> AttentionFreeLayer:

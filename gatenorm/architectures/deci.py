@@ -60,15 +60,17 @@ def stored_plan(fields: Mapping):
 
 
 def file_layers(plan) -> list[int]:
-    """Source layers of `plan` in the order its export writes them (dropped blocks left out)."""
-    return [lp.layer for lp in plan.layers if lp.action.value != DROP_BLOCK]
+    """Source layers of `plan` in the order its export writes them (dropped blocks left out, unless healed:
+    those are linear attention with a zero FFN)."""
+    return [lp.layer for lp in plan.layers if lp.action.value != DROP_BLOCK or lp.repair is not None]
 
 
 def implied_layers(fields: Mapping) -> dict[int, tuple[str, float | None]]:
     """File layer -> (action, alpha) of every layer the file has already changed: attention-free layers are
     ``drop-attention``, linear-attention ones ``linearize`` (alpha as recorded by gatenorm, 1.0 otherwise:
-    the stored matrix is the whole update). A gatenorm export's zero linear first layer is the dropped
-    attention its plan says it is. Layers with full attention are not listed."""
+    the stored matrix is the whole update; so for a healed layer, whose matrix is its repair). A gatenorm
+    export's zero linear first layer is the dropped attention its plan says it is. Layers with full
+    attention are not listed."""
     counts = layer_counts(fields)
     plan = stored_plan(fields)
     recorded = {}
@@ -82,7 +84,9 @@ def implied_layers(fields: Mapping) -> dict[int, tuple[str, float | None]]:
             implied[j] = (DROP_ATTENTION, None)
         elif kv == 0:
             lp = recorded.get(j)
-            if lp is not None and lp.action.value == DROP_ATTENTION:
+            if lp is not None and lp.repair is not None:
+                implied[j] = (LINEARIZE, 1.0)
+            elif lp is not None and lp.action.value == DROP_ATTENTION:
                 implied[j] = (DROP_ATTENTION, None)
             else:
                 implied[j] = (LINEARIZE, lp.alpha if lp is not None and lp.alpha is not None else 1.0)
@@ -115,8 +119,8 @@ def combined_plan(stored, plan):
     from gatenorm.plan import LayerAction, LayerPlan, Plan
 
     written = file_layers(stored)
-    if len(written) != plan.source.n_layers:
-        return plan
+    if len(written) != plan.source.n_layers or stored.healing is not None:
+        return plan  # a healed export's repairs are in the file, not in a plan of the original model
     layers = list(stored.layers)
     for j, src in enumerate(written):
         new, old = plan.layers[j], stored.layers[src]

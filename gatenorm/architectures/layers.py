@@ -118,6 +118,30 @@ class LinearAttentionLayer(AttentionFreeLayer):
         return free
 
 
+class LinearBlockLayer(_Pruned):
+    """A decoder block removed whole and healed (`gatenorm.heal`): ``h + fused(norm(h))``, one fitted
+    ``d x d`` matmul on the block's input norm standing in for the whole block (no MLP, no KV cache)."""
+
+    def __init__(self, parts: LayerParts, fused: nn.Linear, attention_type: str | None = None):
+        super().__init__(attention_type, parts.returns_tuple)
+        parts.keep(self, "attention_norm")
+        self.fused_attention = fused
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        normed = _apply(self._part("attention_norm"), hidden_states)
+        return self._out(hidden_states + self.fused_attention(normed))
+
+
+def linear_module(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """An ``nn.Linear`` computing ``weight @ x + bias`` (HF layout, the weight's dtype)."""
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if bias is not None:
+            fused.bias.copy_(bias)
+    return fused
+
+
 class IdentityLayer(_Pruned):
     """A decoder block removed whole (ShortGPT): the residual stream passes through unchanged."""
 
@@ -128,4 +152,4 @@ class IdentityLayer(_Pruned):
         return self._out(hidden_states)
 
 
-PRUNED_LAYERS = (AttentionFreeLayer, LinearAttentionLayer, IdentityLayer)
+PRUNED_LAYERS = (AttentionFreeLayer, LinearAttentionLayer, LinearBlockLayer, IdentityLayer)

@@ -210,6 +210,25 @@ def layer_statistics(model: nn.Module, windows: np.ndarray, batch: int = 4) -> L
     return LayerStatistics(cosines, blocks, ratios, list(alpha), list(cosine), tokens)
 
 
+def direct_layer_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """What calling `model`'s decoder layers one by one on windows like `ids` [n, T] needs: per layer an
+    additive attention mask (causal, within the layer's sliding window if it has one) and the keyword
+    arguments (position embeddings) every layer takes."""
+    arch = get_architecture(model.config.model_type)
+    t = ids.shape[1]
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    masks = []
+    for layer in arch.decoder_layers(model):
+        attention = getattr(layer, arch.hf_attention_module, None)  # none in a pruned layer
+        window = None if attention is None else arch.sliding_window(attention, model.config)
+        allowed = (j <= i) & (j > i - window) if window else j <= i
+        masks.append(torch.zeros(t, t).masked_fill(~allowed, float("-inf"))[None, None])
+    with torch.inference_mode():
+        embeds = model.model.embed_tokens(ids[:1])
+        kwargs = arch.layer_kwargs(model, embeds, torch.arange(t)[None])
+    return masks, kwargs
+
+
 class TailRunner:
     """Runs the layers from `start` upward (then the final norm and LM head) on cached layer inputs, so that a
     search over one layer's setting does not recompute the unchanged layers below it."""
@@ -220,18 +239,8 @@ class TailRunner:
         self.batch = batch
         ids = torch.from_numpy(np.ascontiguousarray(windows))
         self.targets = ids[:, 1:]
-        t = ids.shape[1]
-        i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
-        self.masks = []  # per layer: causal, within the layer's sliding window if it has one
-        for layer in self.arch.decoder_layers(model):
-            attention = getattr(layer, self.arch.hf_attention_module, None)  # none in a pruned layer
-            window = None if attention is None else self.arch.sliding_window(attention, model.config)
-            allowed = (j <= i) & (j > i - window) if window else j <= i
-            self.masks.append(torch.zeros(t, t).masked_fill(~allowed, float("-inf"))[None, None])
+        self.masks, self.layer_kwargs = direct_layer_inputs(model, ids)
         with torch.inference_mode():
-            positions = torch.arange(t)[None]
-            embeds = model.model.embed_tokens(ids[:1])
-            self.layer_kwargs = self.arch.layer_kwargs(model, embeds, positions)
             out = model.model(input_ids=ids, use_cache=False, output_hidden_states=True)
         #: hidden_states[l] is the input of layer l in the unpruned model
         self.inputs = {layer: h for layer, h in enumerate(out.hidden_states[:-1]) if layer >= keep_from}

@@ -3,7 +3,9 @@
 Prefill (the default phase): FLOPs per token of prompt processing at context `ctx` (a token at position p
 attends to p + 1 keys, so a layer's attention costs its projections plus 4 * n_head * head_dim * (ctx + 1)
 / 2 on average): keep = projections + attention + MLP, linearize = one d x d matmul + MLP, drop-attention =
-MLP, drop-block = 0. The LM head is left out: in prompt processing it runs for the last token only. It
+MLP, drop-block = 0; a healed layer (`gatenorm.heal`) adds its repair's d x d matmul (a healed
+drop-attention costs what linearize does, a healed drop-block that matmul alone). The LM head is left
+out: in prompt processing it runs for the last token only. It
 counts compute, not bytes; docs/study.md compares it with llama.cpp's measured speed.
 
 Decode (``phase="decode"``): one generated token at depth `ctx` attends to ctx + 1 keys (4 * n_head *
@@ -17,12 +19,12 @@ plan, it bounds the speedup). `scripts/bench_longctx.py` checks these estimates 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from gatenorm.errors import GatenormError
-from gatenorm.plan import LayerAction
+from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint, ModelShape
 
 #: What a speedup target is about: processing a prompt of --ctx tokens, or decoding at depth --ctx.
@@ -70,7 +72,7 @@ class CostModel:
         projections = 2.0 * s.d_model * (2 * q_width + 2 * kv_width)
         return projections + 4.0 * q_width * self.keys
 
-    def _bytes(self, action: LayerAction) -> float:
+    def _bytes(self, action: LayerAction, repaired: bool = False) -> float:
         """Decode: bytes one token reads in a layer with `action` (weights, and the KV cache it keeps)."""
         s = self.shape
         q_width, kv_width = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
@@ -80,10 +82,14 @@ class CostModel:
             LayerAction.LINEARIZE: s.d_model**2 + mlp,
             LayerAction.DROP_ATTENTION: mlp,
         }.get(action, 0.0)
+        if repaired and action is not LayerAction.LINEARIZE:
+            weights += s.d_model**2
         kv = 2.0 * kv_width * KV_BYTES * (self.ctx + 1) if action is LayerAction.KEEP else 0.0
         return weights * self.weight_bytes + kv
 
-    def _flops(self, action: LayerAction) -> float:
+    def _flops(self, action: LayerAction, repaired: bool = False) -> float:
+        if repaired and action is not LayerAction.LINEARIZE:  # the repair's matmul on top
+            return 2.0 * self.shape.d_model**2 + self._flops(action)
         if action is LayerAction.KEEP:
             return self.attention + self.mlp
         if action is LayerAction.LINEARIZE:
@@ -92,11 +98,11 @@ class CostModel:
             return self.mlp
         return 0.0
 
-    def layer(self, action: LayerAction) -> float:
-        """Cost per token of one layer given `action` (prefill: FLOPs)."""
+    def layer(self, action: LayerAction, repaired: bool = False) -> float:
+        """Cost per token of one layer given `action`, healed if `repaired` (prefill: FLOPs)."""
         if self.phase == "decode":
-            return self._flops(action) + self.flops_per_byte * self._bytes(action)
-        return self._flops(action)
+            return self._flops(action, repaired) + self.flops_per_byte * self._bytes(action, repaired)
+        return self._flops(action, repaired)
 
     def _head(self) -> tuple[float, float]:
         """Decode: (FLOPs, bytes) of the LM head per token (prefill leaves it out)."""
@@ -112,24 +118,29 @@ class CostModel:
         flops, nbytes = self._head()
         return flops + self.flops_per_byte * nbytes
 
-    def flops(self, actions: Sequence[LayerAction]) -> float:
-        """Cost per token of the model with `actions` per layer (prefill: FLOPs of the layers)."""
-        return sum(self.layer(a) for a in actions) + self.head
+    def flops(self, actions: Sequence[LayerAction], repaired: Collection[int] = ()) -> float:
+        """Cost per token of the model with `actions` per layer, the layers in `repaired` healed (prefill:
+        FLOPs of the layers)."""
+        return sum(self.layer(a, i in repaired) for i, a in enumerate(actions)) + self.head
 
-    def compute(self, actions: Sequence[LayerAction]) -> float:
+    def compute(self, actions: Sequence[LayerAction], repaired: Collection[int] = ()) -> float:
         """FLOPs alone per token of the model with `actions` (decode: with the LM head), no bytes term."""
-        return sum(self._flops(a) for a in actions) + self._head()[0]
+        return sum(self._flops(a, i in repaired) for i, a in enumerate(actions)) + self._head()[0]
 
-    def bytes_read(self, actions: Sequence[LayerAction]) -> float:
+    def bytes_read(self, actions: Sequence[LayerAction], repaired: Collection[int] = ()) -> float:
         """Decode: bytes one token reads with `actions` (the layers' weights, the KV cache up to the depth,
         the LM head); 0 for prefill, which this model counts in FLOPs only."""
         if self.phase != "decode":
             return 0.0
-        return sum(self._bytes(a) for a in actions) + self._head()[1]
+        return sum(self._bytes(a, i in repaired) for i, a in enumerate(actions)) + self._head()[1]
 
-    def speedup(self, actions: Sequence[LayerAction]) -> float:
-        """Estimated speedup of `actions` over the unpruned model."""
-        return self.flops([LayerAction.KEEP] * len(actions)) / self.flops(actions)
+    def speedup(self, actions: Sequence[LayerAction], repaired: Collection[int] = ()) -> float:
+        """Estimated speedup of `actions` (the layers in `repaired` healed) over the unpruned model."""
+        return self.flops([LayerAction.KEEP] * len(actions)) / self.flops(actions, repaired)
+
+    def plan_speedup(self, plan: Plan) -> float:
+        """Estimated speedup of `plan` (its repairs counted) over the unpruned model."""
+        return self.speedup([lp.action for lp in plan.layers], set(plan.repaired))
 
 
 def cost_model(

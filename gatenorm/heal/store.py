@@ -1,0 +1,114 @@
+"""The weights of a healed plan's repairs: one safetensors file beside the plan, checked against the plan.
+
+Keys are ``blk.{layer}.weight`` (``d_out x d_in``, float32) and ``blk.{layer}.bias``; each layer's
+`Repair.sha256` is the sha256 of its weight's float32 bytes followed by its bias's (C order, little
+endian), so a plan names exactly the repair it was made with and a changed or swapped file is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gatenorm.errors import GatenormError
+from gatenorm.io import atomic_path
+from gatenorm.plan import HEALED_SCHEMA_VERSION, Healing, Plan, Repair
+
+#: the suffix of a plan's weights file (``plan.json`` -> ``plan.repairs.safetensors``)
+WEIGHTS_SUFFIX = ".repairs.safetensors"
+
+
+@dataclass(frozen=True)
+class LinearRepair:
+    """One layer's fitted map ``W @ x + b`` (float32, HF layout: rows are outputs)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256(_le_bytes(self.weight))
+        if self.bias is not None:
+            digest.update(_le_bytes(self.bias))
+        return digest.hexdigest()
+
+    def record(self) -> Repair:
+        """The plan's record of this repair."""
+        out, inp = self.weight.shape
+        return Repair(shape=(int(out), int(inp)), bias=self.bias is not None, sha256=self.sha256())
+
+
+def _le_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+
+
+def weights_path_for(plan_path: Path) -> Path:
+    """Where the weights of the plan written to `plan_path` go."""
+    plan_path = Path(plan_path)
+    return plan_path.with_name(plan_path.name.removesuffix(".json") + WEIGHTS_SUFFIX)
+
+
+def save_repairs(path: Path, repairs: dict[int, LinearRepair]) -> None:
+    """Write `repairs` (layer -> repair) to the safetensors file `path`, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for layer, repair in sorted(repairs.items()):
+        tensors[f"blk.{layer}.weight"] = repair.weight.detach().to(torch.float32).contiguous()
+        if repair.bias is not None:
+            tensors[f"blk.{layer}.bias"] = repair.bias.detach().to(torch.float32).contiguous()
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "gatenorm": "repairs"})
+
+
+def healed(plan: Plan, repairs: dict[int, LinearRepair], healing: Healing) -> Plan:
+    """`plan` with `repairs` recorded on their layers and `healing` (whose weights file holds them)."""
+    unknown = sorted(set(repairs) - set(plan.changed))
+    if unknown:
+        raise GatenormError(f"repairs for layers {unknown}, which the plan keeps")
+    doc = plan.model_dump(mode="json")
+    for layer, repair in repairs.items():
+        doc["layers"][layer]["repair"] = repair.record().model_dump(mode="json")
+    doc.update(schema_version=HEALED_SCHEMA_VERSION, healing=healing.model_dump(mode="json"))
+    return Plan.model_validate(doc)
+
+
+def load_repairs(plan: Plan) -> dict[int, LinearRepair]:
+    """Layer -> repair of a healed plan, read from its weights file and checked against the plan's shapes
+    and hashes (one line naming the file and the layer when anything differs); {} for an unhealed plan."""
+    if plan.healing is None:
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(plan.healing.weights)
+    if not path.is_file():
+        raise GatenormError(f"the plan's repair weights are missing: no such file {path}")
+    repairs = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            for lp in plan.layers:
+                if lp.repair is None:
+                    continue
+                key = f"blk.{lp.layer}.weight"
+                if key not in names:
+                    raise GatenormError(f"{path}: no repair weights for layer {lp.layer} ({key})")
+                weight = f.get_tensor(key)
+                bias = f.get_tensor(f"blk.{lp.layer}.bias") if lp.repair.bias else None
+                repair = LinearRepair(weight, bias)
+                if tuple(weight.shape) != tuple(lp.repair.shape) or weight.dtype != torch.float32:
+                    raise GatenormError(
+                        f"{path}: layer {lp.layer}'s repair is {tuple(weight.shape)} {weight.dtype}, "
+                        f"the plan says {tuple(lp.repair.shape)} float32"
+                    )
+                if repair.sha256() != lp.repair.sha256:
+                    raise GatenormError(
+                        f"{path}: layer {lp.layer}'s repair weights do not match the plan's hash "
+                        "(file changed?)"
+                    )
+                repairs[lp.layer] = repair
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise GatenormError(f"{path}: not a readable repair weights file ({e})") from None
+    return repairs

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 from gatenorm.plot import pareto_front
-from gatenorm.validate.bench import _Worker, clip_depths
+from gatenorm.validate.bench import BenchConfig, bench_interleaved, bench_tokens
 from gatenorm.validate.runtimes import ModelSpec
-from gatenorm.validate.text import load_text
 
 THREADS = 2
 
@@ -54,34 +52,17 @@ def main() -> None:
         reference = json.loads(next(args.out.glob("*/validation.json")).read_text())["reference"]
         args.source = Path(reference["path"] if isinstance(reference, dict) else reference)
     models = {"source": args.source} | {name: f for name, (f, _, _) in found.items()}
-    depths = [int(d) for d in args.depths.split(",")]
-    n_ctx = max([*depths, args.prompt]) + args.gen + 8
-    workers = {name: _Worker(ModelSpec(path, "llama.cpp"), THREADS, n_ctx) for name, path in models.items()}
-    try:
-        depths = clip_depths(depths, args.gen, workers["source"].max_context)
-        from llama_cpp import Llama
-
-        vocab = Llama(str(args.source), vocab_only=True, verbose=False)
-        text = load_text("wiki", 8 * max([*depths, args.prompt]) + 4096)
-        tokens = vocab.tokenize(text.encode(), add_bos=False)[: max([*depths, args.prompt]) + 1]
-        vocab.close()
-        runs: dict[str, list[dict]] = {name: [] for name in models}
-        for rep in range(1 + args.reps):
-            for name, worker in workers.items():
-                sample = {}
-                t = worker.call("generate", tokens[: args.prompt], 1)
-                sample[f"pp{args.prompt}"] = args.prompt / t.first_token_s
-                for d in depths:
-                    t = worker.call("generate", tokens[: max(d, 1)], args.gen + 1)
-                    sample[f"tg{args.gen} @ d{d}"] = args.gen / (t.total_s - t.first_token_s)
-                if rep:
-                    runs[name].append(sample)
-        for w in workers.values():
-            w.stop()
-    finally:
-        for w in workers.values():
-            w.kill()
-    med = {n: {k: statistics.median(r[k] for r in runs[n]) for k in runs[n][0]} for n in models}
+    cfg = BenchConfig(
+        prompts=[args.prompt],
+        depths=[int(d) for d in args.depths.split(",")],
+        generate=args.gen,
+        runs=args.reps,
+        warmup=1,
+        compare_flash=False,
+    )
+    specs = {name: ModelSpec(path, "llama.cpp") for name, path in models.items()}
+    med, _, _ = bench_interleaved(specs, bench_tokens(args.source, cfg), cfg, THREADS)
+    med = {n: {k: v for k, v in m.items() if "_tok_s" in k} for n, m in med.items()}
     metrics = list(med["source"])
     print(
         f"{args.out.name}: {len(found)} GGUF variants and the source, llama-cpp-python {THREADS} threads, "

@@ -179,28 +179,53 @@ def _kv_without_flash(
     return out
 
 
-def run_bench(ref: ModelSpec, cand: ModelSpec, tokens: list[int], cfg: BenchConfig, threads: int = 2) -> dict:
-    """Median of `cfg.runs` interleaved runs (after `cfg.warmup`) per model, and the ratios cand/ref."""
+def bench_tokens(model: Path, cfg: BenchConfig) -> list[int]:
+    """The benchmark's prompt tokens of `cfg`: the shipped wiki text in `model`'s vocabulary (no BOS), as
+    `gatenorm validate --bench` takes them."""
+    from gatenorm.validate.text import token_windows
+
+    runtime = open_runtime(ModelSpec(Path(model), "llama.cpp"), 1, 64)
+    need = bench_tokens_needed(cfg)
+    try:
+        return token_windows("wiki", runtime.tokenize, need, need, None)[0].tolist()
+    finally:
+        getattr(runtime, "close", lambda: None)()
+
+
+def bench_interleaved(
+    specs: dict[str, ModelSpec], tokens: list[int], cfg: BenchConfig, threads: int = 2
+) -> tuple[dict[str, dict[str, float]], list[int], dict[str, int]]:
+    """Every model of `specs` (name -> spec, one process each) timed in turn, `cfg.warmup` untimed then
+    `cfg.runs` timed rounds: (name -> median stats, the depths run, name -> peak RSS bytes)."""
     need = bench_tokens_needed(cfg)
     if len(tokens) < need:
         raise GatenormError(f"the benchmark prompt needs {need} tokens of text, got {len(tokens)}")
     n_ctx = need + cfg.generate + 8
-    workers: list[_Worker] = []
-    samples: list[list[dict[str, float]]] = [[], []]
+    workers: dict[str, _Worker] = {}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in specs}
     try:
-        for spec in (ref, cand):
-            workers.append(_Worker(spec, threads, n_ctx, cfg.flash_attn))
-        contexts = [w.max_context for w in workers if w.max_context]
+        for name, spec in specs.items():
+            workers[name] = _Worker(spec, threads, n_ctx, cfg.flash_attn)
+        contexts = [w.max_context for w in workers.values() if w.max_context]
         depths = clip_depths(cfg.depths, cfg.generate, min(contexts) if contexts else None)
         for i in range(cfg.warmup + cfg.runs):
-            for w, s in zip(workers, samples, strict=True):
+            for name, w in workers.items():
                 result = _one_run(w, tokens, cfg, depths)
                 if i >= cfg.warmup:
-                    s.append(result)
-        rss = [w.stop() for w in workers]
+                    samples[name].append(result)
+        rss = {name: w.stop() for name, w in workers.items()}
     finally:
-        for w in workers:
+        for w in workers.values():
             w.kill()
+    return {name: _median_stats(s) for name, s in samples.items()}, depths, rss
+
+
+def run_bench(ref: ModelSpec, cand: ModelSpec, tokens: list[int], cfg: BenchConfig, threads: int = 2) -> dict:
+    """Median of `cfg.runs` interleaved runs (after `cfg.warmup`) per model, and the ratios cand/ref."""
+    medians, depths, rss_by = bench_interleaved({"reference": ref, "candidate": cand}, tokens, cfg, threads)
+    n_ctx = bench_tokens_needed(cfg) + cfg.generate + 8
+    samples = [medians["reference"], medians["candidate"]]
+    rss = [rss_by["reference"], rss_by["candidate"]]
     out: dict = {
         "config": {**cfg.model_dump(), "threads": threads, "depths_run": depths},
         "reference": {},
@@ -208,7 +233,7 @@ def run_bench(ref: ModelSpec, cand: ModelSpec, tokens: list[int], cfg: BenchConf
         "ratio": {},
     }
     for key, s, r, spec in zip(("reference", "candidate"), samples, rss, (ref, cand), strict=True):
-        out[key] = {**_median_stats(s), "peak_rss_mib": r / 2**20, "file_mib": file_size(spec.path) / 2**20}
+        out[key] = {**s, "peak_rss_mib": r / 2**20, "file_mib": file_size(spec.path) / 2**20}
     out["ratio"] = {k: out["candidate"][k] / out["reference"][k] for k in out["reference"]}
     llama = [spec for spec in (ref, cand) if spec.runtime == "llama.cpp"]
     if cfg.flash_attn and cfg.compare_flash and len(llama) == 2:

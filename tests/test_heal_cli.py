@@ -101,7 +101,8 @@ def test_validate_applies_a_healed_candidate_plan(healed_smollm2, tmp_path):
     moved = tmp_path / "moved.json"  # weights missing: one line, exit 2
     shutil.copy(healed_smollm2[0], moved)
     r = gatenorm("validate", "smollm2", "smollm2", "--candidate-plan", moved, *args)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "missing" in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("gatenorm: error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "missing" in errors[0], r.stderr  # after the labels
 
 
 def test_budget_speedup_with_heal_counts_every_repair(smollm2_scored):

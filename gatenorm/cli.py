@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +19,7 @@ from exporters.export import export as run_export
 from exporters.export import open_model
 from exporters.targets import TARGETS, export_flags_model, target_spec
 from gatenorm.errors import GatenormError
+from gatenorm.heal.fit import HealSettings
 from gatenorm.io import atomic_write_text, refuse_overwriting_inputs
 from gatenorm.methods import METHODS, MethodOptions, Ranking, make_method_plan, method_spec, rank_layers
 from gatenorm.methods.cost import Phase, cost_model
@@ -85,14 +88,55 @@ CtxOpt = Annotated[
 ]
 
 
+HealOpt = Annotated[
+    bool,
+    typer.Option(
+        "--heal",
+        help="Fit a repair for every changed layer (ridge least squares of what it lost, on --calib text; "
+        "default synthetic, text the model generates itself). plan writes its weights beside the plan "
+        "(PLAN.repairs.safetensors), export embeds them. Settings: the --heal-* flags.",
+    ),
+]
+
+
+def _log(message: str) -> None:
+    console.print(message, style="dim")
+
+
 def _options(
-    seed: int, calib: str | None, calib_samples: int, calib_len: int, ctx: int, speedup_for: str = "prefill"
+    seed: int,
+    calib: str | None,
+    calib_samples: int,
+    calib_len: int,
+    ctx: int,
+    speedup_for: str = "prefill",
+    heal: bool = False,
 ) -> MethodOptions:
     from gatenorm.methods.calibration import Calibration
 
     calibration = None if calib is None else Calibration(calib, calib_samples, calib_len)
-    log = lambda m: console.print(m, style="dim")  # noqa: E731
-    return MethodOptions(seed=seed, calib=calibration, ctx=ctx, speedup_for=speedup_for, log=log)
+    return MethodOptions(seed=seed, calib=calibration, ctx=ctx, speedup_for=speedup_for, heal=heal, log=_log)
+
+
+def _heal_settings(
+    heal: bool, settings: HealSettings, calib: str | None, drop: int | None
+) -> HealSettings | None:
+    """The healing settings of a command (None without --heal), fitted on --calib text (else synthetic)."""
+    if not heal:
+        if settings != HealSettings():
+            raise GatenormError("the --heal-* settings go with --heal")
+        return None
+    if drop == 0:
+        raise GatenormError("--heal with --drop 0: the plan changes no layer, so there is nothing to heal")
+    return settings if calib is None else settings.model_copy(update={"calib": calib})
+
+
+def _refuse_deci_heal(ckpt: Checkpoint) -> None:
+    if ckpt.fixed_layers:
+        raise GatenormError(
+            f"--heal on {ckpt.path}: its layers without attention (a deci file) are not run by the "
+            "calibration passes yet"
+        )
 
 
 def _rank(
@@ -103,8 +147,12 @@ def _rank(
 
 
 def _table(
-    scores: LayerScores, actions: list[LayerAction] | None = None, alphas: dict[int, float] | None = None
+    scores: LayerScores,
+    actions: list[LayerAction] | None = None,
+    alphas: dict[int, float] | None = None,
+    repaired: set[int] | None = None,
 ) -> Table:
+    """Scores, ranks, (given `actions`) each layer's action and alpha, (given `repaired`) whether healed."""
     table = Table()
     table.add_column("layer", justify="right")
     table.add_column("score", justify="right")
@@ -112,11 +160,15 @@ def _table(
     if actions is not None:
         table.add_column("action")
         table.add_column("alpha", justify="right")
+    if repaired is not None:
+        table.add_column("healed")
     for i, (s, r) in enumerate(zip(scores.scores, scores.ranks(), strict=True)):
         row = [str(i), f"{s:.6g}", str(r)]
         if actions is not None:
             alpha = (alphas or {}).get(i) if actions[i] is LayerAction.LINEARIZE else None
             row += [actions[i].value, "" if alpha is None else f"{alpha:.3f}"]
+        if repaired is not None:
+            row.append("yes" if i in repaired else "")
         table.add_row(*row)
     return table
 
@@ -176,7 +228,6 @@ SpeedupForOpt = Annotated[
 ]
 
 
-@app.command()
 def plan(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the plan JSON.")],
@@ -194,27 +245,69 @@ def plan(
     allow_first_layer: Annotated[
         bool, typer.Option(help="Allow dropping layer 0 (gate-norm-type methods; llama.cpp cannot run it).")
     ] = False,
+    heal: HealOpt = False,
+    *,
+    heal_settings: HealSettings,
 ) -> None:
-    """Rank the layers with a method and write a plan changing the N lowest-ranked (or reaching a speedup)."""
+    """Rank the layers with a method and write a plan changing the N lowest-ranked (or reaching a speedup);
+    with --heal, fit the changed layers' repairs too (their weights beside the plan)."""
+    from gatenorm.heal.store import weights_path_for
+
     if (drop is None) == (budget_speedup is None):
         raise GatenormError("give exactly one of --drop N and --budget-speedup X")
     if allow_first_layer and (drop is None or not method_spec(method).score_only):
         score_only = ", ".join(name for name, spec in METHODS.items() if spec.score_only)
         raise GatenormError(f"--allow-first-layer goes with --drop and {score_only}")
-    refuse_overwriting_inputs(output, {"the model": resolve_model(model)})
-    options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for)
-    ckpt, ranking = _rank(model, method, options, drop)
-    scores = ranking.scores
+    healing = _heal_settings(heal, heal_settings, calib, drop)
+    inputs = {"the model": resolve_model(model), "the calibration text": _calib_file(calib)}
+    refuse_overwriting_inputs(output, inputs)
+    weights = weights_path_for(output)
+    if healing is not None:
+        refuse_overwriting_inputs(weights, inputs)
+    options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for, healing is not None)
+    ckpt = open_checkpoint(resolve_model(model))
+    if healing is not None:
+        _refuse_deci_heal(ckpt)
+    ranking = rank_layers(ckpt, method, options, drop)
     result = make_method_plan(ckpt, method, drop, budget_speedup, options, ranking, allow_first_layer)
+    if healing is not None:
+        from gatenorm.heal.fit import heal_plan
+
+        result = heal_plan(ckpt.path, result, healing, weights, _log)
     result.save(output)
+    _print_plan(ckpt, method, ranking.scores, result, ctx, speedup_for)
+    files = f"{output} + {weights}" if result.healing is not None else str(output)
+    console.print(f"-> {files}")
+
+
+def _calib_file(calib: str | None) -> Path | None:
+    """The calibration text file of --calib (None for a named source)."""
+    from gatenorm.methods.calibration import SYNTHETIC
+    from gatenorm.validate.text import WIKI_HELDOUT
+
+    return None if calib in (None, SYNTHETIC, WIKI_HELDOUT) else Path(calib)
+
+
+def _print_plan(
+    ckpt: Checkpoint, method: str, scores: LayerScores, result: Plan, ctx: int, speedup_for: Phase
+) -> None:
+    """The plan's table (with a healed column for a healed plan), what it changes, and its estimated
+    speedup with its repairs counted (and the fitting time)."""
     actions = [lp.action for lp in result.layers]
+    alphas = {lp.layer: lp.alpha for lp in result.layers if lp.alpha is not None}
+    healed = set(result.repaired) if result.healing is not None else None
     console.print(f"{method} plan for {ckpt.path}")
-    console.print(
-        _table(scores, actions, {lp.layer: lp.alpha for lp in result.layers if lp.alpha is not None})
-    )
-    speedup = cost_model(ckpt, ctx, speedup_for).speedup(actions)
+    console.print(_table(scores, actions, alphas, healed))
+    speedup = cost_model(ckpt, ctx, speedup_for).plan_speedup(result)
     at = f"ctx {ctx}" if speedup_for == "prefill" else f"decode at depth {ctx}"
-    console.print(f"{result.describe()} (estimated speedup {speedup:.3f} at {at}) -> {output}")
+    counted = ", repairs counted" if result.healing is not None else ""
+    console.print(f"{result.describe()} (estimated speedup {speedup:.3f} at {at}{counted})")
+    if result.healing is not None:
+        h = result.healing
+        console.print(
+            f"repairs fitted in {h.seconds:.1f} s on {h.samples} x {h.length} tokens of {h.calib} text "
+            f"(ridge {h.ridge:g})"
+        )
 
 
 def export(
@@ -246,22 +339,52 @@ def export(
         ),
     ] = "keep",
     settings: BaseModel | None = None,
+    heal: HealOpt = False,
+    *,
+    heal_settings: HealSettings,
 ) -> None:
-    """Export MODEL with the plan's attention sublayers removed (GGUF: runs in stock llama.cpp)."""
+    """Export MODEL with the plan's attention sublayers removed (GGUF: runs in stock llama.cpp); a healed
+    plan's repairs (--heal, or a plan made with plan --heal) are embedded."""
+    from gatenorm.heal.store import load_repairs
+
     # the targets' exporter options (`ExportTarget.flags`), those given on the command line
     given = {} if settings is None else settings.model_dump(exclude_defaults=True)
     target_spec(to).check_options(given)  # before any work: an option the target does not take
     if [plan_file, drop, budget_speedup].count(None) != 2:
         raise GatenormError("give exactly one of --plan PLAN.json, --drop N and --budget-speedup X")
-    refuse_overwriting_inputs(output, {"the model": resolve_model(model), "the plan": plan_file})
+    if heal and plan_file is not None:
+        raise GatenormError("--heal goes with --drop or --budget-speedup (heal a plan file with plan --heal)")
+    healing = _heal_settings(heal, heal_settings, calib, drop)
+    inputs = {
+        "the model": resolve_model(model),
+        "the plan": plan_file,
+        "the calibration text": _calib_file(calib),
+    }
+    refuse_overwriting_inputs(output, inputs)
     ckpt = open_model(resolve_model(model))
-    if plan_file is not None:
-        result, check = Plan.load(plan_file), True
-    else:  # the plan is made from this very checkpoint: no need to check it against it
-        options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for)
-        result, check = make_method_plan(ckpt, method, drop, budget_speedup, options=options), False
-    start = time.perf_counter()
-    out = run_export(ckpt, result, output, to, quant, check_source=check, **given)
+    with contextlib.ExitStack() as stack:
+        if plan_file is not None:
+            result, check = Plan.load(plan_file), True
+            if result.healing is not None:
+                refuse_overwriting_inputs(output, {"the plan's repair weights": Path(result.healing.weights)})
+                load_repairs(result)  # present and matching the plan's hashes, before any work
+        else:  # the plan is made from this very checkpoint: no need to check it against it
+            if healing is not None:
+                _refuse_deci_heal(ckpt)
+            options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for, healing is not None)
+            result, check = make_method_plan(ckpt, method, drop, budget_speedup, options=options), False
+            if healing is not None:  # the weights live until the export has embedded them
+                from gatenorm.heal.fit import heal_plan
+
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gatenorm-heal-")))
+                result = heal_plan(ckpt.path, result, healing, folder / "plan.repairs.safetensors", _log)
+                speedup = cost_model(ckpt, ctx, speedup_for).plan_speedup(result)
+                console.print(
+                    f"{result.describe()}: repairs fitted in {result.healing.seconds:.1f} s (estimated "
+                    f"speedup {speedup:.3f}, repairs counted)"
+                )
+        start = time.perf_counter()
+        out = run_export(ckpt, result, output, to, quant, check_source=check, **given)
     size = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else out.stat().st_size
     console.print(
         f"exported {ckpt.path} ({result.describe()}) -> {out} "
@@ -270,7 +393,6 @@ def export(
 
 
 #: one flag per exporter option of the registered targets (`exporters.targets.export_flags_model`)
-app.command("export")(with_settings_flags(export, export_flags_model()))
 
 
 def _inspect_deci(file: Path) -> bool:
@@ -322,6 +444,13 @@ def inspect(
     console.print(stored.describe())
 
 
+app.command("plan")(with_settings_flags(plan, HealSettings, "heal_settings", "heal-", exclude={"calib"}))
+app.command("export")(
+    with_settings_flags(
+        with_settings_flags(export, HealSettings, "heal_settings", "heal-", exclude={"calib"}),
+        export_flags_model(),
+    )
+)
 app.command("validate")(validate_command)
 app.command("run")(run_command)
 

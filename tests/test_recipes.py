@@ -425,7 +425,10 @@ def test_plans_are_reused_by_content_key(tmp_path, tiny_llama_dir, monkeypatch):
     again = batch.plan_batch(changed, "c", cache=cache)
     assert calls == ["gate-norm", "harp-free"]
     assert len(again.budgets["t / gate-norm"]) == 3  # the target budget was resolved
-    (next(cache.glob("*.json"))).write_text("{not json")  # a damaged entry is made again, not trusted
+    from gatenorm.recipes.sources import resolve_source
+
+    used = batch.plans_key(resolve_source(changed.models[0]), changed.methods[0], changed)
+    (cache / f"{used}.json").write_text("{not json")  # a damaged entry is made again, not trusted
     calls.clear()
     assert batch.plan_batch(changed, "c", cache=cache) == again and len(calls) == 1
 

@@ -8,13 +8,14 @@ endian), so a plan names exactly the repair it was made with and a changed or sw
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gatenorm.errors import GatenormError
-from gatenorm.io import atomic_path
+from gatenorm.io import _umask, atomic_path
 from gatenorm.plan import HEALED_SCHEMA_VERSION, Healing, Plan, Repair
 
 #: the suffix of a plan's weights file (``plan.json`` -> ``plan.repairs.safetensors``)
@@ -61,6 +62,7 @@ def save_repairs(path: Path, repairs: dict[int, LinearRepair]) -> None:
             tensors[f"blk.{layer}.bias"] = repair.bias.detach().to(torch.float32).contiguous()
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "gatenorm": "repairs"})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes a new, private file: a normal file's mode
 
 
 def healed(plan: Plan, repairs: dict[int, LinearRepair], healing: Healing) -> Plan:

@@ -78,9 +78,11 @@ def chosen_layers(
     ctx: int,
     allow_first_layer: bool = False,
     phase: Phase = "prefill",
+    heal: bool = False,
 ) -> list[int]:
     """The layers to change: the `budget` lowest-ranked, or the fewest lowest-ranked whose actions reach the
-    estimated `speedup` (cost model of `phase` at context `ctx`)."""
+    estimated `speedup` (cost model of `phase` at context `ctx`; with `heal`, every changed layer's repair
+    counted)."""
     if (budget is None) == (speedup is None):
         raise GatenormError("give exactly one of a budget in layers (--drop N) and --budget-speedup X")
     if budget is not None:
@@ -93,15 +95,18 @@ def chosen_layers(
     for layer, (action, _) in ckpt.fixed_layers.items():  # the speedup is over the file as it is
         actions[layer] = LayerAction(action)
     base = model.flops(actions)
+    repaired: set[int] = set()
 
     def gain() -> float:
-        return base / model.flops(actions)
+        return base / model.flops(actions, repaired)
 
     for n, layer in enumerate(order, start=1):
         actions[layer] = ranking.actions[layer]
+        if heal:
+            repaired.add(layer)
         if gain() >= speedup:
             return order[:n]
-    best, name = gain(), ranking.scores.method
+    best, name = gain(), ranking.scores.method + (" healed" if heal else "")
     raise GatenormError(f"estimated speedup {speedup} is out of reach: {name} reaches at most {best:.3f}")
 
 
@@ -121,7 +126,9 @@ def make_method_plan(
     if ranking is None:
         ranking = rank_layers(ckpt, method, options, budget)
     chosen = set(
-        chosen_layers(ckpt, ranking, budget, speedup, options.ctx, allow_first_layer, options.speedup_for)
+        chosen_layers(
+            ckpt, ranking, budget, speedup, options.ctx, allow_first_layer, options.speedup_for, options.heal
+        )
     )
     actions = [ranking.actions[i] if i in chosen else LayerAction.KEEP for i in range(ckpt.shape.n_layers)]
     missing = [i for i in chosen if actions[i] is LayerAction.LINEARIZE and i not in ranking.alphas]

@@ -32,6 +32,8 @@ class MethodOptions:
     ctx: int = 512
     #: what an estimated speedup target is about: a prompt of `ctx` tokens, or decoding at depth `ctx`
     speedup_for: Phase = "prefill"
+    #: the plan will be healed (`gatenorm.heal`): a speedup target counts every changed layer's repair
+    heal: bool = False
     log: Callable[[str], None] = field(default=lambda _: None, compare=False)
 
 

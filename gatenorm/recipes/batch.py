@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from exporters.targets import TARGETS, target_spec
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
+from gatenorm.heal.fit import HealSettings
 from gatenorm.io import atomic_write_text
 from gatenorm.methods import MethodSettings, Ranking, make_method_plan, method_spec, rank_layers
 from gatenorm.plan import Plan
@@ -25,6 +26,8 @@ from gatenorm.recipes.schema import MethodEntry, Recipe, Target, Validation
 from gatenorm.recipes.sources import ResolvedSource, content_sha256, resolve_source
 
 KEY_SCHEMA = 1
+#: The folder of the plan cache where healed plans and their repair weights are kept, by content key.
+HEALED = "healed"
 
 
 class ExportSpec(BaseModel):
@@ -65,10 +68,13 @@ class Variant(BaseModel):
     method: str | None  # None: the unpruned baseline (budget 0), shared by every method
     budget: int
     target: str | None = None  # the target budget this was searched for, e.g. "max_kld=0.3"
-    plan: str  # the plan JSON
+    plan: str  # the plan JSON (a healed plan names its weights file by absolute path)
     export: ExportSpec
     key: str
     validation: ValidationJob | None
+    #: the method heals its plans; `heal_pending`: not fitted yet (a dry run fits nothing)
+    healed: bool = False
+    heal_pending: bool = False
 
     @property
     def folder(self) -> str:
@@ -95,12 +101,16 @@ def _text_id(text: str) -> str:
 
 
 def artifact_key(source_sha256: str, plan_json: str, export: ExportSpec) -> str:
-    """The content key of an artifact: source content, plan, export settings, tool version."""
+    """The content key of an artifact: source content, plan (a healed plan's repair hashes and fitting
+    settings, not where its weights file is or how long the fit took), export settings, tool version."""
+    plan = json.loads(plan_json)
+    if plan.get("healing"):
+        plan["healing"] = {k: v for k, v in plan["healing"].items() if k not in ("weights", "seconds")}
     return digest(
         {
             "key_schema": KEY_SCHEMA,
             "source_sha256": source_sha256,
-            "plan": json.loads(plan_json),
+            "plan": plan,
             "export": export.model_dump(),
             "tool_version": __version__,
         }
@@ -161,7 +171,10 @@ def _validation(source: ResolvedSource, export: ExportSpec, key: str, recipe: Re
 def rank_with(ckpt: Checkpoint, method: MethodEntry) -> Ranking:
     """Rank `ckpt`'s layers with a recipe's method entry (`gatenorm.methods.rank_layers`)."""
     settings = method_settings(method)
-    return rank_layers(ckpt, method.name, settings.method_options(seed=method.seed, calib=method.calib))
+    options = settings.method_options(
+        seed=method.seed, calib=method.calib, heal=method.heal_settings is not None
+    )
+    return rank_layers(ckpt, method.name, options)
 
 
 def method_settings(method: MethodEntry) -> MethodSettings:
@@ -182,9 +195,13 @@ def method_settings(method: MethodEntry) -> MethodSettings:
 
 
 def _method_labels(methods: list[MethodEntry]) -> list[str]:
-    """The method part of variant names: the name, with the seed when two entries share a name."""
-    names = [m.name for m in methods]
-    labels = [f"{m.name}-s{m.seed}" if names.count(m.name) > 1 else m.name for m in methods]
+    """The method part of variant names: the name, with the seed when two entries share a name and
+    healing, and ``-healed`` for a healed entry."""
+    names = [(m.name, m.heal_settings is not None) for m in methods]
+    labels = [
+        (f"{m.name}-s{m.seed}" if names.count(n) > 1 else m.name) + ("-healed" if n[1] else "")
+        for m, n in zip(methods, names, strict=True)
+    ]
     if len(set(labels)) != len(labels):
         raise GatenormError(f"methods {', '.join(labels)} repeat; give repeated methods different seeds")
     return labels
@@ -202,6 +219,8 @@ class ResolvedBudget(BaseModel):
 
     n: int
     plan: str
+    #: a healed method's budget whose repairs are not fitted yet (`plan` is the unhealed plan)
+    heal_pending: bool = False
 
 
 def plans_key(source: ResolvedSource, method: MethodEntry, recipe: Recipe) -> str:
@@ -209,11 +228,12 @@ def plans_key(source: ResolvedSource, method: MethodEntry, recipe: Recipe) -> st
     targets = {b.kind for b in recipe.budgets if isinstance(b, Target)}
     searched = bool(targets - {"min_speedup"})  # quality targets: PyTorch passes on the search text
     search = [recipe.search.model_dump(mode="json"), _text_id(recipe.search.text)] if searched else None
+    entry = method.model_dump(mode="json") | {"heal": _heal_id(method.heal_settings)}
     return digest(
         {
             "key_schema": KEY_SCHEMA,
             "source_sha256": source.sha256,
-            "method": method.model_dump(mode="json"),
+            "method": entry,
             "budgets": [b.model_dump(mode="json") if isinstance(b, Target) else b for b in recipe.budgets],
             "allow_first_layer": recipe.allow_first_layer,
             "search": search,
@@ -223,16 +243,64 @@ def plans_key(source: ResolvedSource, method: MethodEntry, recipe: Recipe) -> st
     )
 
 
+def _heal_id(settings: HealSettings | None) -> dict | None:
+    """Healing settings as they enter a key (a calibration file by its content hash); None: not healed."""
+    if settings is None:
+        return None
+    return settings.model_dump(mode="json") | {"calib": settings.calib_id()}
+
+
 def _cached_plans(path: Path) -> dict[str, ResolvedBudget] | None:
-    """The plans stored at `path`, or None when there are none (or they no longer parse)."""
+    """The plans stored at `path`, or None when there are none (or they no longer parse, or a healed
+    plan's weights file is gone or changed)."""
+    from gatenorm.heal.store import load_repairs
+
     try:
         doc = json.loads(path.read_text())
         plans = {label: ResolvedBudget.model_validate(entry) for label, entry in doc.items()}
         for resolved in plans.values():
-            Plan.from_json(resolved.plan)
+            load_repairs(Plan.from_json(resolved.plan))
         return plans
     except (OSError, ValueError, GatenormError):
         return None
+
+
+def _healed_plan(
+    source: ResolvedSource,
+    plan: Plan,
+    settings: HealSettings,
+    cache: Path | None,
+    store: bool,
+    log: Callable[[str], None],
+) -> Plan | None:
+    """`plan` healed with `settings`: from the plan cache (``healed/<key>.json`` beside its weights file,
+    keyed by the plan and the settings, so a rerun reuses it), else fitted and stored there; None when it
+    is not there and nothing may be written (a dry run)."""
+    from gatenorm.heal.fit import heal_plan
+    from gatenorm.heal.store import load_repairs, weights_path_for
+
+    key = digest(
+        {
+            "key_schema": KEY_SCHEMA,
+            "source_sha256": source.sha256,
+            "plan": json.loads(plan.to_json()),
+            "heal": _heal_id(settings),
+            "tool_version": __version__,
+        }
+    )
+    stored = None if cache is None else cache / HEALED / f"{key}.json"
+    if stored is not None and stored.is_file():
+        try:
+            cached = Plan.load(stored)
+            load_repairs(cached)
+            return cached
+        except GatenormError:
+            pass  # gone or changed: fit again
+    if stored is None or not store:
+        return None
+    fitted = heal_plan(source.path, plan, settings, weights_path_for(stored), log)
+    fitted.save(stored)
+    return fitted
 
 
 def _method_plans(
@@ -252,10 +320,11 @@ def _method_plans(
     if stored is not None and (plans := _cached_plans(stored)) is not None:
         return plans
     ranking = rank_with(ckpt, method)
+    heal = method.heal_settings
     plans = {}
     for budget in recipe.budgets:
         if isinstance(budget, Target):
-            n, label = resolve_target(source, ckpt, ranking, budget, recipe, log), budget.label
+            n, label = resolve_target(source, ckpt, ranking, budget, recipe, log, heal), budget.label
         else:
             n, label = budget, str(budget)
         try:
@@ -264,7 +333,14 @@ def _method_plans(
             )
         except GatenormError as e:
             raise GatenormError(f"{source.name}: {str(e).replace('--drop', 'budget')}") from None
+        if heal is not None and n:  # budget 0 is the shared, unhealed baseline
+            if (fitted := _healed_plan(source, plan, heal, cache, store, log)) is None:
+                plans[label] = ResolvedBudget(n=n, plan=plan.to_json(), heal_pending=True)
+                continue
+            plan = fitted
         plans[label] = ResolvedBudget(n=n, plan=plan.to_json())
+    if any(p.heal_pending for p in plans.values()):
+        return plans  # not complete: never cached
     if stored is not None and store:
         atomic_write_text(stored, json.dumps({b: p.model_dump() for b, p in plans.items()}) + "\n")
     return plans
@@ -321,6 +397,8 @@ def plan_batch(
                     if vname in variants:  # budget 0 of a second method, or a target equal to a budget
                         continue
                     key = artifact_key(source.sha256, resolved.plan, export)
+                    if resolved.heal_pending:  # the fitted plan's key is not known yet
+                        key = digest({"pending": key, "heal": _heal_id(method.heal_settings)})
                     variants[vname] = Variant(
                         name=vname,
                         model=source.name,
@@ -333,5 +411,7 @@ def plan_batch(
                         export=export,
                         key=key,
                         validation=_validation(source, export, key, recipe),
+                        healed=bool(n) and method.heal_settings is not None,
+                        heal_pending=resolved.heal_pending,
                     )
     return BatchPlan(recipe_name=name, variants=list(variants.values()), budgets=budgets)

@@ -108,6 +108,8 @@ def _export(out: Path, variant: Variant) -> str:
     from exporters.export import export
     from exporters.targets import target_spec
 
+    if variant.heal_pending:
+        raise GatenormError(f"{variant.name}: its repairs are not fitted (a dry run's batch plan)")
     if artifact_current(out, variant):
         return "skipped"
     folder = out / variant.folder

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from exporters.targets import target_spec
 from gatenorm import __version__
+from gatenorm.plan import Plan
 from gatenorm.recipes.batch import Variant
 from gatenorm.validate.report import percent_with_error
 
@@ -72,6 +73,20 @@ def _quality_rows(report: dict) -> list[str]:
     return rows
 
 
+def healing_text(plan: Plan) -> str | None:
+    """Which layers of a healed plan carry fitted repairs and what they were fitted on (None: unhealed)."""
+    h = plan.healing
+    if h is None:
+        return None
+    calib = {"synthetic": "text the model generated itself (no data)", "wiki-heldout": "wiki-heldout text"}
+    source = calib.get(h.calib, f"the calibration file with sha256 {h.calib.removeprefix('file:')}")
+    return (
+        f"layers {plan.repaired} are healed: each applies a fitted d x d linear repair of what it lost "
+        f"(ridge least squares, ridge {h.ridge:g}, {'sequential' if h.sequential else 'independent'} fit) "
+        f"on {h.samples} x {h.length} tokens of {source}"
+    )
+
+
 def model_card(variant: Variant, report: dict | None) -> str:
     """A README.md that can be published beside the artifact as is."""
     plan = variant.load_plan()
@@ -97,6 +112,7 @@ def model_card(variant: Variant, report: dict | None) -> str:
         "before its MLP, a removed block nothing; none of them keeps a KV cache, so prefill and decode are "
         "faster and the KV cache is smaller.",
         "",
+        *([f"Healing: {text}.", ""] if (text := healing_text(plan)) else []),
         "## Use",
         "",
         target_spec(variant.export.target).usage(artifact),
@@ -122,6 +138,7 @@ def model_card(variant: Variant, report: dict | None) -> str:
         f"- source: `{src.name}`, sha256 `{variant.source_sha256}`",
         f"- plan: method `{plan.method}`, {plan.describe()}; the plan JSON travels inside the model file "
         "(`gatenorm.plan`)",
+        *([f"- healing: {text}"] if text else []),
         f"- build key: `{variant.key}` (source content, plan, export settings, tool version)",
         f"- made with gatenorm {__version__}: Gate-Norm attention-sublayer pruning "
         "(Saikumar & Varghese, arXiv 2512.20636)",

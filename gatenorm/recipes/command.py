@@ -54,7 +54,9 @@ def _state(out: Path, plan: BatchPlan) -> dict[str, str]:
     """What a run would do to each variant: build, validate only, or nothing."""
     states = {}
     for v in plan.variants:
-        if not artifact_current(out, v):
+        if v.heal_pending:
+            states[v.name] = "heal + build"
+        elif not artifact_current(out, v):
             states[v.name] = "build"
         elif (
             v.validation

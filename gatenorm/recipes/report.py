@@ -11,6 +11,7 @@ from gatenorm import __version__
 from gatenorm.io import atomic_write_text
 from gatenorm.recipes.batch import BatchPlan, Variant
 from gatenorm.recipes.build import BUILD_RECORD, VariantResult, read_record, read_report
+from gatenorm.recipes.card import healing_text
 from gatenorm.recipes.plots import plot_layer_scores, plot_quality, plot_speed_quality
 from gatenorm.recipes.sources import file_sha256
 
@@ -177,6 +178,10 @@ def write_report(
     if failed:
         lines += ["", "## Failures", ""]
         lines += [f"- `{r.name}` ({r.failed_step}): {r.error}" for r in failed]
+    healed = {v.name: text for v in plan.variants if v.healed and (text := healing_text(v.load_plan()))}
+    if healed:
+        lines += ["", "## Healed variants", ""]
+        lines += [f"- `{name}`: {text}" for name, text in healed.items()]
     resolved = {k: v for k, v in plan.budgets.items() if any(not b.isdigit() for b in v)}
     if resolved:
         lines += ["", "## Target budgets", ""]

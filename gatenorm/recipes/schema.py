@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from exporters.targets import TARGETS
+from gatenorm.heal.fit import HealSettings
 from gatenorm.methods.registry import METHODS
 from gatenorm.validate.settings import ValidationSettings
 
@@ -76,6 +77,18 @@ class MethodEntry(_Strict):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Further keyword options of the method."
     )
+    heal: bool | HealSettings = Field(
+        False,
+        description="Heal every changed layer (`gatenorm.heal`): true for the default settings, or the "
+        "settings (samples, length, ridge, bias, calib, ...). Variants are named <method>-healed.",
+    )
+
+    @property
+    def heal_settings(self) -> HealSettings | None:
+        """The healing settings of this entry (None: not healed)."""
+        if self.heal is False:
+            return None
+        return HealSettings() if self.heal is True else self.heal
 
     @field_validator("name")
     @classmethod

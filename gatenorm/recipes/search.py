@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable
 
 from gatenorm.errors import GatenormError
+from gatenorm.heal.fit import HealSettings
 from gatenorm.methods import Ranking, make_method_plan
 from gatenorm.methods.registry import chosen_layers
 from gatenorm.readers import Checkpoint
@@ -54,23 +55,34 @@ def resolve_target(
     target: Target,
     recipe: Recipe,
     log: Callable[[str], None] = lambda _: None,
+    heal: HealSettings | None = None,
 ) -> int:
     """The number of layers a target budget asks for.
 
     Quality targets: the most layers (in the method's order) whose metric still meets the target, by
     bisection, assuming quality falls as layers go. `min_speedup`: the fewest layers whose method actions
     reach the target under the cost model (`gatenorm.methods.cost`) at the validation context, as
-    `--budget-speedup` does (the report shows the measured speedup)."""
+    `--budget-speedup` does (the report shows the measured speedup); with `heal`, every changed layer's
+    repair counted. Quality targets of a healed method are refused (the probes would each need a fit)."""
     name = ranking.scores.method
     top = ckpt.shape.n_layers - 1  # make_plan's limit: one attention sublayer stays
     if target.kind == "min_speedup":
         try:
             ctx = recipe.validation.ctx if target.ctx is None else target.ctx
-            n = len(chosen_layers(ckpt, ranking, None, target.value, ctx, phase=target.speedup_for))
+            n = len(
+                chosen_layers(
+                    ckpt, ranking, None, target.value, ctx, phase=target.speedup_for, heal=heal is not None
+                )
+            )
         except GatenormError as error:
             raise GatenormError(f"budget {target.label} of {source.name}: {error}") from None
         log(f"{source.name} / {name}: {target.label} -> {n} layers")
         return n
+    if heal is not None:
+        raise GatenormError(
+            f"budget {target.label} of {source.name} / {name}: healed methods take layer counts and "
+            "min_speedup targets (a quality search would fit repairs at every step)"
+        )
     probe = _quality_probe(source, ckpt, ranking, recipe, target)
     holds = (lambda v: v <= target.value) if target.kind.startswith("max") else (lambda v: v >= target.value)
     lo, hi = 0, top  # holds(lo) (nothing dropped); find the largest n that holds

@@ -8,7 +8,7 @@ import functools
 import inspect
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -49,10 +49,15 @@ def _default(info: FieldInfo) -> Any:
     return info.default_factory() if info.default_factory is not None else info.default
 
 
-def _flags(model: type[BaseModel], path: tuple[str, ...] = (), prefix: str = "") -> list[tuple[Flag, Any]]:
-    """Every flag of `model` with its typer parameter (name, annotation, default)."""
+def _flags(
+    model: type[BaseModel], path: tuple[str, ...] = (), prefix: str = "", exclude: Collection[str] = ()
+) -> list[tuple[Flag, Any]]:
+    """Every flag of `model` (but its fields in `exclude`) with its typer parameter (name, annotation,
+    default); the parameter names start with `prefix`'s words too (``heal_samples``)."""
     out = []
     for name, info in model.model_fields.items():
+        if name in exclude:
+            continue
         kind, optional = _unwrap(info.annotation)
         where = (*path, name)
         if isinstance(kind, type) and issubclass(kind, BaseModel):
@@ -64,7 +69,7 @@ def _flags(model: type[BaseModel], path: tuple[str, ...] = (), prefix: str = "")
             continue
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         option = str(extra.get("flag") or f"--{prefix}{name.replace('_', '-')}")
-        param = "_".join(where)
+        param = "_".join(where) if path else prefix.replace("-", "_") + name
         default = _default(info)
         if typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]
@@ -114,13 +119,18 @@ def settings_from_flags(flags: list[Flag], values: dict[str, Any], model: type[B
 
 
 def with_settings_flags(
-    command: Callable[..., None], model: type[BaseModel] = ValidationSettings
+    command: Callable[..., None],
+    model: type[BaseModel] = ValidationSettings,
+    param: str = "settings",
+    prefix: str = "",
+    exclude: Collection[str] = (),
 ) -> Callable[..., None]:
-    """A typer command whose flags are `command`'s own parameters (all but ``settings``) plus one per
-    setting of `model`; `command` is called with ``settings=`` the model built from them."""
-    generated = _flags(model)
+    """A typer command whose flags are `command`'s own parameters (all but `param`) plus one per setting of
+    `model` (``--{prefix}{field}``, but the fields in `exclude`, which keep their defaults); `command` is
+    called with `param` = the model built from them. Wrappers stack: one model per parameter."""
+    generated = _flags(model, prefix=prefix, exclude=exclude)
     flags = [flag for flag, _ in generated]
-    own = [p for p in inspect.signature(command).parameters.values() if p.name != "settings"]
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != param]
     hints = typing.get_type_hints(command, include_extras=True)
     own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own]
     params = own + [
@@ -133,7 +143,7 @@ def with_settings_flags(
     @functools.wraps(command)
     def run(**kwargs: Any) -> None:
         values = {f.param: kwargs.pop(f.param) for f in flags}
-        command(settings=settings_from_flags(flags, values, model), **kwargs)
+        command(**{param: settings_from_flags(flags, values, model)}, **kwargs)
 
     # typer reads the signature and the (evaluated) annotations: the generated ones, not `command`'s
     run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -694,17 +694,27 @@ def _cosine_target(rows: dict, heal_calib: str) -> list[str]:
 
 def _scale_lines(scale: dict, hs: dict) -> list[str]:
     per = scale["layer_seconds"]
-    est = scale["estimate"]
+    ratio = scale["gen_ratio"]
+    how = (
+        f"one forward of the {scale['n_layers']} layers over the tokens (the compute floor of generation)"
+        + (f" times SmolLM2's measured generation / forward time ratio {ratio:.1f}" if ratio else "")
+    )
+    ests = "; ".join(
+        f"{e['windows'][0]} x {e['windows'][1]} tokens: fit {e['fit_seconds'] / 60:.0f} min, generation "
+        f"{e['gen_seconds'] / 60:.0f} min (floor {e['forward_seconds'] / 60:.0f} min)"
+        for e in scale["estimates"]
+    )
     return [
         f"- 7B fitting time, estimated: a stack of {scale['layers']} random llama layers of Llama-2-7B's "
-        f"shape (d {scale['d_model']}, MLP {scale['ffn']}, {scale['heads']} heads) fitted by `fit_repairs` "
-        f"on "
-        f"{scale['tokens']} tokens ({scale['windows'][0]} x {scale['windows'][1]}) took "
-        + ", ".join(f"{a}: {t:.0f} s" for a, t in per.items())
-        + f" per layer; scaled to {scale['tokens_target']} tokens ({hs['samples']} x {hs['length']}) and "
-        f"{est['n_layers']} layers of which {est['healed']} healed: {est['fit_seconds'] / 60:.0f} min of "
-        f"fitting, plus generating the calibration text, estimated at {est['gen_seconds'] / 60:.0f} min "
-        f"({est['gen_how']}). Measured niced on the shared 2-core machine (load {scale['load']:.1f})."
+        f"shape (d {scale['d_model']}, MLP {scale['ffn']}, {scale['heads']} heads; a healed dropped "
+        f"attention, a healed dropped block, a kept layer) run through `fit_repairs` on {scale['tokens']} "
+        f"tokens ({scale['windows'][0]} x {scale['windows'][1]}) took "
+        + ", ".join(f"{a} {t:.0f} s" for a, t in per.items())
+        + f" per layer (the first includes the embedding pass). Scaled linearly in tokens to "
+        f"{scale['n_layers']} layers with {scale['healed']} healed (the mean of the two healed layer times; "
+        f"the kept layers are run too, as the sequential fit does), and the calibration text's generation "
+        f"estimated as {how}: {ests}. Measured niced on the shared 2-core machine (load {scale['load']:.1f} "
+        "after the run): an upper bound for an idle machine."
     ]
 
 

@@ -540,14 +540,22 @@ def stage_heal_scale(args, cache: Cache, ckpt) -> None:
     marks = [time.perf_counter()]
     fit_repairs(model, plan, windows, settings, progress=lambda *_: marks.append(time.perf_counter()))
     per = {a.value: marks[i + 1] - marks[i] for i, a in enumerate(actions)}
-    factor = settings.samples / samples  # to the heal settings' token count
     healed = args.scale_healed
-    kept = N_LAYERS_7B - healed
     healed_layer = (per["drop-attention"] + per["drop-block"]) / 2
-    fit = factor * (healed * healed_layer + kept * per["keep"])
     calib = cache.section("heal").get("calibration", {})
     ratio = calib["seconds"] / calib["forward_seconds"] if calib.get("forward_seconds") else None
-    forward = factor * N_LAYERS_7B * per["keep"]  # one forward of the 7B layers over the calibration tokens
+
+    def estimate(target_samples: int) -> dict:
+        """Linear in tokens: the study's heal settings' windows, or the default settings'."""
+        factor = target_samples / samples
+        forward = factor * N_LAYERS_7B * per["keep"]  # the 7B layers' forward over the calibration tokens
+        return {
+            "windows": [target_samples, settings.length],
+            "fit_seconds": factor * (healed * healed_layer + (N_LAYERS_7B - healed) * per["keep"]),
+            "forward_seconds": forward,
+            "gen_seconds": forward * (ratio or 1.0),
+        }
+
     cache.data["heal_scale"] = {
         "layers": len(actions),
         "d_model": SHAPE_7B["hidden_size"],
@@ -555,19 +563,12 @@ def stage_heal_scale(args, cache: Cache, ckpt) -> None:
         "heads": SHAPE_7B["num_attention_heads"],
         "windows": [samples, settings.length],
         "tokens": samples * settings.length,
-        "tokens_target": settings.samples * settings.length,
         "layer_seconds": per,
         "load": os.getloadavg()[0],
-        "estimate": {
-            "n_layers": N_LAYERS_7B,
-            "healed": healed,
-            "fit_seconds": fit,
-            "gen_seconds": forward * (ratio or 1.0),
-            "gen_how": (
-                f"one forward of the 32 layers over the tokens ({forward / 60:.0f} min, the compute floor) "
-                + (f"times SmolLM2's measured generation / forward ratio {ratio:.1f}" if ratio else "")
-            ),
-        },
+        "n_layers": N_LAYERS_7B,
+        "healed": healed,
+        "gen_ratio": ratio,
+        "estimates": [estimate(settings.samples), estimate(HealSettings().samples)],
     }
     log(f"heal-scale: per layer {json.dumps({k: round(v, 1) for k, v in per.items()})} s on {windows.shape}")
     cache.save()

@@ -412,7 +412,9 @@ def stage_heal(args, cache: Cache, ckpt) -> None:
         zs = b in zb and ("zeroshot" not in entry or key not in cache.section("zeroshot"))
         return "quality" not in entry or key not in cache.section("quality") or zs
 
-    missing = {k: p for k, p in todo.items() if incomplete(*k)}
+    # budget 8 first, then outwards, each for every method: an interrupted run still covers them all
+    order = sorted(todo, key=lambda k: (abs(k[1] - 8), k[1]))
+    missing = {k: todo[k] for k in order if incomplete(*k)}
     if not missing:
         return
     start = time.perf_counter()
@@ -479,8 +481,7 @@ def stage_heal(args, cache: Cache, ckpt) -> None:
         zsection = cache.section("zeroshot")
         if "unpruned/0" not in zsection:
             zsection["unpruned/0"] = zeroshot_of(rt, work)
-        middle_first = sorted(healed_plans.items(), key=lambda kv: abs(kv[0][1] - 8))  # if cut short
-        for (name, b), healed_plan in middle_first:
+        for (name, b), healed_plan in healed_plans.items():
             key = f"{name}/{b}"
             if b not in zb:
                 continue

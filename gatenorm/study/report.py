@@ -620,7 +620,19 @@ def heal_section(data: dict, docs: Path) -> list[str]:
                 f"{zs(r['zs_unhealed'])} | {zs(r['zs_healed'])} | {r['fit']:.1f} |"
             )
     base = data.get("zeroshot", {}).get("unpruned/0")
+    asked = [
+        f"{m}/{b}" for m in data["settings"]["heal_methods"].split(",")
+        for b in data["settings"]["heal_budgets"].split(",")
+    ]  # fmt: skip
+    done = [k for k in asked if int(k.rsplit("/", 1)[1]) in rows.get(k.rsplit("/", 1)[0], {})]
+    zs_done = [k for k in done if data["heal"][k].get("zeroshot")]
     md += [
+        "",
+        f"**Coverage:** {len(done)} of the {len(asked)} asked plans healed and evaluated"
+        + (f" (missing: {', '.join(k for k in asked if k not in done)})" if len(done) < len(asked) else "")
+        + f"; zero-shot of {len(zs_done)} healed plans"
+        + (f" ({', '.join(zs_done)})" if zs_done else "")
+        + ".",
         "",
         f"Unpruned: PPL {next(iter(data['quality'].values()))['ppl_ref']:.2f}"
         + (f", zero-shot {zs(zeroshot_mean_err(base, limit))}." if base else "."),

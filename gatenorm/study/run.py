@@ -3,9 +3,11 @@ method's plan per budget, scoring times, Gate-Norm vs attention-cosine rank corr
 
 Every number lands in a JSON cache (--cache) keyed by what produced it, so the script resumes; `report`
 writes docs/study.md and PNGs from the cache only. Stages: rank, time (re-time the rankings on a quiet
-machine), quality, zeroshot, speed, report.
+machine), quality, zeroshot, speed, heal (healed vs unhealed plans, `--heal`), heal-scale (the fit timed on
+7B-shaped random layers), report.
 
     python scripts/study_methods.py   # every stage; the defaults are the settings of docs/study.md
+    python scripts/study_methods.py --stages heal,heal-scale,report   # the Healing section
 """
 
 from __future__ import annotations

@@ -722,7 +722,8 @@ def _scale_lines(scale: dict, hs: dict) -> list[str]:
         f"attention, a healed dropped block, a kept layer) run through `fit_repairs` on {scale['tokens']} "
         f"tokens ({scale['windows'][0]} x {scale['windows'][1]}) took "
         + ", ".join(f"{a} {t:.0f} s" for a, t in per.items())
-        + f" per layer (the first includes the embedding pass). Scaled linearly in tokens to "
+        + f" per layer (the first includes the embedding pass). Scaled linearly in tokens (which overstates "
+        f"the token-independent d x d solve: conservative above {scale['tokens']} tokens) to "
         f"{scale['n_layers']} layers with {scale['healed']} healed (the mean of the two healed layer times; "
         f"the kept layers are run too, as the sequential fit does), and the calibration text's generation "
         f"estimated as {how}: {ests}. Measured niced on the shared 2-core machine (load {scale['load']:.1f} "

@@ -21,7 +21,8 @@ from tests.conftest import make_tiny_model, mixed_plan
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-heal"), num_hidden_layers=4)
+    folder = tmp_path_factory.mktemp("tiny-heal")
+    make_tiny_model(folder, num_hidden_layers=4)  # returns the model; the folder is what is opened
     return folder, open_checkpoint(folder)
 
 

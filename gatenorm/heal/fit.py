@@ -197,23 +197,30 @@ def heal_plan(
     settings: HealSettings,
     weights: Path,
     log: Callable[[str], None] = lambda _: None,
+    model: nn.Module | None = None,
+    windows: np.ndarray | None = None,
 ) -> Plan:
     """`plan` healed: repairs fitted on `model_path`'s own model, their weights written to `weights`
-    (atomically) and recorded, with their hashes and the calibration, in the returned plan."""
+    (atomically) and recorded, with their hashes and the calibration, in the returned plan.
+
+    `model` (loaded from `model_path`, float32, left unchanged) and `windows` (``settings``' calibration
+    windows of it) are reused when given, e.g. to heal many plans of one model; the recorded seconds are
+    then the fit's alone (without the generation of the windows)."""
     from gatenorm.apply import load_model, load_tokenizer
 
     if plan.healing is not None:
         raise GatenormError("the plan is already healed")
     if not plan.changed:
         raise GatenormError("the plan changes no layer: nothing to heal")
-    calibration = settings.calibration()
-    model = load_model(model_path)
+    if model is None:
+        model = load_model(model_path)
     if getattr(model.config, "gatenorm_fixed", None):
         raise GatenormError(
             f"--heal on {model_path}: its layers without attention are not run by the calibration passes yet"
         )
     start = time.perf_counter()
-    windows = calibration.windows(load_tokenizer(model_path), model, settings.seed)
+    if windows is None:
+        windows = settings.calibration().windows(load_tokenizer(model_path), model, settings.seed)
     n, t = windows.shape
     log(f"healing {len(plan.changed)} layers on {n} x {t} {settings.calib} tokens")
     repairs = fit_repairs(model, plan, windows, settings)

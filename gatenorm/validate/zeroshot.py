@@ -202,7 +202,8 @@ class TaskScore:
         return {**asdict(self), "main": self.main}
 
 
-def _err(p: float, n: int) -> float:
+def binomial_err(p: float, n: int) -> float:
+    """Standard error of an accuracy `p` over `n` items (sample variance)."""
     return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else 0.0
 
 
@@ -219,7 +220,7 @@ def score_items(items: Sequence[Item], loglikelihoods: Sequence[float], metric: 
         right_norm += best_norm == item.gold
     n = len(items)
     acc, acc_norm = right / n, right_norm / n
-    return TaskScore(n, acc, _err(acc, n), acc_norm, _err(acc_norm, n), metric)
+    return TaskScore(n, acc, binomial_err(acc, n), acc_norm, binomial_err(acc_norm, n), metric)
 
 
 def evaluate_task(

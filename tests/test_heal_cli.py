@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gatenorm.errors import GatenormError
-from gatenorm.heal.store import load_repairs, weights_path_for
+from gatenorm.heal.store import load_repairs, unhealed, weights_path_for
 from gatenorm.methods import MethodOptions, make_method_plan, rank_layers
 from gatenorm.methods.cost import cost_model
 from gatenorm.methods.registry import chosen_layers
@@ -34,13 +34,6 @@ def gatenorm(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     )
 
 
-def _unhealed(plan: Plan) -> Plan:
-    """`plan` without its repairs (the same layers and actions)."""
-    doc = plan.model_dump(mode="json")
-    for lp in doc["layers"]:
-        lp["repair"] = None
-    doc.update(healing=None, schema_version=2)
-    return Plan.model_validate(doc)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +63,7 @@ def test_plan_heal_writes_the_plan_and_its_weights(healed_smollm2, smollm2_score
     assert cost_model(ckpt, 256).plan_speedup(plan) == pytest.approx(printed, abs=1e-3)
     plain = make_method_plan(ckpt, "gate-norm", speedup=1.05, options=MethodOptions(ctx=256))
     assert len(plan.changed) >= len(plain.changed)
-    assert cost_model(ckpt, 256).plan_speedup(_unhealed(plan)) > printed  # the repairs do cost something
+    assert cost_model(ckpt, 256).plan_speedup(unhealed(plan)) > printed  # the repairs do cost something
 
 
 def test_healed_plan_has_lower_kld_on_wiki_text(healed_smollm2):
@@ -84,7 +77,7 @@ def test_healed_plan_has_lower_kld_on_wiki_text(healed_smollm2):
     windows = token_windows("wiki", ref.tokenize, 128, 512, ref.bos_id)  # disjoint from the synthetic text
     ref_logits = list(ref.window_logits(windows, 64))
     kld = {}
-    for name, p in (("healed", plan), ("plain", _unhealed(plan))):
+    for name, p in (("healed", plan), ("plain", unhealed(plan))):
         cand = copy.copy(ref)
         cand.model = apply_plan(copy.deepcopy(ref.model), p)
         kld[name] = compare_logits(ref_logits, cand.window_logits(windows, 64), windows, 64).kld_mean

@@ -21,7 +21,14 @@ from gatenorm.apply import apply_plan, load_model
 from gatenorm.cli import app, main
 from gatenorm.errors import GatenormError
 from gatenorm.heal.fit import HealSettings, fit_repairs
-from gatenorm.heal.store import LinearRepair, healed, load_repairs, save_repairs, weights_path_for
+from gatenorm.heal.store import (
+    LinearRepair,
+    healed,
+    load_repairs,
+    save_repairs,
+    unhealed,
+    weights_path_for,
+)
 from gatenorm.plan import Healing, Plan
 from gatenorm.readers import open_checkpoint
 from tests.conftest import make_tiny_model, mixed_plan, tiny_hf
@@ -54,12 +61,6 @@ def _random_repairs(d: int, layers, bias: bool = False, seed: int = 0) -> dict[i
     }
 
 
-def _unhealed(plan: Plan) -> Plan:
-    doc = plan.model_dump(mode="json")
-    for lp in doc["layers"]:
-        lp["repair"] = None
-    doc.update(healing=None, schema_version=2)
-    return Plan.model_validate(doc)
 
 
 def _max_delta(a: np.ndarray, b: np.ndarray) -> float:
@@ -114,8 +115,8 @@ def test_tiny_hf_healed_plan_in_llama_cpp_matches_pytorch(tmp_path, tiny):
         delta = _max_delta(reference, got)
         print(f"tiny llama healed F32 (flash_attn={flash_attn}): max|dlogit| {delta:.2e}, KL {kl:.2e}")
         assert delta < 2e-3 and kl < 1e-6 and top1 > 0.95, (delta, kl, top1)
-    unhealed = torch_logits(apply_plan(load_model(folder), _unhealed(plan)), tokens)
-    assert _max_delta(unhealed, got) > 0.1  # the repairs are what llama.cpp runs
+    plain = torch_logits(apply_plan(load_model(folder), unhealed(plan)), tokens)
+    assert _max_delta(plain, got) > 0.1  # the repairs are what llama.cpp runs
     with pytest.raises(GatenormError, match="different FFN widths"):  # the healed blocks' width-32 FFN
         load_model(out)  # transformers' llama has one intermediate_size: one line, as for Nemotron files
     fixed = open_checkpoint(out).fixed_layers  # its repaired layers: linear attention, the whole update
@@ -152,8 +153,8 @@ def test_healed_families_in_llama_cpp_match_pytorch(tmp_path, tokenizer_dir, fam
     delta, (kl, _) = _max_delta(reference, got), agreement(reference, got)
     print(f"{family} healed F32: max|dlogit| {delta:.2e}, KL {kl:.2e}")
     assert delta < 2e-3 and kl < 1e-6, (delta, kl)
-    unhealed = torch_logits(apply_plan(load_model(folder), _unhealed(plan)), tokens)
-    assert _max_delta(unhealed, got) > 0.1
+    plain = torch_logits(apply_plan(load_model(folder), unhealed(plan)), tokens)
+    assert _max_delta(plain, got) > 0.1
 
 
 def test_healed_deci_file_reads_back_in_pytorch(tmp_path, tiny):
@@ -227,8 +228,8 @@ def test_smollm2_healed_keep_types_and_f32_logits(
     delta = _max_delta(reference, got)
     print(f"SmolLM2 healed F32: max|dlogit| {delta:.3f}, KL {kl:.2e}, top-1 {top1:.3f}")
     assert kl < 1e-3 and top1 > 0.99, (kl, top1)
-    unhealed = torch_logits(apply_plan(copy.deepcopy(smollm2_model), _unhealed(plan)), smollm2_tokens)
-    assert agreement(unhealed, got)[0] > 1e-2  # the export runs the repairs, not the unhealed plan
+    plain = torch_logits(apply_plan(copy.deepcopy(smollm2_model), unhealed(plan)), smollm2_tokens)
+    assert agreement(plain, got)[0] > 1e-2  # the export runs the repairs, not the unhealed plan
 
 
 # --- refusals --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 from gatenorm.errors import GatenormError
 from gatenorm.io import _umask, atomic_path
-from gatenorm.plan import HEALED_SCHEMA_VERSION, Healing, Plan, Repair
+from gatenorm.plan import HEALED_SCHEMA_VERSION, PLAN_SCHEMA_VERSION, Healing, Plan, Repair
 
 #: the suffix of a plan's weights file (``plan.json`` -> ``plan.repairs.safetensors``)
 WEIGHTS_SUFFIX = ".repairs.safetensors"
@@ -74,6 +74,15 @@ def healed(plan: Plan, repairs: dict[int, LinearRepair], healing: Healing) -> Pl
     for layer, repair in repairs.items():
         doc["layers"][layer]["repair"] = repair.record().model_dump(mode="json")
     doc.update(schema_version=HEALED_SCHEMA_VERSION, healing=healing.model_dump(mode="json"))
+    return Plan.model_validate(doc)
+
+
+def unhealed(plan: Plan) -> Plan:
+    """`plan` without its repairs: the same layers and actions."""
+    doc = plan.model_dump(mode="json")
+    for lp in doc["layers"]:
+        lp["repair"] = None
+    doc.update(healing=None, schema_version=PLAN_SCHEMA_VERSION)
     return Plan.model_validate(doc)
 
 

@@ -29,7 +29,10 @@ class Keys:
     # healed plans (`gatenorm.heal`)
     REPAIRED_LAYERS = "gatenorm.repaired_layers"  # source layers that apply a fitted repair
     REPAIR_SHA256 = "gatenorm.repair_sha256"  # each repair's sha256, in the order of REPAIRED_LAYERS
+    REFITTED_LAYERS = "gatenorm.refitted_layers"  # source layers whose ffn_down was refitted (a fold)
+    REFIT_SHA256 = "gatenorm.refit_sha256"  # each refit's sha256, in the order of REFITTED_LAYERS
     HEAL_CALIB = "gatenorm.heal.calib"  # the calibration text the repairs were fitted on
+    HEAL_FORM = "gatenorm.heal.form"  # linear or fold
     CHANGED_TENSORS = "gatenorm.changed_tensors"  # tensors whose values gatenorm computed (not copied)
 
     class Source:
@@ -54,6 +57,8 @@ LISTS = (
     Keys.DROPPED_BLOCKS,
     Keys.REPAIRED_LAYERS,
     Keys.REPAIR_SHA256,
+    Keys.REFITTED_LAYERS,
+    Keys.REFIT_SHA256,
     Keys.CHANGED_TENSORS,
 )
 
@@ -82,10 +87,13 @@ def plan_values(plan: Plan, changed_tensors: list[str] | None = None) -> dict[st
         Keys.DROPPED_BLOCKS: plan.blocks_dropped,
         Keys.REPAIRED_LAYERS: plan.repaired,
         Keys.REPAIR_SHA256: [lp.repair.sha256 for lp in plan.layers if lp.repair is not None],
+        Keys.REFITTED_LAYERS: plan.refitted,
+        Keys.REFIT_SHA256: [lp.refit.sha256 for lp in plan.layers if lp.refit is not None],
         Keys.CHANGED_TENSORS: sorted(changed_tensors or []),
     }
     if plan.healing is not None:
         values[Keys.HEAL_CALIB] = plan.healing.calib
+        values[Keys.HEAL_FORM] = plan.healing.form
     return values | {key: value for key, value in lists.items() if value}
 
 

@@ -16,7 +16,7 @@ from gatenorm.architectures.layers import (  # noqa: F401  (re-exported: the pru
     LinearBlockLayer,
 )
 from gatenorm.errors import GatenormError
-from gatenorm.heal.store import load_repairs
+from gatenorm.heal.store import load_refits, load_repairs
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.quiet import quiet_transformers
 from gatenorm.readers import open_checkpoint
@@ -81,7 +81,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Rewrite `model` in place as the plan says, with the architecture's replacement modules: a dropped
     attention leaves the MLP step (``h + mlp(post_norm(h))`` for llama), a linearized one HARP's fused matmul
     (`LinearAttentionLayer`), a dropped block the identity; a healed layer applies its fitted repair
-    instead (`Architecture.repaired`, weights from the plan's file, checked against its hashes).
+    instead (`Architecture.repaired`, weights from the plan's file, checked against its hashes), and a
+    refitted layer its new down projection (`Architecture.down_projection`).
 
     Kept layers get consecutive KV-cache slots (0, 1, ...), so changed layers own no cache entry.
     """
@@ -98,6 +99,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     if plan.healing is not None and fixed:
         raise GatenormError("a healed plan cannot be applied to a model loaded from a deci file")
     repairs = load_repairs(plan)  # checked against the plan's hashes
+    refits = load_refits(plan)
     kept_types = []
     cache_slot = 0
     for lp in plan.layers:
@@ -123,6 +125,15 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             layers[lp.layer] = arch.linearized(layer, lp.alpha)
         else:  # LayerAction.DROP_BLOCK
             layers[lp.layer] = arch.identity(layer)
+    for i, weight in refits.items():
+        down = arch.down_projection(layers[i])
+        if tuple(down.weight.shape) != tuple(weight.shape):
+            raise GatenormError(
+                f"layer {i}'s refitted down projection is {tuple(weight.shape)}, the model's "
+                f"{tuple(down.weight.shape)}"
+            )
+        with torch.no_grad():
+            down.weight.copy_(weight)
     if getattr(model.config, "layer_types", None) is not None:
         # The cache builds slot i with the type of config.layer_types[i]: list the kept layers first.
         actions = [lp.action for lp in plan.layers]

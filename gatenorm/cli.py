@@ -110,7 +110,7 @@ def _options(
     calib_len: int,
     ctx: int,
     speedup_for: str = "prefill",
-    heal: bool = False,
+    heal: str | None = None,
 ) -> MethodOptions:
     from gatenorm.methods.calibration import Calibration
 
@@ -150,9 +150,9 @@ def _table(
     scores: LayerScores,
     actions: list[LayerAction] | None = None,
     alphas: dict[int, float] | None = None,
-    repaired: set[int] | None = None,
+    healed: dict[int, str] | None = None,
 ) -> Table:
-    """Scores, ranks, (given `actions`) each layer's action and alpha, (given `repaired`) whether healed."""
+    """Scores, ranks, (given `actions`) each layer's action and alpha, (given `healed`) its repairs."""
     table = Table()
     table.add_column("layer", justify="right")
     table.add_column("score", justify="right")
@@ -160,15 +160,15 @@ def _table(
     if actions is not None:
         table.add_column("action")
         table.add_column("alpha", justify="right")
-    if repaired is not None:
+    if healed is not None:
         table.add_column("healed")
     for i, (s, r) in enumerate(zip(scores.scores, scores.ranks(), strict=True)):
         row = [str(i), f"{s:.6g}", str(r)]
         if actions is not None:
             alpha = (alphas or {}).get(i) if actions[i] is LayerAction.LINEARIZE else None
             row += [actions[i].value, "" if alpha is None else f"{alpha:.3f}"]
-        if repaired is not None:
-            row.append("yes" if i in repaired else "")
+        if healed is not None:
+            row.append(healed.get(i, ""))
         table.add_row(*row)
     return table
 
@@ -264,7 +264,7 @@ def plan(
     weights = weights_path_for(output)
     if healing is not None:
         refuse_overwriting_inputs(weights, inputs)
-    options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for, healing is not None)
+    options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for, healing and healing.form)
     ckpt = open_checkpoint(resolve_model(model))
     if healing is not None:
         _refuse_deci_heal(ckpt)
@@ -288,6 +288,16 @@ def _calib_file(calib: str | None) -> Path | None:
     return None if calib in (None, SYNTHETIC, WIKI_HELDOUT) else Path(calib)
 
 
+def _healed_cells(plan: Plan) -> dict[int, str]:
+    """Layer -> what healing gave it: a fitted map, a refitted down projection (a fold), or both."""
+    cells: dict[int, list[str]] = {}
+    for i in plan.repaired:
+        cells.setdefault(i, []).append("map")
+    for i in plan.refitted:
+        cells.setdefault(i, []).append("refit")
+    return {i: "+".join(parts) for i, parts in cells.items()}
+
+
 def _print_plan(
     ckpt: Checkpoint, method: str, scores: LayerScores, result: Plan, ctx: int, speedup_for: Phase
 ) -> None:
@@ -295,7 +305,7 @@ def _print_plan(
     speedup with its repairs counted (and the fitting time)."""
     actions = [lp.action for lp in result.layers]
     alphas = {lp.layer: lp.alpha for lp in result.layers if lp.alpha is not None}
-    healed = set(result.repaired) if result.healing is not None else None
+    healed = _healed_cells(result) if result.healing is not None else None
     console.print(f"{method} plan for {ckpt.path}")
     console.print(_table(scores, actions, alphas, healed))
     speedup = cost_model(ckpt, ctx, speedup_for).plan_speedup(result)
@@ -305,8 +315,8 @@ def _print_plan(
     if result.healing is not None:
         h = result.healing
         console.print(
-            f"repairs fitted in {h.seconds:.1f} s on {h.samples} x {h.length} tokens of {h.calib} text "
-            f"(ridge {h.ridge:g})"
+            f"repairs ({h.form}) fitted in {h.seconds:.1f} s on {h.samples} x {h.length} tokens of "
+            f"{h.calib} text ({h.ridges()})"
         )
 
 
@@ -371,7 +381,8 @@ def export(
         else:  # the plan is made from this very checkpoint: no need to check it against it
             if healing is not None:
                 _refuse_deci_heal(ckpt)
-            options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for, healing is not None)
+            form = healing and healing.form
+            options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for, form)
             result, check = make_method_plan(ckpt, method, drop, budget_speedup, options=options), False
             if healing is not None:  # the weights live until the export has embedded them
                 from gatenorm.heal.fit import heal_plan
@@ -433,13 +444,16 @@ def inspect(
         if key.startswith(Keys.PREFIX) and key not in (Keys.PLAN, Keys.SCORES):
             console.print(f"  {key} = {value}")
     table = Table()
-    columns = ("layer", "score", "action", "alpha") + (("repair sha256",) if stored.repaired else ())
+    columns = ("layer", "score", "action", "alpha")
+    columns += ("repair sha256",) if stored.repaired else ()
+    columns += ("refit sha256",) if stored.refitted else ()
     for column in columns:
         table.add_column(column)
     for lp in stored.layers:
         alpha = "" if lp.alpha is None else f"{lp.alpha:.6g}"
-        repair = () if not stored.repaired else ("" if lp.repair is None else lp.repair.sha256[:16],)
-        table.add_row(str(lp.layer), f"{lp.score:.6g}", lp.action.value, alpha, *repair)
+        records = [r for listed, r in ((stored.repaired, lp.repair), (stored.refitted, lp.refit)) if listed]
+        cells = ("" if record is None else record.sha256[:16] for record in records)
+        table.add_row(str(lp.layer), f"{lp.score:.6g}", lp.action.value, alpha, *cells)
     console.print(table)
     console.print(stored.describe())
 

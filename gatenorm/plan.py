@@ -52,6 +52,10 @@ class Source(BaseModel):
     hashed: Literal["attention-tensors", "shape"]
 
 
+#: How a plan is healed (`gatenorm.heal.forms`): fold (refitted down projections) or linear (fitted maps).
+HealForm = Literal["fold", "linear"]
+
+
 class Repair(BaseModel):
     """A fitted linear map that stands in for what a changed layer lost (`gatenorm.heal`).
 
@@ -70,13 +74,33 @@ class Repair(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class Refit(BaseModel):
+    """A layer's MLP down projection refitted so that its output also carries what the changed layers above
+    it (only removed blocks between) lost: a fold (ReplaceMe-style), free at run time.
+
+    The new weight (``d_model x d_ff``, float32) lives in the plan's weights file under
+    ``blk.{layer}.ffn_down``; `sha256` is that of its float32 bytes. Any layer may carry one, kept ones too.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["ffn_down"] = "ffn_down"
+    #: (outputs, inputs): (d_model, d_ff)
+    shape: tuple[int, int]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Healing(BaseModel):
     """How a healed plan's repairs were fitted, and where their weights are."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: ridge least squares of each changed layer's lost output on its normed input
+    #: ridge least squares of each changed layer's lost output on its normed input (linear) or on the
+    #: down projections' inputs (fold)
     method: Literal["ridge-ls"] = "ridge-ls"
+    #: linear: a fitted map per changed layer (one d x d matmul each); fold: refitted down projections (no
+    #: run-time cost), a fitted map only on linearized layers and changed layers with no MLP below
+    form: HealForm = "linear"
     #: calibration text: 'synthetic', 'wiki-heldout' or 'file:<sha256>'
     calib: str
     samples: int = Field(ge=1)
@@ -84,12 +108,19 @@ class Healing(BaseModel):
     seed: int = 0
     #: ridge strength, relative to the mean diagonal of the inputs' second moment
     ridge: float = Field(ge=0)
+    #: the refits' ridge, likewise relative (fold)
+    fold_ridge: float | None = Field(None, ge=0)
     #: each repair fitted on the inputs the already-repaired earlier layers give
     sequential: bool = True
     seconds: float = Field(0.0, ge=0)
     #: the safetensors file of the repairs: relative to the plan file's folder in the JSON, absolute in a
     #: plan loaded from a file
     weights: str
+
+    def ridges(self) -> str:
+        """``ridge R`` (and ``, fold ridge F``), as a log line or a model card says it."""
+        fold = "" if self.fold_ridge is None else f", fold ridge {self.fold_ridge:g}"
+        return f"ridge {self.ridge:g}{fold}"
 
 
 class LayerPlan(BaseModel):
@@ -104,11 +135,15 @@ class LayerPlan(BaseModel):
     alpha: float | None = None
     #: the fitted map the layer applies instead of what it lost (healed plans); never on a kept layer
     repair: Repair | None = None
+    #: the layer's refitted down projection (healed plans, form fold); on any layer
+    refit: Refit | None = None
 
     @model_validator(mode="after")
     def _alpha(self) -> LayerPlan:
         if self.repair is not None and self.action is LayerAction.KEEP:
             raise ValueError(f"layer {self.layer}: a kept layer has no repair")
+        if self.refit is not None and self.action is LayerAction.DROP_BLOCK:
+            raise ValueError(f"layer {self.layer}: a dropped block has no down projection to refit")
         if (self.alpha is not None) != (self.action is LayerAction.LINEARIZE):
             raise ValueError(f"layer {self.layer}: alpha goes with action 'linearize' and only with it")
         if self.alpha is not None and not math.isfinite(self.alpha):
@@ -144,8 +179,8 @@ class Plan(BaseModel):
             raise ValueError(f"budget {self.budget} but {len(self.changed)} layers changed")
         if self.schema_version == 1 and self.actions - {LayerAction.KEEP, LayerAction.DROP_ATTENTION}:
             raise ValueError("schema_version 1 plans only keep or drop-attention")
-        if (self.healing is None) == bool(self.repaired):
-            raise ValueError("healing goes with layer repairs and only with them")
+        if (self.healing is None) == bool(self.repaired or self.refitted):
+            raise ValueError("healing goes with layer repairs or refits and only with them")
         if self.healing is not None and self.schema_version != HEALED_SCHEMA_VERSION:
             raise ValueError(f"a healed plan has schema_version {HEALED_SCHEMA_VERSION}")
         return self
@@ -185,6 +220,11 @@ class Plan(BaseModel):
         return [lp.layer for lp in self.layers if lp.repair is not None]
 
     @property
+    def refitted(self) -> list[int]:
+        """Indices of the layers whose MLP down projection is refitted (healed plans, form fold)."""
+        return [lp.layer for lp in self.layers if lp.refit is not None]
+
+    @property
     def actions(self) -> set[LayerAction]:
         """The actions the plan uses."""
         return {lp.action for lp in self.layers}
@@ -205,8 +245,10 @@ class Plan(BaseModel):
             )
             if layers
         ]
-        if self.repaired:
-            parts.append(f"healed {len(self.repaired)} of them (fitted on {self.healing.calib} text)")
+        if self.healing is not None:
+            how = [f"{len(self.repaired)} fitted maps"] if self.repaired else []
+            how += [f"{len(self.refitted)} refitted down projections"] if self.refitted else []
+            parts.append(f"healed with {' and '.join(how)} (fitted on {self.healing.calib} text)")
         return "; ".join(parts) or "kept every layer"
 
     def require(self, supported: set[LayerAction], what: str) -> None:

@@ -19,7 +19,12 @@ import json
 from pathlib import Path
 
 from gatenorm.plot import pareto_front
-from gatenorm.validate.bench import BenchConfig, bench_interleaved, bench_tokens
+from gatenorm.validate.bench import (
+    add_script_bench_args,
+    bench_interleaved,
+    bench_tokens,
+    script_bench_config,
+)
 from gatenorm.validate.runtimes import ModelSpec
 
 THREADS = 2
@@ -42,24 +47,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="a recipe's output folder")
     p.add_argument("--source", type=Path, help="the source GGUF (default: the recipe's reference)")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up)")
-    p.add_argument("--gen", type=int, default=32)
-    p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--depths", default="0,4096")
+    add_script_bench_args(p)
     args = p.parse_args()
     found = variants(args.out)
     if args.source is None:
         reference = json.loads(next(args.out.glob("*/validation.json")).read_text())["reference"]
         args.source = Path(reference["path"] if isinstance(reference, dict) else reference)
     models = {"source": args.source} | {name: f for name, (f, _, _) in found.items()}
-    cfg = BenchConfig(
-        prompts=[args.prompt],
-        depths=[int(d) for d in args.depths.split(",")],
-        generate=args.gen,
-        runs=args.reps,
-        warmup=1,
-        compare_flash=False,
-    )
+    cfg = script_bench_config(args)
     specs = {name: ModelSpec(path, "llama.cpp") for name, path in models.items()}
     med, _, _ = bench_interleaved(specs, bench_tokens(args.source, cfg), cfg, THREADS)
     med = {n: {k: v for k, v in m.items() if "_tok_s" in k} for n, m in med.items()}

@@ -58,7 +58,7 @@ def test_healed_plan_round_trips_with_its_weights_beside_it(tmp_path, tiny):
     got = load_repairs(loaded)
     assert set(got) == {1, 2, 3}
     assert torch.equal(got[2].weight, repairs[2].weight)
-    assert "healed 3 of them" in loaded.describe()
+    assert "healed with 3 fitted maps" in loaded.describe()
 
 
 def test_repair_records_are_checked(tmp_path, tiny):
@@ -164,8 +164,8 @@ def test_fit_recovers_an_exactly_linear_attention(tiny):
             torch.nn.functional.linear(hidden_states, fused),
             None,
         )
-    repairs = fit_repairs(model, plan, windows, HealSettings(ridge=0.0, skip_first=0))
-    assert torch.allclose(repairs[2].weight, fused, atol=1e-4)
+    fitted = fit_repairs(model, plan, windows, HealSettings(form="linear", ridge=0.0, skip_first=0))
+    assert torch.allclose(fitted.repairs[2].weight, fused, atol=1e-4) and not fitted.refits
 
 
 def test_fit_lowers_the_loss_it_targets_and_sequential_sees_earlier_repairs(tiny):
@@ -173,12 +173,14 @@ def test_fit_lowers_the_loss_it_targets_and_sequential_sees_earlier_repairs(tiny
     model = load_model(folder)
     plan = mixed_plan(ckpt, {1: "drop-attention", 2: "drop-attention"}, {})
     windows = np.random.default_rng(0).integers(0, model.config.vocab_size, (8, 32))
-    seq = fit_repairs(model, plan, windows, HealSettings(sequential=True))
-    ind = fit_repairs(model, plan, windows, HealSettings(sequential=False))
+    linear = {"form": "linear"}
+    seq = fit_repairs(model, plan, windows, HealSettings(**linear, sequential=True)).repairs
+    ind = fit_repairs(model, plan, windows, HealSettings(**linear, sequential=False)).repairs
     assert torch.equal(seq[1].weight, ind[1].weight)  # the first repaired layer sees the same inputs
     assert not torch.allclose(seq[2].weight, ind[2].weight)  # the second one sees layer 1's repair
     assert all(r.bias is None for r in seq.values())
-    assert fit_repairs(model, plan, windows, HealSettings(bias=True))[1].bias.shape == (ckpt.shape.d_model,)
+    biased = fit_repairs(model, plan, windows, HealSettings(**linear, bias=True)).repairs
+    assert biased[1].bias.shape == (ckpt.shape.d_model,)
     for p in model.parameters():  # the model is left unpruned
         assert p.requires_grad is not None
     assert not any(isinstance(layer, LinearAttentionLayer) for layer in model.model.layers)
@@ -194,3 +196,99 @@ def test_cost_model_counts_a_repair_as_one_matmul(tiny):
     assert model.layer(LayerAction.DROP_BLOCK, True) == 2.0 * d * d
     actions = [keep, LayerAction.DROP_ATTENTION, keep, keep]
     assert model.speedup(actions, {1}) < model.speedup(actions)
+
+
+def _folded(tmp_path, ckpt, actions: dict[int, str], refits: dict[int, torch.Tensor]) -> Plan:
+    plan = mixed_plan(ckpt, actions, {})
+    weights = weights_path_for(tmp_path / "fold.json")
+    save_repairs(weights, {}, refits)
+    info = Healing(
+        calib="synthetic", samples=2, length=16, form="fold", ridge=0.0, fold_ridge=1.0, weights=str(weights)
+    )
+    return healed(plan, {}, info, refits)
+
+
+def test_apply_matches_the_stock_model_with_refitted_down_projections_and_zeroed_attention(tmp_path, tiny):
+    """A folded plan in PyTorch is the stock model with its down projections replaced and the dropped
+    attention's output zeroed by a forward hook (the dropped block passed through by another)."""
+    folder, ckpt = tiny
+    model = load_model(folder)
+    g = torch.Generator().manual_seed(3)
+    refits = {
+        i: model.model.layers[i].mlp.down_proj.weight.detach() + 0.05 * torch.randn(64, 96, generator=g)
+        for i in (0, 2)
+    }
+    plan = _folded(tmp_path, ckpt, {1: "drop-attention", 3: "drop-block"}, refits)
+    assert plan.refitted == [0, 2] and plan.repaired == [] and plan.layers[0].action is LayerAction.KEEP
+    loaded = Plan.load(tmp_path / "fold.json") if plan.save(tmp_path / "fold.json") is None else None
+    assert loaded.refitted == [0, 2] and "2 refitted down projections" in loaded.describe()
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got = apply_plan(load_model(folder), loaded)(ids).logits
+        for i, weight in refits.items():
+            model.model.layers[i].mlp.down_proj.weight.copy_(weight)
+        model.model.layers[1].self_attn.register_forward_hook(
+            lambda _m, _a, out: (torch.zeros_like(out[0]), *out[1:])
+        )
+        model.model.layers[3].register_forward_hook(
+            lambda _m, args, kwargs, _out: args[0] if args else kwargs["hidden_states"], with_kwargs=True
+        )
+        want = model(ids).logits
+    assert (got - want).abs().max() < 1e-4
+    with torch.inference_mode():
+        plain = apply_plan(load_model(folder), mixed_plan(ckpt, {1: "drop-attention", 3: "drop-block"}, {}))
+        assert (got - plain(ids).logits).abs().max() > 1e-2  # the refits matter
+
+
+def test_fold_recovers_a_loss_linear_in_the_mlp_below(tiny):
+    """A dropped attention whose output is exactly ``D z`` (z: the down projection's input in the layer
+    below) is folded into that down projection as ``W + D``; the model is left as it was."""
+    folder, ckpt = tiny
+    model = load_model(folder)
+    layers = model.model.layers
+    down = layers[1].mlp.down_proj
+    before = down.weight.detach().clone()
+    lost = 0.1 * torch.randn(64, 96, generator=torch.Generator().manual_seed(4))
+    seen = {}
+    down.register_forward_pre_hook(lambda _m, args: seen.__setitem__("z", args[0]))
+    layers[2].self_attn.forward = lambda hidden_states, *a, **k: (
+        torch.nn.functional.linear(seen["z"], lost),
+        None,
+    )
+    windows = np.random.default_rng(0).integers(0, 128, (8, 32))
+    plan = mixed_plan(ckpt, {2: "drop-attention", 3: "linearize"}, {3: 0.5})
+    fitted = fit_repairs(model, plan, windows, HealSettings(fold_ridge=0.0, skip_first=0))
+    assert set(fitted.refits) == {1} and set(fitted.repairs) == {3}  # linearized: a fitted map
+    assert torch.allclose(fitted.refits[1], before + lost, atol=1e-4)
+    assert torch.equal(down.weight, before)  # fitted on a copy
+
+
+def test_fold_goes_below_removed_blocks_and_falls_back_to_a_map_without_an_mlp_below(tiny):
+    folder, ckpt = tiny
+    model = load_model(folder)
+    windows = np.random.default_rng(1).integers(0, 128, (4, 32))
+    plan = mixed_plan(ckpt, {0: "drop-block", 1: "drop-attention", 2: "drop-block", 3: "drop-attention"}, {})
+    fitted = fit_repairs(model, plan, windows, HealSettings())
+    # layer 0 has no MLP below (a map, then nothing feeds layer 1 directly: a map too); layers 2 and 3
+    # fold into layer 1's MLP, the one below them with only a removed block between
+    assert set(fitted.repairs) == {0, 1} and set(fitted.refits) == {1}
+
+
+def test_fold_is_refused_where_the_mlp_output_is_normed(tmp_path):
+    folder = tmp_path / "gemma2"
+    make_tiny_model(folder, "gemma2", head_dim=8, query_pre_attn_scalar=8)
+    ckpt = open_checkpoint(folder)
+    plan = mixed_plan(ckpt, {2: "drop-attention"}, {})
+    windows = np.random.default_rng(0).integers(0, 128, (2, 16))
+    with pytest.raises(GatenormError, match=r"norms each MLP output.*--heal-form linear"):
+        fit_repairs(load_model(folder), plan, windows, HealSettings())
+    assert fit_repairs(load_model(folder), plan, windows, HealSettings(form="linear")).repairs
+
+
+def test_fold_settings_and_records_are_checked():
+    with pytest.raises(ValueError, match="fitted sequentially"):
+        HealSettings(sequential=False)
+    assert HealSettings(form="linear", sequential=False).form == "linear"
+    with pytest.raises(ValueError, match="dropped block has no down projection"):
+        LayerPlanModel = Plan.model_fields["layers"].annotation.__args__[0]
+        LayerPlanModel(layer=0, score=0.0, action="drop-block", refit={"shape": [4, 8], "sha256": "0" * 64})

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from gatenorm.errors import GatenormError
-from gatenorm.heal.store import load_repairs, unhealed, weights_path_for
+from gatenorm.heal.forms import mapped_layers
+from gatenorm.heal.store import load_refits, load_repairs, unhealed, weights_path_for
 from gatenorm.methods import MethodOptions, make_method_plan, rank_layers
 from gatenorm.methods.cost import cost_model
 from gatenorm.methods.registry import chosen_layers
@@ -34,8 +35,6 @@ def gatenorm(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     )
 
 
-
-
 @pytest.fixture(scope="module")
 def healed_smollm2(tmp_path_factory):
     """`gatenorm plan smollm2 --budget-speedup 1.05 --heal` (Gate-Norm, 4 x 64 synthetic tokens)."""
@@ -52,10 +51,15 @@ def test_plan_heal_writes_the_plan_and_its_weights(healed_smollm2, smollm2_score
     plan = Plan.load(out)
     assert plan.healing is not None and plan.healing.calib == "synthetic"
     assert (plan.healing.samples, plan.healing.length) == (4, 64)
-    assert plan.repaired == plan.changed and plan.changed
-    assert set(load_repairs(plan)) == set(plan.changed)  # hashes match the file
+    actions = [lp.action for lp in plan.layers]
+    assert plan.healing.form == "fold" and set(plan.repaired) == mapped_layers(actions, "fold")
+    for i in set(plan.changed) - set(plan.repaired):  # folded into the closest MLP below
+        below = max(j for j in range(i) if actions[j] is not LayerAction.DROP_BLOCK)
+        assert below in plan.refitted, (i, below)
+    assert set(load_repairs(plan)) == set(plan.repaired)  # hashes match the file
+    assert set(load_refits(plan)) == set(plan.refitted)
     assert json.loads(out.read_text())["healing"]["weights"] == weights.name  # relative: they move together
-    assert "healed" in stdout and "repairs counted" in stdout and "repairs fitted in" in stdout
+    assert "healed" in stdout and "repairs counted" in stdout and "repairs (fold) fitted in" in stdout
     # the speedup budget counts the repairs: the printed estimate reaches it, with at least as many layers
     printed = float(re.search(r"estimated speedup ([0-9.]+)", stdout.replace("\n", " ")).group(1))
     ckpt, _ = smollm2_scored
@@ -63,7 +67,11 @@ def test_plan_heal_writes_the_plan_and_its_weights(healed_smollm2, smollm2_score
     assert cost_model(ckpt, 256).plan_speedup(plan) == pytest.approx(printed, abs=1e-3)
     plain = make_method_plan(ckpt, "gate-norm", speedup=1.05, options=MethodOptions(ctx=256))
     assert len(plan.changed) >= len(plain.changed)
-    assert cost_model(ckpt, 256).plan_speedup(unhealed(plan)) > printed  # the repairs do cost something
+    plain_speedup = cost_model(ckpt, 256).plan_speedup(unhealed(plan))
+    if plan.repaired:
+        assert plain_speedup > printed  # the fitted maps cost something
+    else:
+        assert plain_speedup == cost_model(ckpt, 256).plan_speedup(plan)  # the folds cost nothing
 
 
 def test_healed_plan_has_lower_kld_on_wiki_text(healed_smollm2):
@@ -84,6 +92,7 @@ def test_healed_plan_has_lower_kld_on_wiki_text(healed_smollm2):
     assert kld["healed"] < kld["plain"], kld
 
 
+@pytest.mark.slow  # two validate runs on SmolLM2: about 2 minutes
 def test_validate_applies_a_healed_candidate_plan(healed_smollm2, tmp_path):
     out = tmp_path / "report.json"
     args = ("--runtime", "torch", "--ctx", "64", "--max-tokens", "128", "--tasks", "none", "--json", out)
@@ -100,19 +109,21 @@ def test_validate_applies_a_healed_candidate_plan(healed_smollm2, tmp_path):
 
 def test_budget_speedup_with_heal_counts_every_repair(smollm2_scored):
     ckpt, _ = smollm2_scored
-    ranking = rank_layers(ckpt, "mixed-synthetic", MethodOptions(ctx=256))
+    ranking = rank_layers(ckpt, "mixed", MethodOptions(ctx=256))  # weights only: drops, blocks, linearizes
     model = cost_model(ckpt, 256)
     for target in (1.05, 1.1, 1.2):
         plain = chosen_layers(ckpt, ranking, None, target, 256)
-        healed = chosen_layers(ckpt, ranking, None, target, 256, heal=True)
+        # folds are free: only layers with no MLP below would get a map, and these plans have none
+        assert chosen_layers(ckpt, ranking, None, target, 256, heal="fold") == plain
+        healed = chosen_layers(ckpt, ranking, None, target, 256, heal="linear")
         assert len(healed) >= len(plain)
         n = ckpt.shape.n_layers
         actions = [ranking.actions[i] if i in healed else LayerAction.KEEP for i in range(n)]
         assert model.speedup(actions, set(healed)) >= target
         fewer = [ranking.actions[i] if i in healed[:-1] else LayerAction.KEEP for i in range(n)]
         assert model.speedup(fewer, set(healed[:-1])) < target  # the fewest layers that reach it
-    with pytest.raises(GatenormError, match="healed reaches at most"):
-        chosen_layers(ckpt, ranking, None, 50.0, 256, heal=True)
+    with pytest.raises(GatenormError, match=r"healed \(linear\) reaches at most"):
+        chosen_layers(ckpt, ranking, None, 50.0, 256, heal="linear")
 
 
 @pytest.mark.parametrize(
@@ -169,7 +180,7 @@ def test_export_heal_hands_the_exporter_a_healed_plan_with_its_weights(tmp_path,
 
     def fake_export(ckpt, plan, output, to, quant, check_source=True, **options):
         seen["plan"] = plan
-        seen["repairs"] = load_repairs(plan)  # the weights are there while the export runs
+        seen["refits"] = load_refits(plan)  # the weights are there while the export runs
         Path(output).write_bytes(b"exported")
         return Path(output)
 
@@ -191,9 +202,9 @@ def test_export_heal_hands_the_exporter_a_healed_plan_with_its_weights(tmp_path,
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     plan = seen["plan"]
-    assert plan.repaired == plan.changed and set(seen["repairs"]) == set(plan.changed)
+    assert plan.changed == [1] and plan.refitted == [0] and set(seen["refits"]) == {0}  # folded below
     assert not Path(plan.healing.weights).exists()  # the temporary folder is gone after the export
-    assert "repairs fitted in" in result.output
+    assert "refitted down projections of layers [0] in" in result.output
 
 
 RECIPE = """\
@@ -254,7 +265,8 @@ def test_recipe_heals_once_and_reuses_the_weights(tmp_path, monkeypatch):
     assert [v.name for v in healed] == ["tiny-gate-norm-healed-d01-gguf-Q8_0"] and calls == [1]
     plan = healed[0].load_plan()
     weights = Path(plan.healing.weights)
-    assert weights.is_absolute() and weights.parent == cache / "healed" and set(load_repairs(plan)) == {1}
+    assert weights.is_absolute() and weights.parent == cache / "healed"
+    assert not load_repairs(plan) and set(load_refits(plan)) == {0}  # layer 1 folded into layer 0's MLP
     unhealed = next(v for v in first.variants if v.method == "gate-norm" and v.budget == 1)
     assert unhealed.key != healed[0].key and not unhealed.healed
     again = plan_batch(recipe, "heal-batch", cache=cache)
@@ -266,7 +278,7 @@ def test_recipe_heals_once_and_reuses_the_weights(tmp_path, monkeypatch):
     ]
     assert calls == [1]
     card = model_card(healed[0], None)
-    assert "layers [1] are healed" in card and "text the model generated itself" in card
+    assert "down projections of layers [0] are refitted" in card and "text the model generated itself" in card
 
 
 def _write(path: Path, text: str) -> Path:

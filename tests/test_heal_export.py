@@ -24,6 +24,7 @@ from gatenorm.heal.fit import HealSettings, fit_repairs
 from gatenorm.heal.store import (
     LinearRepair,
     healed,
+    load_refits,
     load_repairs,
     save_repairs,
     unhealed,
@@ -35,20 +36,29 @@ from tests.conftest import make_tiny_model, mixed_plan, tiny_hf
 
 Q = gguf.GGMLQuantizationType
 #: tiny llama (6 layers): layer 0's attention dropped and healed (the first written layer), 2 linearized
-#: and healed, 3 and the last one dropped whole and healed, 4 dropped whole unhealed
+#: and healed, 3 and the last one dropped whole and healed, 4 dropped whole unhealed; the down projections
+#: of layers 1 (kept) and 2 refitted
 TINY_ACTIONS = {0: "drop-attention", 2: "linearize", 3: "drop-block", 4: "drop-block", 5: "drop-block"}
 TINY_REPAIRED = (0, 2, 3, 5)
+TINY_REFITTED = (1, 2)
 
 
 def _healed(
-    folder: Path, ckpt, actions: dict, repairs: dict[int, LinearRepair], calib: str = "synthetic"
+    folder: Path,
+    ckpt,
+    actions: dict,
+    repairs: dict[int, LinearRepair],
+    calib: str = "synthetic",
+    refits: dict[int, torch.Tensor] | None = None,
 ) -> Plan:
-    """`ckpt`'s plan doing `actions` (linearize alpha 0.5) with `repairs`, saved as ``folder/plan.json``."""
+    """`ckpt`'s plan doing `actions` (linearize alpha 0.5) with `repairs` and `refits`, saved as
+    ``folder/plan.json``."""
     plan = mixed_plan(ckpt, actions, {i: 0.5 for i, a in actions.items() if a == "linearize"})
     weights = weights_path_for(folder / "plan.json")
-    save_repairs(weights, repairs)
-    info = Healing(calib=calib, samples=2, length=16, ridge=0.0, weights=str(weights))
-    plan = healed(plan, repairs, info)
+    save_repairs(weights, repairs, refits)
+    form = {"form": "fold", "fold_ridge": 1.0} if refits else {}
+    info = Healing(calib=calib, samples=2, length=16, ridge=0.0, weights=str(weights), **form)
+    plan = healed(plan, repairs, info, refits)
     plan.save(folder / "plan.json")
     return Plan.load(folder / "plan.json")
 
@@ -61,6 +71,11 @@ def _random_repairs(d: int, layers, bias: bool = False, seed: int = 0) -> dict[i
     }
 
 
+def _random_refits(folder: Path, layers, seed: int = 0) -> dict[int, torch.Tensor]:
+    """Layer -> its down projection plus noise (what a fold writes), for the model in `folder`."""
+    model, g = load_model(folder), torch.Generator().manual_seed(seed)
+    downs = {i: model.model.layers[i].mlp.down_proj.weight.detach() for i in layers}
+    return {i: w + 0.1 * w.abs().mean() * torch.randn(w.shape, generator=g) for i, w in downs.items()}
 
 
 def _max_delta(a: np.ndarray, b: np.ndarray) -> float:
@@ -72,7 +87,8 @@ def tiny(tmp_path_factory, tokenizer_dir) -> tuple[Path, Plan]:
     root = tmp_path_factory.mktemp("heal-export")
     folder = tiny_hf(root / "llama", tokenizer_dir, "llama", num_hidden_layers=6)
     ckpt = open_checkpoint(folder)
-    plan = _healed(root, ckpt, TINY_ACTIONS, _random_repairs(ckpt.shape.d_model, TINY_REPAIRED))
+    repairs = _random_repairs(ckpt.shape.d_model, TINY_REPAIRED)
+    plan = _healed(root, ckpt, TINY_ACTIONS, repairs, refits=_random_refits(folder, TINY_REFITTED))
     return folder, plan
 
 
@@ -94,17 +110,27 @@ def test_tiny_hf_healed_plan_in_llama_cpp_matches_pytorch(tmp_path, tiny):
         assert list(down.shape) == [32, 64] and not np.asarray(down.data).any()
     repairs = {i: r.weight.numpy() for i, r in load_repairs(plan).items()}
     assert np.array_equal(np.asarray(tensors["blk.2.attn_output.weight"].data), repairs[2])  # F32: exact
+    for i, weight in load_refits(plan).items():  # written index = source index below layer 4
+        assert np.array_equal(np.asarray(tensors[f"blk.{i}.ffn_down.weight"].data), weight.numpy()), i
     meta = read_gguf_metadata(out)
     assert meta[Keys.REPAIRED_LAYERS] == list(TINY_REPAIRED)
     assert meta[Keys.REPAIR_SHA256] == [plan.layers[i].repair.sha256 for i in TINY_REPAIRED]
+    assert meta[Keys.REFITTED_LAYERS] == list(TINY_REFITTED) and meta[Keys.HEAL_FORM] == "fold"
+    assert meta[Keys.REFIT_SHA256] == [plan.layers[i].refit.sha256 for i in TINY_REFITTED]
     assert meta[Keys.HEAL_CALIB] == "synthetic"
     assert set(meta[Keys.CHANGED_TENSORS]) == {f"blk.{i}.attn_output.weight" for i in (0, 2, 3, 4)} | {
         f"blk.{i}.{part}.weight" for i in (3, 4) for part in ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
-    }
+    } | {f"blk.{i}.ffn_down.weight" for i in TINY_REFITTED}
     assert read_plan_metadata(out).layers == plan.layers
     shown = CliRunner().invoke(app, ["inspect", str(out)])
     assert shown.exit_code == 0, shown.output
-    for text in (Keys.REPAIRED_LAYERS, Keys.HEAL_CALIB, "synthetic", plan.layers[3].repair.sha256[:16]):
+    for text in (
+        Keys.REPAIRED_LAYERS,
+        Keys.HEAL_CALIB,
+        "synthetic",
+        plan.layers[3].repair.sha256[:16],
+        plan.layers[1].refit.sha256[:16],
+    ):
         assert text in shown.output, text
 
     tokens = list(range(200, 328))
@@ -117,6 +143,10 @@ def test_tiny_hf_healed_plan_in_llama_cpp_matches_pytorch(tmp_path, tiny):
         assert delta < 2e-3 and kl < 1e-6 and top1 > 0.95, (delta, kl, top1)
     plain = torch_logits(apply_plan(load_model(folder), unhealed(plan)), tokens)
     assert _max_delta(plain, got) > 0.1  # the repairs are what llama.cpp runs
+    layers = [lp.model_copy(update={"refit": None}) for lp in plan.layers]
+    unfolded = plan.model_copy(update={"layers": layers})
+    no_refits = torch_logits(apply_plan(load_model(folder), unfolded), tokens)
+    assert _max_delta(no_refits, got) > 0.02  # and so are the refits (25x the tolerance above)
     with pytest.raises(GatenormError, match="different FFN widths"):  # the healed blocks' width-32 FFN
         load_model(out)  # transformers' llama has one intermediate_size: one line, as for Nemotron files
     fixed = open_checkpoint(out).fixed_layers  # its repaired layers: linear attention, the whole update
@@ -140,12 +170,14 @@ FAMILIES = {  # families deci runs with more than a copy: multipliers folded, fu
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_healed_families_in_llama_cpp_match_pytorch(tmp_path, tokenizer_dir, family):
     """Granite: h + s * W norm(h) with the residual multiplier s folded into attn_output (none on a healed
-    block); Phi-3: fused qkv and gate_up left out of the repaired layers; Qwen2: its q/k/v biases too."""
+    block) and into the refitted ffn_down; Phi-3: fused qkv and gate_up left out of the repaired layers;
+    Qwen2: its q/k/v biases too."""
     folder = tiny_hf(tmp_path / "tiny", tokenizer_dir, family, **FAMILIES[family])  # not named phi3: see
     # tests/test_gguf_deci_families.py
     ckpt = open_checkpoint(folder)
     actions = {1: "linearize", 2: "drop-attention", 3: "drop-block"}
-    plan = _healed(tmp_path, ckpt, actions, _random_repairs(ckpt.shape.d_model, actions, seed=1))
+    repairs = _random_repairs(ckpt.shape.d_model, actions, seed=1)
+    plan = _healed(tmp_path, ckpt, actions, repairs, refits=_random_refits(folder, (0, 2), seed=1))
     out = export_gguf(folder, plan, tmp_path / "healed.gguf", quant="F32")
     tokens = list(range(300, 364))
     reference = torch_logits(apply_plan(load_model(folder), plan), tokens)
@@ -179,6 +211,9 @@ def test_q4_k_m_keeps_the_repairs_at_q8_0(tmp_path, tiny):
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
     for new in (0, 2, 3, 4):
         assert types[f"blk.{new}.attn_output.weight"] is Q.Q8_0, new
+    for new in TINY_REFITTED:
+        assert types[f"blk.{new}.ffn_down.weight"] is Q.Q8_0, new
+    assert types["blk.0.ffn_down.weight"] is not Q.Q8_0  # not refitted: the Q4_K_M mix
     assert types["blk.1.attn_output.weight"] is not Q.Q8_0  # a kept layer's: the Q4_K_M mix
     assert types["blk.1.attn_q.weight"] not in (Q.F32, Q.F16, Q.Q8_0)
     tokens = list(range(200, 264))
@@ -190,14 +225,17 @@ def test_q4_k_m_keeps_the_repairs_at_q8_0(tmp_path, tiny):
 @pytest.fixture(scope="module")
 def smollm2_healed(tmp_path_factory, smollm2_scored, smollm2_model, smollm2_tokens) -> Plan:
     """SmolLM2 with layer 0's and 5's attention dropped, 17 linearized, 26 dropped whole (all healed by a
-    real fit on 4 windows of its text) and block 29 dropped unhealed."""
+    real fit, the default fold, on 4 windows of its text: maps on 0, which has no MLP below, and 17; 5 and
+    26 folded into the down projections of 4 and 25) and block 29 dropped unhealed."""
     ckpt = smollm2_scored[0]
     actions = {0: "drop-attention", 5: "drop-attention", 17: "linearize", 26: "drop-block"}
     plan = mixed_plan(ckpt, actions, {17: 0.6}, smollm2_scored[1])
     windows = np.array(smollm2_tokens[:256]).reshape(4, 64)
-    repairs = fit_repairs(copy.deepcopy(smollm2_model), plan, windows, HealSettings(samples=4, length=64))
+    fitted = fit_repairs(copy.deepcopy(smollm2_model), plan, windows, HealSettings(samples=4, length=64))
+    assert set(fitted.repairs) == {0, 17} and set(fitted.refits) == {4, 25}
     actions[29] = "drop-block"
-    return _healed(tmp_path_factory.mktemp("smollm2-healed"), ckpt, actions, repairs, calib="wiki-heldout")
+    folder = tmp_path_factory.mktemp("smollm2-healed")
+    return _healed(folder, ckpt, actions, fitted.repairs, "wiki-heldout", fitted.refits)
 
 
 def test_smollm2_healed_keep_types_and_f32_logits(
@@ -207,7 +245,7 @@ def test_smollm2_healed_keep_types_and_f32_logits(
     out = export_gguf(smollm2_scored[0], plan, tmp_path / "keep.gguf")  # the source's Q4_1
     source = {t.name: t for t in gguf.GGUFReader(smollm2_gguf).tensors}
     written = {t.name: t for t in gguf.GGUFReader(out).tensors}
-    index = {old: new for new, old in enumerate(i for i in range(30) if i != 29)}
+    index = {old: new for new, old in enumerate(i for i in range(30) if i not in (26, 29))}
     old_of = {new: old for old, new in index.items()}
     changed = set(read_gguf_metadata(out)[Keys.CHANGED_TENSORS])
     for name, t in written.items():
@@ -216,10 +254,12 @@ def test_smollm2_healed_keep_types_and_f32_logits(
         _, new, rest = name.split(".", 2) if name.startswith("blk.") else (None, None, None)
         src = source[name if new is None else f"blk.{old_of[int(new)]}.{rest}"]
         assert t.tensor_type == src.tensor_type and bytes(t.data) == bytes(src.data), name
-    for old in (0, 5, 17, 26):
-        t = written[f"blk.{index[old]}.attn_output.weight"]
-        assert t.tensor_type is Q.Q8_0 and f"blk.{index[old]}.attn_output.weight" in changed, old
-    assert source["blk.5.attn_output.weight"].tensor_type is Q.Q4_1
+    for name in [f"blk.{index[old]}.attn_output.weight" for old in (0, 17)] + [
+        f"blk.{index[old]}.ffn_down.weight" for old in (4, 25)
+    ]:
+        assert written[name].tensor_type is Q.Q8_0 and name in changed, name
+    assert f"blk.{index[5]}.attn_output.weight" not in written  # folded: the attention is gone
+    assert source["blk.4.ffn_down.weight"].tensor_type not in (Q.Q8_0, Q.F16, Q.F32)
 
     f32 = export_gguf(smollm2_scored[0], plan, tmp_path / "f32.gguf", quant="F32")
     reference = torch_logits(apply_plan(copy.deepcopy(smollm2_model), plan), smollm2_tokens)
@@ -281,7 +321,7 @@ def test_families_without_linear_attention_in_gguf_refuse_healed_plans(tmp_path,
         _healed(folder, ckpt, actions, _random_repairs(ckpt.shape.d_model, actions))
         out = tmp_path / "out" / f"{model_type}.gguf"
         code, err = _cli(monkeypatch, capsys, "export", folder, "--plan", folder / "plan.json", "-o", out)
-        _assert_refused(code, err, out, "repair of layer 2", "linear attention", "--to onnx")
+        _assert_refused(code, err, out, "repair of layer 2", "deci graph", "--to onnx")
 
 
 # --- ONNX -----------------------------------------------------------------------------------------------
@@ -297,14 +337,15 @@ def test_onnx_fp32_healed_export_matches_pytorch(tmp_path, tiny_llama_dir):
     ckpt = open_checkpoint(folder)
     actions = {1: "drop-attention", 2: "linearize", 3: "drop-block"}
     repairs = _random_repairs(ckpt.shape.d_model, actions, bias=True)  # ONNX has a slot for the bias
-    plan = _healed(tmp_path, ckpt, actions, repairs)
+    plan = _healed(tmp_path, ckpt, actions, repairs, refits=_random_refits(folder, (0, 1)))
     out = export(folder, plan, tmp_path / "onnx", "onnx")
     graph = onnx.load(str(out / "onnx" / "model.onnx"))
     meta = read_metadata({p.key: p.value for p in graph.metadata_props})
     assert meta[Keys.REPAIRED_LAYERS] == [1, 2, 3] and meta[Keys.HEAL_CALIB] == "synthetic"
     assert meta[Keys.REPAIR_SHA256] == [plan.layers[i].repair.sha256 for i in (1, 2, 3)]
     inits = {i.name for i in graph.graph.initializer}
-    assert set(meta[Keys.CHANGED_TENSORS]) <= inits and len(meta[Keys.CHANGED_TENSORS]) == 6
+    assert meta[Keys.REFITTED_LAYERS] == [0, 1]
+    assert set(meta[Keys.CHANGED_TENSORS]) <= inits and len(meta[Keys.CHANGED_TENSORS]) == 6 + 2
     for i in (1, 2, 3):  # no attention left in a repaired layer: neither projections nor a softmax
         nodes = [n for n in graph.graph.node if f"layers.{i}/" in n.name]
         assert not [n for n in nodes if "self_attn" in n.name or n.op_type == "Softmax"], i

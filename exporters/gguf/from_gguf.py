@@ -47,7 +47,7 @@ from exporters.gguf.metadata import plan_metadata, pruned_name
 from exporters.keys import Keys
 from gatenorm.architectures import Architecture, get_architecture, gguf_tensor
 from gatenorm.errors import GatenormError
-from gatenorm.heal.store import load_repairs
+from gatenorm.heal.store import load_refits, load_repairs
 from gatenorm.plan import LayerAction, LayerPlan, Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.readers.base import ModelShape
@@ -116,7 +116,7 @@ def check_healed_plan(ckpt: Checkpoint, plan: Plan) -> None:
     written: a repair with a bias (deci's linear attention adds none), a family or source that is not
     exported as ``deci`` (the source's own architecture or another host has no linear attention), and a
     weights file that does not match the plan's hashes (`gatenorm.heal.store.load_repairs`)."""
-    arch, first = ckpt.arch, plan.repaired[0]
+    arch, first = ckpt.arch, (plan.repaired or plan.refitted)[0]
     biased = [lp.layer for lp in plan.layers if lp.repair is not None and lp.repair.bias]
     if biased:
         raise GatenormError(
@@ -128,11 +128,12 @@ def check_healed_plan(ckpt: Checkpoint, plan: Plan) -> None:
         reason = "the source is already a deci file (heal the plan of the model it was pruned from)"
     if reason:
         raise GatenormError(
-            f"cannot export the repair of layer {first} of this {arch.name} model to GGUF: a repair runs as "
-            f"llama.cpp deci linear attention, and {reason}; what works: export the plan unhealed, or "
+            f"cannot export the repair of layer {first} of this {arch.name} model to GGUF: a healed plan is "
+            f"written for llama.cpp's deci graph, and {reason}; what works: export the plan unhealed, or "
             "--to onnx"
         )
     load_repairs(plan)  # the weights file matches the plan's hashes, before anything is written
+    load_refits(plan)
 
 
 def _healed_block(lp: LayerPlan) -> bool:
@@ -313,8 +314,8 @@ def _output_tensors(
     factors: dict[str, float] | None = None,
 ):
     """The output tensors in source order: kernel copies, reordered q/k rows, fused linear attention, the
-    repaired layers' fitted ``attn_output`` (and a healed block's zero FFN after its tensors), F32 tensors
-    multiplied by `factors` (source name -> factor)."""
+    repaired layers' fitted ``attn_output`` (and a healed block's zero FFN after its tensors), refitted
+    ``ffn_down`` weights, F32 tensors multiplied by `factors` (source name -> factor)."""
     factors = factors or {}
     arch, shape = ckpt.arch, ckpt.shape
     removed = removed_tensor_names(arch, plan)
@@ -332,6 +333,7 @@ def _output_tensors(
     scales = arch.deci_scales(header.fields, shape) if to_deci else {}  # granite's multipliers
     repairs = load_repairs(plan)
     repaired = {arch.gguf_tensors["o"].format(i=layer): layer for layer in repairs}
+    refits = {gguf_tensor(MT.FFN_DOWN).format(i=layer): w for layer, w in load_refits(plan).items()}
     healed_blocks = {lp.layer for lp in plan.layers if _healed_block(lp)}
     block_kept = {arch.gguf_tensors[part].format(i=i) for i in healed_blocks for part in ("norm", "o")}
     yield from _zero_linear_tensors(ckpt, header, plan, new_index, exact)
@@ -357,6 +359,13 @@ def _output_tensors(
             yield _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write, changed=True)
             if i in healed_blocks:
                 yield from _zero_ffn_tensors(new_index[i], d)
+        elif t.name in refits:  # Q8_0 or better, the residual multiplier (granite) on it as on the source's
+            qtype, scale = folded_type(t.tensor_type, ne[0], exact), scales.get(t.name, 1.0)
+
+            def write(fout, weight=refits[t.name], qtype=qtype, scale=scale):
+                fout.write(repair_bytes(weight.numpy(), scale, qtype))
+
+            yield _OutTensor(name, ne, qtype, folded_nbytes(qtype, ne), write, changed=True)
         elif t.name in fused:
             lp, qtype = fused[t.name], fused_type(t.tensor_type, d, exact)
             scale = scales.get(t.name, 1.0)  # granite: the residual multiplier
@@ -628,6 +637,9 @@ def _plain_copy(src_fd: int, offset: int, n_bytes: int, fout: BinaryIO, chunk: i
 
 
 def repaired_outputs(plan: Plan) -> list[str]:
-    """The written names of the repaired layers' ``attn_output`` tensors in the ``deci`` file of `plan`."""
+    """The written names of the tensors a healed plan fitted (the repaired layers' ``attn_output``, the
+    refitted ``ffn_down``) in the ``deci`` file of `plan`."""
     index = written_layers(deci_plan(plan)) if plan.changed else {}
-    return [gguf_tensor(MT.ATTN_OUT).format(i=index[i]) for i in plan.repaired]
+    return [gguf_tensor(MT.ATTN_OUT).format(i=index[i]) for i in plan.repaired] + [
+        gguf_tensor(MT.FFN_DOWN).format(i=index[i]) for i in plan.refitted
+    ]

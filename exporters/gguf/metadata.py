@@ -29,7 +29,10 @@ TYPES: dict[str, tuple[gguf.GGUFValueType, gguf.GGUFValueType | None]] = {
     Keys.DROPPED_BLOCKS: (_T.ARRAY, _T.INT32),
     Keys.REPAIRED_LAYERS: (_T.ARRAY, _T.INT32),
     Keys.REPAIR_SHA256: (_T.ARRAY, _T.STRING),
+    Keys.REFITTED_LAYERS: (_T.ARRAY, _T.INT32),
+    Keys.REFIT_SHA256: (_T.ARRAY, _T.STRING),
     Keys.HEAL_CALIB: (_T.STRING, None),
+    Keys.HEAL_FORM: (_T.STRING, None),
     Keys.CHANGED_TENSORS: (_T.ARRAY, _T.STRING),
 }
 

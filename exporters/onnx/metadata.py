@@ -90,8 +90,13 @@ def plan_metadata(plan: Plan, precision: str, changed_tensors: list[str] | None 
 
 def fused_initializers(model: onnx.ModelProto, plan: Plan) -> list[str]:
     """The initializers of the linearized and repaired layers' fused matmul (``fused_attention``: HARP's
-    ``alpha W_o W_v`` or a fitted repair, and its bias), the tensors whose values gatenorm computed."""
+    ``alpha W_o W_v`` or a fitted repair, and its bias) and of the refitted down projections, the tensors
+    whose values gatenorm computed."""
+    from gatenorm.architectures import get_architecture
+
+    arch = get_architecture(plan.source.architecture)
     scopes = tuple(f"/model/layers.{i}/fused_attention/" for i in sorted({*plan.linearized, *plan.repaired}))
+    scopes += tuple(f"/model/layers.{i}/{arch.hf_mlp_module}/{arch.hf_down_proj}/" for i in plan.refitted)
     if not scopes:
         return []
     inits = {i.name for i in model.graph.initializer}

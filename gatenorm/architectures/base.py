@@ -107,6 +107,8 @@ class Architecture:
     hf_mlp_module: ClassVar[str] = "mlp"
     hf_mlp_norm: ClassVar[str | None] = "post_attention_layernorm"
     hf_post_mlp_norm: ClassVar[str | None] = None
+    #: Attribute name of the down projection inside the MLP module (what a healing fold refits).
+    hf_down_proj: ClassVar[str] = "down_proj"
     #: Attribute names of the value and output projections inside the attention module.
     hf_value_proj: ClassVar[str] = "v_proj"
     hf_output_proj: ClassVar[str] = "o_proj"
@@ -343,6 +345,19 @@ class Architecture:
                 "post_mlp_norm": cls.hf_post_mlp_norm or "post_mlp_norm",
             },
         )
+
+    @classmethod
+    def down_projection(cls, layer: nn.Module) -> nn.Linear:
+        """The MLP's down projection of a decoder layer (stock or pruned, which keep the MLP's name)."""
+        return getattr(getattr(layer, cls.hf_mlp_module), cls.hf_down_proj)
+
+    @classmethod
+    def fold_refusal(cls) -> str:
+        """Why a healing fold (a refitted down projection adding a lost output) cannot work here; empty
+        where the MLP's output joins the residual stream linearly (no post-MLP norm)."""
+        if cls.hf_post_mlp_norm is None:
+            return ""
+        return f"{cls.name} norms each MLP output before the residual add, so no down projection can add it"
 
     @classmethod
     def residual_scale(cls, layer: nn.Module) -> float:

@@ -1,33 +1,43 @@
-"""Fit a healed plan's repairs: per changed layer, the ridge least-squares linear map from the layer's normed
-input to the output the plan removes, on calibration windows (text the model generates itself by default).
+"""Fit a healed plan's repairs on calibration windows (text the model generates itself by default), by
+ridge least squares of what the plan removes, in one of two forms (`HealSettings.form`):
 
-- a dropped or linearized attention: ``A(h) ~ W norm(h) (+ b)``, A the attention module's output (before
-  the family's post-attention norm and residual multiplier, which the healed layer still applies);
-- a dropped block: ``block(h) - h ~ W norm(h) (+ b)``.
+- ``fold`` (the default, free at run time): what a dropped attention or dropped block adds to the
+  residual stream is folded into the down projection of the MLP below it (ReplaceMe), ``W_down + D`` with
+  ``D z ~ lost(h)``, z the down projection's ``d_ff`` inputs; linearized layers, and changed layers with no
+  MLP below, get a fitted map as in ``linear``;
+- ``linear``: a fitted map of the layer's normed input per changed layer, one ``d x d`` matmul at run time:
+  a dropped or linearized attention ``A(h) ~ W norm(h) (+ b)`` (A the attention module's output, before the
+  family's post-attention norm and residual multiplier, which the healed layer still applies), a dropped
+  block ``block(h) - h ~ W norm(h) (+ b)``.
 
 The fit is sequential: the layers run one at a time over every window, and each repair is fitted on the
 inputs that the layers below produce with their own repairs and pruning already in place, so later repairs
-correct what earlier ones left. Accumulation is float64 (``X^T X`` and ``X^T Y``: two ``d x d`` matrices
-per layer); the windows' hidden states, ``samples x length x d`` float32, are the only activations held
-(8192 tokens of a 7B model's 4096 channels: 134 MB). The first `skip_first` positions of each window (the
-BOS / attention-sink token, whose attention output is unlike any other's) are left out of the fit.
+correct what earlier ones left. Accumulation is float64 (``X^T X`` and ``X^T Y``: ``d x d`` matrices for
+a map, ``d_ff x d_ff`` and ``d_ff x d`` for a fold: 1.3 GB at a 7B model's 11008 x 4096); the windows'
+hidden states, ``samples x length x d`` float32, are the only activations held (8192 tokens of a 7B model's
+4096 channels: 134 MB, twice). The first `skip_first` positions of each window (the BOS / attention-sink
+token, whose attention output is unlike any other's) are left out of the fit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from gatenorm.architectures import get_architecture
+from gatenorm.architectures.layers import AttentionFreeLayer
 from gatenorm.errors import GatenormError
+from gatenorm.heal.forms import HEALED_ACTIONS, HealForm, mapped_layers
 from gatenorm.heal.store import LinearRepair, healed, save_repairs
 from gatenorm.methods.calibration import SYNTHETIC, Calibration, direct_layer_inputs
 from gatenorm.plan import Healing, LayerAction, Plan
@@ -48,7 +58,17 @@ class HealSettings(BaseModel):
         256, ge=8, description="Tokens per calibration window.", json_schema_extra={"flag": "--heal-len"}
     )
     seed: int = Field(0, description="Seed of the synthetic text.")
-    ridge: float = Field(1e-3, ge=0, description="Ridge strength, relative to the inputs' mean square.")
+    form: HealForm = Field(
+        "fold",
+        description="fold: refit down projections (no run-time cost; fitted maps only where nothing can "
+        "be folded); linear: a fitted d x d map per changed layer.",
+    )
+    ridge: float = Field(
+        1e-3, ge=0, description="Ridge strength of the fitted maps, relative to the inputs' mean square."
+    )
+    fold_ridge: float = Field(
+        1.0, ge=0, description="Ridge strength of the refitted down projections, likewise relative."
+    )
     bias: bool = Field(
         False, description="Fit a bias too (llama.cpp's linear attention has none: GGUF refuses it)."
     )
@@ -56,6 +76,12 @@ class HealSettings(BaseModel):
         True, description="Fit each repair on the outputs of the already-repaired layers."
     )
     skip_first: int = Field(1, ge=0, description="Positions at the start of each window left out of the fit.")
+
+    @model_validator(mode="after")
+    def _sequential_fold(self) -> HealSettings:
+        if self.form == "fold" and not self.sequential:
+            raise ValueError("form fold is fitted sequentially (each fold changes what the next layer sees)")
+        return self
 
     def calibration(self) -> Calibration:
         return Calibration(self.calib, self.samples, self.length)
@@ -65,14 +91,6 @@ class HealSettings(BaseModel):
         if self.calib in (SYNTHETIC, WIKI_HELDOUT):
             return self.calib
         return "file:" + hashlib.sha256(Path(self.calib).read_bytes()).hexdigest()
-
-
-#: Actions whose layers are healed, and whether the repair stands for the whole block.
-HEALED_ACTIONS = {
-    LayerAction.DROP_ATTENTION: False,
-    LayerAction.LINEARIZE: False,
-    LayerAction.DROP_BLOCK: True,
-}
 
 
 def _first(output):
@@ -103,7 +121,7 @@ def _layer0_inputs(model: nn.Module, ids: torch.Tensor, batch: int) -> torch.Ten
     return torch.cat(captured)
 
 
-def _solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float, bias: bool) -> LinearRepair:
+def _solve(xtx: torch.Tensor, xty: torch.Tensor, bias: bool, ridge: float) -> LinearRepair:
     """W (and b) minimizing ||Y - X W^T - b||^2 + lam ||W||^2, lam = ridge * mean diag(X^T X)."""
     d = xtx.shape[0] - int(bias)
     lam = ridge * float(torch.diagonal(xtx)[:d].mean())
@@ -114,6 +132,14 @@ def _solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float, bias: bool) -> Li
     return LinearRepair(weight, solution[d].float().contiguous() if bias else None)
 
 
+@dataclass
+class Fitted:
+    """What `fit_repairs` fitted: layer -> fitted map, layer -> refitted down projection weight."""
+
+    repairs: dict[int, LinearRepair] = field(default_factory=dict)
+    refits: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 def fit_repairs(
     model: nn.Module,
     plan: Plan,
@@ -121,46 +147,131 @@ def fit_repairs(
     settings: HealSettings,
     batch: int = 4,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[int, LinearRepair]:
-    """Layer -> fitted repair of every changed layer of `plan` on the unpruned `model` (float32, which it
-    leaves unchanged) over `windows` [n, T]; `progress(done, total)` after each layer."""
+) -> Fitted:
+    """The repairs of every changed layer of `plan`, fitted on the unpruned `model` (float32, which it
+    leaves unchanged) over `windows` [n, T]; `progress(done, total)` after each layer.
+
+    Form ``linear``: each changed layer gets a fitted map. Form ``fold``: what a dropped attention or
+    block adds is folded into the down projection of the closest layer below whose MLP runs (only removed
+    blocks lie between, so that MLP's output is the changed layer's input): ReplaceMe's fold, regressed on
+    the down projection's ``d_ff`` inputs rather than on its ``d`` outputs. A linearized layer and a changed
+    layer with no MLP below get a fitted map."""
     arch = get_architecture(model.config.model_type)
     layers = arch.decoder_layers(model)
     if len(layers) != plan.source.n_layers:
         raise GatenormError(f"plan is for {plan.source.n_layers} layers, model has {len(layers)}")
+    if settings.form == "fold" and (why := arch.fold_refusal()):
+        raise GatenormError(f"--heal-form fold: {why}; use --heal-form linear")
     ids = torch.from_numpy(np.ascontiguousarray(windows))
     if ids.shape[1] <= settings.skip_first:
         raise GatenormError(f"calibration windows of {ids.shape[1]} tokens leave nothing to fit")
     masks, kwargs = direct_layer_inputs(model, ids)
     hidden = _layer0_inputs(model, ids, batch)
-    d = hidden.shape[-1]
-    repairs: dict[int, LinearRepair] = {}
+    fitted = Fitted()
+    mapped = mapped_layers([lp.action for lp in plan.layers], settings.form)
+    refitted: dict[int, nn.Module] = {}  # layer -> the step (a copy) whose down projection was refitted
+    feeder: tuple[int, nn.Module, torch.Tensor] | None = None  # the MLP below: (layer, step, its inputs)
+
+    def run(step: nn.Module, inputs: torch.Tensor, i: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat(
+                [
+                    _first(step(inputs[at : at + batch], attention_mask=masks[i], **kwargs)).float()
+                    for at in range(0, len(inputs), batch)
+                ]
+            )
+
     for i, lp in enumerate(plan.layers):
         layer = layers[i]
-        healed_layer = None
+        step = layer
         if lp.action in HEALED_ACTIONS:
             block = HEALED_ACTIONS[lp.action]
-            width = d + int(settings.bias)
-            xtx = torch.zeros(width, width, dtype=torch.float64)
-            xty = torch.zeros(width, d, dtype=torch.float64)
-            for start in range(0, len(hidden), batch):
-                x, y = _lost_output(arch, layer, block, hidden[start : start + batch], masks[i], kwargs)
-                x = x[:, settings.skip_first :].reshape(-1, d).double()
-                y = y[:, settings.skip_first :].reshape(-1, d).double()
-                if settings.bias:
-                    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-                xtx += x.T @ x
-                xty += x.T @ y
-            repairs[i] = repair = _solve(xtx, xty, settings.ridge, settings.bias)
-            healed_layer = arch.repaired(layer, block, repair.weight, repair.bias)
-        step = healed_layer if settings.sequential and healed_layer is not None else layer
-        with torch.inference_mode():
-            for start in range(0, len(hidden), batch):
-                out = step(hidden[start : start + batch], attention_mask=masks[i], **kwargs)
-                hidden[start : start + batch] = _first(out).float()
+            if i not in mapped:  # fold: into the MLP below
+                j, below, inputs = feeder
+                if j not in refitted:
+                    below = refitted[j] = copy.deepcopy(below)  # the model stays unchanged
+                    feeder = (j, below, inputs)
+
+                def lost(_h, out, block=block, layer=layer, i=i):
+                    return _lost_update(arch, layer, block, out, masks[i], kwargs)
+
+                _refit(arch, below, inputs, lost, masks[j], kwargs, batch, settings)
+                hidden = run(below, inputs, j)  # the removed blocks between leave it as it is
+                step = arch.identity(layer) if block else arch.attention_free(layer)
+            else:
+                x_y = (
+                    _lost_output(arch, layer, block, hidden[at : at + batch], masks[i], kwargs)
+                    for at in range(0, len(hidden), batch)
+                )
+                repair = _solve(*_moments(x_y, settings.skip_first, settings.bias), settings.ridge)
+                fitted.repairs[i] = repair
+                step = arch.repaired(layer, block, repair.weight, repair.bias)
+        if settings.sequential or step is layer:
+            inputs, hidden = hidden, run(step, hidden, i)
+        else:
+            inputs, hidden = hidden, run(layer, hidden, i)
+        if lp.action is not LayerAction.DROP_BLOCK:
+            feeder = (i, refitted.get(i, step), inputs)
+        elif i in fitted.repairs:
+            feeder = None  # a fitted map stands between: no MLP below feeds the next layer directly
+        for j in [j for j in refitted if feeder is None or j < feeder[0]]:  # no later layer folds into j
+            fitted.refits[j] = arch.down_projection(refitted.pop(j)).weight.detach().float().clone()
         if progress is not None:
             progress(i + 1, len(plan.layers))
-    return repairs
+    for j in sorted(refitted):
+        fitted.refits[j] = arch.down_projection(refitted[j]).weight.detach().float().clone()
+    fitted.refits = dict(sorted(fitted.refits.items()))
+    return fitted
+
+
+def _moments(pairs, skip: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``X^T X`` and ``X^T Y`` (float64) over batches of (inputs, targets) [b, T, .], their first `skip`
+    positions left out; with `bias` a column of ones joins X."""
+    xtx = xty = None
+    for x, y in pairs:
+        x = x[:, skip:].reshape(-1, x.shape[-1]).double()
+        y = y[:, skip:].reshape(-1, y.shape[-1]).double()
+        if bias:
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        if xtx is None:
+            xtx, xty = x.T @ x, x.T @ y
+        else:
+            xtx += x.T @ x
+            xty += x.T @ y
+    return xtx, xty, bias
+
+
+def _refit(arch, step: nn.Module, inputs: torch.Tensor, target, mask, kwargs, batch: int, settings) -> None:
+    """Add to `step`'s down projection (in place) the ridge least-squares map from its inputs to
+    ``target(h, out)``, what the layer's output should gain (out: the step's output on h), over `inputs`."""
+    down = arch.down_projection(step)
+    scale = step.residual_scale if isinstance(step, AttentionFreeLayer) else arch.residual_scale(step)
+
+    def pairs():
+        seen: dict[str, torch.Tensor] = {}
+        handle = down.register_forward_pre_hook(lambda _m, args: seen.__setitem__("z", args[0]))
+        try:
+            for at in range(0, len(inputs), batch):
+                h = inputs[at : at + batch]
+                with torch.inference_mode():
+                    out = _first(step(h, attention_mask=mask, **kwargs)).float()
+                    y = target(h, out) / scale
+                yield seen["z"].float(), y
+        finally:
+            handle.remove()
+
+    delta = _solve(*_moments(pairs(), settings.skip_first, False), settings.fold_ridge).weight
+    with torch.no_grad():
+        down.weight += delta.to(down.weight.dtype)
+
+
+def _lost_update(arch, layer: nn.Module, block: bool, h: torch.Tensor, mask, kwargs) -> torch.Tensor:
+    """What `layer`'s attention (or, `block`, the whole block) adds to the residual stream on `h`."""
+    if block:
+        with torch.inference_mode():
+            return _first(layer(h, attention_mask=mask, **kwargs)).float() - h
+    _, output = _lost_output(arch, layer, False, h, mask, kwargs)
+    return arch.attention_update(arch.layer_parts(layer), output)
 
 
 def _lost_output(arch, layer: nn.Module, block: bool, h: torch.Tensor, mask: torch.Tensor, kwargs: dict):
@@ -223,18 +334,23 @@ def heal_plan(
         windows = settings.calibration().windows(load_tokenizer(model_path), model, settings.seed)
     n, t = windows.shape
     log(f"healing {len(plan.changed)} layers on {n} x {t} {settings.calib} tokens")
-    repairs = fit_repairs(model, plan, windows, settings)
+    fitted = fit_repairs(model, plan, windows, settings)
     seconds = time.perf_counter() - start
-    save_repairs(weights, repairs)
+    save_repairs(weights, fitted.repairs, fitted.refits)
     healing = Healing(
         calib=settings.calib_id(),
         samples=settings.samples,
         length=settings.length,
         seed=settings.seed,
+        form=settings.form,
         ridge=settings.ridge,
+        fold_ridge=settings.fold_ridge if settings.form == "fold" else None,
         sequential=settings.sequential,
         seconds=seconds,
         weights=str(Path(weights).absolute()),
     )
-    log(f"healed layers {sorted(repairs)} in {seconds:.1f} s -> {weights}")
-    return healed(plan, repairs, healing)
+    log(
+        f"healed: fitted maps on layers {sorted(fitted.repairs)}, refitted down projections of layers "
+        f"{sorted(fitted.refits)} in {seconds:.1f} s -> {weights}"
+    )
+    return healed(plan, fitted.repairs, healing, fitted.refits)

@@ -1,8 +1,10 @@
 """The weights of a healed plan's repairs: one safetensors file beside the plan, checked against the plan.
 
-Keys are ``blk.{layer}.weight`` (``d_out x d_in``, float32) and ``blk.{layer}.bias``; each layer's
-`Repair.sha256` is the sha256 of its weight's float32 bytes followed by its bias's (C order, little
-endian), so a plan names exactly the repair it was made with and a changed or swapped file is refused.
+Keys are ``blk.{layer}.weight`` (``d_out x d_in``, float32) and ``blk.{layer}.bias`` for a fitted map,
+``blk.{layer}.ffn_down`` (``d_model x d_ff``) for a refitted down projection; each layer's `Repair.sha256`
+is the sha256 of its weight's float32 bytes followed by its bias's (C order, little endian), a `Refit`'s
+that of its weight, so a plan names exactly the repair it was made with and a changed or swapped file is
+refused.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from gatenorm.errors import GatenormError
 from gatenorm.io import _umask, atomic_path
-from gatenorm.plan import HEALED_SCHEMA_VERSION, PLAN_SCHEMA_VERSION, Healing, Plan, Repair
+from gatenorm.plan import HEALED_SCHEMA_VERSION, PLAN_SCHEMA_VERSION, Healing, Plan, Refit, Repair
 
 #: the suffix of a plan's weights file (``plan.json`` -> ``plan.repairs.safetensors``)
 WEIGHTS_SUFFIX = ".repairs.safetensors"
@@ -41,6 +43,12 @@ class LinearRepair:
         return Repair(shape=(int(out), int(inp)), bias=self.bias is not None, sha256=self.sha256())
 
 
+def refit_record(weight: torch.Tensor) -> Refit:
+    """The plan's record of a refitted down projection `weight`."""
+    out, inp = weight.shape
+    return Refit(shape=(int(out), int(inp)), sha256=LinearRepair(weight).sha256())
+
+
 def _le_bytes(t: torch.Tensor) -> bytes:
     return t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
 
@@ -51,8 +59,11 @@ def weights_path_for(plan_path: Path) -> Path:
     return plan_path.with_name(plan_path.name.removesuffix(".json") + WEIGHTS_SUFFIX)
 
 
-def save_repairs(path: Path, repairs: dict[int, LinearRepair]) -> None:
-    """Write `repairs` (layer -> repair) to the safetensors file `path`, atomically."""
+def save_repairs(
+    path: Path, repairs: dict[int, LinearRepair], refits: dict[int, torch.Tensor] | None = None
+) -> None:
+    """Write `repairs` (layer -> fitted map) and `refits` (layer -> down projection weight) to the
+    safetensors file `path`, atomically."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -60,19 +71,29 @@ def save_repairs(path: Path, repairs: dict[int, LinearRepair]) -> None:
         tensors[f"blk.{layer}.weight"] = repair.weight.detach().to(torch.float32).contiguous()
         if repair.bias is not None:
             tensors[f"blk.{layer}.bias"] = repair.bias.detach().to(torch.float32).contiguous()
+    for layer, weight in sorted((refits or {}).items()):
+        tensors[f"blk.{layer}.ffn_down"] = weight.detach().to(torch.float32).contiguous()
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "gatenorm": "repairs"})
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes a new, private file: a normal file's mode
 
 
-def healed(plan: Plan, repairs: dict[int, LinearRepair], healing: Healing) -> Plan:
-    """`plan` with `repairs` recorded on their layers and `healing` (whose weights file holds them)."""
+def healed(
+    plan: Plan,
+    repairs: dict[int, LinearRepair],
+    healing: Healing,
+    refits: dict[int, torch.Tensor] | None = None,
+) -> Plan:
+    """`plan` with `repairs` and `refits` recorded on their layers and `healing` (whose weights file holds
+    them)."""
     unknown = sorted(set(repairs) - set(plan.changed))
     if unknown:
         raise GatenormError(f"repairs for layers {unknown}, which the plan keeps")
     doc = plan.model_dump(mode="json")
     for layer, repair in repairs.items():
         doc["layers"][layer]["repair"] = repair.record().model_dump(mode="json")
+    for layer, weight in (refits or {}).items():
+        doc["layers"][layer]["refit"] = refit_record(weight).model_dump(mode="json")
     doc.update(schema_version=HEALED_SCHEMA_VERSION, healing=healing.model_dump(mode="json"))
     return Plan.model_validate(doc)
 
@@ -81,14 +102,23 @@ def unhealed(plan: Plan) -> Plan:
     """`plan` without its repairs: the same layers and actions."""
     doc = plan.model_dump(mode="json")
     for lp in doc["layers"]:
-        lp["repair"] = None
+        lp["repair"] = lp["refit"] = None
     doc.update(healing=None, schema_version=PLAN_SCHEMA_VERSION)
     return Plan.model_validate(doc)
 
 
 def load_repairs(plan: Plan) -> dict[int, LinearRepair]:
-    """Layer -> repair of a healed plan, read from its weights file and checked against the plan's shapes
+    """Layer -> fitted map of a healed plan, read from its weights file and checked against the plan's shapes
     and hashes (one line naming the file and the layer when anything differs); {} for an unhealed plan."""
+    return _load(plan, refits=False)
+
+
+def load_refits(plan: Plan) -> dict[int, torch.Tensor]:
+    """Layer -> refitted down projection weight of a healed plan, checked like `load_repairs`."""
+    return _load(plan, refits=True)
+
+
+def _load(plan: Plan, refits: bool) -> dict:
     if plan.healing is None:
         return {}
     from safetensors import SafetensorError, safe_open
@@ -96,30 +126,32 @@ def load_repairs(plan: Plan) -> dict[int, LinearRepair]:
     path = Path(plan.healing.weights)
     if not path.is_file():
         raise GatenormError(f"the plan's repair weights are missing: no such file {path}")
-    repairs = {}
+    what = "refitted down projection" if refits else "repair"
+    found = {}
     try:
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
             for lp in plan.layers:
-                if lp.repair is None:
+                record = lp.refit if refits else lp.repair
+                if record is None:
                     continue
-                key = f"blk.{lp.layer}.weight"
+                key = f"blk.{lp.layer}.{'ffn_down' if refits else 'weight'}"
                 if key not in names:
-                    raise GatenormError(f"{path}: no repair weights for layer {lp.layer} ({key})")
+                    raise GatenormError(f"{path}: no {what} weights for layer {lp.layer} ({key})")
                 weight = f.get_tensor(key)
-                bias = f.get_tensor(f"blk.{lp.layer}.bias") if lp.repair.bias else None
+                bias = f.get_tensor(f"blk.{lp.layer}.bias") if not refits and lp.repair.bias else None
                 repair = LinearRepair(weight, bias)
-                if tuple(weight.shape) != tuple(lp.repair.shape) or weight.dtype != torch.float32:
+                if tuple(weight.shape) != tuple(record.shape) or weight.dtype != torch.float32:
                     raise GatenormError(
-                        f"{path}: layer {lp.layer}'s repair is {tuple(weight.shape)} {weight.dtype}, "
-                        f"the plan says {tuple(lp.repair.shape)} float32"
+                        f"{path}: layer {lp.layer}'s {what} is {tuple(weight.shape)} {weight.dtype}, "
+                        f"the plan says {tuple(record.shape)} float32"
                     )
-                if repair.sha256() != lp.repair.sha256:
+                if repair.sha256() != record.sha256:
                     raise GatenormError(
-                        f"{path}: layer {lp.layer}'s repair weights do not match the plan's hash "
+                        f"{path}: layer {lp.layer}'s {what} weights do not match the plan's hash "
                         "(file changed?)"
                     )
-                repairs[lp.layer] = repair
+                found[lp.layer] = weight if refits else repair
     except (SafetensorError, OSError, RuntimeError) as e:
         raise GatenormError(f"{path}: not a readable repair weights file ({e})") from None
-    return repairs
+    return found

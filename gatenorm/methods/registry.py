@@ -14,6 +14,7 @@ from enum import Enum
 
 import gatenorm.methods.score_only  # noqa: F401  (first: the score-only methods lead every listing)
 from gatenorm.errors import GatenormError
+from gatenorm.heal.forms import mapped_layers
 from gatenorm.methods import data_driven, data_free  # noqa: F401  (the method modules register themselves)
 from gatenorm.methods.cost import Phase, cost_model
 from gatenorm.methods.spec import SPECS, MethodOptions, MethodSpec, Ranking
@@ -78,11 +79,11 @@ def chosen_layers(
     ctx: int,
     allow_first_layer: bool = False,
     phase: Phase = "prefill",
-    heal: bool = False,
+    heal: str | None = None,
 ) -> list[int]:
     """The layers to change: the `budget` lowest-ranked, or the fewest lowest-ranked whose actions reach the
-    estimated `speedup` (cost model of `phase` at context `ctx`; with `heal`, every changed layer's repair
-    counted)."""
+    estimated `speedup` (cost model of `phase` at context `ctx`; `heal`, a healing form: the fitted maps
+    it gives counted)."""
     if (budget is None) == (speedup is None):
         raise GatenormError("give exactly one of a budget in layers (--drop N) and --budget-speedup X")
     if budget is not None:
@@ -102,11 +103,11 @@ def chosen_layers(
 
     for n, layer in enumerate(order, start=1):
         actions[layer] = ranking.actions[layer]
-        if heal:
-            repaired.add(layer)
+        if heal is not None:
+            repaired = mapped_layers(actions, heal)
         if gain() >= speedup:
             return order[:n]
-    best, name = gain(), ranking.scores.method + (" healed" if heal else "")
+    best, name = gain(), ranking.scores.method + (f" healed ({heal})" if heal else "")
     raise GatenormError(f"estimated speedup {speedup} is out of reach: {name} reaches at most {best:.3f}")
 
 

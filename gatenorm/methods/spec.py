@@ -32,8 +32,9 @@ class MethodOptions:
     ctx: int = 512
     #: what an estimated speedup target is about: a prompt of `ctx` tokens, or decoding at depth `ctx`
     speedup_for: Phase = "prefill"
-    #: the plan will be healed (`gatenorm.heal`): a speedup target counts every changed layer's repair
-    heal: bool = False
+    #: the plan will be healed (`gatenorm.heal`) in this form: a speedup target counts the fitted maps
+    #: the form gives (`gatenorm.heal.forms.mapped_layers`)
+    heal: str | None = None
     log: Callable[[str], None] = field(default=lambda _: None, compare=False)
 
 

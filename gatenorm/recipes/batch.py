@@ -172,7 +172,7 @@ def rank_with(ckpt: Checkpoint, method: MethodEntry) -> Ranking:
     """Rank `ckpt`'s layers with a recipe's method entry (`gatenorm.methods.rank_layers`)."""
     settings = method_settings(method)
     options = settings.method_options(
-        seed=method.seed, calib=method.calib, heal=method.heal_settings is not None
+        seed=method.seed, calib=method.calib, heal=method.heal_settings and method.heal_settings.form
     )
     return rank_layers(ckpt, method.name, options)
 

@@ -80,10 +80,18 @@ def healing_text(plan: Plan) -> str | None:
         return None
     calib = {"synthetic": "text the model generated itself (no data)", "wiki-heldout": "wiki-heldout text"}
     source = calib.get(h.calib, f"the calibration file with sha256 {h.calib.removeprefix('file:')}")
+    parts = []
+    if plan.repaired:
+        parts.append(f"layers {plan.repaired} apply a fitted d x d linear repair of what they lost")
+    if plan.refitted:
+        parts.append(
+            f"the MLP down projections of layers {plan.refitted} are refitted to add what the changed "
+            "layers above them lost (a fold: no extra run-time cost)"
+        )
+    fit = "sequential" if h.sequential else "independent"
     return (
-        f"layers {plan.repaired} are healed: each applies a fitted d x d linear repair of what it lost "
-        f"(ridge least squares, ridge {h.ridge:g}, {'sequential' if h.sequential else 'independent'} fit) "
-        f"on {h.samples} x {h.length} tokens of {source}"
+        f"healed: {'; '.join(parts)} (ridge least squares, {h.ridges()}, {fit} fit) on {h.samples} x "
+        f"{h.length} tokens of {source}"
     )
 
 

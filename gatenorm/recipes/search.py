@@ -71,7 +71,7 @@ def resolve_target(
             ctx = recipe.validation.ctx if target.ctx is None else target.ctx
             n = len(
                 chosen_layers(
-                    ckpt, ranking, None, target.value, ctx, phase=target.speedup_for, heal=heal is not None
+                    ckpt, ranking, None, target.value, ctx, phase=target.speedup_for, heal=heal and heal.form
                 )
             )
         except GatenormError as error:

@@ -569,22 +569,22 @@ def heal_section(data: dict, docs: Path) -> list[str]:
     md = [
         "## Healing (issue 13)",
         "",
-        "Every plan of the methods below, healed with `gatenorm.heal.fit.heal_plan`: per changed layer a "
-        "ridge least-squares d x d map of the layer's normed input replaces what the plan removes (the "
-        "attention output; a dropped block's update), fitted sequentially in float64 on "
+        "Every plan of the methods below, healed with `gatenorm.heal.fit.heal_plan` in form "
+        f"`{hs.get('form', 'linear')}`: {_form_text(hs)}, fitted sequentially in float64 on "
         f"{hs['samples']} x {hs['length']} `{hs['calib']}` calibration tokens (seed {hs['seed']}, ridge "
-        f"{hs['ridge']}, bias {hs['bias']}, first {hs['skip_first']} position(s) of each window left out). "
+        f"{hs['ridge']}{_fold_ridge(hs)}, bias {hs['bias']}, first {hs['skip_first']} position(s) of each "
+        "window left out). "
         "Healed and unhealed are evaluated by the same code as the rest of the study (PyTorch fp32, "
         "`apply_plan`, the same evaluation windows of the shipped Wikipedia leads "
         f"{data['settings']['text_split']['eval_articles']}; calibration: "
         f"{_heal_text(data['settings']['text_split'].get('heal_articles'), hs['calib'])}).",
         "",
         "Speed is the cost model's estimate at context "
-        f"{data['settings']['ctx']} with each repair's matmul counted (`cost_model(ckpt, ctx).plan_speedup`: "
-        "a healed dropped attention costs a d x d matmul, a healed dropped block likewise; a healed "
-        "linearized layer costs what the linearized one does). Measured llama.cpp speed of healed GGUFs "
-        "needs the healed GGUF export, which is not part of this run: the equal-speed comparisons below "
-        "are at equal **estimated** speed, not measured.",
+        f"{data['settings']['ctx']} with each fitted map's matmul counted (`cost_model(ckpt, ctx)"
+        ".plan_speedup`: a mapped dropped attention costs a d x d matmul, a mapped dropped block likewise, a "
+        "mapped linearized layer what the linearized one does; a fold costs nothing). The equal-speed "
+        "comparisons below are at equal **estimated** speed; measured llama.cpp speed of healed GGUFs is "
+        "`scripts/bench_heal.py`'s (README).",
         "",
         f"Zero-shot: the study's {len(data['settings']['tasks'].split(','))} tasks, `--limit {limit}` items "
         "each (the same items as the zero-shot table), average ± standard error (binomial per task, tasks "
@@ -663,12 +663,27 @@ def heal_section(data: dict, docs: Path) -> list[str]:
     else:
         md.append("- 7B fitting time: not estimated in this run.")
     md.append(
-        "- measured speed cost of the repairs (<= 2 % of the speedup they heal): **not measured** (no healed "
-        "GGUF export in this run); the cost model's estimate is in the table (unhealed / healed speedup)."
+        "- measured speed cost of the repairs (<= 2 % of the speedup they heal): `scripts/bench_heal.py` "
+        "(not part of this run); the cost model's estimate is in the table (unhealed / healed speedup)."
     )
     heal_plot(rows, docs / "study_heal.png")
     md += ["", "![healed vs unhealed KLD vs estimated speedup](study_heal.png)", ""]
     return md
+
+
+def _form_text(hs: dict) -> str:
+    map_text = "a ridge least-squares d x d map of the layer's normed input replaces what the plan removes"
+    if hs.get("form", "linear") == "linear":
+        return f"per changed layer {map_text} (the attention output; a dropped block's update)"
+    return (
+        "what a dropped attention or block adds is folded into the down projection of the MLP below it "
+        "(ReplaceMe's fold, regressed on the down projection's d_ff inputs: no run-time cost); on linearized "
+        f"layers and where no MLP lies below, {map_text}"
+    )
+
+
+def _fold_ridge(hs: dict) -> str:
+    return f", fold ridge {hs['fold_ridge']}" if hs.get("form", "linear") == "fold" else ""
 
 
 def _heal_text(articles, calib: str) -> str:
@@ -718,12 +733,12 @@ def _scale_lines(scale: dict, hs: dict) -> list[str]:
     )
     return [
         f"- 7B fitting time, estimated: a stack of {scale['layers']} random llama layers of Llama-2-7B's "
-        f"shape (d {scale['d_model']}, MLP {scale['ffn']}, {scale['heads']} heads; a healed dropped "
-        f"attention, a healed dropped block, a kept layer) run through `fit_repairs` on {scale['tokens']} "
+        f"shape (d {scale['d_model']}, MLP {scale['ffn']}, {scale['heads']} heads; the layer order of the "
+        f"stage, healed in form `{hs.get('form', 'linear')}`) run through `fit_repairs` on {scale['tokens']} "
         f"tokens ({scale['windows'][0]} x {scale['windows'][1]}) took "
         + ", ".join(f"{a} {t:.0f} s" for a, t in per.items())
         + f" per layer (the first includes the embedding pass). Scaled linearly in tokens (which overstates "
-        f"the token-independent d x d solve: conservative above {scale['tokens']} tokens) to "
+        f"the token-independent solve: conservative above {scale['tokens']} tokens) to "
         f"{scale['n_layers']} layers with {scale['healed']} healed (the mean of the two healed layer times; "
         f"the kept layers are run too, as the sequential fit does), and the calibration text's generation "
         f"estimated as {how}: {ests}. Measured niced on the shared 2-core machine (load {scale['load']:.1f} "

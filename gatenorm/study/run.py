@@ -459,6 +459,7 @@ def stage_heal(args, cache: Cache, ckpt) -> None:
                 est=cost.plan_speedup(healed_plan),
                 est_unhealed=cost.plan_speedup(plan),
                 repaired=healed_plan.repaired,
+                refitted=healed_plan.refitted,
                 plan=healed_plan.describe(),
             )
             entry["quality"] = q = quality_of(apply_plan(copy.deepcopy(base), healed_plan), windows, ref)
@@ -510,9 +511,10 @@ N_LAYERS_7B = 32
 
 
 def stage_heal_scale(args, cache: Cache, ckpt) -> None:
-    """Time `fit_repairs` on a stack of three random llama layers of Llama-2-7B's shape (a healed dropped
-    attention, a healed dropped block, a kept layer) with the heal settings' window length, and estimate
-    from it (linear in tokens) the fit and the calibration-text generation of a 32-layer 7B model."""
+    """Time `fit_repairs` on a stack of three random llama layers of Llama-2-7B's shape (a kept layer, a
+    healed dropped attention, a healed dropped block: in form fold both fold into the MLP below, in form
+    linear each gets a map) with the heal settings, and estimate from it (linear in tokens) the fit and the
+    calibration-text generation of a 32-layer 7B model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gatenorm.heal.fit import fit_repairs
@@ -520,7 +522,7 @@ def stage_heal_scale(args, cache: Cache, ckpt) -> None:
 
     settings = heal_settings(args)
     samples = args.scale_samples or settings.samples
-    actions = [LayerAction.DROP_ATTENTION, LayerAction.DROP_BLOCK, LayerAction.KEEP]
+    actions = [LayerAction.KEEP, LayerAction.DROP_ATTENTION, LayerAction.DROP_BLOCK]
     config = LlamaConfig(
         **SHAPE_7B, num_hidden_layers=len(actions), vocab_size=1024, max_position_embeddings=4096
     )

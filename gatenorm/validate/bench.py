@@ -6,6 +6,7 @@ alike. Depths beyond the models' context are clipped to it."""
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import resource
 import statistics
@@ -243,3 +244,23 @@ def run_bench(ref: ModelSpec, cand: ModelSpec, tokens: list[int], cfg: BenchConf
         out["flash_off"] = {"depth": deep, "kv_mib": dict(zip(("reference", "candidate"), off, strict=True))}
         out["flash_off"]["kv_mib_flash_on"] = dict(zip(("reference", "candidate"), on, strict=True))
     return out
+
+
+def add_script_bench_args(parser: argparse.ArgumentParser) -> None:
+    """The interleaved-benchmark flags the `scripts/bench_*.py` share (`script_bench_config` reads them)."""
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up)")
+    parser.add_argument("--gen", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--depths", default="0,4096")
+
+
+def script_bench_config(args: argparse.Namespace) -> BenchConfig:
+    """The `BenchConfig` of `add_script_bench_args`' flags: one prompt length, the depths, one warm-up."""
+    return BenchConfig(
+        prompts=[args.prompt],
+        depths=[int(d) for d in args.depths.split(",")],
+        generate=args.gen,
+        runs=args.reps,
+        warmup=1,
+        compare_flash=False,
+    )

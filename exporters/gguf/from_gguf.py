@@ -47,7 +47,7 @@ from exporters.gguf.metadata import plan_metadata, pruned_name
 from exporters.keys import Keys
 from gatenorm.architectures import Architecture, get_architecture, gguf_tensor
 from gatenorm.errors import GatenormError
-from gatenorm.heal.store import load_refits, load_repairs
+from gatenorm.heal.store import check_weights, load_refits, load_repairs
 from gatenorm.plan import LayerAction, LayerPlan, Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.readers.base import ModelShape
@@ -115,7 +115,7 @@ def check_healed_plan(ckpt: Checkpoint, plan: Plan) -> None:
     """Refuse, with one line naming the layer, a healed plan whose repairs stock llama.cpp cannot run as
     written: a repair with a bias (deci's linear attention adds none), a family or source that is not
     exported as ``deci`` (the source's own architecture or another host has no linear attention), and a
-    weights file that does not match the plan's hashes (`gatenorm.heal.store.load_repairs`)."""
+    weights file that does not match the plan's hashes (`gatenorm.heal.store.check_weights`)."""
     arch, first = ckpt.arch, (plan.repaired or plan.refitted)[0]
     biased = [lp.layer for lp in plan.layers if lp.repair is not None and lp.repair.bias]
     if biased:
@@ -132,8 +132,7 @@ def check_healed_plan(ckpt: Checkpoint, plan: Plan) -> None:
             f"written for llama.cpp's deci graph, and {reason}; what works: export the plan unhealed, or "
             "--to onnx"
         )
-    load_repairs(plan)  # the weights file matches the plan's hashes, before anything is written
-    load_refits(plan)
+    check_weights(plan)  # the weights file matches the plan's hashes, before anything is written
 
 
 def _healed_block(lp: LayerPlan) -> bool:

@@ -84,9 +84,9 @@ def actions(arch: type[Architecture]) -> tuple[set[LayerAction], str]:
 def check(_ckpt: Checkpoint, plan: Plan) -> None:
     """A healed plan's repair weights match its hashes (one line naming the layer), before anything is
     written; the exporter then builds each repaired layer as one MatMul (and Add for a bias)."""
-    from gatenorm.heal.store import load_repairs
+    from gatenorm.heal.store import check_weights
 
-    load_repairs(plan)
+    check_weights(plan)
 
 
 USAGE = """```python

@@ -192,7 +192,7 @@ def fit_repairs(
                     below = refitted[j] = copy.deepcopy(below)  # the model stays unchanged
                     feeder = (j, below, inputs)
 
-                def lost(_h, out, block=block, layer=layer, i=i):
+                def lost(out, block=block, layer=layer, i=i):
                     return _lost_update(arch, layer, block, out, masks[i], kwargs)
 
                 _refit(arch, below, inputs, lost, masks[j], kwargs, batch, settings)
@@ -206,10 +206,7 @@ def fit_repairs(
                 repair = _solve(*_moments(x_y, settings.skip_first, settings.bias), settings.ridge)
                 fitted.repairs[i] = repair
                 step = arch.repaired(layer, block, repair.weight, repair.bias)
-        if settings.sequential or step is layer:
-            inputs, hidden = hidden, run(step, hidden, i)
-        else:
-            inputs, hidden = hidden, run(layer, hidden, i)
+        inputs, hidden = hidden, run(step if settings.sequential else layer, hidden, i)
         if lp.action is not LayerAction.DROP_BLOCK:
             feeder = (i, refitted.get(i, step), inputs)
         elif i in fitted.repairs:
@@ -218,9 +215,8 @@ def fit_repairs(
             fitted.refits[j] = arch.down_projection(refitted.pop(j)).weight.detach().float().clone()
         if progress is not None:
             progress(i + 1, len(plan.layers))
-    for j in sorted(refitted):
-        fitted.refits[j] = arch.down_projection(refitted[j]).weight.detach().float().clone()
-    fitted.refits = dict(sorted(fitted.refits.items()))
+    for j, below in refitted.items():  # the last feeder's
+        fitted.refits[j] = arch.down_projection(below).weight.detach().float().clone()
     return fitted
 
 
@@ -243,7 +239,7 @@ def _moments(pairs, skip: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor, 
 
 def _refit(arch, step: nn.Module, inputs: torch.Tensor, target, mask, kwargs, batch: int, settings) -> None:
     """Add to `step`'s down projection (in place) the ridge least-squares map from its inputs to
-    ``target(h, out)``, what the layer's output should gain (out: the step's output on h), over `inputs`."""
+    ``target(out)``, what the step's output `out` should gain, over `inputs`."""
     down = arch.down_projection(step)
     scale = step.residual_scale if isinstance(step, AttentionFreeLayer) else arch.residual_scale(step)
 
@@ -255,7 +251,7 @@ def _refit(arch, step: nn.Module, inputs: torch.Tensor, target, mask, kwargs, ba
                 h = inputs[at : at + batch]
                 with torch.inference_mode():
                     out = _first(step(h, attention_mask=mask, **kwargs)).float()
-                    y = target(h, out) / scale
+                    y = target(out) / scale
                 yield seen["z"].float(), y
         finally:
             handle.remove()

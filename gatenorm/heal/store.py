@@ -118,6 +118,13 @@ def load_refits(plan: Plan) -> dict[int, torch.Tensor]:
     return _load(plan, refits=True)
 
 
+def check_weights(plan: Plan) -> None:
+    """Refuse (one line naming the file and the layer) a healed plan whose weights file does not hold its
+    repairs and refits as recorded, before an exporter writes anything."""
+    load_repairs(plan)
+    load_refits(plan)
+
+
 def _load(plan: Plan, refits: bool) -> dict:
     if plan.healing is None:
         return {}

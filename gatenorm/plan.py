@@ -110,6 +110,11 @@ class Healing(BaseModel):
     ridge: float = Field(ge=0)
     #: the refits' ridge, likewise relative (fold)
     fold_ridge: float | None = Field(None, ge=0)
+    #: the share of the drift from the unpruned model's hidden states each refit corrects too (fold; None:
+    #: plans fitted before it existed, which corrected none)
+    drift: float | None = Field(None, ge=0, le=1)
+    #: the kept layers right above changed ones got a refit too (fold, with drift)
+    refit_kept: bool = False
     #: each repair fitted on the inputs the already-repaired earlier layers give
     sequential: bool = True
     seconds: float = Field(0.0, ge=0)
@@ -118,9 +123,10 @@ class Healing(BaseModel):
     weights: str
 
     def ridges(self) -> str:
-        """``ridge R`` (and ``, fold ridge F``), as a log line or a model card says it."""
+        """``ridge R`` (and ``, fold ridge F, drift D``), as a log line or a model card says it."""
         fold = "" if self.fold_ridge is None else f", fold ridge {self.fold_ridge:g}"
-        return f"ridge {self.ridge:g}{fold}"
+        drift = f", drift {self.drift:g}" if self.drift else ""
+        return f"ridge {self.ridge:g}{fold}{drift}"
 
 
 class LayerPlan(BaseModel):

@@ -226,13 +226,14 @@ def test_q4_k_m_keeps_the_repairs_at_q8_0(tmp_path, tiny):
 def smollm2_healed(tmp_path_factory, smollm2_scored, smollm2_model, smollm2_tokens) -> Plan:
     """SmolLM2 with layer 0's and 5's attention dropped, 17 linearized, 26 dropped whole (all healed by a
     real fit, the default fold, on 4 windows of its text: maps on 0, which has no MLP below, and 17; 5 and
-    26 folded into the down projections of 4 and 25) and block 29 dropped unhealed."""
+    26 folded into the down projections of 4 and 25; the kept layers right above them, 1, 6, 18 and 27,
+    refitted for the drift) and block 29 dropped unhealed."""
     ckpt = smollm2_scored[0]
     actions = {0: "drop-attention", 5: "drop-attention", 17: "linearize", 26: "drop-block"}
     plan = mixed_plan(ckpt, actions, {17: 0.6}, smollm2_scored[1])
     windows = np.array(smollm2_tokens[:256]).reshape(4, 64)
     fitted = fit_repairs(copy.deepcopy(smollm2_model), plan, windows, HealSettings(samples=4, length=64))
-    assert set(fitted.repairs) == {0, 17} and set(fitted.refits) == {4, 25}
+    assert set(fitted.repairs) == {0, 17} and set(fitted.refits) == {1, 4, 6, 18, 25, 27}
     actions[29] = "drop-block"
     folder = tmp_path_factory.mktemp("smollm2-healed")
     return _healed(folder, ckpt, actions, fitted.repairs, "wiki-heldout", fitted.refits)
@@ -255,7 +256,7 @@ def test_smollm2_healed_keep_types_and_f32_logits(
         src = source[name if new is None else f"blk.{old_of[int(new)]}.{rest}"]
         assert t.tensor_type == src.tensor_type and bytes(t.data) == bytes(src.data), name
     for name in [f"blk.{index[old]}.attn_output.weight" for old in (0, 17)] + [
-        f"blk.{index[old]}.ffn_down.weight" for old in (4, 25)
+        f"blk.{index[old]}.ffn_down.weight" for old in (1, 4, 6, 18, 25, 27)
     ]:
         assert written[name].tensor_type is Q.Q8_0 and name in changed, name
     assert f"blk.{index[5]}.attn_output.weight" not in written  # folded: the attention is gone

@@ -4,7 +4,9 @@ ridge least squares of what the plan removes, in one of two forms (`HealSettings
 - ``fold`` (the default, free at run time): what a dropped attention or dropped block adds to the
   residual stream is folded into the down projection of the MLP below it (ReplaceMe), ``W_down + D`` with
   ``D z ~ lost(h)``, z the down projection's ``d_ff`` inputs; linearized layers, and changed layers with no
-  MLP below, get a fitted map as in ``linear``;
+  MLP below, get a fitted map as in ``linear``. With ``drift`` each refit also corrects that share of how
+  far the healed hidden states have moved from the unpruned model's (run alongside), and the kept layer
+  right above a changed one refits its own down projection for it (``refit_kept``);
 - ``linear``: a fitted map of the layer's normed input per changed layer, one ``d x d`` matmul at run time:
   a dropped or linearized attention ``A(h) ~ W norm(h) (+ b)`` (A the attention module's output, before the
   family's post-attention norm and residual multiplier, which the healed layer still applies), a dropped
@@ -76,6 +78,18 @@ class HealSettings(BaseModel):
         True, description="Fit each repair on the outputs of the already-repaired layers."
     )
     skip_first: int = Field(1, ge=0, description="Positions at the start of each window left out of the fit.")
+    drift: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="fold: share of the drift from the unpruned model's hidden states that each refit "
+        "corrects too (0: only what its layer removes; 1: the healed stream follows the unpruned one).",
+    )
+    refit_kept: bool = Field(
+        True,
+        description="fold: also refit the down projection of each kept layer right above a changed one, "
+        "to correct that share of the drift.",
+    )
 
     @model_validator(mode="after")
     def _sequential_fold(self) -> HealSettings:
@@ -154,8 +168,10 @@ def fit_repairs(
     Form ``linear``: each changed layer gets a fitted map. Form ``fold``: what a dropped attention or
     block adds is folded into the down projection of the closest layer below whose MLP runs (only removed
     blocks lie between, so that MLP's output is the changed layer's input): ReplaceMe's fold, regressed on
-    the down projection's ``d_ff`` inputs rather than on its ``d`` outputs. A linearized layer and a changed
-    layer with no MLP below get a fitted map."""
+    the down projection's ``d_ff`` inputs rather than on its ``d`` outputs, its target plus ``drift`` times
+    the gap to the unpruned model's hidden states; the kept layer right above a changed one is refitted on
+    that share of the gap alone (``refit_kept``). A linearized layer and a changed layer with no MLP below
+    get a fitted map."""
     arch = get_architecture(model.config.model_type)
     layers = arch.decoder_layers(model)
     if len(layers) != plan.source.n_layers:
@@ -167,6 +183,10 @@ def fit_repairs(
         raise GatenormError(f"calibration windows of {ids.shape[1]} tokens leave nothing to fit")
     masks, kwargs = direct_layer_inputs(model, ids)
     hidden = _layer0_inputs(model, ids, batch)
+    # fold with drift: the unpruned model's hidden states (`orig`, entering layer i) run alongside, up to
+    # the layer above the last changed one
+    last = max(plan.changed, default=-2) + 1 if settings.form == "fold" and settings.drift > 0 else -1
+    orig, changed_below = (hidden if last >= 0 else None), False
     fitted = Fitted()
     mapped = mapped_layers([lp.action for lp in plan.layers], settings.form)
     refitted: dict[int, nn.Module] = {}  # layer -> the step (a copy) whose down projection was refitted
@@ -192,8 +212,11 @@ def fit_repairs(
                     below = refitted[j] = copy.deepcopy(below)  # the model stays unchanged
                     feeder = (j, below, inputs)
 
-                def lost(out, block=block, layer=layer, i=i):
-                    return _lost_update(arch, layer, block, out, masks[i], kwargs)
+                def lost(out, at, block=block, layer=layer, i=i, orig=orig):
+                    update = _lost_update(arch, layer, block, out, masks[i], kwargs)
+                    if orig is None:
+                        return update
+                    return update + settings.drift * (orig[at : at + len(out)] - out)
 
                 _refit(arch, below, inputs, lost, masks[j], kwargs, batch, settings)
                 hidden = run(below, inputs, j)  # the removed blocks between leave it as it is
@@ -206,7 +229,16 @@ def fit_repairs(
                 repair = _solve(*_moments(x_y, settings.skip_first, settings.bias), settings.ridge)
                 fitted.repairs[i] = repair
                 step = arch.repaired(layer, block, repair.weight, repair.bias)
+        unpruned = run(layer, orig, i) if i <= last else None
+        if unpruned is not None and settings.refit_kept and lp.action is LayerAction.KEEP and changed_below:
+            step = refitted[i] = copy.deepcopy(layer)
+
+            def settle(out, at, unpruned=unpruned):
+                return settings.drift * (unpruned[at : at + len(out)] - out)
+
+            _refit(arch, step, hidden, settle, masks[i], kwargs, batch, settings)
         inputs, hidden = hidden, run(step if settings.sequential else layer, hidden, i)
+        orig, changed_below = unpruned, lp.action in HEALED_ACTIONS
         if lp.action is not LayerAction.DROP_BLOCK:
             feeder = (i, refitted.get(i, step), inputs)
         elif i in fitted.repairs:
@@ -251,7 +283,7 @@ def _refit(arch, step: nn.Module, inputs: torch.Tensor, target, mask, kwargs, ba
                 h = inputs[at : at + batch]
                 with torch.inference_mode():
                     out = _first(step(h, attention_mask=mask, **kwargs)).float()
-                    y = target(out) / scale
+                    y = target(out, at) / scale
                 yield seen["z"].float(), y
         finally:
             handle.remove()
@@ -333,6 +365,7 @@ def heal_plan(
     fitted = fit_repairs(model, plan, windows, settings)
     seconds = time.perf_counter() - start
     save_repairs(weights, fitted.repairs, fitted.refits)
+    fold = settings.form == "fold"
     healing = Healing(
         calib=settings.calib_id(),
         samples=settings.samples,
@@ -340,7 +373,9 @@ def heal_plan(
         seed=settings.seed,
         form=settings.form,
         ridge=settings.ridge,
-        fold_ridge=settings.fold_ridge if settings.form == "fold" else None,
+        fold_ridge=settings.fold_ridge if fold else None,
+        drift=settings.drift if fold else None,
+        refit_kept=fold and settings.drift > 0 and settings.refit_kept,
         sequential=settings.sequential,
         seconds=seconds,
         weights=str(Path(weights).absolute()),

@@ -675,10 +675,15 @@ def _form_text(hs: dict) -> str:
     map_text = "a ridge least-squares d x d map of the layer's normed input replaces what the plan removes"
     if hs.get("form", "linear") == "linear":
         return f"per changed layer {map_text} (the attention output; a dropped block's update)"
+    drift = ""
+    if hs.get("drift"):
+        drift = f", each fold also correcting {hs['drift']} of the gap to the unpruned model's hidden states"
+        if hs.get("refit_kept"):
+            drift += ", and the kept layer right above a changed one refitted for that share of the gap alone"
     return (
         "what a dropped attention or block adds is folded into the down projection of the MLP below it "
-        "(ReplaceMe's fold, regressed on the down projection's d_ff inputs: no run-time cost); on linearized "
-        f"layers and where no MLP lies below, {map_text}"
+        f"(ReplaceMe's fold, regressed on the down projection's d_ff inputs: no run-time cost){drift}; on "
+        f"linearized layers and where no MLP lies below, {map_text}"
     )
 
 
@@ -739,8 +744,9 @@ def _scale_lines(scale: dict, hs: dict) -> list[str]:
         + ", ".join(f"{a} {t:.0f} s" for a, t in per.items())
         + f" per layer (the first includes the embedding pass). Scaled linearly in tokens (which overstates "
         f"the token-independent solve: conservative above {scale['tokens']} tokens) to "
-        f"{scale['n_layers']} layers with {scale['healed']} healed (the mean of the two healed layer times; "
-        f"the kept layers are run too, as the sequential fit does), and the calibration text's generation "
+        f"{scale['n_layers']} layers with {scale['healed']} healed (the mean of the two healed layer times, "
+        "each healed layer with one kept layer above it at the time of the last one; the other kept layers "
+        "are run too, as the sequential fit does), and the calibration text's generation "
         f"estimated as {how}: {ests}. Measured niced on the shared 2-core machine (load {scale['load']:.1f} "
         "after the run): an upper bound for an idle machine."
     ]

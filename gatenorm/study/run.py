@@ -511,10 +511,11 @@ N_LAYERS_7B = 32
 
 
 def stage_heal_scale(args, cache: Cache, ckpt) -> None:
-    """Time `fit_repairs` on a stack of three random llama layers of Llama-2-7B's shape (a kept layer, a
+    """Time `fit_repairs` on a stack of four random llama layers of Llama-2-7B's shape (a kept layer, a
     healed dropped attention, a healed dropped block: in form fold both fold into the MLP below, in form
-    linear each gets a map) with the heal settings, and estimate from it (linear in tokens) the fit and the
-    calibration-text generation of a 32-layer 7B model."""
+    linear each gets a map; a kept layer above them, refitted for the drift where the settings say so) with
+    the heal settings, and estimate from it (linear in tokens) the fit and the calibration-text generation
+    of a 32-layer 7B model, each healed layer with a kept layer above it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gatenorm.heal.fit import fit_repairs
@@ -522,7 +523,8 @@ def stage_heal_scale(args, cache: Cache, ckpt) -> None:
 
     settings = heal_settings(args)
     samples = args.scale_samples or settings.samples
-    actions = [LayerAction.KEEP, LayerAction.DROP_ATTENTION, LayerAction.DROP_BLOCK]
+    actions = [LayerAction.KEEP, LayerAction.DROP_ATTENTION, LayerAction.DROP_BLOCK, LayerAction.KEEP]
+    labels = ["keep", "drop-attention", "drop-block", "kept above"]
     config = LlamaConfig(
         **SHAPE_7B, num_hidden_layers=len(actions), vocab_size=1024, max_position_embeddings=4096
     )
@@ -541,9 +543,11 @@ def stage_heal_scale(args, cache: Cache, ckpt) -> None:
     windows = np.random.default_rng(0).integers(0, config.vocab_size, (samples, settings.length))
     marks = [time.perf_counter()]
     fit_repairs(model, plan, windows, settings, progress=lambda *_: marks.append(time.perf_counter()))
-    per = {a.value: marks[i + 1] - marks[i] for i, a in enumerate(actions)}
+    per = {label: marks[i + 1] - marks[i] for i, label in enumerate(labels)}
     healed = args.scale_healed
-    healed_layer = (per["drop-attention"] + per["drop-block"]) / 2
+    healed_layer = (
+        (per["drop-attention"] + per["drop-block"]) / 2 + per["kept above"] - per["keep"]
+    )  # each healed layer with a refitted kept layer above
     calib = cache.section("heal").get("calibration", {})
     ratio = calib["seconds"] / calib["forward_seconds"] if calib.get("forward_seconds") else None
 

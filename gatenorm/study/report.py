@@ -734,19 +734,20 @@ def _scale_lines(scale: dict, hs: dict) -> list[str]:
     ests = "; ".join(
         f"{e['windows'][0]} x {e['windows'][1]} tokens: fit {e['fit_seconds'] / 60:.0f} min, generation "
         f"{e['gen_seconds'] / 60:.0f} min (floor {e['forward_seconds'] / 60:.0f} min)"
-        for e in scale["estimates"]
+        for k, e in enumerate(scale["estimates"])
+        if e not in scale["estimates"][:k]  # the study's settings may be the defaults
     )
     return [
         f"- 7B fitting time, estimated: a stack of {scale['layers']} random llama layers of Llama-2-7B's "
         f"shape (d {scale['d_model']}, MLP {scale['ffn']}, {scale['heads']} heads; the layer order of the "
         f"stage, healed in form `{hs.get('form', 'linear')}`) run through `fit_repairs` on {scale['tokens']} "
         f"tokens ({scale['windows'][0]} x {scale['windows'][1]}) took "
-        + ", ".join(f"{a} {t:.0f} s" for a, t in per.items())
+        + ", ".join(f"{a} {per[a]:.0f} s" for a in scale.get("stack", per))  # the cache sorts its keys
         + f" per layer (the first includes the embedding pass). Scaled linearly in tokens (which overstates "
         f"the token-independent solve: conservative above {scale['tokens']} tokens) to "
         f"{scale['n_layers']} layers with {scale['healed']} healed (the mean of the two healed layer times, "
-        "each healed layer with one kept layer above it at the time of the last one; the other kept layers "
-        "are run too, as the sequential fit does), and the calibration text's generation "
+        "plus, for each, the extra time of the last layer, a kept layer above refitted for the drift; "
+        "the kept layers are run too, as the sequential fit does), and the calibration text's generation "
         f"estimated as {how}: {ests}. Measured niced on the shared 2-core machine (load {scale['load']:.1f} "
         "after the run): an upper bound for an idle machine."
     ]

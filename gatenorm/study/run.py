@@ -545,9 +545,8 @@ def stage_heal_scale(args, cache: Cache, ckpt) -> None:
     fit_repairs(model, plan, windows, settings, progress=lambda *_: marks.append(time.perf_counter()))
     per = {label: marks[i + 1] - marks[i] for i, label in enumerate(labels)}
     healed = args.scale_healed
-    healed_layer = (
-        (per["drop-attention"] + per["drop-block"]) / 2 + per["kept above"] - per["keep"]
-    )  # each healed layer with a refitted kept layer above
+    kept_refit = per["kept above"] - per["keep"]  # what refitting a kept layer above a healed one adds
+    healed_layer = (per["drop-attention"] + per["drop-block"]) / 2 + kept_refit
     calib = cache.section("heal").get("calibration", {})
     ratio = calib["seconds"] / calib["forward_seconds"] if calib.get("forward_seconds") else None
 
@@ -570,6 +569,7 @@ def stage_heal_scale(args, cache: Cache, ckpt) -> None:
         "windows": [samples, settings.length],
         "tokens": samples * settings.length,
         "layer_seconds": per,
+        "stack": labels,
         "load": os.getloadavg()[0],
         "n_layers": N_LAYERS_7B,
         "healed": healed,

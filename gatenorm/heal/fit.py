@@ -97,6 +97,11 @@ class HealSettings(BaseModel):
             raise ValueError("form fold is fitted sequentially (each fold changes what the next layer sees)")
         return self
 
+    @property
+    def tracks_drift(self) -> bool:
+        """The fit runs the unpruned model alongside to correct the drift (form fold, drift above 0)."""
+        return self.form == "fold" and self.drift > 0
+
     def calibration(self) -> Calibration:
         return Calibration(self.calib, self.samples, self.length)
 
@@ -184,8 +189,8 @@ def fit_repairs(
     masks, kwargs = direct_layer_inputs(model, ids)
     hidden = _layer0_inputs(model, ids, batch)
     # fold with drift: the unpruned model's hidden states (`orig`, entering layer i) run alongside, up to
-    # the layer above the last changed one
-    last = max(plan.changed, default=-2) + 1 if settings.form == "fold" and settings.drift > 0 else -1
+    # the layer above the last changed one; below the first change they are `hidden` itself
+    last = max(plan.changed, default=-2) + 1 if settings.tracks_drift else -1
     orig, changed_below = (hidden if last >= 0 else None), False
     fitted = Fitted()
     mapped = mapped_layers([lp.action for lp in plan.layers], settings.form)
@@ -229,7 +234,9 @@ def fit_repairs(
                 repair = _solve(*_moments(x_y, settings.skip_first, settings.bias), settings.ridge)
                 fitted.repairs[i] = repair
                 step = arch.repaired(layer, block, repair.weight, repair.bias)
-        unpruned = run(layer, orig, i) if i <= last else None
+        # nothing changed yet: the unpruned output is the one run next
+        same = orig is hidden and step is layer
+        unpruned = run(layer, orig, i) if i <= last and not same else None
         if unpruned is not None and settings.refit_kept and lp.action is LayerAction.KEEP and changed_below:
             step = refitted[i] = copy.deepcopy(layer)
 
@@ -238,6 +245,8 @@ def fit_repairs(
 
             _refit(arch, step, hidden, settle, masks[i], kwargs, batch, settings)
         inputs, hidden = hidden, run(step if settings.sequential else layer, hidden, i)
+        if i <= last and same:
+            unpruned = hidden
         orig, changed_below = unpruned, lp.action in HEALED_ACTIONS
         if lp.action is not LayerAction.DROP_BLOCK:
             feeder = (i, refitted.get(i, step), inputs)
@@ -375,7 +384,7 @@ def heal_plan(
         ridge=settings.ridge,
         fold_ridge=settings.fold_ridge if fold else None,
         drift=settings.drift if fold else None,
-        refit_kept=fold and settings.drift > 0 and settings.refit_kept,
+        refit_kept=settings.tracks_drift and settings.refit_kept,
         sequential=settings.sequential,
         seconds=seconds,
         weights=str(Path(weights).absolute()),

@@ -3,6 +3,7 @@ written out with hooks, the least-squares fit, and the cost model's count of a r
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -328,3 +329,14 @@ def test_drift_refits_the_kept_layer_above_and_brings_the_stream_back(tmp_path, 
     info = Healing(calib="synthetic", samples=2, length=16, form="fold", ridge=0.0, fold_ridge=1.0, drift=0.5,
                    refit_kept=True, weights="w")  # fmt: skip
     assert info.ridges() == "ridge 0, fold ridge 1, drift 0.5"
+
+
+def test_the_calibration_source_is_recorded_and_a_text_file_by_its_hash(tmp_path):
+    text = tmp_path / "domain.txt"
+    text.write_text("Field notes from the users' own domain.\n" * 50, encoding="utf-8")
+    digest = hashlib.sha256(text.read_bytes()).hexdigest()
+    assert HealSettings(calib=str(text)).calib_id() == f"file:{digest}"
+    assert HealSettings(calib="wiki-heldout").calib_id() == "wiki-heldout"
+    assert HealSettings().calib_id() == "synthetic"
+    text.write_text("other text", encoding="utf-8")
+    assert HealSettings(calib=str(text)).calib_id() != f"file:{digest}"

@@ -734,8 +734,7 @@ def _scale_lines(scale: dict, hs: dict) -> list[str]:
     ests = "; ".join(
         f"{e['windows'][0]} x {e['windows'][1]} tokens: fit {e['fit_seconds'] / 60:.0f} min, generation "
         f"{e['gen_seconds'] / 60:.0f} min (floor {e['forward_seconds'] / 60:.0f} min)"
-        for k, e in enumerate(scale["estimates"])
-        if e not in scale["estimates"][:k]  # the study's settings may be the defaults
+        for e in scale["estimates"]
     )
     return [
         f"- 7B fitting time, estimated: a stack of {scale['layers']} random llama layers of Llama-2-7B's "

@@ -574,7 +574,7 @@ def stage_heal_scale(args, cache: Cache, ckpt) -> None:
         "n_layers": N_LAYERS_7B,
         "healed": healed,
         "gen_ratio": ratio,
-        "estimates": [estimate(settings.samples), estimate(HealSettings().samples)],
+        "estimates": [estimate(n) for n in dict.fromkeys([settings.samples, HealSettings().samples])],
     }
     log(f"heal-scale: per layer {json.dumps({k: round(v, 1) for k, v in per.items()})} s on {windows.shape}")
     cache.save()

@@ -191,7 +191,7 @@ def fit_repairs(
     # fold with drift: the unpruned model's hidden states (`orig`, entering layer i) run alongside, up to
     # the layer above the last changed one; below the first change they are `hidden` itself
     last = max(plan.changed, default=-2) + 1 if settings.tracks_drift else -1
-    orig, changed_below = (hidden if last >= 0 else None), False
+    orig = hidden if last >= 0 else None
     fitted = Fitted()
     mapped = mapped_layers([lp.action for lp in plan.layers], settings.form)
     refitted: dict[int, nn.Module] = {}  # layer -> the step (a copy) whose down projection was refitted
@@ -237,6 +237,7 @@ def fit_repairs(
         # nothing changed yet: the unpruned output is the one run next
         same = orig is hidden and step is layer
         unpruned = run(layer, orig, i) if i <= last and not same else None
+        changed_below = i > 0 and plan.layers[i - 1].action in HEALED_ACTIONS
         if unpruned is not None and settings.refit_kept and lp.action is LayerAction.KEEP and changed_below:
             step = refitted[i] = copy.deepcopy(layer)
 
@@ -247,7 +248,7 @@ def fit_repairs(
         inputs, hidden = hidden, run(step if settings.sequential else layer, hidden, i)
         if i <= last and same:
             unpruned = hidden
-        orig, changed_below = unpruned, lp.action in HEALED_ACTIONS
+        orig = unpruned
         if lp.action is not LayerAction.DROP_BLOCK:
             feeder = (i, refitted.get(i, step), inputs)
         elif i in fitted.repairs:

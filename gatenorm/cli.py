@@ -31,6 +31,11 @@ from gatenorm.scoring import LayerScores
 from gatenorm.validate.command import validate_command
 from gatenorm.validate.flags import with_settings_flags
 
+try:  # recent typer parses with its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
+
 app = typer.Typer(
     help="Data-free attention-sublayer pruning (Gate-Norm) and edge export for decoder-only LLMs.",
     no_args_is_help=True,
@@ -469,16 +474,31 @@ app.command("validate")(validate_command)
 app.command("run")(run_command)
 
 
+def _fail(message: str) -> None:
+    print(f"gatenorm: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors, bad flags and values included, become one line on stderr and exit code 2."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:  # a bare command asks for its help
+        print(e.ctx.get_help())
+        sys.exit(2)
+    except click_errors.UsageError as e:
+        hint = f" (see {e.ctx.command_path} --help)" if e.ctx else ""
+        _fail(e.format_message() + hint)
+    except click_errors.ClickException as e:
+        _fail(e.format_message())
+    except typer.Abort:
+        print("gatenorm: aborted", file=sys.stderr)
+        sys.exit(1)
     except GatenormError as e:
-        print(f"gatenorm: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
     except OSError as e:
-        print(f"gatenorm: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        sys.exit(2)
+        _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -239,3 +239,23 @@ def test_loading_a_gguf_keeps_transformers_quiet(capfd, tiny_gguf):
     load_tokenizer(tiny_gguf)
     out, err = capfd.readouterr()
     assert "de-quantizing" not in err + out and "legacy" not in err + out
+
+
+def test_a_merge_less_gguf_vocabulary_gets_the_stock_merges():
+    """The set-membership vocabulary that makes SentencePiece GGUFs load in seconds builds exactly the merges
+    transformers builds, and transformers is left as it was."""
+    from transformers.integrations.ggml import GGUFTokenizerSkeleton
+
+    from gatenorm.apply import _fast_gguf_merges
+    from gatenorm.quiet import quiet_transformers
+
+    stock_init = GGUFTokenizerSkeleton.__init__
+    tokens = ["<unk>", "▁", "a", "b", "c", "ab", "bc", "abc", "▁a", "▁ab", "▁abc", "ca", "cab"]
+    vocab = {"tokens": tokens, "scores": [-float(i) for i in range(len(tokens))]}
+    with quiet_transformers():
+        stock = GGUFTokenizerSkeleton(dict(vocab))
+        with _fast_gguf_merges():
+            assert GGUFTokenizerSkeleton.__init__ is not stock_init
+            fast = GGUFTokenizerSkeleton(dict(vocab))
+    assert GGUFTokenizerSkeleton.__init__ is stock_init
+    assert len(stock.merges) > 5 and fast.merges == stock.merges and list(fast.tokens) == tokens

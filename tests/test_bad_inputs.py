@@ -364,3 +364,41 @@ def test_export_overwrite_flag(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     args = ("export", tiny_llama_dir, "--to", "onnx", "--drop", "1", "-o", out, "--overwrite")
     code, _, err = cli(monkeypatch, capsys, *args)
     assert code == 0 and seen == {"overwrite": True}, err
+
+
+USAGE_CASES = {  # arguments -> words of the message (Typer's own parsing: flags, choices, types)
+    "unknown method": (["plan", "tiny", "--method", "bogus", "-o", "{d}/p.json"], ["--method", "'bogus'"]),
+    "unknown target": (["export", "tiny", "--to", "bogus", "-o", "{d}/x.gguf"], ["--to", "'bogus'"]),
+    "not an integer": (["plan", "tiny", "--drop", "abc", "-o", "{d}/p.json"], ["--drop", "integer"]),
+    "unknown command": (["bogus"], ["No such command 'bogus'"]),
+    "missing argument": (["plan"], ["Missing argument", "gatenorm plan --help"]),
+    "unknown option": (["plan", "tiny", "--nope"], ["No such option: --nope"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_CASES))
+def test_usage_errors_are_one_line_exit_2(case, tmp_path, monkeypatch, capsys):
+    args, words = USAGE_CASES[case]
+    code, out, err = cli(monkeypatch, capsys, *(a.format(d=tmp_path) for a in args))
+    assert_one_line_exit_2(code, err, *words)
+    assert not out and not list(tmp_path.iterdir())
+
+
+def test_exit_codes_pass_through(tmp_path, monkeypatch, capsys):
+    """Help and success exit 0; a command's own exit code (a failed validation gate: 1) is kept."""
+    import typer
+
+    from gatenorm.cli import app
+
+    assert cli(monkeypatch, capsys, "--help")[0] == 0
+    assert cli(monkeypatch, capsys, "plan", "tiny", "--drop", "1", "-o", tmp_path / "p.json")[0] == 0
+    assert (tmp_path / "p.json").is_file()
+
+    def gate_fails() -> None:
+        raise typer.Exit(1)
+
+    app.command("gate-fails")(gate_fails)
+    try:
+        assert cli(monkeypatch, capsys, "gate-fails")[0] == 1
+    finally:
+        app.registered_commands.pop()

@@ -193,6 +193,20 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, tiny_gguf):
     assert leftovers(tmp_path) == ["out.gguf"] and (tmp_path / "out.gguf").read_bytes() == b"previous"
 
 
+def test_quantizer_fallbacks_are_one_warning(tmp_path, tiny_gguf, capfd, caplog):
+    """llama.cpp warns per tensor whose width the mix's type cannot take (all of tiny's 16-wide ones):
+    collected into one warning line, and llama-cpp-python's own log callback is back afterwards."""
+    import llama_cpp
+
+    out = export_gguf(tiny_gguf, plan_for(tiny_gguf, 1), tmp_path / "q4.gguf", quant="Q4_K_M")
+    err = capfd.readouterr().err
+    assert "not divisible" not in err and "falling back" not in err, err
+    [record] = [r for r in caplog.records if r.name == "gatenorm.export"]
+    assert record.levelname == "WARNING" and "fell back from the Q4_K_M mix" in record.getMessage()
+    llama_cpp.Llama(str(out), verbose=True, n_ctx=16)  # llama.cpp's log reaches the console again
+    assert "llama_model_loader" in capfd.readouterr().err
+
+
 def test_unknown_quant_refused(tmp_path, tiny_gguf):
     with pytest.raises(GatenormError, match="unknown --quant"):
         export_gguf(tiny_gguf, plan_for(tiny_gguf, 1), tmp_path / "out.gguf", quant="Q3_X")

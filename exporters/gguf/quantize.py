@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import gguf
@@ -56,12 +57,43 @@ def quantize_gguf(
         for slot, pattern in zip(overrides, patterns, strict=False):
             slot.pattern, slot.type = pattern, int(AT_LEAST_Q8)
         params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-    log = logging.getLogger("llama-cpp-python")  # llama.cpp's log goes through this logger
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
+    lines: list[str] = []
+    with _llama_log(lines):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    finally:
-        log.setLevel(level)
+    text = "".join(lines)
     if rc != 0:
-        raise GatenormError(f"llama.cpp could not quantize {src} to {quant} (llama_model_quantize: {rc})")
+        errors = [line for line in text.splitlines() if "error" in line.lower()]
+        reason = f": {errors[-1].strip()}" if errors else ""
+        raise GatenormError(
+            f"llama.cpp could not quantize {src} to {quant} (llama_model_quantize: {rc}){reason}"
+        )
+    fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", text)
+    if fallback:
+        logger.warning(
+            "llama.cpp: %s of %s tensors fell back from the %s mix to another type (their width is not a "
+            "multiple of the type's block size)",
+            fallback[1],
+            fallback[2],
+            quant,
+        )
+
+
+logger = logging.getLogger("gatenorm.export")
+
+
+@contextlib.contextmanager
+def _llama_log(lines: list[str]) -> Iterator[None]:
+    """llama.cpp's log collected into `lines` instead of printed (the quantizer warns once per tensor it
+    cannot give the mix's type), then llama-cpp-python's own callback back in place."""
+    import llama_cpp
+    import llama_cpp._logger as stock
+
+    @llama_cpp.llama_log_callback
+    def collect(_level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(stock.llama_log_callback, ctypes.c_void_p(0))

@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -467,14 +468,15 @@ def _heal_run(args, cache: Cache, ckpt, name: str, settings: HealSettings, zeros
     where = Path(folder.name if folder else args.heal_dir)
     where.mkdir(parents=True, exist_ok=True)
     healed_plans: dict[tuple[str, int], Plan] = {}
+    prefix = "" if name == "heal" else re.sub(r"[^A-Za-z0-9]+", "-", name) + "-"  # file names in --heal-dir
     try:
         for (method, b), plan in missing.items():  # fit and quality first: zero-shot is the long part
             key = f"{method}/{b}"
-            stem = where / f"{name.replace(':', '-')}-{method}-{b}"
+            stem = f"{prefix}{method}-{b}"
             healed_plan = heal_plan(
-                ckpt.path, plan, settings, stem.with_suffix(".repairs.safetensors"), log, base, calib
+                ckpt.path, plan, settings, where / f"{stem}.repairs.safetensors", log, base, calib
             )
-            healed_plan.save(stem.with_suffix(".json"))
+            healed_plan.save(where / f"{stem}.json")
             healed_plans[method, b] = healed_plan
             entry = section.setdefault(key, {})
             entry.update(

@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from pydantic import BaseModel
@@ -35,6 +35,8 @@ try:  # recent typer parses with its own copy of click
     from typer._click import exceptions as click_errors
 except ImportError:
     from click import exceptions as click_errors
+#: a bare command asking for its help (click >= 8.2; older clicks print the help themselves)
+_NO_ARGS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())
 
 app = typer.Typer(
     help="Data-free attention-sublayer pruning (Gate-Norm) and edge export for decoder-only LLMs.",
@@ -474,7 +476,7 @@ app.command("validate")(validate_command)
 app.command("run")(run_command)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     print(f"gatenorm: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(2)
 
@@ -483,7 +485,7 @@ def main() -> None:
     """Entry point: user errors, bad flags and values included, become one line on stderr and exit code 2."""
     try:
         code = app(standalone_mode=False)
-    except click_errors.NoArgsIsHelpError as e:  # a bare command asks for its help
+    except _NO_ARGS_HELP as e:
         print(e.ctx.get_help())
         sys.exit(2)
     except click_errors.UsageError as e:

@@ -385,12 +385,15 @@ def test_usage_errors_are_one_line_exit_2(case, tmp_path, monkeypatch, capsys):
 
 
 def test_exit_codes_pass_through(tmp_path, monkeypatch, capsys):
-    """Help and success exit 0; a command's own exit code (a failed validation gate: 1) is kept."""
+    """Help and success exit 0 (a bare `gatenorm` shows the help, exit 2); a command's own exit code (a
+    failed validation gate: 1) is kept."""
     import typer
 
     from gatenorm.cli import app
 
     assert cli(monkeypatch, capsys, "--help")[0] == 0
+    code, out, err = cli(monkeypatch, capsys)  # bare: the help, as click exits for it
+    assert code == 2 and "Usage" in out and "plan" in out and not err
     assert cli(monkeypatch, capsys, "plan", "tiny", "--drop", "1", "-o", tmp_path / "p.json")[0] == 0
     assert (tmp_path / "p.json").is_file()
 

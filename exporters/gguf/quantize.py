@@ -14,6 +14,8 @@ import gguf
 
 from gatenorm.errors import GatenormError
 
+logger = logging.getLogger("gatenorm.export")
+
 KEEP = "keep"
 #: ``--quant`` names -> llama.cpp file types: F32, F16, BF16, Q8_0, Q4_K_M, ...
 FILE_TYPES: dict[str, gguf.LlamaFileType] = {
@@ -76,9 +78,6 @@ def quantize_gguf(
             fallback[2],
             quant,
         )
-
-
-logger = logging.getLogger("gatenorm.export")
 
 
 @contextlib.contextmanager

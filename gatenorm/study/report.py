@@ -631,8 +631,8 @@ def heal_section(data: dict, docs: Path) -> list[str]:
         + (f", zero-shot {zs(zeroshot_mean_err(base, limit))}." if base else "."),
         "",
     ]
-    compared = {k.split(":", 1)[1]: heal_rows(data, k) for k in sorted(data) if k.startswith("heal:")}
-    compared = {c: r for c, r in compared.items() if r}
+    named = [c for c in data["settings"].get("heal_compare", "").split(",") if c]  # this run's --heal-compare
+    compared = {c: r for c in named if (r := heal_rows(data, f"heal:{c}"))}
     if compared:
         md += _compare_table(data, rows, hs["calib"], compared)
     md += ["### Targets", ""]

@@ -12,7 +12,7 @@ from gatenorm.methods import METHODS
 from gatenorm.methods.calibration import SYNTHETIC
 from gatenorm.plan import Plan
 from gatenorm.plot import pareto_front, pyplot
-from gatenorm.study.common import combo
+from gatenorm.study.common import combo, heal_run_section
 
 
 def method_label(method: str) -> str:
@@ -528,7 +528,7 @@ def zeroshot_mean_err(entry: dict, limit: int) -> tuple[float, float]:
     return entry["average"], math.sqrt(sum(e * e for e in errs)) / len(errs)
 
 
-def heal_rows(data: dict, section: str = "heal") -> dict[str, dict[int, dict]]:
+def heal_rows(data: dict, section: str = heal_run_section()) -> dict[str, dict[int, dict]]:
     """Method -> budget -> healed and unhealed figures of a heal run's entries (complete ones only)."""
     heal = data.get(section, {})
     limit = data["settings"]["limit"]
@@ -632,7 +632,7 @@ def heal_section(data: dict, docs: Path) -> list[str]:
         "",
     ]
     named = [c for c in data["settings"].get("heal_compare", "").split(",") if c]  # this run's --heal-compare
-    compared = {c: r for c in named if (r := heal_rows(data, f"heal:{c}"))}
+    compared = {c: r for c in named if (r := heal_rows(data, heal_run_section(c)))}
     if compared:
         md += _compare_table(data, rows, hs["calib"], compared)
     md += ["### Targets", ""]
@@ -686,7 +686,7 @@ def _compare_table(data: dict, rows: dict, main: str, compared: dict[str, dict])
         "### The same plans healed on other calibration text",
         "",
         "The same settings, fitted on "
-        + "; ".join(f"`{c}`: {_heal_text(split.get(f'heal:{c}_articles'), c)}" for c in compared)
+        + "; ".join(f"`{c}`: {_heal_text(split.get(f'{heal_run_section(c)}_articles'), c)}" for c in compared)
         + ". Quality only (no zero-shot).",
         "",
         f"| method | budget | KLD unhealed | KLD healed, `{main}` | ratio | "

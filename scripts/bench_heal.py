@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from exporters.export import export_gguf
-from gatenorm.apply import load_model, load_tokenizer
+from gatenorm.apply import load_model
 from gatenorm.heal.fit import HealSettings, heal_plan
 from gatenorm.heal.store import weights_path_for
 from gatenorm.methods import Method, score_checkpoint
@@ -53,7 +53,7 @@ def main() -> None:
     source = open_checkpoint(source_path)
     scores = score_checkpoint(source, Method.GATE_NORM, 0)
     model, start = load_model(source_path), time.perf_counter()
-    windows = HealSettings().calibration().windows(load_tokenizer(source_path), model)  # once for all
+    windows = HealSettings().windows(source_path, model)  # once for all
     gen_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         plans, fit_s = {"unpruned": make_plan(source, scores, 0)}, {}

@@ -281,6 +281,37 @@ def test_recipe_heals_once_and_reuses_the_weights(tmp_path, monkeypatch):
     assert "down projections of layers [0] are refitted" in card and "text the model generated itself" in card
 
 
+def test_a_recipe_loads_the_model_and_makes_each_calibration_once(tmp_path, monkeypatch):
+    """The plans a run heals on one model share its float32 model and, per calibration, its windows."""
+    import gatenorm.apply as apply
+    import gatenorm.heal.fit as fit
+    from gatenorm.recipes.batch import plan_batch
+    from gatenorm.recipes.loader import load_recipe
+
+    text = RECIPE.replace(
+        "  - gate-norm\n  - name: gate-norm\n    heal: {heal}\n",
+        "  - {name: random, heal: {samples: 2, length: 16}}\n"
+        "  - {name: last, heal: {samples: 2, length: 16}}\n"
+        "  - {name: gate-norm, heal: {samples: 3, length: 16}}\n",
+    )
+    recipe = load_recipe(_write(tmp_path / "r.yaml", text))[0]
+    calls: dict[str, list] = {"heal": [], "load": [], "windows": []}
+    for module, name, tag in ((fit, "heal_plan", "heal"), (apply, "load_model", "load")):
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, real=real, tag=tag, **k: calls[tag].append(1) or real(*a, **k)
+        )
+    real_windows = fit.HealSettings.windows
+    monkeypatch.setattr(
+        fit.HealSettings,
+        "windows",
+        lambda self, *a: calls["windows"].append(self.samples) or real_windows(self, *a),
+    )
+    batch = plan_batch(recipe, "shared", cache=tmp_path / "plans")
+    assert sum(v.healed for v in batch.variants) == 3
+    assert len(calls["heal"]) == 3 and len(calls["load"]) == 1 and sorted(calls["windows"]) == [2, 3]
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -15,10 +15,12 @@ ridge least squares of what the plan removes, in one of two forms (`HealSettings
 The fit is sequential: the layers run one at a time over every window, and each repair is fitted on the
 inputs that the layers below produce with their own repairs and pruning already in place, so later repairs
 correct what earlier ones left. Accumulation is float64 (``X^T X`` and ``X^T Y``: ``d x d`` matrices for
-a map, ``d_ff x d_ff`` and ``d_ff x d`` for a fold: 1.3 GB at a 7B model's 11008 x 4096); the windows'
-hidden states, ``samples x length x d`` float32, are the only activations held (8192 tokens of a 7B model's
-4096 channels: 134 MB, twice). The first `skip_first` positions of each window (the BOS / attention-sink
-token, whose attention output is unlike any other's) are left out of the fit.
+a map, ``d_ff x d_ff`` and ``d_ff x d`` for a fold: 1.3 GB at a 7B model's 11008 x 4096). The only
+activations held are the windows' hidden states, ``samples x length x d`` float32 (8192 tokens of a 7B
+model's 4096 channels: 134 MB; a few at a time: the healed and the unpruned stream, the inputs and outputs
+of the layer folded into), and that layer's down projection inputs (its ``d_ff`` channels: 360 MB), kept so
+that a fold needs no second pass of it. The first `skip_first` positions of each window (the BOS /
+attention-sink token, whose attention output is unlike any other's) are left out of the fit.
 """
 
 from __future__ import annotations
@@ -105,11 +107,21 @@ class HealSettings(BaseModel):
     def calibration(self) -> Calibration:
         return Calibration(self.calib, self.samples, self.length)
 
+    def windows(self, model_path: str | Path, model: nn.Module) -> np.ndarray:
+        """The calibration windows of `model_path` (`model`, its float32 model, generates synthetic text)."""
+        from gatenorm.apply import load_tokenizer
+
+        return self.calibration().windows(load_tokenizer(model_path), model, self.seed)
+
     def calib_id(self) -> str:
         """The calibration source as a plan records it: a name, or ``file:<sha256>`` of a text file."""
         if self.calib in (SYNTHETIC, WIKI_HELDOUT):
             return self.calib
         return "file:" + hashlib.sha256(Path(self.calib).read_bytes()).hexdigest()
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what it needs is captured."""
 
 
 def _first(output):
@@ -121,9 +133,6 @@ def _layer0_inputs(model: nn.Module, ids: torch.Tensor, batch: int) -> torch.Ten
     arch = get_architecture(model.config.model_type)
     first = arch.decoder_layers(model)[0]
     captured: list[torch.Tensor] = []
-
-    class _Stop(Exception):
-        pass
 
     def hook(_module, args, kwargs):
         captured.append((args[0] if args else kwargs["hidden_states"]).detach().float())
@@ -193,9 +202,10 @@ def fit_repairs(
     last = max(plan.changed, default=-2) + 1 if settings.tracks_drift else -1
     orig = hidden if last >= 0 else None
     fitted = Fitted()
-    mapped = mapped_layers([lp.action for lp in plan.layers], settings.form)
-    refitted: dict[int, nn.Module] = {}  # layer -> the step (a copy) whose down projection was refitted
-    feeder: tuple[int, nn.Module, torch.Tensor] | None = None  # the MLP below: (layer, step, its inputs)
+    actions = [lp.action for lp in plan.layers]
+    mapped = mapped_layers(actions, settings.form)
+    folded = {i for i, a in enumerate(actions) if a in HEALED_ACTIONS and i not in mapped}
+    below: _Feeder | None = None  # the closest layer below whose MLP runs (only removed blocks between)
 
     def run(step: nn.Module, inputs: torch.Tensor, i: int) -> torch.Tensor:
         with torch.inference_mode():
@@ -206,60 +216,133 @@ def fit_repairs(
                 ]
             )
 
+    def feeder(i: int, step: nn.Module, inputs: torch.Tensor) -> _Feeder:
+        return _Feeder(arch, i, step, inputs, masks[i], kwargs, batch, settings)
+
     for i, lp in enumerate(plan.layers):
         layer = layers[i]
         step = layer
-        if lp.action in HEALED_ACTIONS:
+        if i in folded:  # into the MLP below
+
+            def lost(out, at, block=HEALED_ACTIONS[lp.action], layer=layer, i=i, orig=orig):
+                update = _lost_update(arch, layer, block, out, masks[i], kwargs)
+                if orig is None:
+                    return update
+                return update + settings.drift * (orig[at : at + len(out)] - out)
+
+            hidden = below.refit(lost)  # the removed blocks between leave it as it is
+            step = arch.identity(layer) if HEALED_ACTIONS[lp.action] else arch.attention_free(layer)
+        elif i in mapped:
             block = HEALED_ACTIONS[lp.action]
-            if i not in mapped:  # fold: into the MLP below
-                j, below, inputs = feeder
-                if j not in refitted:
-                    below = refitted[j] = copy.deepcopy(below)  # the model stays unchanged
-                    feeder = (j, below, inputs)
-
-                def lost(out, at, block=block, layer=layer, i=i, orig=orig):
-                    update = _lost_update(arch, layer, block, out, masks[i], kwargs)
-                    if orig is None:
-                        return update
-                    return update + settings.drift * (orig[at : at + len(out)] - out)
-
-                _refit(arch, below, inputs, lost, masks[j], kwargs, batch, settings)
-                hidden = run(below, inputs, j)  # the removed blocks between leave it as it is
-                step = arch.identity(layer) if block else arch.attention_free(layer)
-            else:
-                x_y = (
-                    _lost_output(arch, layer, block, hidden[at : at + batch], masks[i], kwargs)
-                    for at in range(0, len(hidden), batch)
-                )
-                repair = _solve(*_moments(x_y, settings.skip_first, settings.bias), settings.ridge)
-                fitted.repairs[i] = repair
-                step = arch.repaired(layer, block, repair.weight, repair.bias)
+            x_y = (
+                _lost_output(arch, layer, block, hidden[at : at + batch], masks[i], kwargs)
+                for at in range(0, len(hidden), batch)
+            )
+            repair = _solve(*_moments(x_y, settings.skip_first, settings.bias), settings.ridge)
+            fitted.repairs[i] = repair
+            step = arch.repaired(layer, block, repair.weight, repair.bias)
         # nothing changed yet: the unpruned output is the one run next
         same = orig is hidden and step is layer
         unpruned = run(layer, orig, i) if i <= last and not same else None
-        changed_below = i > 0 and plan.layers[i - 1].action in HEALED_ACTIONS
+        changed_below = i > 0 and actions[i - 1] in HEALED_ACTIONS
+        inputs, current = hidden, None
         if unpruned is not None and settings.refit_kept and lp.action is LayerAction.KEEP and changed_below:
-            step = refitted[i] = copy.deepcopy(layer)
+            current = feeder(i, layer, hidden)
 
             def settle(out, at, unpruned=unpruned):
                 return settings.drift * (unpruned[at : at + len(out)] - out)
 
-            _refit(arch, step, hidden, settle, masks[i], kwargs, batch, settings)
-        inputs, hidden = hidden, run(step if settings.sequential else layer, hidden, i)
+            hidden = current.refit(settle)
+        elif lp.action is not LayerAction.DROP_BLOCK and i + 1 in folded:
+            current = feeder(i, step, hidden)  # the layer above folds into it: keep what that needs
+            hidden = current.outputs()
+        else:
+            hidden = run(step if settings.sequential else layer, hidden, i)
         if i <= last and same:
             unpruned = hidden
         orig = unpruned
-        if lp.action is not LayerAction.DROP_BLOCK:
-            feeder = (i, refitted.get(i, step), inputs)
-        elif i in fitted.repairs:
-            feeder = None  # a fitted map stands between: no MLP below feeds the next layer directly
-        for j in [j for j in refitted if feeder is None or j < feeder[0]]:  # no later layer folds into j
-            fitted.refits[j] = arch.down_projection(refitted.pop(j)).weight.detach().float().clone()
+        if lp.action is not LayerAction.DROP_BLOCK or i in fitted.repairs:
+            # a newer MLP below, or (a block's fitted map between) none: no later layer folds into `below`
+            if below is not None and below.refitted:
+                fitted.refits[below.layer] = below.down_weight()
+            below = current if current is not None else feeder(i, step, inputs)
+            if lp.action is LayerAction.DROP_BLOCK:
+                below = None
         if progress is not None:
             progress(i + 1, len(plan.layers))
-    for j, below in refitted.items():  # the last feeder's
-        fitted.refits[j] = arch.down_projection(below).weight.detach().float().clone()
+    if below is not None and below.refitted:
+        fitted.refits[below.layer] = below.down_weight()
     return fitted
+
+
+class _Feeder:
+    """A layer's step over its inputs, as a fold sees it: the MLP whose down projection absorbs what
+    removed layers above it added. The down projection's inputs ``z`` ([n, T, d_ff] float32, the one
+    activation kept beyond the hidden states: 360 MB for 8192 tokens of a 7B model), their ``Z^T Z`` and
+    the step's outputs are kept from the first pass, so each refit needs no further pass of the step (a
+    refit adds ``s D z`` to the outputs) and later refits (more removed layers folding into it) reuse the
+    moments."""
+
+    def __init__(self, arch, layer: int, step: nn.Module, inputs, mask, kwargs, batch: int, settings):
+        self.arch, self.layer, self.step, self.inputs = arch, layer, step, inputs
+        self.mask, self.kwargs, self.batch, self.settings = mask, kwargs, batch, settings
+        self.z: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+        self.refitted = False
+        self.scale = (
+            step.residual_scale if isinstance(step, AttentionFreeLayer) else arch.residual_scale(step)
+        )
+
+    def outputs(self) -> torch.Tensor:
+        """The step's outputs over its inputs (as refitted so far)."""
+        if self.out is None:
+            seen: list[torch.Tensor] = []
+            down = self.arch.down_projection(self.step)
+            handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].float()))
+            try:
+                with torch.inference_mode():
+                    self.out = torch.cat(
+                        [
+                            _first(self.step(h, attention_mask=self.mask, **self.kwargs)).float()
+                            for h in self.inputs.split(self.batch)
+                        ]
+                    )
+            finally:
+                handle.remove()
+            self.z = torch.cat(seen)
+        return self.out
+
+    def refit(self, target) -> torch.Tensor:
+        """Add to the step's down projection the ridge least-squares map from its inputs to
+        ``target(out, at)`` (what the outputs ``out`` from window ``at`` on should gain); the new outputs."""
+        out, skip = self.outputs(), self.settings.skip_first
+        if self.gram is None:
+            self.gram = sum(_gram(z[:, skip:], z[:, skip:]) for z in self.z.split(self.batch))
+        xty = sum(
+            _gram(z[:, skip:], target(o, at)[:, skip:] / self.scale)
+            for at, z, o in zip(
+                range(0, len(out), self.batch), self.z.split(self.batch), out.split(self.batch), strict=True
+            )
+        )
+        delta = _solve(self.gram, xty, False, self.settings.fold_ridge).weight
+        if not self.refitted:
+            self.step, self.refitted = copy.deepcopy(self.step), True  # the model stays unchanged
+        down = self.arch.down_projection(self.step)
+        with torch.no_grad():
+            down.weight += delta.to(down.weight.dtype)
+            self.out = out + self.scale * torch.cat(
+                [nn.functional.linear(z, delta) for z in self.z.split(self.batch)]
+            )
+        return self.out
+
+    def down_weight(self) -> torch.Tensor:
+        return self.arch.down_projection(self.step).weight.detach().float().clone()
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``X^T Y`` in float64 over the positions of [b, T, .] tensors."""
+    return x.reshape(-1, x.shape[-1]).double().T @ y.reshape(-1, y.shape[-1]).double()
 
 
 def _moments(pairs, skip: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -277,30 +360,6 @@ def _moments(pairs, skip: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor, 
             xtx += x.T @ x
             xty += x.T @ y
     return xtx, xty, bias
-
-
-def _refit(arch, step: nn.Module, inputs: torch.Tensor, target, mask, kwargs, batch: int, settings) -> None:
-    """Add to `step`'s down projection (in place) the ridge least-squares map from its inputs to
-    ``target(out)``, what the step's output `out` should gain, over `inputs`."""
-    down = arch.down_projection(step)
-    scale = step.residual_scale if isinstance(step, AttentionFreeLayer) else arch.residual_scale(step)
-
-    def pairs():
-        seen: dict[str, torch.Tensor] = {}
-        handle = down.register_forward_pre_hook(lambda _m, args: seen.__setitem__("z", args[0]))
-        try:
-            for at in range(0, len(inputs), batch):
-                h = inputs[at : at + batch]
-                with torch.inference_mode():
-                    out = _first(step(h, attention_mask=mask, **kwargs)).float()
-                    y = target(out, at) / scale
-                yield seen["z"].float(), y
-        finally:
-            handle.remove()
-
-    delta = _solve(*_moments(pairs(), settings.skip_first, False), settings.fold_ridge).weight
-    with torch.no_grad():
-        down.weight += delta.to(down.weight.dtype)
 
 
 def _lost_update(arch, layer: nn.Module, block: bool, h: torch.Tensor, mask, kwargs) -> torch.Tensor:
@@ -327,13 +386,15 @@ def _lost_output(arch, layer: nn.Module, block: bool, h: torch.Tensor, mask: tor
 
         def after(_module, _args, output):
             seen["y"] = _first(output)
+            raise _Stop  # the MLP after it is not needed
 
         handles = [
             parts.attention.register_forward_pre_hook(before, with_kwargs=True),
             parts.attention.register_forward_hook(after),
         ]
         try:
-            layer(h, attention_mask=mask, **kwargs)
+            with contextlib.suppress(_Stop):
+                layer(h, attention_mask=mask, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -355,7 +416,7 @@ def heal_plan(
     `model` (loaded from `model_path`, float32, left unchanged) and `windows` (``settings``' calibration
     windows of it) are reused when given, e.g. to heal many plans of one model; the recorded seconds are
     then the fit's alone (without the generation of the windows)."""
-    from gatenorm.apply import load_model, load_tokenizer
+    from gatenorm.apply import load_model
 
     if plan.healing is not None:
         raise GatenormError("the plan is already healed")
@@ -369,7 +430,7 @@ def heal_plan(
         )
     start = time.perf_counter()
     if windows is None:
-        windows = settings.calibration().windows(load_tokenizer(model_path), model, settings.seed)
+        windows = settings.windows(model_path, model)
     n, t = windows.shape
     log(f"healing {len(plan.changed)} layers on {n} x {t} {settings.calib} tokens")
     fitted = fit_repairs(model, plan, windows, settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -265,6 +266,33 @@ def _cached_plans(path: Path) -> dict[str, ResolvedBudget] | None:
         return None
 
 
+class _HealInputs:
+    """One source's float32 model and calibration windows, made on first use and shared by every plan of
+    it that a run heals (its budgets and methods): one model load and one text generation per calibration,
+    not one per healed plan."""
+
+    def __init__(self, source: ResolvedSource, log: Callable[[str], None]):
+        self.source, self.log = source, log
+        self.model = None
+        self.windows: dict[tuple, object] = {}
+
+    def get(self, settings: HealSettings):
+        """(the model, `settings`' calibration windows of it)."""
+        from gatenorm.apply import load_model
+
+        if self.model is None:
+            self.model = load_model(self.source.path)
+        key = (settings.calib_id(), settings.samples, settings.length, settings.seed)
+        if key not in self.windows:
+            start = time.perf_counter()
+            self.windows[key] = windows = settings.windows(self.source.path, self.model)
+            self.log(
+                f"{self.source.name}: {windows.shape[0]} x {windows.shape[1]} {settings.calib} calibration "
+                f"tokens in {time.perf_counter() - start:.0f} s, for every plan healed on them"
+            )
+        return self.model, self.windows[key]
+
+
 def _healed_plan(
     source: ResolvedSource,
     plan: Plan,
@@ -272,6 +300,7 @@ def _healed_plan(
     cache: Path | None,
     store: bool,
     log: Callable[[str], None],
+    inputs: _HealInputs,
 ) -> Plan | None:
     """`plan` healed with `settings`: from the plan cache (``healed/<key>.json`` beside its weights file,
     keyed by the plan and the settings, so a rerun reuses it), else fitted and stored there; None when it
@@ -298,7 +327,8 @@ def _healed_plan(
             pass  # gone or changed: fit again
     if stored is None or not store:
         return None
-    fitted = heal_plan(source.path, plan, settings, weights_path_for(stored), log)
+    model, windows = inputs.get(settings)
+    fitted = heal_plan(source.path, plan, settings, weights_path_for(stored), log, model, windows)
     fitted.save(stored)
     return fitted
 
@@ -311,6 +341,7 @@ def _method_plans(
     log: Callable[[str], None],
     cache: Path | None,
     store: bool,
+    heal_inputs: _HealInputs,
 ) -> dict[str, ResolvedBudget]:
     """Budget label -> resolved budget of one model x method, from `cache` when its key is stored there
     (and stored there when made, with `store`)."""
@@ -334,7 +365,7 @@ def _method_plans(
         except GatenormError as e:
             raise GatenormError(f"{source.name}: {str(e).replace('--drop', 'budget')}") from None
         if heal is not None and n:  # budget 0 is the shared, unhealed baseline
-            if (fitted := _healed_plan(source, plan, heal, cache, store, log)) is None:
+            if (fitted := _healed_plan(source, plan, heal, cache, store, log, heal_inputs)) is None:
                 plans[label] = ResolvedBudget(n=n, plan=plan.to_json(), heal_pending=True)
                 continue
             plan = fitted
@@ -385,8 +416,9 @@ def plan_batch(
     for source in sources:
         ckpt = open_model(source.path)
         log(f"{source.name}: {source.path} ({ckpt.shape.n_layers} layers, sha256 {source.sha256[:12]})")
+        heal_inputs = _HealInputs(source, log)
         for method, label in zip(recipe.methods, labels, strict=True):
-            plans = _method_plans(source, ckpt, method, recipe, log, cache, store)
+            plans = _method_plans(source, ckpt, method, recipe, log, cache, store, heal_inputs)
             budgets[f"{source.name} / {label}"] = {b: p.n for b, p in plans.items()}
             for budget_label, resolved in plans.items():
                 n = resolved.n

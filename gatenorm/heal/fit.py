@@ -245,7 +245,7 @@ def fit_repairs(
         same = orig is hidden and step is layer
         unpruned = run(layer, orig, i) if i <= last and not same else None
         changed_below = i > 0 and actions[i - 1] in HEALED_ACTIONS
-        inputs, current = hidden, None
+        current = None
         if unpruned is not None and settings.refit_kept and lp.action is LayerAction.KEEP and changed_below:
             current = feeder(i, layer, hidden)
 
@@ -262,12 +262,11 @@ def fit_repairs(
             unpruned = hidden
         orig = unpruned
         if lp.action is not LayerAction.DROP_BLOCK or i in fitted.repairs:
-            # a newer MLP below, or (a block's fitted map between) none: no later layer folds into `below`
+            # a newer MLP below (None unless the layer above folds into it) or, a block's fitted map
+            # between, none: no later layer folds into `below`
             if below is not None and below.refitted:
                 fitted.refits[below.layer] = below.down_weight()
-            below = current if current is not None else feeder(i, step, inputs)
-            if lp.action is LayerAction.DROP_BLOCK:
-                below = None
+            below = current
         if progress is not None:
             progress(i + 1, len(plan.layers))
     if below is not None and below.refitted:

@@ -60,6 +60,10 @@ def test_report_has_the_healing_table_and_figure(study):
         assert cells[4].startswith(f"{data['heal'][key]['quality']['kld']:.4f}")  # KLD healed
         assert cells[3].startswith(f"{data['quality'][key]['kld']:.4f}")  # KLD unhealed
     assert "healed KLD <= 0.6x unhealed" in section and "in form `fold`" in section
+    fits = [data["heal"][k]["fit_seconds"] for k in ("gate-norm/1", "mixed-synthetic/1")]
+    generation = data["heal"]["calibration"]["seconds"]
+    assert f"the longest plan's fit {max(fits):.1f} s" in section
+    assert f"calibration text, {generation:.0f} s here: {generation + max(fits):.0f} s" in section
     assert (out / "study_heal.png").stat().st_size > 1000
 
 

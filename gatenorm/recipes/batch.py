@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -25,6 +26,10 @@ from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.recipes.schema import MethodEntry, Recipe, Target, Validation
 from gatenorm.recipes.sources import ResolvedSource, content_sha256, resolve_source
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
 
 KEY_SCHEMA = 1
 #: The folder of the plan cache where healed plans and their repair weights are kept, by content key.
@@ -273,10 +278,10 @@ class _HealInputs:
 
     def __init__(self, source: ResolvedSource, log: Callable[[str], None]):
         self.source, self.log = source, log
-        self.model = None
-        self.windows: dict[tuple, object] = {}
+        self.model: nn.Module | None = None
+        self.windows: dict[tuple, np.ndarray] = {}
 
-    def get(self, settings: HealSettings):
+    def get(self, settings: HealSettings) -> tuple[nn.Module, np.ndarray]:
         """(the model, `settings`' calibration windows of it)."""
         from gatenorm.apply import load_model
 

@@ -79,7 +79,13 @@ class HealSettings(BaseModel):
     sequential: bool = Field(
         True, description="Fit each repair on the outputs of the already-repaired layers."
     )
-    skip_first: int = Field(1, ge=0, description="Positions at the start of each window left out of the fit.")
+    skip_first: int = Field(
+        1,
+        ge=0,
+        description="Positions at the start of each window left out of the fit (1: BOS; 2 or more leaves "
+        "out text positions the healed layers still run on: SmolLM2 mixed-synthetic 8 healed to 1.08x of "
+        "its unhealed KLD at 2, 0.70x at 1).",
+    )
     drift: float = Field(
         0.5,
         ge=0,

@@ -214,13 +214,7 @@ def fit_repairs(
     below: _Feeder | None = None  # the closest layer below whose MLP runs (only removed blocks between)
 
     def run(step: nn.Module, inputs: torch.Tensor, i: int) -> torch.Tensor:
-        with torch.inference_mode():
-            return torch.cat(
-                [
-                    _first(step(inputs[at : at + batch], attention_mask=masks[i], **kwargs)).float()
-                    for at in range(0, len(inputs), batch)
-                ]
-            )
+        return _run(step, inputs, masks[i], kwargs, batch)
 
     def feeder(i: int, step: nn.Module, inputs: torch.Tensor) -> _Feeder:
         return _Feeder(arch, i, step, inputs, masks[i], kwargs, batch, settings)
@@ -306,13 +300,7 @@ class _Feeder:
             down = self.arch.down_projection(self.step)
             handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].float()))
             try:
-                with torch.inference_mode():
-                    self.out = torch.cat(
-                        [
-                            _first(self.step(h, attention_mask=self.mask, **self.kwargs)).float()
-                            for h in self.inputs.split(self.batch)
-                        ]
-                    )
+                self.out = _run(self.step, self.inputs, self.mask, self.kwargs, self.batch)
             finally:
                 handle.remove()
             self.z = torch.cat(seen)
@@ -345,6 +333,14 @@ class _Feeder:
         return self.arch.down_projection(self.step).weight.detach().float().clone()
 
 
+def _run(step: nn.Module, inputs: torch.Tensor, mask, kwargs: dict, batch: int) -> torch.Tensor:
+    """`step`'s float32 outputs over `inputs` [n, T, d], `batch` windows at a time."""
+    with torch.inference_mode():
+        return torch.cat(
+            [_first(step(h, attention_mask=mask, **kwargs)).float() for h in inputs.split(batch)]
+        )
+
+
 def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``X^T Y`` in float64 over the positions of [b, T, .] tensors."""
     return x.reshape(-1, x.shape[-1]).double().T @ y.reshape(-1, y.shape[-1]).double()
@@ -353,17 +349,12 @@ def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _moments(pairs, skip: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``X^T X`` and ``X^T Y`` (float64) over batches of (inputs, targets) [b, T, .], their first `skip`
     positions left out; with `bias` a column of ones joins X."""
-    xtx = xty = None
+    xtx = xty = 0
     for x, y in pairs:
-        x = x[:, skip:].reshape(-1, x.shape[-1]).double()
-        y = y[:, skip:].reshape(-1, y.shape[-1]).double()
+        x, y = x[:, skip:], y[:, skip:]
         if bias:
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-        if xtx is None:
-            xtx, xty = x.T @ x, x.T @ y
-        else:
-            xtx += x.T @ x
-            xty += x.T @ y
+            x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+        xtx, xty = xtx + _gram(x, x), xty + _gram(x, y)
     return xtx, xty, bias
 
 

@@ -115,6 +115,9 @@ class Healing(BaseModel):
     drift: float | None = Field(None, ge=0, le=1)
     #: the kept layers right above changed ones got a refit too (fold, with drift)
     refit_kept: bool = False
+    #: the refits weighed each token's squared error by 1 / rms(h)^p, h the hidden state they add to
+    #: (fold; None: plans fitted before it existed, which weighed every token alike)
+    rms_power: float | None = Field(None, ge=0)
     #: each repair fitted on the inputs the already-repaired earlier layers give
     sequential: bool = True
     seconds: float = Field(0.0, ge=0)
@@ -123,10 +126,12 @@ class Healing(BaseModel):
     weights: str
 
     def ridges(self) -> str:
-        """``ridge R`` (and ``, fold ridge F, drift D``), as a log line or a model card says it."""
+        """``ridge R`` (and ``, fold ridge F, drift D, rms power P``), as a log line or a model card says
+        it."""
         fold = "" if self.fold_ridge is None else f", fold ridge {self.fold_ridge:g}"
         drift = f", drift {self.drift:g}" if self.drift else ""
-        return f"ridge {self.ridge:g}{fold}{drift}"
+        power = f", rms power {self.rms_power:g}" if self.rms_power else ""
+        return f"ridge {self.ridge:g}{fold}{drift}{power}"
 
 
 class LayerPlan(BaseModel):

@@ -244,28 +244,38 @@ def test_apply_matches_the_stock_model_with_refitted_down_projections_and_zeroed
 def test_fold_is_the_least_squares_map_from_the_mlp_below_to_the_lost_attention(tiny):
     """A dropped attention is folded into the down projection of the layer below as ``W + D``, D the
     least-squares map from that projection's inputs z to the attention's output (here solved apart, on
-    the stock model's own z and attention outputs); the model is left as it was."""
+    the stock model's own z and attention outputs), each token weighed by 1 / rms(h)^rms_power, h that
+    layer's output; the model is left as it was."""
     folder, ckpt = tiny
     model = load_model(folder)
     layers = model.model.layers
     down = layers[1].mlp.down_proj
     before = down.weight.detach().clone()
     windows = np.random.default_rng(0).integers(0, 128, (8, 32))
-    seen: dict[str, list] = {"z": [], "a": []}
+    seen: dict[str, list] = {"z": [], "a": [], "h": []}
     handles = [
         down.register_forward_pre_hook(lambda _m, args: seen["z"].append(args[0])),
+        layers[1].register_forward_hook(
+            lambda _m, _a, out: seen["h"].append(out[0] if isinstance(out, tuple) else out)
+        ),
         layers[2].self_attn.register_forward_hook(lambda _m, _a, out: seen["a"].append(out[0])),
     ]
     with torch.inference_mode():
         model(torch.from_numpy(windows))
     for handle in handles:
         handle.remove()
-    z, a = (torch.cat(seen[k]).flatten(0, -2).double() for k in ("z", "a"))
-    want = torch.linalg.lstsq(z, a).solution.T.float()
+    z, a, h = (torch.cat(seen[k]).flatten(0, -2).double() for k in ("z", "a", "h"))
     plan = mixed_plan(ckpt, {2: "drop-attention", 3: "linearize"}, {3: 0.5})
-    fitted = fit_repairs(model, plan, windows, HealSettings(fold_ridge=0.0, skip_first=0, drift=0.0))
-    assert set(fitted.refits) == {1} and set(fitted.repairs) == {3}  # linearized: a fitted map
-    assert torch.allclose(fitted.refits[1], before + want, atol=1e-4)
+    refits = {}
+    for power in (0.0, 1.0):
+        root = h.square().mean(-1, keepdim=True).pow(power / 4)  # sqrt of the weight 1 / rms^power
+        want = torch.linalg.lstsq(z / root, a / root).solution.T.float()
+        settings = HealSettings(fold_ridge=0.0, skip_first=0, drift=0.0, rms_power=power)
+        fitted = fit_repairs(model, plan, windows, settings)
+        assert set(fitted.refits) == {1} and set(fitted.repairs) == {3}  # linearized: a fitted map
+        assert torch.allclose(fitted.refits[1], before + want, atol=1e-4)
+        refits[power] = fitted.refits[1]
+    assert (refits[0.0] - refits[1.0]).abs().max() > 1e-3  # the weights matter
     assert torch.equal(down.weight, before)  # fitted on a copy
 
 

@@ -344,6 +344,9 @@ def test_drift_refits_the_kept_layer_above_and_brings_the_stream_back(tmp_path, 
     info = Healing(calib="synthetic", samples=2, length=16, form="fold", ridge=0.0, fold_ridge=1.0, drift=0.5,
                    refit_kept=True, weights="w")  # fmt: skip
     assert info.ridges() == "ridge 0, fold ridge 1, drift 0.5"
+    assert (
+        info.model_copy(update={"rms_power": 1.0}).ridges() == "ridge 0, fold ridge 1, drift 0.5, rms power 1"
+    )
 
 
 def test_the_calibration_source_is_recorded_and_a_text_file_by_its_hash(tmp_path):

@@ -53,6 +53,7 @@ def test_plan_heal_writes_the_plan_and_its_weights(healed_smollm2, smollm2_score
     assert (plan.healing.samples, plan.healing.length) == (4, 64)
     actions = [lp.action for lp in plan.layers]
     assert plan.healing.form == "fold" and set(plan.repaired) == mapped_layers(actions, "fold")
+    assert (plan.healing.drift, plan.healing.rms_power) == (0.5, 1.0)  # the fold settings recorded
     for i in set(plan.changed) - set(plan.repaired):  # folded into the closest MLP below
         below = max(j for j in range(i) if actions[j] is not LayerAction.DROP_BLOCK)
         assert below in plan.refitted, (i, below)

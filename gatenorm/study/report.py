@@ -724,6 +724,10 @@ def _form_text(hs: dict) -> str:
         drift = f", each fold also correcting {hs['drift']} of the gap to the unpruned model's hidden states"
         if hs.get("refit_kept"):
             drift += ", and the kept layer right above a changed one refitted for that share of the gap alone"
+    if hs.get("rms_power"):
+        drift += (
+            f", each token of a refit weighed by 1 / rms(h)^{hs['rms_power']} (h the hidden state it adds to)"
+        )
     return (
         "what a dropped attention or block adds is folded into the down projection of the MLP below it "
         f"(ReplaceMe's fold, regressed on the down projection's d_ff inputs: no run-time cost){drift}; on "

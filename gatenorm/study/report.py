@@ -719,18 +719,18 @@ def _form_text(hs: dict) -> str:
     map_text = "a ridge least-squares d x d map of the layer's normed input replaces what the plan removes"
     if hs.get("form", "linear") == "linear":
         return f"per changed layer {map_text} (the attention output; a dropped block's update)"
-    drift = ""
+    fold = ""
     if hs.get("drift"):
-        drift = f", each fold also correcting {hs['drift']} of the gap to the unpruned model's hidden states"
+        fold = f", each fold also correcting {hs['drift']} of the gap to the unpruned model's hidden states"
         if hs.get("refit_kept"):
-            drift += ", and the kept layer right above a changed one refitted for that share of the gap alone"
+            fold += ", and the kept layer right above a changed one refitted for that share of the gap alone"
     if hs.get("rms_power"):
-        drift += (
+        fold += (
             f", each token of a refit weighed by 1 / rms(h)^{hs['rms_power']} (h the hidden state it adds to)"
         )
     return (
         "what a dropped attention or block adds is folded into the down projection of the MLP below it "
-        f"(ReplaceMe's fold, regressed on the down projection's d_ff inputs: no run-time cost){drift}; on "
+        f"(ReplaceMe's fold, regressed on the down projection's d_ff inputs: no run-time cost){fold}; on "
         f"linearized layers and where no MLP lies below, {map_text}"
     )
 

@@ -172,6 +172,7 @@ def test_fit_recovers_an_exactly_linear_attention(tiny):
 def test_fit_lowers_the_loss_it_targets_and_sequential_sees_earlier_repairs(tiny):
     folder, ckpt = tiny
     model = load_model(folder)
+    before = {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()}
     plan = mixed_plan(ckpt, {1: "drop-attention", 2: "drop-attention"}, {})
     windows = np.random.default_rng(0).integers(0, model.config.vocab_size, (8, 32))
     linear = {"form": "linear"}
@@ -182,8 +183,10 @@ def test_fit_lowers_the_loss_it_targets_and_sequential_sees_earlier_repairs(tiny
     assert all(r.bias is None for r in seq.values())
     biased = fit_repairs(model, plan, windows, HealSettings(**linear, bias=True)).repairs
     assert biased[1].bias.shape == (ckpt.shape.d_model,)
-    for p in model.parameters():  # the model is left unpruned
-        assert p.requires_grad is not None
+    after = dict(model.named_parameters())  # the model is left as it was: same weights, unpruned
+    assert after.keys() == before.keys()
+    for name, (weight, grad) in before.items():
+        assert torch.equal(after[name], weight) and after[name].requires_grad == grad, name
     assert not any(isinstance(layer, LinearAttentionLayer) for layer in model.model.layers)
 
 

@@ -51,7 +51,7 @@ def test_torch_kv_bytes_count_kept_layers(tiny_pruned):
 
 
 def test_onnx_kv_bytes_count_kept_layers(tiny_pruned, tmp_path):
-    onnx_export = pytest.importorskip("exporters.onnx", reason="needs gatenorm's ONNX exporter")
+    from exporters import onnx as onnx_export
     from gatenorm.plan import Plan
 
     folder, plan, shape = tiny_pruned

@@ -274,7 +274,7 @@ def test_recipe_schema_reads_the_registries_when_a_recipe_is_validated(tmp_path)
     method = register_method("dummy-first", label="d", summary="d", actions={LayerAction.DROP_ATTENTION})(
         lambda ckpt, options, _needed: None
     )
-    assert method is not None
+    assert METHODS["dummy-first"].rank is method
     try:
         with pytest.raises(GatenormError, match="planjson"):  # the method is known now, the target not yet
             parse_recipe(text, path)

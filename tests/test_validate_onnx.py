@@ -1,17 +1,14 @@
-"""The onnxruntime adapter on a real ONNX export of SmolLM2 (where gatenorm's ONNX exporter is present)."""
+"""The onnxruntime adapter on a real ONNX export of SmolLM2."""
 
 from __future__ import annotations
 
-import pytest
-
+from exporters import onnx as onnx_export
 from gatenorm.methods import Method, score_checkpoint
 from gatenorm.plan import make_plan
 from gatenorm.readers import open_checkpoint
 from gatenorm.validate.gates import Gates
 from gatenorm.validate.run import Settings, validate
 from gatenorm.validate.runtimes import model_spec
-
-onnx_export = pytest.importorskip("exporters.onnx", reason="needs gatenorm's ONNX exporter")
 
 
 def test_onnx_export_agrees_with_pytorch_plan(smollm2_hf, tmp_path):

@@ -176,24 +176,25 @@ def _validation(source: ResolvedSource, export: ExportSpec, key: str, recipe: Re
 
 def rank_with(ckpt: Checkpoint, method: MethodEntry) -> Ranking:
     """Rank `ckpt`'s layers with a recipe's method entry (`gatenorm.methods.rank_layers`)."""
-    settings = method_settings(method)
-    options = settings.method_options(
-        seed=method.seed, calib=method.calib, heal=method.heal_settings and method.heal_settings.form
-    )
+    options = method_settings(method).method_options(heal=method.heal_settings and method.heal_settings.form)
     return rank_layers(ckpt, method.name, options)
 
 
 def method_settings(method: MethodEntry) -> MethodSettings:
-    """A recipe method entry's ``options``, checked against the method's options model."""
+    """A recipe method entry's settings: its ``options`` (checked against the method's options model), and
+    the settings the entry gives beside them (seed, calib)."""
     model = method_spec(method.name).options
-    unknown = sorted(set(method.options) - set(model.model_fields))
+    beside = {
+        name: getattr(method, name) for name in model.model_fields.keys() & MethodEntry.model_fields.keys()
+    }
+    known = sorted(model.model_fields.keys() - beside.keys())
+    unknown = sorted(set(method.options) - set(known))
     if unknown:
         raise GatenormError(
-            f"method {method.name} takes no option(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(model.model_fields))})"
+            f"method {method.name} takes no option(s) {', '.join(unknown)} (known: {', '.join(known)})"
         )
     try:
-        return model.model_validate(method.options)
+        return model.model_validate({**method.options, **beside})
     except ValidationError as e:
         error = e.errors()[0]
         where = ".".join(map(str, error["loc"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import tempfile
 import textwrap
@@ -459,8 +460,47 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+#: the size an allocation failure names: numpy's "Unable to allocate 8.00 GiB for an array ...", torch's
+#: "...: you tried to allocate 8589934592 bytes"
+_ASKED = re.compile(r"allocate (?:(\d+) bytes|([\d.]+ [KMGTPE]?i?B))")
+
+
+def _out_of_memory(error: BaseException) -> str | None:
+    """The one line of an allocation failure (a MemoryError; torch's allocators raise a RuntimeError):
+    the command, its model, the memory asked for and the memory available; None for any other error."""
+    text = str(error)
+    if not isinstance(error, MemoryError) and not re.search(
+        r"(not enough|can't allocate|out of) memory", text
+    ):
+        return None
+    notes = []
+    if (found := _ASKED.search(text)) is not None:
+        notes.append(f"an allocation of {found[2] or f'{int(found[1]) / 2**30:.2f} GiB'} failed")
+    with contextlib.suppress(ImportError):
+        import psutil
+
+        notes.append(f"{psutil.virtual_memory().available / 2**30:.1f} GiB available")
+    return f"out of memory: {_running()}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _running() -> str:
+    """``gatenorm COMMAND on ARGUMENT``: the command line being run and its first argument (the model, file
+    or recipe), re-read from sys.argv once the command has unwound."""
+    args = sys.argv[1:]
+    command = typer.main.get_command(app).commands.get(args[0]) if args else None
+    if command is None:
+        return "gatenorm"
+    first = next((p.name for p in command.params if p.param_type_name == "argument"), None)
+    with contextlib.suppress(Exception):  # the command line parsed once already: this is a best effort
+        value = command.make_context(args[0], args[1:], resilient_parsing=True).params.get(first)
+        if value is not None:
+            return f"gatenorm {args[0]} on {value}"
+    return f"gatenorm {args[0]}"
+
+
 def main() -> None:
-    """Entry point: user errors, bad flags and values included, become one line on stderr and exit code 2."""
+    """Entry point: user errors, bad flags and values included, and running out of memory become one line on
+    stderr and exit code 2."""
     try:
         code = app(standalone_mode=False)
     except _NO_ARGS_HELP as e:
@@ -478,6 +518,10 @@ def main() -> None:
         _fail(str(e))
     except OSError as e:
         _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+    except (MemoryError, RuntimeError) as e:  # out of memory anywhere in a command: one line too
+        if (line := _out_of_memory(e)) is None:
+            raise
+        _fail(line)
     sys.exit(code if isinstance(code, int) else 0)
 
 

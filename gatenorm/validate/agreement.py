@@ -76,6 +76,16 @@ class Agreement:
         return asdict(self)
 
 
+def exp_with_error(log_value: float, log_error: float) -> tuple[float, float]:
+    """exp of a mean log and its error (delta method): infinite past float range (a degenerate model's
+    perplexity), with an infinite error unless the log's error is 0."""
+    try:
+        value = math.exp(log_value)
+    except OverflowError:
+        return math.inf, math.inf if log_error else 0.0
+    return value, value * log_error
+
+
 class AgreementAccumulator:
     """Collects per-token statistics window by window; `result()` summarizes them."""
 
@@ -103,15 +113,18 @@ class AgreementAccumulator:
         top1 = float(v["same_top"].mean())
         mse, mse_err = mean_and_error(v["p_diff"] ** 2)
         rms = math.sqrt(mse)
+        ppl_ref, ppl_ref_err = exp_with_error(log_ref, log_ref_err)
+        ppl_cand, ppl_cand_err = exp_with_error(log_cand, log_cand_err)
+        ppl_ratio, ppl_ratio_err = exp_with_error(log_ratio, log_ratio_err)
         return Agreement(
             n_tokens=n,
             n_windows=len(self.window_kld),
-            ppl_ref=math.exp(log_ref),
-            ppl_ref_err=math.exp(log_ref) * log_ref_err,
-            ppl_cand=math.exp(log_cand),
-            ppl_cand_err=math.exp(log_cand) * log_cand_err,
-            ppl_ratio=math.exp(log_ratio),
-            ppl_ratio_err=math.exp(log_ratio) * log_ratio_err,
+            ppl_ref=ppl_ref,
+            ppl_ref_err=ppl_ref_err,
+            ppl_cand=ppl_cand,
+            ppl_cand_err=ppl_cand_err,
+            ppl_ratio=ppl_ratio,
+            ppl_ratio_err=ppl_ratio_err,
             kld_mean=kld_mean,
             kld_err=kld_err,
             kld_median=float(np.median(v["kld"])),

@@ -15,6 +15,7 @@ from gatenorm.validate.agreement import compare_logits
 from gatenorm.validate.bench import bench_tokens_needed, run_bench
 from gatenorm.validate.gates import Gates, check_gates
 from gatenorm.validate.passkey import RETRIEVAL_TASKS, build_prompts, evaluate_retrieval
+from gatenorm.validate.recorded import LIMITS, RecordedRuntime
 from gatenorm.validate.runtimes import ModelSpec, Request, Runtime, open_runtime
 from gatenorm.validate.settings import ValidationSettings
 from gatenorm.validate.text import token_windows
@@ -88,7 +89,9 @@ def validate(
     default `settings.gates`).
 
     All inputs (text, task data, benchmark prompt) are read and tokenized, with the reference's tokenizer,
-    before the first measurement, so bad input fails fast."""
+    before the first measurement, so bad input fails fast. One model is loaded at a time: the reference
+    answers everything first and is freed, its answers replayed against the candidate's
+    (`gatenorm.validate.recorded`)."""
     if settings.max_tokens == 0 and not settings.tasks and settings.bench is None:
         raise GatenormError("nothing to validate: --max-tokens 0, --tasks none and no --bench")
     gates = settings.gates if gates is None else gates
@@ -98,12 +101,12 @@ def validate(
     n_ctx = max(settings.ctx, 1024)
     if retrieval_tasks:  # llama.cpp's context must hold the longest prompt
         n_ctx = max(n_ctx, max(settings.passkey.lengths) + 16)
-    with clock("load"):
-        ref = open_runtime(ref_spec, settings.threads, n_ctx)
+    with clock("load"):  # the candidate's vocabulary and context limits first, its model freed again
+        probe = RecordedRuntime(open_runtime(cand_spec, settings.threads, n_ctx))
+        probe.close()
+        ref = RecordedRuntime(open_runtime(ref_spec, settings.threads, n_ctx))
     try:
-        with clock("load"):
-            cand = open_runtime(cand_spec, settings.threads, n_ctx)
-        _check_vocab(ref, cand)
+        _check_vocab(ref, probe)
         first = settings.ctx // 2
         windows = bench_tokens = None
         if settings.max_tokens != 0:
@@ -112,7 +115,7 @@ def validate(
         if settings.bench is not None:
             need = bench_tokens_needed(settings.bench)
             bench_tokens = token_windows(settings.text, ref.tokenize, need, need, None)[0].tolist()
-        usable = [getattr(rt, k, None) for rt in (ref, cand) for k in ("max_context", "max_len", "n_ctx")]
+        usable = [getattr(rt, k, None) for rt in (ref, probe) for k in LIMITS]
         usable = min((u for u in usable if u), default=None)
         retrieval_work = {
             task: build_prompts(task, settings.passkey, ref.tokenize, ref.bos_id, usable)
@@ -122,6 +125,20 @@ def validate(
         for task in (t for t in settings.tasks if t not in RETRIEVAL_TASKS):  # one token stream for both
             items = load_items(task, settings.item_limit)
             work[task] = (items, build_requests(items, ref.tokenize, ref.bos_id))
+
+        log(f"reference {ref_spec.label} first, then the candidate (one model loaded at a time)")
+        if windows is not None:
+            with clock("agreement"):
+                ref.record_windows(windows, first)
+        if work:
+            with clock("zeroshot"):
+                ref.record_requests(*(requests for _, requests in work.values()))
+        if retrieval_work:
+            with clock("retrieval"):
+                ref.record_requests(*([p["request"] for p in prompts] for prompts in retrieval_work.values()))
+        ref.release()
+        with clock("load"):
+            cand = open_runtime(cand_spec, settings.threads, n_ctx)
 
         agreement = None
         if windows is not None:

@@ -1,4 +1,6 @@
-"""docs/study.md and its figures, from the study's results JSON only (see `gatenorm.study.run`)."""
+"""docs/study.md and its figures, from the study's results JSON only (see `gatenorm.study.run`): every table,
+figure and measured sentence; the findings are hand-written regions of docs/study.md, kept as they are
+(`gatenorm.study.prose`). Method names and labels come from the method registry."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ MethodOpt = Annotated[
         "--method",
         "-m",
         callback=_method_name,
-        help=f"Method (see README, Methods):{_names(n + '*' * s.data for n, s in METHODS.items())}"
+        help=f"Method (see docs/methods.md):{_names(n + '*' * s.data for n, s in METHODS.items())}"
         "* needs --calib.",
     ),
 ]

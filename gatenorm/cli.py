@@ -472,7 +472,7 @@ app.command("export")(
         export_flags_model(),
     )
 )
-app.command("validate")(validate_command)
+app.command("validate")(validate_command())
 app.command("run")(run_command)
 
 

@@ -8,11 +8,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from gatenorm.validate.metrics import gate_metric, gates_model
+from gatenorm.validate.metrics import Gates, gate_metric
 from gatenorm.validate.result import GateResult
 
-#: The gates of the built-in metrics (`gates_model` gives those of the metrics registered now).
-Gates = gates_model()
+__all__ = ["Gates", "check_gates"]  # Gates: the built-in metrics' (`gates_model`: those registered now)
 
 
 def check_gates(gates: BaseModel, report: Any) -> list[GateResult]:

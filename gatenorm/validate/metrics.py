@@ -211,3 +211,6 @@ for _metric in (
     ),
 ):
     register_metric(_metric)
+
+#: The gates of the built-in metrics, bound here so that pickling finds the class (recipes' workers).
+Gates = gates_model()

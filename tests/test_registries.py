@@ -201,12 +201,31 @@ def planjson():
         unregister_target("planjson")
 
 
+def _variant(plan: Plan, target: str, quant: str):
+    """A recipe variant ``v`` of the tiny model with `plan`, exported to `target`, not validated."""
+    from gatenorm.models import tiny
+    from gatenorm.recipes.batch import ExportSpec, Variant
+
+    export = ExportSpec(target=target, quant=quant)
+    return Variant(
+        name="v",
+        model="tiny",
+        source_path=str(tiny()),
+        source_sha256="0" * 64,
+        method="gate-norm",
+        budget=1,
+        plan=plan.to_json(),
+        export=export,
+        key="k",
+        validation=None,
+    )
+
+
 def test_dummy_export_target_reaches_export_cli_and_cards(planjson_target, tmp_path):
     from exporters.export import export
     from gatenorm.cli import app
     from gatenorm.models import tiny
     from gatenorm.readers import open_checkpoint
-    from gatenorm.recipes.batch import ExportSpec, Variant
     from gatenorm.recipes.card import model_card
 
     ckpt = open_checkpoint(tiny())
@@ -225,18 +244,7 @@ def test_dummy_export_target_reaches_export_cli_and_cards(planjson_target, tmp_p
     bad = CliRunner().invoke(app, ["export", str(tiny()), "--drop", "1", "--to", "nope", "-o", "x"])
     assert bad.exit_code == 2 and "planjson" in bad.output
 
-    variant = Variant(
-        name="v",
-        model="tiny",
-        source_path=str(tiny()),
-        source_sha256="0" * 64,
-        method="gate-norm",
-        budget=1,
-        plan=plan.to_json(),
-        export=ExportSpec(target="planjson", quant="pretty"),
-        key="k",
-        validation=None,
-    )
+    variant = _variant(plan, "planjson", "pretty")
     assert variant.artifact == "v/v.plan.json"
     card = model_card(variant, None)
     assert "`Plan.load('v.plan.json')`" in card and "library_name: gatenorm" in card
@@ -363,7 +371,7 @@ def test_dummy_metric_reaches_gates_flags_recipes_report_and_card(dummy_metric, 
 
     from gatenorm.models import tiny
     from gatenorm.readers import open_checkpoint
-    from gatenorm.recipes.batch import BatchPlan, ExportSpec, Variant
+    from gatenorm.recipes.batch import BatchPlan
     from gatenorm.recipes.build import read_report
     from gatenorm.recipes.card import model_card
     from gatenorm.recipes.loader import parse_recipe
@@ -394,18 +402,7 @@ def test_dummy_metric_reaches_gates_flags_recipes_report_and_card(dummy_metric, 
     assert searched.metric.holds(0.0, searched.value) and not searched.metric.holds(-0.02, searched.value)
 
     plan = make_method_plan(open_checkpoint(tiny()), "gate-norm", 1)
-    variant = Variant(
-        name="v",
-        model="tiny",
-        source_path=str(tiny()),
-        source_sha256="0" * 64,
-        method="gate-norm",
-        budget=1,
-        plan=plan.to_json(),
-        export=ExportSpec(target="gguf", quant="Q8_0"),
-        key="k",
-        validation=None,
-    )
+    variant = _variant(plan, "gguf", "Q8_0")
     rows = write_report(BatchPlan(recipe_name="r", variants=[variant], budgets={}), tmp_path, {}, Path("r"))
     assert rows["v"]["mean_dp"] == 0.0
     table = (tmp_path / "REPORT.md").read_text()

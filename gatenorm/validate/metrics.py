@@ -70,6 +70,7 @@ def register_metric(metric: Metric) -> Metric:
 
 
 def unregister_metric(name: str) -> None:
+    """Remove a metric (tests that register a throw-away one)."""
     METRICS.pop(name, None)
 
 

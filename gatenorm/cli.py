@@ -451,7 +451,7 @@ app.command("score")(_with_method_flags(score, exclude={"speedup_for"}))  # no s
 app.command("inspect")(inspect)
 app.command("plan")(_with_method_flags(_with_heal_flags(plan)))
 app.command("export")(with_settings_flags(_with_method_flags(_with_heal_flags(export)), export_flags_model()))
-app.command("validate")(validate_command)
+app.command("validate")(validate_command())
 app.command("run")(run_command)
 
 

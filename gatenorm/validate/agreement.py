@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 KLD_PERCENTILES = (90.0, 95.0, 99.0, 99.9)
 
@@ -48,8 +48,7 @@ def mean_and_error(values: np.ndarray) -> tuple[float, float]:
     return mean, (math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0)
 
 
-@dataclass
-class Agreement:
+class Agreement(BaseModel):
     """Agreement statistics of a candidate against a reference (probabilities as fractions, not %)."""
 
     n_tokens: int
@@ -70,10 +69,10 @@ class Agreement:
     rms_dp: float
     rms_dp_err: float
     mean_dp: float
-    window_kld: list[float] = field(default_factory=list)
+    window_kld: list[float] = Field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 def exp_with_error(log_value: float, log_error: float) -> tuple[float, float]:

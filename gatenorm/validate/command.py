@@ -6,6 +6,7 @@ plans and outputs are declared here."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -13,10 +14,10 @@ import typer
 from rich.console import Console
 
 from gatenorm.validate.flags import with_settings_flags
-from gatenorm.validate.report import to_markdown, write_json, write_markdown, write_png
+from gatenorm.validate.report import to_markdown, write_markdown, write_png
 from gatenorm.validate.run import validate
 from gatenorm.validate.runtimes import RUNTIMES, model_spec
-from gatenorm.validate.settings import ValidationSettings
+from gatenorm.validate.settings import ValidationSettings, settings_model
 
 console = Console(stderr=True, markup=False, highlight=False)
 RUNTIME_HELP = (
@@ -55,16 +56,19 @@ def _validate(
     report = validate(ref_spec, cand_spec, settings, log=console.print)
     print(to_markdown(report))
     if json_out is not None:
-        write_json(report, json_out)
+        report.write(json_out)
     if md is not None:
         write_markdown(report, md)
     if png is None and md is not None:
         png = md.with_suffix(".png")
     if png is not None:
         write_png(report, png)
-    if not report["passed"]:
-        console.print(f"gates failed: {', '.join(report['failed_gates'])}")
+    if not report.passed:
+        console.print(f"gates failed: {', '.join(report.failed_gates)}")
         raise typer.Exit(1)
 
 
-validate_command = with_settings_flags(_validate)
+def validate_command() -> Callable[..., None]:
+    """The ``gatenorm validate`` command with one flag per setting of `settings_model` (the gates of the
+    metrics registered now included)."""
+    return with_settings_flags(_validate, settings_model())

@@ -8,14 +8,16 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 import numpy as np
+from pydantic import BaseModel
 
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.validate.agreement import compare_logits
 from gatenorm.validate.bench import bench_tokens_needed, run_bench
-from gatenorm.validate.gates import Gates, check_gates
+from gatenorm.validate.gates import check_gates
 from gatenorm.validate.passkey import RETRIEVAL_TASKS, build_prompts, evaluate_retrieval
 from gatenorm.validate.recorded import LIMITS, RecordedRuntime
+from gatenorm.validate.result import Bench, ModelInfo, ValidationReport, Zeroshot
 from gatenorm.validate.runtimes import ModelSpec, Request, Runtime, open_runtime
 from gatenorm.validate.settings import ValidationSettings
 from gatenorm.validate.text import token_windows
@@ -40,8 +42,8 @@ class _Clock:
         self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - cpu
 
 
-def _spec_dict(spec: ModelSpec) -> dict:
-    return {"path": str(spec.path), "runtime": spec.runtime, "plan": str(spec.plan) if spec.plan else None}
+def _model_info(spec: ModelSpec) -> ModelInfo:
+    return ModelInfo(path=str(spec.path), runtime=spec.runtime, plan=str(spec.plan) if spec.plan else None)
 
 
 def _check_vocab(ref: Runtime, cand: Runtime) -> None:
@@ -54,7 +56,7 @@ def _check_vocab(ref: Runtime, cand: Runtime) -> None:
 
 def _zeroshot(
     ref: Runtime, cand: Runtime, work: dict[str, tuple[list[Item], list[Request]]], log: Callable[[str], None]
-) -> dict:
+) -> Zeroshot:
     tasks = {}
     for task, (items, requests) in work.items():
         scores = [evaluate_task(rt, items, requests, task).to_dict() for rt in (ref, cand)]
@@ -67,7 +69,7 @@ def _zeroshot(
     flat = {side: mean for side, (mean, _) in average.items()}
     errors = {f"{side}_err": err for side, (_, err) in average.items()}
     drop = 100 * (flat["reference"] - flat["candidate"])
-    return {"tasks": tasks, "average": {**flat, **errors, "drop_points": drop}}
+    return Zeroshot.model_validate({"tasks": tasks, "average": {**flat, **errors, "drop_points": drop}})
 
 
 def _mean_with_error(scores: list[dict]) -> tuple[float, float]:
@@ -82,9 +84,9 @@ def validate(
     ref_spec: ModelSpec,
     cand_spec: ModelSpec,
     settings: ValidationSettings,
-    gates: Gates | None = None,
+    gates: BaseModel | None = None,
     log: Callable[[str], None] = lambda _: None,
-) -> dict:
+) -> ValidationReport:
     """Run every requested measurement of `cand_spec` against `ref_spec` and evaluate the gates (`gates`,
     default `settings.gates`).
 
@@ -147,7 +149,7 @@ def validate(
                 result = compare_logits(
                     ref.window_logits(windows, first), cand.window_logits(windows, first), windows, first, log
                 )
-            agreement = result.to_dict()
+            agreement = result
             log(
                 f"agreement: KLD {result.kld_mean:.4f}, top-1 {100 * result.top1:.1f} %, ppl ratio "
                 f"{result.ppl_ratio:.4f} ({clock.wall['agreement']:.0f} s)"
@@ -170,26 +172,27 @@ def validate(
     if bench_tokens is not None:
         log("bench: running interleaved latency runs")
         with clock("bench"):
-            bench = run_bench(ref_spec, cand_spec, bench_tokens, settings.bench, settings.threads)
+            bench = Bench.model_validate(
+                run_bench(ref_spec, cand_spec, bench_tokens, settings.bench, settings.threads)
+            )
 
-    gate_results = check_gates(gates, agreement, zeroshot, retrieval)
-    passed = all(g.passed is not False for g in gate_results)
     settings_doc = settings.model_dump(exclude={"gates"})
     settings_doc["limit"] = settings.item_limit  # None: every item (as reports of earlier versions say)
-    return {
-        "gatenorm_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "reference": _spec_dict(ref_spec),
-        "candidate": _spec_dict(cand_spec),
-        "settings": settings_doc,
-        "agreement": agreement,
-        "zeroshot": zeroshot,
-        "retrieval": retrieval,
-        "bench": bench,
-        "gates": [g.to_dict() for g in gate_results],
-        "gate_lines": [g.describe() for g in gate_results],
-        "failed_gates": [g.name for g in gate_results if g.passed is False],
-        "passed": passed,
-        "seconds": clock.wall,
-        "cpu_seconds": clock.cpu,
-    }
+    report = ValidationReport(
+        gatenorm_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        reference=_model_info(ref_spec),
+        candidate=_model_info(cand_spec),
+        settings=settings_doc,
+        agreement=agreement,
+        zeroshot=zeroshot,
+        retrieval=retrieval,
+        bench=bench,
+        gates=[],
+        gate_lines=[],
+        failed_gates=[],
+        passed=True,
+        seconds=clock.wall,
+        cpu_seconds=clock.cpu,
+    )
+    return report.with_gates(check_gates(gates, report))

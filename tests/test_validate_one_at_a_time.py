@@ -60,7 +60,7 @@ def test_llama_cpp_validation_holds_one_model_and_keeps_the_figures(
     ref_spec, cand_spec = model_spec(str(smollm2_gguf)), model_spec(str(pruned_smollm2))
     report = validate(ref_spec, cand_spec, settings)
     assert most[0] == 1 and not live
-    assert report["retrieval"]["tasks"]["passkey"]["reference"]["n"] == 1
+    assert report.retrieval.tasks["passkey"].reference.n == 1
 
     ref, cand = (open_runtime(spec, 1, 1024) for spec in (ref_spec, cand_spec))  # side by side
     try:
@@ -71,14 +71,14 @@ def test_llama_cpp_validation_holds_one_model_and_keeps_the_figures(
         )
         items = load_items("arc_easy", settings.limit)
         requests = build_requests(items, ref.tokenize, ref.bos_id)
-        scores = [evaluate_task(rt, items, requests, "arc_easy").to_dict() for rt in (ref, cand)]
+        scores = [evaluate_task(rt, items, requests, "arc_easy") for rt in (ref, cand)]
     finally:
         ref.close()
         cand.close()
     assert direct.n_windows == 4 and direct.kld_mean > 0
-    assert report["agreement"] == direct.to_dict()
-    task = report["zeroshot"]["tasks"]["arc_easy"]
-    assert [task["reference"], task["candidate"]] == scores
+    assert report.agreement == direct
+    task = report.zeroshot.tasks["arc_easy"]
+    assert [task.reference, task.candidate] == scores
 
 
 def test_degenerate_model_has_infinite_perplexity():

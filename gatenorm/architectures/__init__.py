@@ -9,6 +9,7 @@ from gatenorm.architectures.base import (
     model_arch,
     register,
     reorder_rotary_rows,
+    unregister,
 )
 from gatenorm.architectures.deci import Deci
 from gatenorm.architectures.gemma2 import Gemma2
@@ -42,4 +43,5 @@ __all__ = [
     "model_arch",
     "register",
     "reorder_rotary_rows",
+    "unregister",
 ]

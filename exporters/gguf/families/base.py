@@ -12,47 +12,18 @@ change in a ``deci`` file (`DeciTensors`: fused tensors split, q/k rows reordere
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 import gguf
 import numpy as np
 import torch
 
+from exporters.family_specs import FamilySpecs
 from gatenorm.architectures import Architecture, gguf_tensor, reorder_rotary_rows
 from gatenorm.errors import GatenormError
 
 MT = gguf.MODEL_TENSOR
 V = gguf.GGUFValueType
-T = TypeVar("T", bound="GgufFamily")
-
-_SPECS: dict[str, type[GgufFamily]] = {}
-
-
-def register_gguf_family(*families: str):
-    """Class decorator: the GGUF spec of each family named (an adapter's ``name``)."""
-
-    def wrap(cls: type[T]) -> type[T]:
-        for family in families:
-            if family in _SPECS:
-                raise GatenormError(f"GGUF spec of {family!r} registered twice")
-            _SPECS[family] = cls
-        return cls
-
-    return wrap
-
-
-def unregister_gguf_family(family: str) -> None:
-    """Remove the spec registered for `family` (a test's dummy)."""
-    _SPECS.pop(family, None)
-
-
-def gguf_family(arch: type[Architecture]) -> GgufFamily:
-    """The GGUF spec of `arch`: its family's, else its nearest ancestor's, else the base."""
-    for cls in arch.__mro__:
-        spec = _SPECS.get(cls.__dict__.get("name"))
-        if spec is not None:
-            return spec(arch)
-    return GgufFamily(arch)
 
 
 @dataclass(frozen=True)
@@ -222,3 +193,9 @@ class GgufFamily:
     def attention_tensors(self, layer: int) -> list[str]:
         """The GGUF names of layer `layer`'s attention sublayer weights (`attention_sublayer`)."""
         return [gguf_tensor(t).format(i=layer) for t in self.attention_sublayer]
+
+
+SPECS = FamilySpecs("GGUF", GgufFamily)
+register_gguf_family = SPECS.register
+gguf_family = SPECS.spec
+unregister_gguf_family = SPECS.unregister

@@ -6,39 +6,13 @@ registered ancestor's, else the base."""
 
 from __future__ import annotations
 
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from exporters.family_specs import FamilySpecs
 from gatenorm.architectures import Architecture
-from gatenorm.errors import GatenormError
-
-T = TypeVar("T", bound="OnnxFamily")
-
-_SPECS: dict[str, type[OnnxFamily]] = {}
-
-
-def register_onnx_family(*families: str):
-    """Class decorator: the ONNX spec of each family named (an adapter's ``name``)."""
-
-    def wrap(cls: type[T]) -> type[T]:
-        for family in families:
-            if family in _SPECS:
-                raise GatenormError(f"ONNX spec of {family!r} registered twice")
-            _SPECS[family] = cls
-        return cls
-
-    return wrap
-
-
-def onnx_family(arch: type[Architecture]) -> OnnxFamily:
-    """The ONNX spec of `arch`: its family's, else its nearest ancestor's, else the base."""
-    for cls in arch.__mro__:
-        spec = _SPECS.get(cls.__dict__.get("name"))
-        if spec is not None:
-            return spec(arch)
-    return OnnxFamily(arch)
 
 
 class OnnxFamily:
@@ -89,3 +63,8 @@ def packed_linear(parts: list[nn.Linear]) -> nn.Linear:
             biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
             packed.bias.copy_(torch.cat([b.to(weight.dtype) for b in biases]))
     return packed
+
+
+SPECS = FamilySpecs("ONNX", OnnxFamily)
+register_onnx_family = SPECS.register
+onnx_family = SPECS.spec

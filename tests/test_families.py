@@ -291,14 +291,15 @@ def test_tail_runner_matches_full_forward(family):
 
 
 def test_onnx_refusal_is_one_line(family, monkeypatch):
-    """Every family exports to ONNX today (tests/test_onnx_export.py); an adapter's `onnx_refusal` (for a
+    """Every family exports to ONNX today (tests/test_onnx_export.py); an ONNX spec's `refusal` (for a
     family that cannot) stops the export in one line."""
+    from exporters.onnx.families import onnx_family
     from exporters.onnx.fused_attention import fused_attention
 
     model_type, _, _, base, _ = family
     arch = get_architecture(model_type)
-    assert not arch.onnx_refusal
-    monkeypatch.setattr(arch, "onnx_refusal", "a reason")
+    assert not onnx_family(arch).refusal
+    monkeypatch.setattr(type(onnx_family(arch)), "refusal", "a reason")
     match = f"cannot export {arch.name} to ONNX: a reason; what works"
     with pytest.raises(GatenormError, match=match) as refused, fused_attention(base, arch):
         pass

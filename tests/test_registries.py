@@ -263,11 +263,82 @@ def test_builtin_targets_refuse_through_plan_require(monkeypatch):
     assert TARGETS["gguf"].actions(gemma2)[0] == {LayerAction.KEEP, LayerAction.DROP_BLOCK}
     assert TARGETS["gguf"].actions(llama)[0] == set(LayerAction)
     assert TARGETS["onnx"].actions(get_architecture("phi3"))[0] == set(LayerAction)
-    monkeypatch.setattr(get_architecture("phi3"), "onnx_refusal", "not checked")
+    from exporters.onnx.families import Phi3Onnx
+
+    monkeypatch.setattr(Phi3Onnx, "refusal", "not checked")
     assert TARGETS["onnx"].actions(get_architecture("phi3")) == (set(), "not checked")
     plan = make_method_plan(open_checkpoint(tiny()), "gate-norm", 1)
     with pytest.raises(GatenormError, match="cannot apply plan action"):
         TARGETS["gguf"].require(gemma2, plan)
+
+
+@pytest.fixture
+def dummy_gguf_family():
+    """A family (an adapter subclassing llama's) with a GGUF spec, both registered for one test (their one
+    file: here): deci cannot run it, its own architecture runs block removal, and the HF -> GGUF writer
+    adds one key of its own."""
+    import gguf
+
+    from exporters.gguf.families import LlamaGguf, register_gguf_family, unregister_gguf_family
+    from gatenorm.architectures import Llama, register, unregister
+
+    @register()
+    class DummyFamily(Llama):
+        name = "dummy-family"
+
+    @register_gguf_family(DummyFamily.name)
+    class DummyGguf(LlamaGguf):
+        deci_exportable = False
+        deci_refusal = "the dummy family has no deci form"
+        block_removal = True
+        works = "drop-block plans as a llama GGUF"
+
+        def hf_metadata(self, ckpt) -> dict[str, tuple]:
+            return {"dummy_marker": (7, gguf.GGUFValueType.UINT32, None)}
+
+    try:
+        yield DummyFamily
+    finally:
+        unregister_gguf_family(DummyFamily.name)
+        unregister(DummyFamily.name)
+
+
+def test_dummy_gguf_family_spec_reaches_target_checks_and_writer(dummy_gguf_family, tokenizer_dir, tmp_path):
+    import gguf
+
+    from exporters.export import export_gguf
+    from exporters.gguf.families import LlamaGguf, gguf_family
+    from exporters.targets import TARGETS
+    from gatenorm.readers import open_checkpoint
+    from tests.conftest import mixed_plan, tiny_hf
+
+    refusal = "the dummy family has no deci form"
+    assert TARGETS["gguf"].actions(dummy_gguf_family) == ({LayerAction.KEEP, LayerAction.DROP_BLOCK}, refusal)
+    ckpt = open_checkpoint(tiny_hf(tmp_path / "m", tokenizer_dir, "llama"))
+    ckpt.arch = dummy_gguf_family  # a checkpoint of the dummy family
+    dropped = mixed_plan(ckpt, {1: LayerAction.DROP_ATTENTION}, {})
+    match = f"cannot export dummy-family with drop-attention to GGUF: {refusal}; what works: drop-block plans"
+    with pytest.raises(GatenormError, match=match):
+        export_gguf(ckpt, dropped, tmp_path / "no.gguf")
+    assert not (tmp_path / "no.gguf").exists()
+
+    out = export_gguf(ckpt, mixed_plan(ckpt, {}, {}), tmp_path / "same.gguf", "F32")
+    fields = gguf.GGUFReader(out).fields
+    assert fields["general.architecture"].contents() == "llama"  # the adapter's gguf_arch
+    assert fields["llama.dummy_marker"].contents() == 7  # the spec's key, written by the HF -> GGUF writer
+
+    from exporters.gguf.families import unregister_gguf_family
+
+    unregister_gguf_family(dummy_gguf_family.name)  # without its spec: llama's (the nearest ancestor's)
+    assert type(gguf_family(dummy_gguf_family)) is LlamaGguf
+    assert TARGETS["gguf"].actions(dummy_gguf_family) == (set(LayerAction), "")
+
+
+def test_gguf_family_registry_refuses_a_second_entry_of_a_name():
+    from exporters.gguf.families import GgufFamily, register_gguf_family
+
+    with pytest.raises(GatenormError, match="registered twice"):
+        register_gguf_family("llama")(type("Again", (GgufFamily,), {}))
 
 
 def test_recipe_schema_reads_the_registries_when_a_recipe_is_validated(tmp_path):

@@ -375,30 +375,42 @@ def test_sequential_tail_runner_and_harp_alphas_equal_whole_model(family):
         new.close()
 
 
-def test_sequential_torch_validation_equals_whole_model(family):
-    """Torch-runtime window logits of the unpruned model and of a plan (every action), reference and
-    candidate in one layer-at-a-time pass, equal the whole model's with the plan applied (KLD equal)."""
+def whole_model_agreement(base, plan, windows: np.ndarray, first: int):
+    """The agreement of `base` with `plan` applied against `base`, both whole loaded models."""
+    from gatenorm.validate.agreement import compare_logits
+
+    pruned = apply_plan(copy.deepcopy(base), plan)
+    ids = torch.from_numpy(windows)
+    with torch.no_grad():
+        want_ref = base(ids, use_cache=False).logits[:, first:-1].numpy()
+        want_cand = pruned(ids, use_cache=False).logits[:, first:-1].numpy()
+    return compare_logits(want_ref, want_cand, windows, first)
+
+
+def assert_sequential_validation_equal(path, base, plan, plan_file, windows: np.ndarray, first: int) -> None:
+    """Torch-runtime window logits of `path` and of it with `plan` (saved at `plan_file`), reference and
+    candidate in one layer-at-a-time pass, give the whole models' agreement (KLD, PPL, top-1)."""
     from gatenorm.validate.agreement import compare_logits
     from gatenorm.validate.runtimes import TorchRuntime
 
-    _, folder, ckpt, base, _ = family
-    plan = mixed_plan(ckpt, {1: "drop-attention", 2: "linearize", 3: "drop-block"}, {2: 0.8})
-    path = folder.parent / f"{folder.name}-plan.json"
-    plan.save(path)
-    windows = np.random.default_rng(7).integers(3, 1000, size=(3, 12))
-    first = 4
-    ref, cand = TorchRuntime(folder), TorchRuntime(folder, plan=path)
+    ref, cand = TorchRuntime(path), TorchRuntime(path, plan=plan_file)
     got = compare_logits(
         ref.window_logits(windows, first), cand.window_logits(windows, first), windows, first
     )
-    whole = apply_plan(copy.deepcopy(base), plan)
-    with torch.no_grad():
-        want_ref = base(torch.from_numpy(windows), use_cache=False).logits[:, first:-1].numpy()
-        want_cand = whole(torch.from_numpy(windows), use_cache=False).logits[:, first:-1].numpy()
-    want = compare_logits(want_ref, want_cand, windows, first)
     assert ref._model is None and cand._model is None  # neither loaded the whole model
+    want = whole_model_agreement(base, plan, windows, first)
     assert got.kld_mean == pytest.approx(want.kld_mean, rel=1e-5, abs=1e-9)
     assert got.ppl_ref == pytest.approx(want.ppl_ref, rel=1e-5)
     assert got.ppl_cand == pytest.approx(want.ppl_cand, rel=1e-5)
     assert got.top1 == want.top1
     assert want.kld_mean > 1e-4  # the plan changed the model
+
+
+def test_sequential_torch_validation_equals_whole_model(family):
+    """Torch-runtime validation of a plan using every action, on the engine, equals the whole model's."""
+    _, folder, ckpt, base, _ = family
+    plan = mixed_plan(ckpt, {1: "drop-attention", 2: "linearize", 3: "drop-block"}, {2: 0.8})
+    path = folder.parent / f"{folder.name}-plan.json"
+    plan.save(path)
+    windows = np.random.default_rng(7).integers(3, 1000, size=(3, 12))
+    assert_sequential_validation_equal(folder, base, plan, path, windows, 4)

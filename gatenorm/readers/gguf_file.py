@@ -12,6 +12,7 @@ import torch
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
 from gatenorm.readers.base import Checkpoint, ModelShape
+from gatenorm.readers.dequant import dequantize
 from gatenorm.readers.gguf_check import GGUF_MAGIC, ScannedGGUF, check_gguf, check_gguf_tensors, check_hparams
 
 _TORCH_DTYPES = {
@@ -139,5 +140,4 @@ def _decode(buf: memoryview, tensor_type: int, rows: int, cols: int) -> torch.Te
     dtype = _TORCH_DTYPES.get(qtype)
     if dtype is not None:
         return torch.frombuffer(buf, dtype=dtype).view(rows, cols).float()
-    raw = np.frombuffer(buf, dtype=np.uint8).reshape(rows, -1)
-    return torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(rows, cols))
+    return torch.from_numpy(dequantize(np.frombuffer(buf, dtype=np.uint8), qtype, rows, cols))

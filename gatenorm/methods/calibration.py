@@ -1,6 +1,7 @@
 """Calibration for the data-driven methods: held-out text windows, or text the model generates itself
-(``synthetic``: no data at all), and per-layer statistics read by hooks on the transformers model (one
-forward pass, no copy of the model or of its activations)."""
+(``synthetic``: no data at all), and per-layer statistics read by hooks on each decoder layer (one pass, no
+copy of the model or of its activations): on a loaded transformers model, or a layer at a time on the
+layer-sequential engine (`gatenorm.sequential`), which the methods use; HARP's tail runner likewise."""
 
 from __future__ import annotations
 

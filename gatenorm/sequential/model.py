@@ -258,6 +258,13 @@ class SequentialModel:
         with torch.inference_mode():
             return self.arch.logits(self.skeleton, hidden)
 
+    def window_logits(self, hidden: torch.Tensor, first: int) -> Iterator[np.ndarray]:
+        """Per window of last-layer hidden states [n, T, d], float32 logits at positions first..T-2 (the
+        LM head held while the iterator runs)."""
+        with self.head():
+            for row in hidden:
+                yield self.logits(row[None, first:-1])[0].float().numpy()
+
     def forward_many(self, windows: np.ndarray, plans: list[Plan | None], batch: int = 4) -> list[Windows]:
         """The windows through the model as each of `plans` makes it (None: unchanged), in one pass that
         reads each layer's weights once (none for a layer every plan removes whole); a `Windows` per plan."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import weakref
 from collections.abc import Iterator, Sequence
@@ -76,7 +77,8 @@ class TorchRuntime(BatchLogitsRuntime):
         #: the rest (zero-shot, retrieval, latency) use the whole model, loaded on first use
         self.engine = None if ckpt.arch.name == "deci" else _engine(ckpt)
         self._model = None
-        self._final: dict[bytes, object] = {}
+        self._final: dict[bytes, object] = {}  # windows -> last hidden states a shared pass left here
+        self._served: set[bytes] = set()
         self.tokenizer = load_tokenizer(path)
         config = self.engine.config if self.engine is not None else self.model.config
         self.vocab_size = self.engine.vocab_size if self.engine is not None else self._whole_vocab()
@@ -112,17 +114,31 @@ class TorchRuntime(BatchLogitsRuntime):
             return
         key = _key(windows)
         if key not in self._final:
-            peers = [rt for rt in _OPEN if rt._shares_pass(self) and key not in rt._final]
+            peers = [self] + [rt for rt in _OPEN if rt is not self and rt._waits_for(self, key)]
             states = self.engine.forward_many(windows, [rt.plan for rt in peers])
             for rt, state in zip(peers, states, strict=True):
                 rt._final[key] = state.hidden
         hidden = self._final.pop(key)
-        with self.engine.head():
-            for row in hidden:
-                yield self.engine.logits(row[None, first:-1])[0].float().numpy()
+        self._served.add(key)
+        yield from self.engine.window_logits(hidden, first)
 
-    def _shares_pass(self, other: TorchRuntime) -> bool:
-        return self.engine is not None and self._model is None and self.engine is other.engine
+    def with_plan(self, plan: Plan) -> TorchRuntime:
+        """This runtime's model as `plan` makes it: a new runtime sharing the checkpoint, its layer-at-a-time
+        engine and tokenizer (no copy of a model)."""
+        other = copy.copy(self)
+        other.plan, other._model, other._final, other._served = plan, None, {}, set()
+        _OPEN.add(other)
+        return other
+
+    def _waits_for(self, other: TorchRuntime, key: bytes) -> bool:
+        """Whether a pass of `other` over windows `key` should serve this runtime too: same engine, not
+        switched to the whole model, and not served these windows yet."""
+        return (
+            self.engine is other.engine
+            and self._model is None
+            and key not in self._final
+            and key not in self._served
+        )
 
     def batch_logits(self, ids: np.ndarray, keep: int) -> np.ndarray:
         import torch
@@ -134,6 +150,7 @@ class TorchRuntime(BatchLogitsRuntime):
     def close(self) -> None:
         _OPEN.discard(self)
         self._final.clear()
+        self._served.clear()
         self._model = None
 
     def loglikelihoods(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:

@@ -82,13 +82,11 @@ class CheckpointTensors:
         return self.ckpt.rows(self.source(name))
 
 
-def materialize(
-    module: nn.Module, prefix: str, tensors: CheckpointTensors, only: set[str] | None = None
-) -> None:
-    """Give `module`'s meta parameters (state-dict names `prefix` + their own; `only` those names) their
-    checkpoint values, in place."""
+def materialize(module: nn.Module, prefix: str, tensors: CheckpointTensors) -> None:
+    """Give `module`'s meta parameters (state-dict names `prefix` + their own) their checkpoint values,
+    in place."""
     for name, param in list(module.named_parameters()):
-        if not param.is_meta or (only is not None and name not in only):
+        if not param.is_meta:
             continue
         value = tensors.read(prefix + name)
         if tuple(value.shape) != tuple(param.shape):

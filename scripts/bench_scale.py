@@ -52,7 +52,7 @@ def _commands(model: Path, work: Path, samples: int, length: int) -> list[tuple[
         ("validate torch --candidate-plan",
          f"validate {model} {model} --runtime torch --candidate-plan {stem}-cosine.json --tasks none "
          f"--ctx {length} --max-tokens {tokens}", 2 * tokens),
-        ("export --to gguf", f"export {model} {stem}-cosine.json --to gguf -o {stem}-cut.gguf", 0),
+        ("export --to gguf", f"export {model} --plan {stem}-cosine.json --to gguf -o {stem}-cut.gguf", 0),
     ]  # fmt: skip
     return [(label, text.split(), n) for label, text, n in cmds]
 

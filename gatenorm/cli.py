@@ -39,6 +39,9 @@ from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.recipes.command import run_command
 from gatenorm.scoring import LayerScores
+from gatenorm.sequential.budget import check as check_memory
+from gatenorm.sequential.budget import plan_steps
+from gatenorm.sequential.memory import MemorySettings
 from gatenorm.validate.command import validate_command
 from gatenorm.validate.flags import with_settings_flags
 
@@ -231,6 +234,7 @@ def plan(
     *,
     method_settings: MethodSettings,
     heal_settings: HealSettings,
+    memory: MemorySettings,
 ) -> None:
     """Rank the layers with a method and write a plan changing the N lowest-ranked (or reaching a speedup);
     with --heal, fit the changed layers' repairs too (their weights beside the plan)."""
@@ -252,6 +256,8 @@ def plan(
     ckpt = open_checkpoint(resolve_model(model))
     if healing is not None:
         _refuse_deci_heal(ckpt)
+    heal_tokens = None if healing is None else healing.samples * healing.length
+    check_memory(ckpt, plan_steps(ckpt, method, options.calib, drop, heal_tokens), memory, _log)
     ranking = rank_layers(ckpt, method, options, drop)
     result = make_method_plan(ckpt, method, drop, budget_speedup, options, ranking, allow_first_layer)
     if healing is not None:
@@ -449,7 +455,7 @@ def _with_heal_flags(command):
 
 app.command("score")(_with_method_flags(score, exclude={"speedup_for"}))  # no speedup target to price
 app.command("inspect")(inspect)
-app.command("plan")(_with_method_flags(_with_heal_flags(plan)))
+app.command("plan")(with_settings_flags(_with_method_flags(_with_heal_flags(plan)), MemorySettings, "memory"))
 app.command("export")(with_settings_flags(_with_method_flags(_with_heal_flags(export)), export_flags_model()))
 app.command("validate")(validate_command())
 app.command("run")(run_command)

@@ -361,3 +361,27 @@ def test_the_calibration_source_is_recorded_and_a_text_file_by_its_hash(tmp_path
     assert HealSettings().calib_id() == "synthetic"
     text.write_text("other text", encoding="utf-8")
     assert HealSettings(calib=str(text)).calib_id() != f"file:{digest}"
+
+
+def test_healed_plans_run_alike_on_the_layer_sequential_engine(tmp_path, tiny):
+    """A healed plan (fitted maps on a dropped attention, a linearized layer and a dropped block) and a
+    folded one (refitted down projections) give the same logits a layer at a time, in one shared pass with
+    the unpruned model, as applied to the whole loaded model."""
+    from gatenorm.sequential import SequentialModel
+
+    folder, ckpt = tiny
+    mapped, _ = _healed(tmp_path, ckpt, {1: "drop-attention", 2: "linearize", 3: "drop-block"}, bias=True)
+    base = load_model(folder)
+    g = torch.Generator().manual_seed(5)
+    refits = {i: base.model.layers[i].mlp.down_proj.weight.detach() + 0.05 * torch.randn(64, 96, generator=g)
+              for i in (0, 2)}  # fmt: skip
+    folded = _folded(tmp_path, ckpt, {1: "drop-attention", 3: "drop-block"}, refits)
+    windows = np.random.default_rng(6).integers(0, 128, size=(3, 16))
+    engine = SequentialModel(folder)
+    states = engine.forward_many(windows, [None, mapped, folded])
+    for plan, state in zip([None, mapped, folded], states, strict=True):
+        model = base if plan is None else apply_plan(load_model(folder), plan)
+        with torch.inference_mode():
+            want = model(torch.from_numpy(windows), use_cache=False).logits[:, 2:-1].numpy()
+        got = np.stack(list(engine.window_logits(state.hidden, 2)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 from gatenorm.errors import GatenormError
@@ -18,8 +17,7 @@ def _quality_probe(
     source: ResolvedSource, ckpt: Checkpoint, ranking: Ranking, recipe: Recipe, target: TargetBase
 ) -> Callable[[int], float]:
     """A function n -> the target's metric of the model with n layers dropped, against the unpruned one,
-    in PyTorch on the recipe's search text."""
-    from gatenorm.apply import apply_plan
+    in PyTorch on the recipe's search text (each probe one layer-at-a-time pass, `gatenorm.sequential`)."""
     from gatenorm.validate.agreement import compare_logits
     from gatenorm.validate.runtimes import TorchRuntime
     from gatenorm.validate.text import token_windows
@@ -32,18 +30,15 @@ def _quality_probe(
     metric = target.metric
 
     def probe(n: int) -> float:
-        cand = copy.copy(ref)
-        cand.model = apply_plan(
-            copy.deepcopy(ref.model),
-            make_method_plan(
-                ckpt,
-                ranking.scores.method,
-                budget=n,
-                ranking=ranking,
-                allow_first_layer=recipe.allow_first_layer,
-            ),
+        plan = make_method_plan(
+            ckpt, ranking.scores.method, budget=n, ranking=ranking, allow_first_layer=recipe.allow_first_layer
         )
-        return metric.read(compare_logits(ref_logits, cand.window_logits(windows, first), windows, first))
+        cand = ref.with_plan(plan)  # a layer-at-a-time pass with the plan's modules; no copy of the model
+        try:
+            result = compare_logits(ref_logits, cand.window_logits(windows, first), windows, first)
+        finally:
+            cand.close()
+        return metric.read(result)
 
     return probe
 

@@ -8,12 +8,30 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, computed_field
 
 from gatenorm.io import atomic_write_text
 from gatenorm.validate.agreement import Agreement
 from gatenorm.validate.metrics import gate_metric
-from gatenorm.validate.zeroshot import TaskScore
+
+
+class TaskScore(BaseModel):
+    """Accuracy of one model on one task (fractions); `main` is the headline metric's (stored with them)."""
+
+    n: int
+    acc: float
+    acc_err: float
+    acc_norm: float
+    acc_norm_err: float
+    metric: str
+
+    @computed_field
+    @property
+    def main(self) -> float:
+        return self.acc if self.metric == "acc" else self.acc_norm
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
 
 
 class _Section(BaseModel):

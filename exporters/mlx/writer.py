@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from gatenorm.readers import Checkpoint
 #: --quant -> (mlx dtype of the unquantized tensors, bits or None)
 QUANTS = {"fp32": ("float32", None), "fp16": ("float16", None), "bf16": ("bfloat16", None)}
 QUANTS |= {"8bit": ("bfloat16", 8), "4bit": ("bfloat16", 4)}
+GROUP_SIZES = (32, 64, 128)
 _TORCH_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 EXTRA = "pip install 'gatenorm[mlx]'"
 
@@ -52,13 +52,18 @@ def require_mlx() -> None:
         raise GatenormError(f"the mlx target needs mlx and mlx-lm ({e.name} is missing): {EXTRA}") from None
 
 
+def _refusal(ckpt: Checkpoint, plan: Plan, why: str) -> GatenormError:
+    actions = ", ".join(sorted(a.value for a in plan.actions))
+    return GatenormError(f"the mlx exporter cannot write {ckpt.arch.name} ({actions}): {why}")
+
+
 def check_plan(ckpt: Checkpoint, plan: Plan) -> None:
-    """What the family's spec refuses, and a missing extra, before anything is read or written."""
+    """What the family's spec refuses for an HF config, and a missing extra, before anything is read or
+    written (a GGUF source's config is checked once it is loaded)."""
     spec = spec_for(ckpt.arch.name)
     config = getattr(ckpt, "config", None)
     if not spec.refusal and config is not None and (why := spec.config_refusal(config)):
-        actions = ", ".join(sorted(a.value for a in plan.actions))
-        raise GatenormError(f"the mlx exporter cannot write {ckpt.arch.name} ({actions}): {why}")
+        raise _refusal(ckpt, plan, why)
     require_mlx()
 
 
@@ -73,14 +78,17 @@ def write_mlx(
 ) -> Path:
     """Write `ckpt` pruned by `plan` as an mlx-lm folder at `out` (see the module docstring)."""
     check_plan(ckpt, plan)
+    hf_config = getattr(ckpt, "config", None) or {}
+    quant = parse_quant(quant, hf_config.get("torch_dtype") or hf_config.get("dtype"))
+    if group_size not in GROUP_SIZES:
+        raise GatenormError(f"--group-size {group_size}: mlx quantizes groups of 32, 64 or 128 weights")
+    if Path(out).exists() and not overwrite:
+        raise GatenormError(f"{out} already exists (pass --overwrite to replace it)")
     spec = spec_for(ckpt.arch.name)
     model = apply_plan(load_model(ckpt.path, torch.float32), plan)
     config = model.config.to_dict()
-    if why := spec.config_refusal(config):  # a GGUF source's config is known only now
-        raise GatenormError(f"the mlx exporter cannot write {ckpt.arch.name}: {why}")
-    quant = parse_quant(
-        quant, getattr(ckpt, "config", {}).get("torch_dtype") if ckpt.format != "gguf" else None
-    )
+    if why := spec.config_refusal(config):
+        raise _refusal(ckpt, plan, why)
     mlx_config, tensors = layout(model, ckpt.arch, spec, config)
     del model
     tokenizer = _tokenizer(ckpt.path)
@@ -123,10 +131,6 @@ def _save_weights(folder: Path, config: dict, tensors: dict, quant: str, group_s
     )
     config = {**config, "torch_dtype": dtype_name}
     if bits is not None:
-        if config["hidden_size"] % group_size:
-            raise GatenormError(
-                f"--group-size {group_size} does not divide the hidden size {config['hidden_size']}"
-            )
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints the bits per weight
             model, config = quantize_model(model, config, group_size, bits)
     mx.eval(model.parameters())
@@ -154,8 +158,3 @@ def model_card(ckpt: Checkpoint, plan: Plan, quant: str, name: str) -> str:
             "",
         ]
     )
-
-
-def read_plan(folder: Path) -> Plan:
-    """The plan an MLX folder was written with."""
-    return Plan.model_validate(json.loads((Path(folder) / "plan.json").read_text()))

@@ -19,7 +19,7 @@ from gatenorm.architectures.layers import (  # noqa: F401  (re-exported: the pru
 )
 from gatenorm.errors import GatenormError
 from gatenorm.heal.store import load_refits, load_repairs
-from gatenorm.plan import LayerAction, Plan
+from gatenorm.plan import LayerAction, LayerPlan, Plan
 from gatenorm.quiet import quiet_transformers
 from gatenorm.readers import open_checkpoint
 
@@ -115,6 +115,43 @@ def _pruned_further(layer: nn.Module, action: LayerAction, arch: type[Architectu
     raise GatenormError(f"a layer already without attention cannot be given {action.value}")
 
 
+def check_plan_fits(plan: Plan, architecture: str, n_layers: int) -> None:
+    """Refuse a plan made for another architecture or layer count, or one that keeps no attention."""
+    if get_architecture(architecture).name != get_architecture(plan.source.architecture).name:
+        raise GatenormError(f"plan is for {plan.source.architecture}, model is {architecture}")
+    if n_layers != plan.source.n_layers:
+        raise GatenormError(f"plan is for {plan.source.n_layers} layers, model has {n_layers}")
+    if not any(lp.action is LayerAction.KEEP for lp in plan.layers):
+        raise GatenormError("plan removes every attention sublayer; at least one must stay")
+
+
+def planned_layer(arch: type[Architecture], layer: nn.Module, lp: LayerPlan, repairs: dict) -> nn.Module:
+    """The module the plan entry `lp` makes of the stock decoder `layer`: the layer itself when kept, its
+    fitted repair when healed (`Architecture.repaired`), else the adapter's module for the action."""
+    if lp.action is LayerAction.KEEP:
+        return layer
+    if lp.layer in repairs:
+        repair = repairs[lp.layer]
+        return arch.repaired(layer, lp.action is LayerAction.DROP_BLOCK, repair.weight, repair.bias)
+    if lp.action is LayerAction.DROP_ATTENTION:
+        return arch.attention_free(layer)
+    if lp.action is LayerAction.LINEARIZE:
+        return arch.linearized(layer, lp.alpha)
+    return arch.identity(layer)  # LayerAction.DROP_BLOCK
+
+
+def set_refit(arch: type[Architecture], layer: nn.Module, index: int, weight: torch.Tensor) -> None:
+    """Give `layer` (decoder layer `index`) its refitted down projection `weight` (`gatenorm.heal`)."""
+    down = arch.down_projection(layer)
+    if tuple(down.weight.shape) != tuple(weight.shape):
+        raise GatenormError(
+            f"layer {index}'s refitted down projection is {tuple(weight.shape)}, the model's "
+            f"{tuple(down.weight.shape)}"
+        )
+    with torch.no_grad():
+        down.weight.copy_(weight)
+
+
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Rewrite `model` in place as the plan says, with the architecture's replacement modules: a dropped
     attention leaves the MLP step (``h + mlp(post_norm(h))`` for llama), a linearized one HARP's fused matmul
@@ -127,13 +164,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     arch = get_architecture(model.config.model_type)
     declared = getattr(model.config, "gatenorm_architecture", arch.name)  # a deci file in its host family
     fixed = getattr(model.config, "gatenorm_fixed", {})
-    if get_architecture(declared).name != get_architecture(plan.source.architecture).name:
-        raise GatenormError(f"plan is for {plan.source.architecture}, model is {declared}")
     layers = arch.decoder_layers(model)
-    if len(layers) != plan.source.n_layers:
-        raise GatenormError(f"plan is for {plan.source.n_layers} layers, model has {len(layers)}")
-    if not any(lp.action is LayerAction.KEEP for lp in plan.layers):
-        raise GatenormError("plan removes every attention sublayer; at least one must stay")
+    check_plan_fits(plan, declared, len(layers))
     if plan.healing is not None and fixed:
         raise GatenormError("a healed plan cannot be applied to a model loaded from a deci file")
     repairs = load_repairs(plan)  # checked against the plan's hashes
@@ -148,30 +180,14 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             continue
         if isinstance(layer, PRUNED_LAYERS):
             raise GatenormError(f"layer {lp.layer} is already pruned; apply a plan to an unpruned model")
-        attention_type = getattr(layer, "attention_type", None)
         if lp.action is LayerAction.KEEP:
             getattr(layer, arch.hf_attention_module).layer_idx = cache_slot
-            kept_types.append(attention_type)
+            kept_types.append(getattr(layer, "attention_type", None))
             cache_slot += 1
-        elif lp.layer in repairs:
-            repair = repairs[lp.layer]
-            block = lp.action is LayerAction.DROP_BLOCK
-            layers[lp.layer] = arch.repaired(layer, block, repair.weight, repair.bias)
-        elif lp.action is LayerAction.DROP_ATTENTION:
-            layers[lp.layer] = arch.attention_free(layer)
-        elif lp.action is LayerAction.LINEARIZE:
-            layers[lp.layer] = arch.linearized(layer, lp.alpha)
-        else:  # LayerAction.DROP_BLOCK
-            layers[lp.layer] = arch.identity(layer)
+        else:
+            layers[lp.layer] = planned_layer(arch, layer, lp, repairs)
     for i, weight in refits.items():
-        down = arch.down_projection(layers[i])
-        if tuple(down.weight.shape) != tuple(weight.shape):
-            raise GatenormError(
-                f"layer {i}'s refitted down projection is {tuple(weight.shape)}, the model's "
-                f"{tuple(down.weight.shape)}"
-            )
-        with torch.no_grad():
-            down.weight.copy_(weight)
+        set_refit(arch, layers[i], i, weight)
     if getattr(model.config, "layer_types", None) is not None:
         # The cache builds slot i with the type of config.layer_types[i]: list the kept layers first.
         actions = [lp.action for lp in plan.layers]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import tempfile
+import textwrap
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -21,13 +24,24 @@ from exporters.targets import TARGETS, export_flags_model, target_spec
 from gatenorm.errors import GatenormError
 from gatenorm.heal.fit import HealSettings
 from gatenorm.io import atomic_write_text, refuse_overwriting_inputs
-from gatenorm.methods import METHODS, MethodOptions, Ranking, make_method_plan, method_spec, rank_layers
-from gatenorm.methods.cost import Phase, cost_model
+from gatenorm.methods import (
+    METHODS,
+    MethodOptions,
+    MethodSettings,
+    Ranking,
+    make_method_plan,
+    method_spec,
+    rank_layers,
+)
+from gatenorm.methods.cost import cost_model
 from gatenorm.models import resolve_model
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.recipes.command import run_command
 from gatenorm.scoring import LayerScores
+from gatenorm.sequential.budget import check as check_memory
+from gatenorm.sequential.budget import plan_steps
+from gatenorm.sequential.memory import MemorySettings
 from gatenorm.validate.command import validate_command
 from gatenorm.validate.flags import with_settings_flags
 
@@ -43,6 +57,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: rich's option tables cut words short at 80 columns
 )
 console = Console()
 
@@ -68,32 +83,23 @@ def _target_name(value: str) -> str:
         raise typer.BadParameter(str(e)) from None
 
 
+def _names(names: Iterable[str], width: int = 40) -> str:
+    """`names`, comma-separated, as a help paragraph that click does not rewrap (``\\b``): its wrapping
+    breaks words at hyphens (``attention-`` / ``cosine``); lines of `width` fit the help column at 80."""
+    lines = textwrap.wrap(", ".join(names), width, break_on_hyphens=False, break_long_words=False)
+    return "\n\n\b\n" + "\n".join(lines) + "\n\n"
+
+
 MethodOpt = Annotated[
     str,
     typer.Option(
         "--method",
         "-m",
         callback=_method_name,
-        help=f"Method: {', '.join(METHODS)} (see README, Methods); "
-        f"{', '.join(n for n, s in METHODS.items() if s.data)} need --calib.",
+        help=f"Method (see docs/methods.md):{_names(n + '*' * s.data for n, s in METHODS.items())}"
+        "* needs --calib.",
     ),
 ]
-SeedOpt = Annotated[int, typer.Option(help="Seed of the random method and of synthetic calibration text.")]
-CalibOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--calib",
-        help="Calibration text of data-driven methods: a UTF-8 file, wiki-heldout (the shipped Wikipedia "
-        "leads read from the end, never reached by the evaluation text), or synthetic (text the model "
-        "generates itself: no data; the default of mixed-synthetic).",
-    ),
-]
-CalibSamplesOpt = Annotated[int, typer.Option("--calib-samples", help="Calibration windows.")]
-CalibLenOpt = Annotated[int, typer.Option("--calib-len", help="Tokens per calibration window.")]
-CtxOpt = Annotated[
-    int, typer.Option("--ctx", help="Context length of the cost model and of the data-free HARP alpha.")
-]
-
 
 HealOpt = Annotated[
     bool,
@@ -110,19 +116,9 @@ def _log(message: str) -> None:
     console.print(message, style="dim")
 
 
-def _options(
-    seed: int,
-    calib: str | None,
-    calib_samples: int,
-    calib_len: int,
-    ctx: int,
-    speedup_for: str = "prefill",
-    heal: str | None = None,
-) -> MethodOptions:
-    from gatenorm.methods.calibration import Calibration
-
-    calibration = None if calib is None else Calibration(calib, calib_samples, calib_len)
-    return MethodOptions(seed=seed, calib=calibration, ctx=ctx, speedup_for=speedup_for, heal=heal, log=_log)
+def _options(settings: MethodSettings, heal: HealSettings | None = None) -> MethodOptions:
+    """The method options of a command's method flags (a speedup target counts `heal`'s repairs)."""
+    return settings.method_options(heal=heal and heal.form, log=_log)
 
 
 def _heal_settings(
@@ -180,23 +176,19 @@ def _table(
     return table
 
 
-@app.command()
 def score(
     model: ModelArg,
     method: MethodOpt = "gate-norm",
-    seed: SeedOpt = 0,
-    calib: CalibOpt = None,
-    calib_samples: CalibSamplesOpt = 16,
-    calib_len: CalibLenOpt = 256,
-    ctx: CtxOpt = 512,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Draw the scores per layer to this PNG.")] = None,
+    *,
+    method_settings: MethodSettings,
 ) -> None:
     """Score every layer (rank 1 = changed first) and show the action the method would give it."""
     for out in (json_out, plot):
         if out is not None:
             refuse_overwriting_inputs(out, {"the model": resolve_model(model)})
-    ckpt, ranking = _rank(model, method, _options(seed, calib, calib_samples, calib_len, ctx))
+    ckpt, ranking = _rank(model, method, _options(method_settings))
     scores = ranking.scores
     console.print(f"{method} scores of {ckpt.path} ({scores.seconds:.2f} s)")
     console.print(_table(scores, ranking.actions, ranking.alphas))
@@ -225,14 +217,6 @@ SpeedupOpt = Annotated[
         "reaches this, e.g. 1.2.",
     ),
 ]
-SpeedupForOpt = Annotated[
-    Phase,
-    typer.Option(
-        "--speedup-for",
-        help="What --budget-speedup is about: prefill (a prompt of --ctx tokens) or decode (generating at "
-        "depth --ctx, where attention's share grows with the depth).",
-    ),
-]
 
 
 def plan(
@@ -242,19 +226,15 @@ def plan(
         int | None, typer.Option("--drop", "-n", help="Number of layers to change (drop/linearize).")
     ] = None,
     budget_speedup: SpeedupOpt = None,
-    speedup_for: SpeedupForOpt = "prefill",
     method: MethodOpt = "gate-norm",
-    seed: SeedOpt = 0,
-    calib: CalibOpt = None,
-    calib_samples: CalibSamplesOpt = 16,
-    calib_len: CalibLenOpt = 256,
-    ctx: CtxOpt = 512,
     allow_first_layer: Annotated[
         bool, typer.Option(help="Allow dropping layer 0 (gate-norm-type methods; llama.cpp cannot run it).")
     ] = False,
     heal: HealOpt = False,
     *,
+    method_settings: MethodSettings,
     heal_settings: HealSettings,
+    memory: MemorySettings,
 ) -> None:
     """Rank the layers with a method and write a plan changing the N lowest-ranked (or reaching a speedup);
     with --heal, fit the changed layers' repairs too (their weights beside the plan)."""
@@ -265,16 +245,19 @@ def plan(
     if allow_first_layer and (drop is None or not method_spec(method).score_only):
         score_only = ", ".join(name for name, spec in METHODS.items() if spec.score_only)
         raise GatenormError(f"--allow-first-layer goes with --drop and {score_only}")
+    calib = method_settings.calib
     healing = _heal_settings(heal, heal_settings, calib, drop)
     inputs = {"the model": resolve_model(model), "the calibration text": _calib_file(calib)}
     refuse_overwriting_inputs(output, inputs)
     weights = weights_path_for(output)
     if healing is not None:
         refuse_overwriting_inputs(weights, inputs)
-    options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for, healing and healing.form)
+    options = _options(method_settings, healing)
     ckpt = open_checkpoint(resolve_model(model))
     if healing is not None:
         _refuse_deci_heal(ckpt)
+    heal_tokens = None if healing is None else healing.samples * healing.length
+    check_memory(ckpt, plan_steps(ckpt, method, options.calib, drop, heal_tokens), memory, _log)
     ranking = rank_layers(ckpt, method, options, drop)
     result = make_method_plan(ckpt, method, drop, budget_speedup, options, ranking, allow_first_layer)
     if healing is not None:
@@ -282,7 +265,7 @@ def plan(
 
         result = heal_plan(ckpt.path, result, healing, weights, _log)
     result.save(output)
-    _print_plan(ckpt, method, ranking.scores, result, ctx, speedup_for)
+    _print_plan(ckpt, method, ranking.scores, result, method_settings)
     files = f"{output} + {weights}" if result.healing is not None else str(output)
     console.print(f"-> {files}")
 
@@ -306,7 +289,7 @@ def _healed_cells(plan: Plan) -> dict[int, str]:
 
 
 def _print_plan(
-    ckpt: Checkpoint, method: str, scores: LayerScores, result: Plan, ctx: int, speedup_for: Phase
+    ckpt: Checkpoint, method: str, scores: LayerScores, result: Plan, settings: MethodSettings
 ) -> None:
     """The plan's table (with a healed column for a healed plan), what it changes, and its estimated
     speedup with its repairs counted (and the fitting time)."""
@@ -315,6 +298,7 @@ def _print_plan(
     healed = _healed_cells(result) if result.healing is not None else None
     console.print(f"{method} plan for {ckpt.path}")
     console.print(_table(scores, actions, alphas, healed))
+    ctx, speedup_for = settings.ctx, settings.speedup_for
     speedup = cost_model(ckpt, ctx, speedup_for).plan_speedup(result)
     at = f"ctx {ctx}" if speedup_for == "prefill" else f"decode at depth {ctx}"
     counted = ", repairs counted" if result.healing is not None else ""
@@ -340,13 +324,7 @@ def export(
         int | None, typer.Option("--drop", "-n", help="Score, plan and export in one step, dropping N.")
     ] = None,
     budget_speedup: SpeedupOpt = None,
-    speedup_for: SpeedupForOpt = "prefill",
     method: MethodOpt = "gate-norm",
-    seed: SeedOpt = 0,
-    calib: CalibOpt = None,
-    calib_samples: CalibSamplesOpt = 16,
-    calib_len: CalibLenOpt = 256,
-    ctx: CtxOpt = 512,
     quant: Annotated[
         str,
         typer.Option(
@@ -358,6 +336,7 @@ def export(
     settings: BaseModel | None = None,
     heal: HealOpt = False,
     *,
+    method_settings: MethodSettings,
     heal_settings: HealSettings,
 ) -> None:
     """Export MODEL with the plan's attention sublayers removed (GGUF: runs in stock llama.cpp); a healed
@@ -371,6 +350,7 @@ def export(
         raise GatenormError("give exactly one of --plan PLAN.json, --drop N and --budget-speedup X")
     if heal and plan_file is not None:
         raise GatenormError("--heal goes with --drop or --budget-speedup (heal a plan file with plan --heal)")
+    calib = method_settings.calib
     healing = _heal_settings(heal, heal_settings, calib, drop)
     inputs = {
         "the model": resolve_model(model),
@@ -388,15 +368,14 @@ def export(
         else:  # the plan is made from this very checkpoint: no need to check it against it
             if healing is not None:
                 _refuse_deci_heal(ckpt)
-            form = healing and healing.form
-            options = _options(seed, calib, calib_samples, calib_len, ctx, speedup_for, form)
+            options = _options(method_settings, healing)
             result, check = make_method_plan(ckpt, method, drop, budget_speedup, options=options), False
             if healing is not None:  # the weights live until the export has embedded them
                 from gatenorm.heal.fit import heal_plan
 
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gatenorm-heal-")))
                 result = heal_plan(ckpt.path, result, healing, folder / "plan.repairs.safetensors", _log)
-                speedup = cost_model(ckpt, ctx, speedup_for).plan_speedup(result)
+                speedup = cost_model(ckpt, options.ctx, options.speedup_for).plan_speedup(result)
                 console.print(
                     f"{result.describe()}: repairs fitted in {result.healing.seconds:.1f} s (estimated "
                     f"speedup {speedup:.3f}, repairs counted)"
@@ -435,7 +414,6 @@ def _inspect_deci(file: Path) -> bool:
     return True
 
 
-@app.command()
 def inspect(
     file: Annotated[Path, typer.Argument(help="A GGUF file written by gatenorm export.", show_default=False)],
 ) -> None:
@@ -465,14 +443,21 @@ def inspect(
     console.print(stored.describe())
 
 
-app.command("plan")(with_settings_flags(plan, HealSettings, "heal_settings", "heal-", exclude={"calib"}))
-app.command("export")(
-    with_settings_flags(
-        with_settings_flags(export, HealSettings, "heal_settings", "heal-", exclude={"calib"}),
-        export_flags_model(),
-    )
-)
-app.command("validate")(validate_command)
+def _with_method_flags(command, exclude: set[str] | frozenset[str] = frozenset()):
+    """`command` with one flag per method setting (`MethodSettings`: --seed, --calib, --ctx, ...)."""
+    return with_settings_flags(command, MethodSettings, "method_settings", exclude=exclude)
+
+
+def _with_heal_flags(command):
+    """`command` with --heal-* flags (`HealSettings`; its calibration text is --calib's)."""
+    return with_settings_flags(command, HealSettings, "heal_settings", "heal-", exclude={"calib"})
+
+
+app.command("score")(_with_method_flags(score, exclude={"speedup_for"}))  # no speedup target to price
+app.command("inspect")(inspect)
+app.command("plan")(with_settings_flags(_with_method_flags(_with_heal_flags(plan)), MemorySettings, "memory"))
+app.command("export")(with_settings_flags(_with_method_flags(_with_heal_flags(export)), export_flags_model()))
+app.command("validate")(validate_command())
 app.command("run")(run_command)
 
 
@@ -481,8 +466,47 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+#: the size an allocation failure names: numpy's "Unable to allocate 8.00 GiB for an array ...", torch's
+#: "...: you tried to allocate 8589934592 bytes"
+_ASKED = re.compile(r"allocate (?:(\d+) bytes|([\d.]+ [KMGTPE]?i?B))")
+
+
+def _out_of_memory(error: BaseException) -> str | None:
+    """The one line of an allocation failure (a MemoryError; torch's allocators raise a RuntimeError):
+    the command, its model, the memory asked for and the memory available; None for any other error."""
+    text = str(error)
+    if not isinstance(error, MemoryError) and not re.search(
+        r"(not enough|can't allocate|out of) memory", text
+    ):
+        return None
+    notes = []
+    if (found := _ASKED.search(text)) is not None:
+        notes.append(f"an allocation of {found[2] or f'{int(found[1]) / 2**30:.2f} GiB'} failed")
+    with contextlib.suppress(ImportError):
+        import psutil
+
+        notes.append(f"{psutil.virtual_memory().available / 2**30:.1f} GiB available")
+    return f"out of memory: {_running()}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _running() -> str:
+    """``gatenorm COMMAND on ARGUMENT``: the command line being run and its first argument (the model, file
+    or recipe), re-read from sys.argv once the command has unwound."""
+    args = sys.argv[1:]
+    command = typer.main.get_command(app).commands.get(args[0]) if args else None
+    if command is None:
+        return "gatenorm"
+    first = next((p.name for p in command.params if p.param_type_name == "argument"), None)
+    with contextlib.suppress(Exception):  # the command line parsed once already: this is a best effort
+        value = command.make_context(args[0], args[1:], resilient_parsing=True).params.get(first)
+        if value is not None:
+            return f"gatenorm {args[0]} on {value}"
+    return f"gatenorm {args[0]}"
+
+
 def main() -> None:
-    """Entry point: user errors, bad flags and values included, become one line on stderr and exit code 2."""
+    """Entry point: user errors, bad flags and values included, and running out of memory become one line on
+    stderr and exit code 2."""
     try:
         code = app(standalone_mode=False)
     except _NO_ARGS_HELP as e:
@@ -500,6 +524,10 @@ def main() -> None:
         _fail(str(e))
     except OSError as e:
         _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+    except (MemoryError, RuntimeError) as e:  # out of memory anywhere in a command: one line too
+        if (line := _out_of_memory(e)) is None:
+            raise
+        _fail(line)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -19,12 +19,14 @@ import json
 from pathlib import Path
 
 from gatenorm.plot import pareto_front
+from gatenorm.recipes.frontier import QUALITY
 from gatenorm.validate.bench import (
     add_script_bench_args,
     bench_interleaved,
     bench_tokens,
     script_bench_config,
 )
+from gatenorm.validate.result import ValidationReport
 from gatenorm.validate.runtimes import ModelSpec
 
 THREADS = 2
@@ -33,13 +35,14 @@ THREADS = 2
 def variants(out: Path) -> dict[str, tuple[Path, float, bool]]:
     """Variant name -> (its GGUF, mean KLD vs the source, pruned) for every validated GGUF variant."""
     found = {}
-    for report in sorted(out.glob("*/validation.json")):
-        doc = json.loads(report.read_text())
-        ggufs = sorted(report.parent.glob("*.gguf"))
-        if not ggufs or not doc.get("agreement"):
+    for path in sorted(out.glob("*/validation.json")):
+        report = ValidationReport.read(path)
+        quality = QUALITY.value(report) if report else None
+        ggufs = sorted(path.parent.glob("*.gguf"))
+        if not ggufs or quality is None:
             continue
-        name = report.parent.name
-        found[name] = (ggufs[0], doc["agreement"]["kld_mean"], "-d00-" not in name)
+        name = path.parent.name
+        found[name] = (ggufs[0], quality, "-d00-" not in name)
     return found
 
 

@@ -51,10 +51,11 @@ LAYER_VARIANTS = {"8 linear": (8, LayerAction.LINEARIZE), "8 blocks": (8, LayerA
 LLAMA_7B = dict(d=4096, n_layers=32, ff=11008, n_head=32, n_head_kv=32, vocab=32000)
 
 
-def write_synthetic_7b(path: Path) -> None:
-    """A Llama-2-7B-shaped GGUF: every matrix Q4_K (random quants, small scales), the tokenizer of `tiny`."""
-    s = LLAMA_7B
+def write_synthetic_7b(path: Path, s: dict = LLAMA_7B, name: str = "synthetic-llama-7b-q4_k") -> None:
+    """A Llama-2-7B-shaped GGUF (or of shape `s`): every matrix Q4_K (random quants, small scales), the
+    tokenizer of `tiny` (padded with unused tokens up to a larger vocabulary)."""
     d, ff = s["d"], s["ff"]
+    kv = d // s["n_head"] * s["n_head_kv"]
     q4k = gguf.GGMLQuantizationType.Q4_K
     block_size, type_size = gguf.GGML_QUANT_SIZES[q4k]
     rng = np.random.default_rng(0)
@@ -70,8 +71,8 @@ def write_synthetic_7b(path: Path) -> None:
         tensors += [
             (f"blk.{i}.attn_norm.weight", (d,), gguf.GGMLQuantizationType.F32),
             (f"blk.{i}.attn_q.weight", (d, d), q4k),
-            (f"blk.{i}.attn_k.weight", (d, d), q4k),
-            (f"blk.{i}.attn_v.weight", (d, d), q4k),
+            (f"blk.{i}.attn_k.weight", (kv, d), q4k),
+            (f"blk.{i}.attn_v.weight", (kv, d), q4k),
             (f"blk.{i}.attn_output.weight", (d, d), q4k),
             (f"blk.{i}.ffn_norm.weight", (d,), gguf.GGMLQuantizationType.F32),
             (f"blk.{i}.ffn_gate.weight", (ff, d), q4k),
@@ -85,20 +86,31 @@ def write_synthetic_7b(path: Path) -> None:
 
     source = gguf.GGUFReader(tiny())
     writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name("synthetic-llama-7b-q4_k")
+    writer.add_name(name)
     writer.add_context_length(4096)
     writer.add_embedding_length(d)
     writer.add_block_count(s["n_layers"])
     writer.add_feed_forward_length(ff)
     writer.add_head_count(s["n_head"])
     writer.add_head_count_kv(s["n_head_kv"])
+    if "rope_theta" in s:
+        writer.add_rope_freq_base(s["rope_theta"])
     writer.add_rope_dimension_count(d // s["n_head"])
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_S)
+    pad = s["vocab"] - len(source.fields["tokenizer.ggml.tokens"].contents())
+    padding = {
+        "tokenizer.ggml.tokens": [f"<unused_{i}>" for i in range(pad)],
+        "tokenizer.ggml.scores": [0.0] * pad,
+        "tokenizer.ggml.token_type": [int(gguf.TokenType.UNUSED)] * pad,
+    }
     for key, field in source.fields.items():
         if key.startswith("tokenizer."):
             sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub)
+            value = field.contents()
+            if key in padding and pad > 0:
+                value = value + padding[key]
+            writer.add_key_value(key, value, field.types[0], sub)
     for name, shape, qtype in tensors:
         n = int(np.prod(shape))
         nbytes = n * 4 if qtype == gguf.GGMLQuantizationType.F32 else n // block_size * type_size

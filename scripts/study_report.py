@@ -1,5 +1,9 @@
 """Rewrite docs/study.md and its figures from the study's results JSON only (no measurement): the ``report``
-stage of `gatenorm.study.run`; takes the same flags (``--cache``, ``--docs``, ...)."""
+stage of `gatenorm.study.run`; takes the same flags (``--cache``, ``--docs``, ...). The hand-written regions
+of the existing docs/study.md are kept (`gatenorm.study.prose`).
+
+    python scripts/study_report.py --heal-compare wiki-heldout   # docs/study.md as committed
+"""
 
 import sys
 

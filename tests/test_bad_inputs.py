@@ -405,3 +405,60 @@ def test_exit_codes_pass_through(tmp_path, monkeypatch, capsys):
         assert cli(monkeypatch, capsys, "gate-fails")[0] == 1
     finally:
         app.registered_commands.pop()
+
+
+# --- out of memory ----------------------------------------------------------------------------------------
+
+
+def test_out_of_memory_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """An allocation that fails anywhere in a command (numpy's MemoryError, torch's RuntimeError) is one line
+    naming the command, its model and the memory asked for, exit 2, and no plan is written."""
+    import numpy as np
+
+    import gatenorm.cli
+
+    out = tmp_path / "p.json"
+    failures = {  # a real failed allocation of each library -> the size the line names
+        "1.00 EiB": lambda: np.empty(1 << 60, np.uint8),
+        "1024.00 GiB": lambda: torch.empty(1 << 40, dtype=torch.uint8),
+    }
+    for asked, allocate in failures.items():
+        monkeypatch.setattr(gatenorm.cli, "rank_layers", lambda *_, allocate=allocate, **__: allocate())
+        code, _, err = cli(monkeypatch, capsys, "plan", "tiny", "--drop", "1", "-o", out)
+        assert_one_line_exit_2(
+            code, err, "out of memory: gatenorm plan on tiny", f"an allocation of {asked} failed", "available"
+        )
+        assert not list(tmp_path.iterdir())
+
+
+def test_out_of_memory_while_writing_leaves_no_output(model_copy, tmp_path, monkeypatch, capsys):
+    """A MemoryError after the export has written its temporary file: one line, and neither the output nor
+    the temporary file is left."""
+    import exporters.gguf
+
+    write = exporters.gguf.prune_gguf
+
+    def write_then_run_out(*args, **kwargs):
+        write(*args, **kwargs)
+        raise MemoryError
+
+    monkeypatch.setattr(exporters.gguf, "prune_gguf", write_then_run_out)
+    out = tmp_path / "out" / "pruned.gguf"
+    code, _, err = cli(monkeypatch, capsys, "export", model_copy, "--drop", "1", "-o", out)
+    assert_one_line_exit_2(code, err, f"out of memory: gatenorm export on {model_copy}")
+    assert not list(out.parent.iterdir())
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(tmp_path, monkeypatch):
+    """Only allocation failures become the out-of-memory line; any other error keeps its traceback."""
+    import gatenorm.cli
+
+    def fail(*_, **__):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gatenorm.cli, "rank_layers", fail)
+    monkeypatch.setattr(
+        sys, "argv", ["gatenorm", "plan", "tiny", "--drop", "1", "-o", str(tmp_path / "p.json")]
+    )
+    with pytest.raises(RuntimeError, match="a bug"):
+        main()

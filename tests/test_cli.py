@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,22 @@ def test_plan_allow_first_layer(tmp_path):
         "plan", "tiny", "--drop", "1", "--method", "mixed", "--allow-first-layer", "-o", "c.json"
     )
     assert refused.returncode == 2 and "--allow-first-layer goes with --drop" in refused.stderr
+
+
+@pytest.mark.parametrize("command", ["score", "plan", "export"])
+def test_help_lists_every_method_whole_at_80_columns(command):
+    """In an 80-column terminal the help fits and names every registered method whole (rich's tables cut
+    words short with an ellipsis, click's wrapping breaks them at hyphens)."""
+    from typer.testing import CliRunner
+
+    from gatenorm.cli import app
+    from gatenorm.methods import METHODS
+
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert max(map(len, result.output.splitlines())) <= 80 and "…" not in result.output
+    words = set(re.findall(r"[\w-]+", result.output))
+    assert [name for name in METHODS if name not in words] == []
 
 
 def test_plan_smollm2(tmp_path):

@@ -291,14 +291,15 @@ def test_tail_runner_matches_full_forward(family):
 
 
 def test_onnx_refusal_is_one_line(family, monkeypatch):
-    """Every family exports to ONNX today (tests/test_onnx_export.py); an adapter's `onnx_refusal` (for a
+    """Every family exports to ONNX today (tests/test_onnx_export.py); an ONNX spec's `refusal` (for a
     family that cannot) stops the export in one line."""
+    from exporters.onnx.families import onnx_family
     from exporters.onnx.fused_attention import fused_attention
 
     model_type, _, _, base, _ = family
     arch = get_architecture(model_type)
-    assert not arch.onnx_refusal
-    monkeypatch.setattr(arch, "onnx_refusal", "a reason")
+    assert not onnx_family(arch).refusal
+    monkeypatch.setattr(type(onnx_family(arch)), "refusal", "a reason")
     match = f"cannot export {arch.name} to ONNX: a reason; what works"
     with pytest.raises(GatenormError, match=match) as refused, fused_attention(base, arch):
         pass
@@ -330,3 +331,87 @@ def test_data_methods_plan_and_apply(family):
     """Every calibrated method plans and applies (its statistics are checked above; slow: a model load and
     generated text per method)."""
     _plans_apply_and_cache(family, [m for m, info in METHODS.items() if info.data])
+
+
+# ---- the layer-sequential engine (gatenorm.sequential) against the whole loaded model -----------------
+
+
+def _assert_same_statistics(old, new) -> None:
+    for name in ("attention_cosine", "block_cosine", "attention_ratio", "linear_alpha", "linear_cosine"):
+        assert getattr(new, name) == pytest.approx(getattr(old, name), rel=1e-5, abs=1e-9), name
+    assert new.tokens == old.tokens
+
+
+def test_sequential_statistics_equal_whole_model(family):
+    """The calibration statistics of every calibrated method, a layer at a time, equal the hooked whole
+    model's (rel 1e-5), so their rankings and plans are the same."""
+    from gatenorm.methods.calibration import sequential_layer_statistics
+    from gatenorm.sequential import SequentialModel
+
+    _, folder, _, base, _ = family
+    windows = np.random.default_rng(5).integers(3, 1000, size=(3, 12))
+    old = layer_statistics(base, windows, batch=2)
+    _assert_same_statistics(old, sequential_layer_statistics(SequentialModel(folder), windows, batch=2))
+
+
+def test_sequential_tail_runner_and_harp_alphas_equal_whole_model(family):
+    """HARP's search on the engine's tail runner: the same NLLs and the same calibrated alphas."""
+    from gatenorm.methods.calibration import SequentialTailRunner
+    from gatenorm.methods.harp_alpha import calibrate_alphas
+    from gatenorm.sequential import SequentialModel
+
+    _, folder, _, base, _ = family
+    windows = np.random.default_rng(6).integers(3, 1000, size=(3, 12))
+    old = TailRunner(base, windows, keep_from=2, batch=2)
+    new = SequentialTailRunner(SequentialModel(folder), windows, keep_from=2, batch=2)
+    try:
+        for start in (2, 3):
+            assert new.nll(start) == pytest.approx(old.nll(start), rel=1e-5)
+        layers = [2, 3]
+        fast = dict(grid=(0.0, 0.6, 1.2), refine=2)
+        assert calibrate_alphas(new, layers, **fast) == pytest.approx(
+            calibrate_alphas(old, layers, **fast), rel=1e-5
+        )
+    finally:
+        new.close()
+
+
+def whole_model_agreement(base, plan, windows: np.ndarray, first: int):
+    """The agreement of `base` with `plan` applied against `base`, both whole loaded models."""
+    from gatenorm.validate.agreement import compare_logits
+
+    pruned = apply_plan(copy.deepcopy(base), plan)
+    ids = torch.from_numpy(windows)
+    with torch.no_grad():
+        want_ref = base(ids, use_cache=False).logits[:, first:-1].numpy()
+        want_cand = pruned(ids, use_cache=False).logits[:, first:-1].numpy()
+    return compare_logits(want_ref, want_cand, windows, first)
+
+
+def assert_sequential_validation_equal(path, base, plan, plan_file, windows: np.ndarray, first: int) -> None:
+    """Torch-runtime window logits of `path` and of it with `plan` (saved at `plan_file`), reference and
+    candidate in one layer-at-a-time pass, give the whole models' agreement (KLD, PPL, top-1)."""
+    from gatenorm.validate.agreement import compare_logits
+    from gatenorm.validate.runtimes import TorchRuntime
+
+    ref, cand = TorchRuntime(path), TorchRuntime(path, plan=plan_file)
+    got = compare_logits(
+        ref.window_logits(windows, first), cand.window_logits(windows, first), windows, first
+    )
+    assert ref._model is None and cand._model is None  # neither loaded the whole model
+    want = whole_model_agreement(base, plan, windows, first)
+    assert got.kld_mean == pytest.approx(want.kld_mean, rel=1e-5, abs=1e-9)
+    assert got.ppl_ref == pytest.approx(want.ppl_ref, rel=1e-5)
+    assert got.ppl_cand == pytest.approx(want.ppl_cand, rel=1e-5)
+    assert got.top1 == want.top1
+    assert want.kld_mean > 1e-4  # the plan changed the model
+
+
+def test_sequential_torch_validation_equals_whole_model(family):
+    """Torch-runtime validation of a plan using every action, on the engine, equals the whole model's."""
+    _, folder, ckpt, base, _ = family
+    plan = mixed_plan(ckpt, {1: "drop-attention", 2: "linearize", 3: "drop-block"}, {2: 0.8})
+    path = folder.parent / f"{folder.name}-plan.json"
+    plan.save(path)
+    windows = np.random.default_rng(7).integers(3, 1000, size=(3, 12))
+    assert_sequential_validation_equal(folder, base, plan, path, windows, 4)

@@ -172,6 +172,7 @@ def test_fit_recovers_an_exactly_linear_attention(tiny):
 def test_fit_lowers_the_loss_it_targets_and_sequential_sees_earlier_repairs(tiny):
     folder, ckpt = tiny
     model = load_model(folder)
+    before = {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()}
     plan = mixed_plan(ckpt, {1: "drop-attention", 2: "drop-attention"}, {})
     windows = np.random.default_rng(0).integers(0, model.config.vocab_size, (8, 32))
     linear = {"form": "linear"}
@@ -182,8 +183,10 @@ def test_fit_lowers_the_loss_it_targets_and_sequential_sees_earlier_repairs(tiny
     assert all(r.bias is None for r in seq.values())
     biased = fit_repairs(model, plan, windows, HealSettings(**linear, bias=True)).repairs
     assert biased[1].bias.shape == (ckpt.shape.d_model,)
-    for p in model.parameters():  # the model is left unpruned
-        assert p.requires_grad is not None
+    after = dict(model.named_parameters())  # the model is left as it was: same weights, unpruned
+    assert after.keys() == before.keys()
+    for name, (weight, grad) in before.items():
+        assert torch.equal(after[name], weight) and after[name].requires_grad == grad, name
     assert not any(isinstance(layer, LinearAttentionLayer) for layer in model.model.layers)
 
 
@@ -358,3 +361,27 @@ def test_the_calibration_source_is_recorded_and_a_text_file_by_its_hash(tmp_path
     assert HealSettings().calib_id() == "synthetic"
     text.write_text("other text", encoding="utf-8")
     assert HealSettings(calib=str(text)).calib_id() != f"file:{digest}"
+
+
+def test_healed_plans_run_alike_on_the_layer_sequential_engine(tmp_path, tiny):
+    """A healed plan (fitted maps on a dropped attention, a linearized layer and a dropped block) and a
+    folded one (refitted down projections) give the same logits a layer at a time, in one shared pass with
+    the unpruned model, as applied to the whole loaded model."""
+    from gatenorm.sequential import SequentialModel
+
+    folder, ckpt = tiny
+    mapped, _ = _healed(tmp_path, ckpt, {1: "drop-attention", 2: "linearize", 3: "drop-block"}, bias=True)
+    base = load_model(folder)
+    g = torch.Generator().manual_seed(5)
+    refits = {i: base.model.layers[i].mlp.down_proj.weight.detach() + 0.05 * torch.randn(64, 96, generator=g)
+              for i in (0, 2)}  # fmt: skip
+    folded = _folded(tmp_path, ckpt, {1: "drop-attention", 3: "drop-block"}, refits)
+    windows = np.random.default_rng(6).integers(0, 128, size=(3, 16))
+    engine = SequentialModel(folder)
+    states = engine.forward_many(windows, [None, mapped, folded])
+    for plan, state in zip([None, mapped, folded], states, strict=True):
+        model = base if plan is None else apply_plan(load_model(folder), plan)
+        with torch.inference_mode():
+            want = model(torch.from_numpy(windows), use_cache=False).logits[:, 2:-1].numpy()
+        got = np.stack(list(engine.window_logits(state.hidden, 2)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from gatenorm.errors import GatenormError
+from gatenorm.study.prose import BEGIN, END
 from gatenorm.study.run import main
 
 SMALL = [
@@ -131,3 +132,29 @@ def test_heal_needs_the_methods_rankings(tmp_path):
     with pytest.raises(GatenormError, match="no ranking of it"):
         main([*SMALL, "--heal-methods", "attention-cosine", "--cache", str(tmp_path / "r.json"), "--heal",
               "--stages", ""])  # fmt: skip
+
+
+def test_the_report_keeps_its_hand_written_regions(study):
+    """The findings live in docs/study.md between markers: rewriting the report from the results JSON keeps
+    them as they are, and refuses (writing nothing) to drop a region it has no place for."""
+    out, _ = study
+    docs = out / "prose"
+    docs.mkdir()
+    text = (out / "study.md").read_text()
+    begin = BEGIN.format(name="reading")
+    assert text.count(begin) == 1
+    finding = "- On this model, a finding written by hand (1.23x: KLD 0.73)."
+    (docs / "study.md").write_text(text.replace(f"{begin}\n", f"{begin}\n## Reading\n\n{finding}\n"))
+    args = [*SMALL, "--methods", METHODS, "--heal-methods", METHODS, "--cache", str(out / "r.json")]
+    main([*args, "--docs", str(docs), "--stages", "report"])
+    again = (docs / "study.md").read_text()
+    assert f"{begin}\n## Reading\n\n{finding}\n{END}\n" in again
+    assert again.count("<!-- hand-written: ") == text.count("<!-- hand-written: ")
+    unplaced = again + f"\n{BEGIN.format(name='renamed')}\nold text\n{END}\n"
+    (docs / "study.md").write_text(unplaced)
+    with pytest.raises(GatenormError, match=r"no place for hand-written region.*renamed"):
+        main([*args, "--docs", str(docs), "--stages", "report"])
+    assert (docs / "study.md").read_text() == unplaced
+    (docs / "study.md").write_text(f"{begin}\nnever closed\n")
+    with pytest.raises(GatenormError, match="'reading' is not closed"):
+        main([*args, "--docs", str(docs), "--stages", "report"])

@@ -122,7 +122,7 @@ def test_calibrated_alpha_beats_alpha_one_and_restores_model(tiny_model, tiny_wi
     layers = [2, 3]
     runner = TailRunner(tiny_model, tiny_windows, keep_from=min(layers))
     before = runner.nll(0) if 0 in runner.inputs else None
-    alphas = calibrate_alphas(tiny_model, runner, layers)
+    alphas = calibrate_alphas(runner, layers)
     assert not any(type(layer).__name__ == "LinearAttentionLayer" for layer in tiny_model.model.layers)
 
     def nll_with(values: dict[int, float]) -> float:
@@ -243,7 +243,7 @@ def test_every_method_plans_the_tiny_model(tiny_llama_dir, tiny_model, tiny_wind
     """Each registry method on the 4-layer model (calibration windows of random ids: it has no tokenizer)."""
     from gatenorm.methods import METHODS, data_driven
 
-    monkeypatch.setattr(data_driven, "_model_and_windows", lambda ckpt, options: (tiny_model, tiny_windows))
+    monkeypatch.setattr(data_driven, "_windows", lambda ckpt, options: tiny_windows)
     ckpt = open_checkpoint(tiny_llama_dir)
     options = MethodOptions(calib=Calibration(WIKI_HELDOUT, 3, 24), ctx=16)
     synthetic = MethodOptions(calib=Calibration(SYNTHETIC, 3, 24), ctx=16)
@@ -276,7 +276,7 @@ def test_mixed_synthetic_rule(tiny_llama_dir, tiny_model, tiny_windows, monkeypa
     """Each layer takes the action with the smallest damage per saved FLOP, at the least-squares alpha."""
     from gatenorm.methods import data_driven, data_free
 
-    monkeypatch.setattr(data_driven, "_model_and_windows", lambda ckpt, options: (tiny_model, tiny_windows))
+    monkeypatch.setattr(data_driven, "_windows", lambda ckpt, options: tiny_windows)
     ckpt = open_checkpoint(tiny_llama_dir)
     stats = layer_statistics(tiny_model, tiny_windows)
     real = data_free.saved_flops(ckpt, 16)
@@ -315,7 +315,7 @@ def test_mixed_methods_price_actions_for_the_target_phase(
     prefill, decode = (data_free.saved_flops(ckpt, 4096, phase) for phase in ("prefill", "decode"))
     assert prefill != decode
     assert data_free.linearize_threshold(ckpt, 4096, "decode") != data_free.linearize_threshold(ckpt, 4096)
-    monkeypatch.setattr(data_driven, "_model_and_windows", lambda ckpt, options: (tiny_model, tiny_windows))
+    monkeypatch.setattr(data_driven, "_windows", lambda ckpt, options: tiny_windows)
     asked = []
     real = data_free.saved_flops
     monkeypatch.setattr(

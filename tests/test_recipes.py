@@ -436,11 +436,16 @@ def test_plans_are_reused_by_content_key(tmp_path, tiny_llama_dir, monkeypatch):
 def test_card_title_and_plan_text():
     """Cards are titled by the source's file name (no quant suffix), and describe every plan action."""
     from gatenorm.recipes.card import model_title
-    from gatenorm.validate.report import percent_with_error
+    from gatenorm.validate.result import Average
 
     assert model_title(Path("/m/SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct"
     assert model_title(Path("/m/Llama-3.2-1B.Q4_K_M.gguf")) == "Llama-3.2-1B"
     assert model_title(Path("/m/Llama-3.2-1B")) == "Llama-3.2-1B"  # an HF folder: its name
     assert model_title(Path("/m/model.v2.gguf")) == "model.v2"  # not a quant suffix
-    assert percent_with_error({"reference": 0.5, "reference_err": 0.025}, "reference") == "50.0 ± 2.5"
-    assert percent_with_error({"reference": 0.5}, "reference") == "50.0"  # reports written before it
+    assert (
+        Average(reference=0.5, reference_err=0.025, candidate=0.5, drop_points=0).percent("reference")
+        == "50.0 ± 2.5"
+    )
+    assert (
+        Average(reference=0.5, candidate=0.5, drop_points=0).percent("reference") == "50.0"
+    )  # reports written before it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -143,9 +144,9 @@ def test_dummy_runtime_is_detected_and_validated(uniform_runtime, tmp_path):
     with pytest.raises(GatenormError, match="plan can only be applied in the torch runtime, not uniform"):
         model_spec(str(path), "uniform", tmp_path / "model.uniform")
     report = validate(ref, spec, Settings(ctx=16, max_tokens=64, tasks=[], bench=None), Gates())
-    assert report["candidate"]["runtime"] == "uniform"
-    assert math.isclose(report["agreement"]["ppl_cand"], vocab, rel_tol=1e-4)
-    assert "min_top1" in report["failed_gates"]  # uniform logits: argmax is token 0
+    assert report.candidate.runtime == "uniform"
+    assert math.isclose(report.agreement.ppl_cand, vocab, rel_tol=1e-4)
+    assert "min_top1" in report.failed_gates  # uniform logits: argmax is token 0
 
 
 @pytest.fixture
@@ -200,12 +201,31 @@ def planjson():
         unregister_target("planjson")
 
 
+def _variant(plan: Plan, target: str, quant: str):
+    """A recipe variant ``v`` of the tiny model with `plan`, exported to `target`, not validated."""
+    from gatenorm.models import tiny
+    from gatenorm.recipes.batch import ExportSpec, Variant
+
+    export = ExportSpec(target=target, quant=quant)
+    return Variant(
+        name="v",
+        model="tiny",
+        source_path=str(tiny()),
+        source_sha256="0" * 64,
+        method="gate-norm",
+        budget=1,
+        plan=plan.to_json(),
+        export=export,
+        key="k",
+        validation=None,
+    )
+
+
 def test_dummy_export_target_reaches_export_cli_and_cards(planjson_target, tmp_path):
     from exporters.export import export
     from gatenorm.cli import app
     from gatenorm.models import tiny
     from gatenorm.readers import open_checkpoint
-    from gatenorm.recipes.batch import ExportSpec, Variant
     from gatenorm.recipes.card import model_card
 
     ckpt = open_checkpoint(tiny())
@@ -224,18 +244,7 @@ def test_dummy_export_target_reaches_export_cli_and_cards(planjson_target, tmp_p
     bad = CliRunner().invoke(app, ["export", str(tiny()), "--drop", "1", "--to", "nope", "-o", "x"])
     assert bad.exit_code == 2 and "planjson" in bad.output
 
-    variant = Variant(
-        name="v",
-        model="tiny",
-        source_path=str(tiny()),
-        source_sha256="0" * 64,
-        method="gate-norm",
-        budget=1,
-        plan=plan.to_json(),
-        export=ExportSpec(target="planjson", quant="pretty"),
-        key="k",
-        validation=None,
-    )
+    variant = _variant(plan, "planjson", "pretty")
     assert variant.artifact == "v/v.plan.json"
     card = model_card(variant, None)
     assert "`Plan.load('v.plan.json')`" in card and "library_name: gatenorm" in card
@@ -254,11 +263,82 @@ def test_builtin_targets_refuse_through_plan_require(monkeypatch):
     assert TARGETS["gguf"].actions(gemma2)[0] == {LayerAction.KEEP, LayerAction.DROP_BLOCK}
     assert TARGETS["gguf"].actions(llama)[0] == set(LayerAction)
     assert TARGETS["onnx"].actions(get_architecture("phi3"))[0] == set(LayerAction)
-    monkeypatch.setattr(get_architecture("phi3"), "onnx_refusal", "not checked")
+    from exporters.onnx.families import Phi3Onnx
+
+    monkeypatch.setattr(Phi3Onnx, "refusal", "not checked")
     assert TARGETS["onnx"].actions(get_architecture("phi3")) == (set(), "not checked")
     plan = make_method_plan(open_checkpoint(tiny()), "gate-norm", 1)
     with pytest.raises(GatenormError, match="cannot apply plan action"):
         TARGETS["gguf"].require(gemma2, plan)
+
+
+@pytest.fixture
+def dummy_gguf_family():
+    """A family (an adapter subclassing llama's) with a GGUF spec, both registered for one test (their one
+    file: here): deci cannot run it, its own architecture runs block removal, and the HF -> GGUF writer
+    adds one key of its own."""
+    import gguf
+
+    from exporters.gguf.families import LlamaGguf, register_gguf_family, unregister_gguf_family
+    from gatenorm.architectures import Llama, register, unregister
+
+    @register()
+    class DummyFamily(Llama):
+        name = "dummy-family"
+
+    @register_gguf_family(DummyFamily.name)
+    class DummyGguf(LlamaGguf):
+        deci_exportable = False
+        deci_refusal = "the dummy family has no deci form"
+        block_removal = True
+        works = "drop-block plans as a llama GGUF"
+
+        def hf_metadata(self, ckpt) -> dict[str, tuple]:
+            return {"dummy_marker": (7, gguf.GGUFValueType.UINT32, None)}
+
+    try:
+        yield DummyFamily
+    finally:
+        unregister_gguf_family(DummyFamily.name)
+        unregister(DummyFamily.name)
+
+
+def test_dummy_gguf_family_spec_reaches_target_checks_and_writer(dummy_gguf_family, tokenizer_dir, tmp_path):
+    import gguf
+
+    from exporters.export import export_gguf
+    from exporters.gguf.families import LlamaGguf, gguf_family
+    from exporters.targets import TARGETS
+    from gatenorm.readers import open_checkpoint
+    from tests.conftest import mixed_plan, tiny_hf
+
+    refusal = "the dummy family has no deci form"
+    assert TARGETS["gguf"].actions(dummy_gguf_family) == ({LayerAction.KEEP, LayerAction.DROP_BLOCK}, refusal)
+    ckpt = open_checkpoint(tiny_hf(tmp_path / "m", tokenizer_dir, "llama"))
+    ckpt.arch = dummy_gguf_family  # a checkpoint of the dummy family
+    dropped = mixed_plan(ckpt, {1: LayerAction.DROP_ATTENTION}, {})
+    match = f"cannot export dummy-family with drop-attention to GGUF: {refusal}; what works: drop-block plans"
+    with pytest.raises(GatenormError, match=match):
+        export_gguf(ckpt, dropped, tmp_path / "no.gguf")
+    assert not (tmp_path / "no.gguf").exists()
+
+    out = export_gguf(ckpt, mixed_plan(ckpt, {}, {}), tmp_path / "same.gguf", "F32")
+    fields = gguf.GGUFReader(out).fields
+    assert fields["general.architecture"].contents() == "llama"  # the adapter's gguf_arch
+    assert fields["llama.dummy_marker"].contents() == 7  # the spec's key, written by the HF -> GGUF writer
+
+    from exporters.gguf.families import unregister_gguf_family
+
+    unregister_gguf_family(dummy_gguf_family.name)  # without its spec: llama's (the nearest ancestor's)
+    assert type(gguf_family(dummy_gguf_family)) is LlamaGguf
+    assert TARGETS["gguf"].actions(dummy_gguf_family) == (set(LayerAction), "")
+
+
+def test_gguf_family_registry_refuses_a_second_entry_of_a_name():
+    from exporters.gguf.families import GgufFamily, register_gguf_family
+
+    with pytest.raises(GatenormError, match="registered twice"):
+        register_gguf_family("llama")(type("Again", (GgufFamily,), {}))
 
 
 def test_recipe_schema_reads_the_registries_when_a_recipe_is_validated(tmp_path):
@@ -274,7 +354,7 @@ def test_recipe_schema_reads_the_registries_when_a_recipe_is_validated(tmp_path)
     method = register_method("dummy-first", label="d", summary="d", actions={LayerAction.DROP_ATTENTION})(
         lambda ckpt, options, _needed: None
     )
-    assert method is not None
+    assert METHODS["dummy-first"].rank is method
     try:
         with pytest.raises(GatenormError, match="planjson"):  # the method is known now, the target not yet
             parse_recipe(text, path)
@@ -326,3 +406,93 @@ def test_export_cli_flags_are_generated_from_the_targets_options(tmp_path, monke
         exit_info.value.code == 2 and stderr == "gatenorm: error: --block-size applies to --to onnx only\n"
     ), stderr
     assert not out.exists()
+
+
+@pytest.fixture
+def dummy_metric():
+    """A metric of the output agreement, the mean change of the target token's probability, registered for
+    one test (its one file: here): gated (``min_mean_dp``), a recipe's target budget, with a REPORT.md column
+    and a card row."""
+    from gatenorm.validate.metrics import Metric, register_metric, unregister_metric
+
+    register_metric(
+        Metric(
+            "mean_dp",
+            "mean Δp",
+            "agreement",
+            lambda a: a.mean_dp,
+            "higher",
+            unit="fraction",
+            gate=True,
+            gate_help="Gate: mean change of the target's probability at least.",
+            target={"ge": -1, "le": 1},
+            column="mean Δp",
+            fmt="+.5f",
+            card=lambda a: ("mean change of the target's probability", f"{a.mean_dp:+.5f}"),
+        )
+    )
+    yield "mean_dp"
+    unregister_metric("mean_dp")
+
+
+def test_dummy_metric_reaches_gates_flags_recipes_report_and_card(dummy_metric, tmp_path):
+    import json
+
+    import typer
+
+    from gatenorm.models import tiny
+    from gatenorm.readers import open_checkpoint
+    from gatenorm.recipes.batch import BatchPlan
+    from gatenorm.recipes.build import read_report
+    from gatenorm.recipes.card import model_card
+    from gatenorm.recipes.loader import parse_recipe
+    from gatenorm.recipes.report import write_report
+    from gatenorm.validate.command import validate_command
+    from gatenorm.validate.metrics import gates_model
+
+    assert gates_model().model_fields["min_mean_dp"].default is None  # declared without a default limit
+    app = typer.Typer()
+    app.command()(validate_command())
+    help_ = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "400", "NO_COLOR": "1"}).output
+    assert "--min-mean-dp" in help_ and "Gate: mean change of the target's probability at least." in help_
+
+    folder = tmp_path / "v"
+    report_json = folder / "validation.json"
+    args = [str(tiny()), str(tiny()), "--ctx", "16", "--max-tokens", "64", "--tasks", "none"]
+    result = CliRunner().invoke(app, [*args, "--min-mean-dp", "0.5", "--json", str(report_json)])
+    assert result.exit_code == 1, result.output  # the same model: mean Δp is 0, below the limit 0.5
+    stored = json.loads(report_json.read_text())
+    assert stored["failed_gates"] == ["min_mean_dp"]
+    assert "min_mean_dp: mean Δp = 0 (limit >= 0.5) FAILED" in stored["gate_lines"]
+
+    text = "models: [tiny]\nbudgets: [1]\nexports: {gguf: {quants: [Q8_0]}}\n"
+    text += "validation: {gates: {min_mean_dp: 0.1}}\n"
+    assert parse_recipe(text, tmp_path / "r.yaml").validation.gates.min_mean_dp == 0.1
+    searched = parse_recipe(text.replace("[1]", "[{min_mean_dp: -0.01}]"), tmp_path / "r.yaml").budgets[0]
+    assert searched.metric.name == "mean_dp" and searched.label == "min_mean_dp=-0.01"
+    assert searched.metric.holds(0.0, searched.value) and not searched.metric.holds(-0.02, searched.value)
+
+    plan = make_method_plan(open_checkpoint(tiny()), "gate-norm", 1)
+    variant = _variant(plan, "gguf", "Q8_0")
+    rows = write_report(BatchPlan(recipe_name="r", variants=[variant], budgets={}), tmp_path, {}, Path("r"))
+    assert rows["v"]["mean_dp"] == 0.0
+    table = (tmp_path / "REPORT.md").read_text()
+    assert "| top-1 % | zero-shot % | mean Δp | pp tok/s |" in table and "| +0.00000 |" in table
+    card = model_card(variant, read_report(folder))
+    assert "| mean change of the target's probability | +0.00000 |" in card
+
+
+def test_builtin_gates_follow_the_metrics_directions():
+    """A gate is a maximum or a minimum as its metric declares, whatever its name."""
+    from gatenorm.validate.gates import Gates
+    from gatenorm.validate.metrics import METRICS, gated
+
+    assert list(Gates.model_fields) == [
+        "max_kld",
+        "min_top1",
+        "max_ppl_ratio",
+        "max_acc_drop",
+        "min_retrieval",
+    ]
+    assert [m.bound for m in gated()] == ["max", "min", "max", "max", "min"]
+    assert METRICS["kld"].holds(0.1, 0.2) and not METRICS["top1"].holds(0.1, 0.2)

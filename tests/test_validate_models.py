@@ -70,11 +70,11 @@ def test_self_validation_torch(smollm2_hf):
     spec = model_spec(str(smollm2_hf))
     assert spec.runtime == "torch"
     report = validate(spec, spec, Settings(ctx=256, max_tokens=256, tasks=["hellaswag"], **QUICK), Gates())
-    a = report["agreement"]
-    assert a["kld_mean"] == 0 and a["top1"] == 1 and a["rms_dp"] == 0
-    z = report["zeroshot"]["tasks"]["hellaswag"]
-    assert z["reference"] == z["candidate"]
-    assert report["passed"]
+    a = report.agreement
+    assert a.kld_mean == 0 and a.top1 == 1 and a.rms_dp == 0
+    z = report.zeroshot.tasks["hellaswag"]
+    assert z.reference == z.candidate
+    assert report.passed
 
 
 def test_ppl_pytorch_and_llama_cpp_agree(smollm2_gguf):
@@ -82,9 +82,9 @@ def test_ppl_pytorch_and_llama_cpp_agree(smollm2_gguf):
     ref = model_spec(str(smollm2_gguf))
     cand = model_spec(str(smollm2_gguf), runtime="torch")
     report = validate(ref, cand, Settings(ctx=512, max_tokens=1024, tasks=[], **QUICK), Gates())
-    a = report["agreement"]
-    assert abs(a["ppl_cand"] / a["ppl_ref"] - 1) < 0.01
-    assert a["kld_mean"] < 0.02 and a["top1"] > 0.9
+    a = report.agreement
+    assert abs(a.ppl_cand / a.ppl_ref - 1) < 0.01
+    assert a.kld_mean < 0.02 and a.top1 > 0.9
 
 
 def test_tokenizers_agree(smollm2_gguf):
@@ -122,9 +122,9 @@ def test_pruned_candidate_from_plan(smollm2_hf, smollm2_gguf, tmp_path):
     cand = model_spec(str(smollm2_hf), plan=tmp_path / "plan.json")
     settings = Settings(ctx=256, max_tokens=256, tasks=[], **QUICK)
     report = validate(model_spec(str(smollm2_hf)), cand, settings, Gates())
-    a = report["agreement"]
-    assert report["candidate"]["plan"] == str(tmp_path / "plan.json")
-    assert 0 < a["kld_mean"] < 10 and a["top1"] < 1
+    a = report.agreement
+    assert report.candidate.plan == str(tmp_path / "plan.json")
+    assert 0 < a.kld_mean < 10 and a.top1 < 1
     assert Plan.load(tmp_path / "plan.json").dropped == plan.dropped
 
 

@@ -1,17 +1,14 @@
-"""The onnxruntime adapter on a real ONNX export of SmolLM2 (where gatenorm's ONNX exporter is present)."""
+"""The onnxruntime adapter on a real ONNX export of SmolLM2."""
 
 from __future__ import annotations
 
-import pytest
-
+from exporters import onnx as onnx_export
 from gatenorm.methods import Method, score_checkpoint
 from gatenorm.plan import make_plan
 from gatenorm.readers import open_checkpoint
 from gatenorm.validate.gates import Gates
 from gatenorm.validate.run import Settings, validate
 from gatenorm.validate.runtimes import model_spec
-
-onnx_export = pytest.importorskip("exporters.onnx", reason="needs gatenorm's ONNX exporter")
 
 
 def test_onnx_export_agrees_with_pytorch_plan(smollm2_hf, tmp_path):
@@ -26,10 +23,10 @@ def test_onnx_export_agrees_with_pytorch_plan(smollm2_hf, tmp_path):
 
     torch_pruned = model_spec(str(smollm2_hf), plan=tmp_path / "plan.json")
     report = validate(torch_pruned, onnx, settings, Gates())
-    a = report["agreement"]
-    assert a["kld_mean"] < 1e-4 and a["top1"] > 0.99 and abs(a["ppl_ratio"] - 1) < 1e-3
-    task = report["zeroshot"]["tasks"]["arc_easy"]
-    assert task["reference"]["acc"] == task["candidate"]["acc"]
+    a = report.agreement
+    assert a.kld_mean < 1e-4 and a.top1 > 0.99 and abs(a.ppl_ratio - 1) < 1e-3
+    task = report.zeroshot.tasks["arc_easy"]
+    assert task.reference.acc == task.candidate.acc
 
     self_report = validate(onnx, onnx, Settings(ctx=256, max_tokens=256, tasks=[], threads=1), Gates())
-    assert self_report["agreement"]["kld_mean"] == 0 and self_report["agreement"]["top1"] == 1
+    assert self_report.agreement.kld_mean == 0 and self_report.agreement.top1 == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -137,13 +138,15 @@ def test_parse_tasks():
 
 
 def test_gates():
-    agreement = {"kld_mean": 0.02, "top1": 0.9, "ppl_ratio": 1.05}
-    zeroshot = {"average": {"drop_points": 7.0}}
-    results = {g.name: g for g in check_gates(Gates(), agreement, zeroshot)}
+    agreement = SimpleNamespace(kld_mean=0.02, top1=0.9, ppl_ratio=1.05)
+    zeroshot = SimpleNamespace(average=SimpleNamespace(drop_points=7.0))
+    report = SimpleNamespace(agreement=agreement, zeroshot=zeroshot, retrieval=None)
+    results = {g.name: g for g in check_gates(Gates(), report)}
     assert results["max_kld"].passed and results["min_top1"].passed and results["max_ppl_ratio"].passed
     assert results["max_acc_drop"].passed is False
     assert "FAILED" in results["max_acc_drop"].describe()
-    no_tasks = {g.name: g for g in check_gates(Gates(max_kld=0.01), agreement, None)}
+    report.zeroshot = None
+    no_tasks = {g.name: g for g in check_gates(Gates(max_kld=0.01), report)}
     assert no_tasks["max_kld"].passed is False
     assert no_tasks["max_acc_drop"].passed is None
 

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
+from exporters.gguf.families import gguf_family
 from exporters.gguf.from_gguf import check_deci_plan, prune_gguf, repaired_outputs
 from exporters.gguf.from_hf import hf_to_gguf
 from exporters.gguf.header import ScannedGGUFCheckpoint
@@ -43,11 +44,11 @@ def write_gguf(
         if isinstance(ckpt, GGUFCheckpoint):
             source = ckpt
         else:
-            if not ckpt.arch.gguf_from_hf:
+            if not (spec := gguf_family(ckpt.arch)).from_hf:
                 raise GatenormError(
                     f"cannot export {ckpt.arch.name} from an HF folder to GGUF: gatenorm's HF -> GGUF writer "
                     f"does not write its hyperparameters yet; what works: convert it with llama.cpp's "
-                    f"convert_hf_to_gguf.py and export that GGUF, or {ckpt.arch.gguf_works}"
+                    f"convert_hf_to_gguf.py and export that GGUF, or {spec.works}"
                 )
             converted = stack.enter_context(scratch_file(out, "f"))
             hf_to_gguf(ckpt, converted, quant if quant in FLOAT_TYPES else KEEP)

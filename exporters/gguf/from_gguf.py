@@ -10,8 +10,8 @@
   fused HARP matrix (`exporters.gguf.linearize`) and q/k/v omitted; no KV cache;
 - drop-block: the layer is not written at all; later layers are renumbered and ``block_count`` shrinks;
 - a healed layer (a fitted repair ``W``, `gatenorm.heal`): linear attention with ``attn_output = s * W`` (s:
-  the residual multiplier deci folds into tensors, `Architecture.deci_scales`) and q/k/v omitted, the MLP
-  as the action leaves it; a healed dropped block is linear attention ``W`` plus an FFN of width
+  the residual multiplier deci folds into tensors, the GGUF spec's `deci_scales`) and q/k/v omitted, the
+  MLP as the action leaves it; a healed dropped block is linear attention ``W`` plus an FFN of width
   `HEALED_BLOCK_FFN` whose ``ffn_down`` is all zeros (it adds exactly 0: deci skips a layer without FFN
   before its residual add, which would discard the repair).
 
@@ -28,12 +28,14 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
 import gguf
 import numpy as np
 
+from exporters.gguf.families import DeciTensors, GgufFamily, gguf_family
 from exporters.gguf.fold import folded_bytes, folded_nbytes, folded_type
 from exporters.gguf.header import ScannedGGUF, encode_kv, encode_raw_kv, encode_tensor_info
 from exporters.gguf.linearize import (
@@ -45,7 +47,7 @@ from exporters.gguf.linearize import (
 )
 from exporters.gguf.metadata import plan_metadata, pruned_name
 from exporters.keys import Keys
-from gatenorm.architectures import Architecture, get_architecture, gguf_tensor
+from gatenorm.architectures import get_architecture, gguf_tensor
 from gatenorm.errors import GatenormError
 from gatenorm.heal.store import check_weights, load_refits, load_repairs
 from gatenorm.plan import LayerAction, LayerPlan, Plan
@@ -66,19 +68,19 @@ BLOCK = "blk"
 HEALED_BLOCK_FFN = 32
 
 
-def keeps_source_architecture(arch: type[Architecture], plan: Plan) -> bool:
+def keeps_source_architecture(spec: GgufFamily, plan: Plan) -> bool:
     """Whether the export is written as the source's own architecture rather than ``deci``: a plan that
     changes no layer (quantize or copy), or drop-block only on a family ``deci`` cannot run."""
     if not plan.changed:
         return True
-    return not arch.deci_exportable and plan.actions <= {LayerAction.KEEP, LayerAction.DROP_BLOCK}
+    return not spec.deci_exportable and plan.actions <= {LayerAction.KEEP, LayerAction.DROP_BLOCK}
 
 
 def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
     """Refuse, with one line naming the family, the action, the reason and what works, the plans that stock
     llama.cpp could not run as written."""
-    arch = ckpt.arch
-    arch.check_plan(ckpt.fixed_layers, plan)  # layers a deci source has already changed
+    arch, spec = ckpt.arch, gguf_family(ckpt.arch)
+    spec.check_plan(ckpt.fixed_layers, plan)  # layers a deci source has already changed
     if not plan.changed:
         return
     if plan.healing is not None:
@@ -88,19 +90,17 @@ def check_deci_plan(ckpt: Checkpoint, plan: Plan) -> None:
             f"cannot export a plan that keeps no attention of this {arch.name} model to GGUF: llama.cpp "
             "creates no context without a KV cache; keep at least one layer's attention"
         )
-    reason = arch.deci_refusal if not arch.deci_exportable else arch.deci_unsupported(ckpt)
-    if reason:
+    if reason := spec.refusal(ckpt):
         actions = sorted(a.value for a in plan.actions - {LayerAction.KEEP})
-        if set(actions) <= arch.gguf_host_actions:
-            return  # another llama.cpp architecture hosts them (`Architecture.gguf_host_layout`)
-        if actions == [LayerAction.DROP_BLOCK.value] and arch.gguf_block_removal:
-            arch.check_block_removal(
+        if set(actions) <= spec.host_actions:
+            return  # another llama.cpp architecture hosts them (the spec's `host_layout`)
+        if actions == [LayerAction.DROP_BLOCK.value] and spec.block_removal:
+            spec.check_block_removal(
                 [lp.layer for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
             )
             return
         raise GatenormError(
-            f"cannot export {arch.name} with {', '.join(actions)} to GGUF: {reason}; what works: "
-            f"{arch.gguf_works}"
+            f"cannot export {arch.name} with {', '.join(actions)} to GGUF: {reason}; what works: {spec.works}"
         )
     repaired = set(plan.repaired)  # a repair replaces W_o W_v and their biases
     biased = [i for i in plan.linearized if i not in repaired and ckpt.has_attention_bias(i, ("v", "o"))]
@@ -123,7 +123,7 @@ def check_healed_plan(ckpt: Checkpoint, plan: Plan) -> None:
             f"cannot export the repair of layer {biased[0]} to GGUF: it has a bias, and llama.cpp's linear "
             "attention adds no bias; fit with bias off (or export to ONNX)"
         )
-    reason = arch.deci_refusal if not arch.deci_exportable else arch.deci_unsupported(ckpt)
+    reason = gguf_family(arch).refusal(ckpt)
     if ckpt.fixed_layers or ckpt.arch.gguf_arch == DECI:
         reason = "the source is already a deci file (heal the plan of the model it was pruned from)"
     if reason:
@@ -170,23 +170,22 @@ def written_layers(plan: Plan) -> dict[int, int]:
     return {layer: i for i, layer in enumerate(kept)}
 
 
-def removed_tensor_names(arch: type[Architecture], plan: Plan) -> set[str]:
+def removed_tensor_names(spec: GgufFamily, plan: Plan) -> set[str]:
     """Attention tensors (weights and biases) that the plan removes from the layers it writes.
 
     A linearized or repaired layer keeps ``attn_norm`` and ``attn_output`` (with new contents; a repaired
     one loses its ``attn_output`` bias, which deci's linear attention would not add); dropped blocks lose
     every tensor and are not listed here (a healed one keeps only its attention norm and output).
     """
-    removed = set()
+    arch, removed = spec.arch, set()
     for lp in plan.layers:
         i = lp.layer
         if lp.repair is not None:
             kept = (arch.gguf_tensors["norm"].format(i=i), arch.gguf_tensors["o"].format(i=i))
-            sublayer = [gguf_tensor(t).format(i=i) for t in arch.gguf_attention_sublayer]
-            weights = [w for w in sublayer if w not in kept]
+            weights = [w for w in spec.attention_tensors(i) if w not in kept]
             removed |= {kept[1].removesuffix("weight") + "bias"}
         elif lp.action is LayerAction.DROP_ATTENTION:
-            weights = [gguf_tensor(t).format(i=i) for t in arch.gguf_attention_sublayer]
+            weights = spec.attention_tensors(i)
         elif lp.action is LayerAction.LINEARIZE:
             weights = [arch.gguf_tensors[part].format(i=i) for part in ("q", "k", "v")]
         else:
@@ -218,17 +217,6 @@ def deci_layer_hparams(
     return {key: [row[k] for row in rows] for k, key in enumerate((HEAD_COUNT, HEAD_COUNT_KV, FFN_LENGTH))}
 
 
-def rotary_tensor_parts(arch: type[Architecture], n_layers: int) -> dict[str, str]:
-    """GGUF name -> 'q' / 'k' for every q/k weight and bias, the tensors whose rows carry rope order."""
-    parts = {}
-    for i in range(n_layers):
-        for part in ("q", "k"):
-            weight = arch.gguf_tensors[part].format(i=i)
-            parts[weight] = part
-            parts[weight.removesuffix(".weight") + ".bias"] = part
-    return parts
-
-
 def deci_metadata(
     header: ScannedGGUF,
     shape: ModelShape,
@@ -240,7 +228,7 @@ def deci_metadata(
 ) -> list[bytes]:
     """The encoded key/value pairs of the pruned file: the source's, renamed to `target`, plus per-layer
     (``deci`` only: `written` is the plan as written, `deci_plan`) and plan keys; `own_keys` (suffix ->
-    (value, type, item type) or None to drop) are the family's own (`Architecture.gguf_own_arch_rewrite`);
+    (value, type, item type) or None to drop) are the family's own (its GGUF spec's `own_arch_rewrite`);
     `changed_tensors` the written tensors whose values were computed."""
     t = gguf.GGUFValueType
     source_arch = header.fields["general.architecture"].contents()
@@ -249,19 +237,19 @@ def deci_metadata(
     ffn = ffn_field.contents() if ffn_field else None
     if target == DECI and source_arch != DECI and (not isinstance(ffn, int) or ffn <= 0):
         raise GatenormError(f"GGUF {header.path} has no usable {prefix}{FFN_LENGTH}")
-    counts = get_architecture(source_arch).gguf_layer_counts(header.fields, shape)
+    source = get_architecture(source_arch)
+    counts = source.gguf_layer_counts(header.fields, shape)
     per_layer = deci_layer_hparams(written or plan, shape, counts) if target == DECI else {}
     n_written = len(written_layers(written or plan))
-    recorded = get_architecture(source_arch).recorded_plan(header.fields, plan)  # deci: against its source
+    spec = gguf_family(source)
+    recorded = spec.recorded_plan(header.fields, plan)  # deci: against its source
     own_keys = dict(own_keys or {})
     name = header.fields.get("general.name")
     kv = [
         encode_kv("general.architecture", target, t.STRING),
         encode_kv("general.name", pruned_name(name.contents() if name else None, recorded), t.STRING),
     ]
-    dropped = (
-        {prefix + s for s in get_architecture(source_arch).deci_metadata_dropped()} if target == DECI else ()
-    )
+    dropped = {prefix + s for s in spec.deci_metadata_dropped()} if target == DECI else ()
     for key, field in header.fields.items():
         if key in ("general.architecture", "general.name") or key.startswith(Keys.PREFIX) or key in dropped:
             continue
@@ -281,7 +269,7 @@ def deci_metadata(
     for suffix, values in per_layer.items():  # head_count_kv may be implicit in the source
         kv.append(encode_kv(f"{target}.{suffix}", values, t.ARRAY, t.INT32))
     if target == DECI:  # keys deci needs that the source family's GGUF does without (phi3's longrope)
-        for suffix, value in get_architecture(source_arch).deci_metadata_defaults(header).items():
+        for suffix, value in spec.deci_metadata_defaults(header).items():
             if f"{prefix}{suffix}" not in header.fields:
                 kv.append(encode_kv(f"{DECI}.{suffix}", value, t.STRING))
     kv += [encode_kv(f"{target}.{suffix}", *value) for suffix, value in own_keys.items() if value is not None]
@@ -312,31 +300,28 @@ def _output_tensors(
     to_deci: bool = True,
     factors: dict[str, float] | None = None,
 ):
-    """The output tensors in source order: kernel copies, reordered q/k rows, fused linear attention, the
-    repaired layers' fitted ``attn_output`` (and a healed block's zero FFN after its tensors), refitted
-    ``ffn_down`` weights, F32 tensors multiplied by `factors` (source name -> factor)."""
+    """The output tensors in source order: kernel copies, fused linear attention, the repaired layers'
+    fitted ``attn_output`` (and a healed block's zero FFN after its tensors), refitted ``ffn_down``
+    weights, F32 tensors multiplied by `factors` (source name -> factor), and what a deci file changes in
+    the family's tensors (its GGUF spec's `DeciTensors`: scaled, split, q/k rows reordered)."""
     factors = factors or {}
-    arch, shape = ckpt.arch, ckpt.shape
-    removed = removed_tensor_names(arch, plan)
-    new_index = written_layers(plan)
-    # q/k rows move only where the source GGUF keeps NEOX order and deci is written; elsewhere every
-    # tensor is a kernel copy
-    rotary = {} if arch.gguf_qk_permuted or not to_deci else rotary_tensor_parts(arch, shape.n_layers)
+    spec, d = gguf_family(ckpt.arch), ckpt.shape.d_model
+    deci = spec.deci_tensors(header, ckpt.shape, partial(_ffn_of, header)) if to_deci else _NO_DECI
+    removed, new_index = removed_tensor_names(spec, plan), written_layers(plan)
     fixed = ckpt.fixed_layers  # already linear in the source (deci): copied as they are, unless zeroed
+    output = ckpt.arch.gguf_tensors["o"]
     fused = {
-        arch.gguf_tensors["o"].format(i=lp.layer): lp
+        output.format(i=lp.layer): lp
         for lp in plan.layers
         if lp.action is LayerAction.LINEARIZE and (lp.layer not in fixed or lp.alpha == 0.0)
     }
-    d = shape.d_model
-    scales = arch.deci_scales(header.fields, shape) if to_deci else {}  # granite's multipliers
     repairs = load_repairs(plan)
-    repaired = {arch.gguf_tensors["o"].format(i=layer): layer for layer in repairs}
+    repaired = {output.format(i=layer): layer for layer in repairs}
     refits = {gguf_tensor(MT.FFN_DOWN).format(i=layer): w for layer, w in load_refits(plan).items()}
     healed_blocks = {lp.layer for lp in plan.layers if _healed_block(lp)}
-    block_kept = {arch.gguf_tensors[part].format(i=i) for i in healed_blocks for part in ("norm", "o")}
+    block_kept = {ckpt.arch.gguf_tensors[p].format(i=i) for i in healed_blocks for p in ("norm", "o")}
     yield from _zero_linear_tensors(ckpt, header, plan, new_index, exact)
-    yield from _tied_output(ckpt, header, scales, exact)
+    yield from _tied_output(ckpt, header, deci.scales, exact)
     for t in header.tensors:
         layer = layer_of(t.name)
         if t.name in removed or (layer is not None and layer not in new_index):
@@ -344,76 +329,81 @@ def _output_tensors(
         if layer in healed_blocks and t.name not in block_kept:
             continue  # a healed block: its attention norm and the repair, then `_zero_ffn_tensors`
         name = t.name if layer is None else renamed(t.name, layer, new_index)
-        ne = [int(n) for n in t.shape]
+        ne, scale = [int(n) for n in t.shape], deci.scales.get(t.name, 1.0)
         if t.name in repaired:
-            i = repaired[t.name]
-            qtype = repair_type(t.tensor_type, d, exact)
             # h + s * W norm(h) as apply_plan computes it: s (granite's residual multiplier) on the repair
             # of a dropped or linearized attention, none on a healed block's
-            scale = 1.0 if i in healed_blocks else scales.get(t.name, 1.0)
-
-            def write(fout, i=i, qtype=qtype, scale=scale):
-                fout.write(repair_bytes(repairs[i].weight.numpy(), scale, qtype))
-
-            yield _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write, changed=True)
+            i, qtype = repaired[t.name], repair_type(t.tensor_type, d, exact)
+            scale = 1.0 if i in healed_blocks else scale
+            yield _fitted(name, [d, d], qtype, fused_nbytes(qtype, d), repairs[i].weight, scale)
             if i in healed_blocks:
                 yield from _zero_ffn_tensors(new_index[i], d)
         elif t.name in refits:  # Q8_0 or better, the residual multiplier (granite) on it as on the source's
-            qtype, scale = folded_type(t.tensor_type, ne[0], exact), scales.get(t.name, 1.0)
-
-            def write(fout, weight=refits[t.name], qtype=qtype, scale=scale):
-                fout.write(repair_bytes(weight.numpy(), scale, qtype))
-
-            yield _OutTensor(name, ne, qtype, folded_nbytes(qtype, ne), write, changed=True)
-        elif t.name in fused:
-            lp, qtype = fused[t.name], fused_type(t.tensor_type, d, exact)
-            scale = scales.get(t.name, 1.0)  # granite: the residual multiplier
-
-            def write(fout, lp=lp, qtype=qtype, scale=scale):
-                if lp.layer in fixed:  # a zero first layer written over a source without v / o
-                    fout.write(b"\0" * fused_nbytes(qtype, d))
-                else:
-                    fout.write(fused_value_output_bytes(ckpt, lp.layer, lp.alpha * scale, qtype))
-
-            yield _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write, changed=True)
-        elif t.name in scales:
             qtype = folded_type(t.tensor_type, ne[0], exact)
-
-            def write(fout, t=t, qtype=qtype):
-                fout.write(folded_bytes(ckpt, t.name, scales[t.name], qtype))
-
+            yield _fitted(name, ne, qtype, folded_nbytes(qtype, ne), refits[t.name], scale)
+        elif t.name in fused:
+            yield _fused(ckpt, name, fused[t.name], fused_type(t.tensor_type, d, exact), scale)
+        elif t.name in deci.scales:
+            qtype = folded_type(t.tensor_type, ne[0], exact)
+            write = partial(_write_folded, ckpt, t.name, scale, qtype)
             yield _OutTensor(name, ne, qtype, folded_nbytes(qtype, ne), write, changed=True)
-        elif (
-            to_deci
-            and layer is not None
-            and (pieces := arch.deci_split(t.name, shape, _ffn_of(header, layer)))
-        ):
-            yield from _split_tensor(ckpt, t, pieces, layer, new_index)
+        elif t.name in deci.splits:
+            yield from _split_tensor(ckpt, spec, t, deci.splits[t.name], layer, new_index)
         elif t.name in factors:
-            if t.tensor_type is not gguf.GGMLQuantizationType.F32:
-                raise GatenormError(f"cannot rescale {t.name}: it is {t.tensor_type.name}, not F32")
-
-            def write(fout, t=t):
-                values = np.frombuffer(ckpt.read_raw(t.name), dtype="<f4")
-                fout.write((values * np.float32(factors[t.name])).astype("<f4").tobytes())
-
-            yield _OutTensor(name, ne, t.tensor_type, t.n_bytes, write, changed=True)
-        elif (part := rotary.get(t.name)) is not None:
-
-            def write(fout, t=t, part=part):
-                n_rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else int(t.shape[0])
-                rows = np.frombuffer(ckpt.read_raw(t.name), dtype=np.uint8).reshape(n_rows, -1)
-                fout.write(arch.gguf_to_deci_rows(part, rows, shape.n_head, shape.n_head_kv).tobytes())
-
+            yield _factored(ckpt, name, t, factors[t.name])
+        elif (part := deci.rotary.get(t.name)) is not None:
+            write = partial(_write_rotary, ckpt, spec, t, part)
             yield _OutTensor(name, ne, t.tensor_type, t.n_bytes, write)
         else:
-            yield _OutTensor(
-                name,
-                ne,
-                t.tensor_type,
-                t.n_bytes,
-                lambda fout, t=t: _copy_bytes(src_fd, t.data_offset, t.n_bytes, fout),
-            )
+            write = partial(_copy_bytes, src_fd, t.data_offset, t.n_bytes)
+            yield _OutTensor(name, ne, t.tensor_type, t.n_bytes, write)
+
+
+#: No change to the family's tensors (a file not written as deci).
+_NO_DECI = DeciTensors({}, {}, {})
+
+
+def _fitted(name: str, ne: list[int], qtype, n_bytes: int, weight, scale: float) -> _OutTensor:
+    """A fitted weight (a repair or a refit) times `scale`, as `qtype`."""
+    write = lambda fout: fout.write(repair_bytes(weight.numpy(), scale, qtype))  # noqa: E731
+    return _OutTensor(name, ne, qtype, n_bytes, write, changed=True)
+
+
+def _fused(ckpt: GGUFCheckpoint, name: str, lp: LayerPlan, qtype, scale: float) -> _OutTensor:
+    """The fused ``attn_output`` of a linearized layer (alpha times `scale`, granite's residual multiplier);
+    all zeros for a zero first layer written over a source without v / o."""
+    d = ckpt.shape.d_model
+
+    def write(fout):
+        if lp.layer in ckpt.fixed_layers:
+            fout.write(b"\0" * fused_nbytes(qtype, d))
+        else:
+            fout.write(fused_value_output_bytes(ckpt, lp.layer, lp.alpha * scale, qtype))
+
+    return _OutTensor(name, [d, d], qtype, fused_nbytes(qtype, d), write, changed=True)
+
+
+def _factored(ckpt: GGUFCheckpoint, name: str, t, factor: float) -> _OutTensor:
+    """An F32 source tensor multiplied by `factor` (refused for another type)."""
+    if t.tensor_type is not gguf.GGMLQuantizationType.F32:
+        raise GatenormError(f"cannot rescale {t.name}: it is {t.tensor_type.name}, not F32")
+
+    def write(fout):
+        values = np.frombuffer(ckpt.read_raw(t.name), dtype="<f4")
+        fout.write((values * np.float32(factor)).astype("<f4").tobytes())
+
+    return _OutTensor(name, [int(n) for n in t.shape], t.tensor_type, t.n_bytes, write, changed=True)
+
+
+def _write_folded(ckpt: GGUFCheckpoint, source: str, factor: float, qtype, fout: BinaryIO) -> None:
+    fout.write(folded_bytes(ckpt, source, factor, qtype))
+
+
+def _write_rotary(ckpt: GGUFCheckpoint, spec: GgufFamily, t, part: str, fout: BinaryIO) -> None:
+    """`t`'s raw rows (any quant type) in deci's NORM rope order."""
+    n_rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else int(t.shape[0])
+    rows = np.frombuffer(ckpt.read_raw(t.name), dtype=np.uint8).reshape(n_rows, -1)
+    fout.write(spec.to_deci_rows(part, rows, ckpt.shape.n_head, ckpt.shape.n_head_kv).tobytes())
 
 
 def _ffn_of(header: ScannedGGUF, layer: int) -> int:
@@ -423,7 +413,7 @@ def _ffn_of(header: ScannedGGUF, layer: int) -> int:
     return int(value[layer] if isinstance(value, list) else value)
 
 
-def _split_tensor(ckpt: GGUFCheckpoint, t, pieces, layer: int, new_index: dict[int, int]):
+def _split_tensor(ckpt: GGUFCheckpoint, spec: GgufFamily, t, pieces, layer: int, new_index: dict[int, int]):
     """The row blocks of a fused source tensor as separate output tensors (raw rows: any quant type), q/k
     rows put in deci's NORM rope order."""
     ne = [int(n) for n in t.shape]
@@ -436,7 +426,7 @@ def _split_tensor(ckpt: GGUFCheckpoint, t, pieces, layer: int, new_index: dict[i
         def write(fout, rows=rows, part=part):
             raw = np.frombuffer(ckpt.read_raw(t.name), dtype=np.uint8).reshape(n_rows, -1)[rows]
             if part is not None:
-                raw = ckpt.arch.gguf_to_deci_rows(part, raw, s.n_head, s.n_head_kv)
+                raw = spec.to_deci_rows(part, raw, s.n_head, s.n_head_kv)
             fout.write(np.ascontiguousarray(raw).tobytes())
 
         out_ne = [ne[0], count] if len(ne) > 1 else [count]
@@ -548,11 +538,12 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = 
     check_deci_plan(ckpt, plan)
     header = ckpt.reader if isinstance(ckpt.reader, ScannedGGUF) else ScannedGGUF(ckpt.path)
     own_keys, factors, host = {}, {}, None
-    if keeps_source_architecture(ckpt.arch, plan):
+    spec = gguf_family(ckpt.arch)
+    if keeps_source_architecture(spec, plan):
         written, target = plan, header.fields["general.architecture"].contents()
         kept = [lp.layer for lp in plan.layers if lp.action is not LayerAction.DROP_BLOCK]
-        own_keys, factors = ckpt.arch.gguf_own_arch_rewrite(header.fields, kept)
-    elif (host := ckpt.arch.gguf_host_layout(header, plan)) is not None:
+        own_keys, factors = spec.own_arch_rewrite(header.fields, kept)
+    elif (host := spec.host_layout(header, plan)) is not None:
         written, target, own_keys = plan, host.arch, host.keys
     else:
         written, target = deci_plan(plan), DECI

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from exporters.gguf.families import gguf_family
 from gatenorm.architectures import model_arch
 from gatenorm.errors import GatenormError
 from gatenorm.readers.hf_folder import HFCheckpoint
@@ -84,7 +85,7 @@ def _add_vocab(writer: gguf.GGUFWriter, folder: Path, n_vocab: int) -> None:
 
 
 def _add_hparams(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, file_type: gguf.LlamaFileType) -> int:
-    config, shape = ckpt.config, ckpt.shape
+    config, shape, spec = ckpt.config, ckpt.shape, gguf_family(ckpt.arch)
     writer.add_name(ckpt.path.name)
     writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
     writer.add_embedding_length(shape.d_model)
@@ -103,18 +104,18 @@ def _add_hparams(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, file_type: gguf.Ll
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-    elif kind in ("longrope", "su") and kind in ckpt.arch.gguf_rope_types:  # + the factor tensors
+    elif kind in ("longrope", "su") and kind in spec.rope_types:  # + the factor tensors
         writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
         original = (
             config.get("original_max_position_embeddings") or scaling["original_max_position_embeddings"]
         )
         writer.add_rope_scaling_orig_ctx_len(int(original))
-        writer.add_rope_scaling_attn_factors(ckpt.arch.longrope_attention_factor(config))
-    elif kind not in (None, "default", *ckpt.arch.gguf_rope_types):  # llama3: the rope_freqs tensor
+        writer.add_rope_scaling_attn_factors(spec.rope_attention_factor(config))
+    elif kind not in (None, "default", *spec.rope_types):  # llama3: the rope_freqs tensor
         raise GatenormError(f"rope scaling {kind!r} is not supported by the GGUF exporter yet")
-    for key, value in ckpt.arch.gguf_hparams(config).items():  # granite's multipliers
+    for key, value in spec.hparams(config).items():  # granite's multipliers
         writer.add_float32(f"{ckpt.arch.gguf_arch}.{key}", value)
-    for key, (value, vtype, sub_type) in ckpt.arch.gguf_hf_metadata(ckpt).items():  # the family's own keys
+    for key, (value, vtype, sub_type) in spec.hf_metadata(ckpt).items():  # the family's own keys
         writer.add_key_value(f"{ckpt.arch.gguf_arch}.{key}", value, vtype, sub_type)
     n_vocab = int(config["vocab_size"])
     writer.add_vocab_size(n_vocab)
@@ -128,7 +129,7 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
     `dtype` is F32, F16, BF16, or ``keep`` (the safetensors type of the weights); 1-D tensors (norms,
     biases) are always F32.
     """
-    arch, shape = ckpt.arch, ckpt.shape
+    arch, shape, spec = ckpt.arch, ckpt.shape, gguf_family(ckpt.arch)
     names = gguf.get_tensor_name_map(model_arch(arch.gguf_arch), shape.n_layers)
     rotary = {
         arch.hf_tensors[part].format(i=i).removesuffix(".weight") + suffix: part
@@ -136,7 +137,7 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
         for part in ("q", "k")
         for suffix in (".weight", ".bias")
     }
-    factors = arch.gguf_hf_factors(ckpt)
+    factors = spec.hf_factors(ckpt)
     tensors = []  # (hf name, gguf name, shard, GGUF type, shape)
     for name, shard in ckpt.weight_map.items():
         if name.endswith(_SKIPPED):
@@ -156,7 +157,7 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
         else:
             kind = dtype
         tensors.append((name, gguf_name, shard, kind, dims))
-    extra = arch.gguf_extra_tensors(ckpt.config, shape.head_dim)  # generated (llama3's rope_freqs)
+    extra = spec.extra_tensors(ckpt.config, shape.head_dim)  # generated (llama3's rope_freqs)
     weight_kinds = {kind for *_, kind, dims in tensors if len(dims) > 1}
     file_type = _FILE_TYPES[weight_kinds.pop()] if len(weight_kinds) == 1 else gguf.LlamaFileType.GUESSED
 
@@ -180,7 +181,7 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
             part = rotary.get(name)
             if part is not None:
                 value = arch.hf_to_gguf_rows(part, value, shape.n_head, shape.n_head_kv)
-            value = arch.hf_to_gguf_tensor(name, value)
+            value = spec.hf_tensor(name, value)
             if name in factors:
                 value = value.float() * factors[name]
             data = value.to(torch_type).contiguous()

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from exporters.onnx.families import OnnxFamily, onnx_family
 from gatenorm.architectures import Architecture
 from gatenorm.errors import GatenormError
 
@@ -193,14 +194,16 @@ def _rope_tables(model: nn.Module, rotary: nn.Module) -> tuple[torch.Tensor, tor
     return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
 
 
-def _fused_forward(attention: nn.Module, arch: type[Architecture], config, tables, graph_inputs: dict):
+def _fused_forward(attention: nn.Module, spec: OnnxFamily, config, tables, graph_inputs: dict):
     """A replacement forward for one transformers attention module (see the module docstring); the
-    family's pieces (packed q/k/v projection, q/k norms, window, rotary tables) come from the adapter."""
+    family's pieces come from the adapter (window, rotary tables) and its ONNX spec (packed q/k/v
+    projection, q/k norms, soft-capping)."""
+    arch = spec.arch
     num_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = attention.head_dim
     window = arch.sliding_window(attention, config)
     local_window = -1 if window is None else window  # both count the token itself in the window
-    softcap = arch.attention_softcap(attention)  # GroupQueryAttention's ``softcap`` attribute
+    softcap = spec.attention_softcap(attention)  # GroupQueryAttention's ``softcap`` attribute
     rotary_dim = 0 if tables is None else 2 * int(tables[0].shape[1])  # < head_dim: partial rotary (Phi-4)
     # GroupQueryAttention's do_rotary takes head and rotary sizes that are multiples of 16 (measured:
     # "cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8"); other sizes rotate through
@@ -210,9 +213,9 @@ def _fused_forward(attention: nn.Module, arch: type[Architecture], config, table
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **_):
         positions = graph_inputs["position_ids"]
         q, k, v = attention.gatenorm_qkv(hidden_states), None, None  # packed unless q/k change first
-        if arch.has_qk_norms() or (tables is not None and not rotary_in_attention):
+        if spec.has_qk_norms() or (tables is not None and not rotary_in_attention):
             q, k, v = q.split([num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-            q, k = arch.normed_qk(attention, q, k)
+            q, k = spec.normed_qk(attention, q, k)
         rotary = (*tables, positions) if rotary_in_attention else (None, None, None)
         if tables is not None and not rotary_in_attention:
             q = _Rotary.apply(q, positions, *tables, head_dim, num_heads, rotary_dim)
@@ -264,10 +267,10 @@ def _norm_forward(gain: torch.Tensor, eps: float):
 def fused_attention(model: nn.Module, arch: type[Architecture]) -> Iterator[None]:
     """While active, every kept attention module of `model` traces to ORT's fused ops (and every RMSNorm
     to ``SimplifiedLayerNormalization``)."""
-    config = model.config
-    if arch.onnx_refusal:
+    config, spec = model.config, onnx_family(arch)
+    if spec.refusal:
         raise GatenormError(
-            f"cannot export {arch.name} to ONNX: {arch.onnx_refusal}; what works: apply the plan in PyTorch "
+            f"cannot export {arch.name} to ONNX: {spec.refusal}; what works: apply the plan in PyTorch "
             "(gatenorm validate --candidate-plan)"
         )
     attentions = [
@@ -297,9 +300,9 @@ def fused_attention(model: nn.Module, arch: type[Architecture]) -> Iterator[None
     hook = model.model.register_forward_pre_hook(capture, with_kwargs=True)
     norms = _rms_norms(model, arch)
     for attention in attentions:
-        attention.gatenorm_qkv = arch.qkv_projection(attention)
+        attention.gatenorm_qkv = spec.qkv_projection(attention)
         rotary_tables = tables[id(arch.rotary_module(model, attention))]
-        attention.forward = _fused_forward(attention, arch, config, rotary_tables, graph_inputs)
+        attention.forward = _fused_forward(attention, spec, config, rotary_tables, graph_inputs)
     for norm, gain, eps in norms:
         norm.forward = _norm_forward(gain, eps)
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from exporters.onnx.families import onnx_family
 from exporters.onnx.graph import past_name, present_name
 from exporters.onnx.precision import Precision
 from gatenorm.architectures import get_architecture
@@ -116,7 +117,7 @@ def genai_config(config, plan: Plan, model_file: str, eos: list[int], bos: int |
             },
             "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
-            "type": get_architecture(config.model_type).genai_model_type or config.model_type,
+            "type": onnx_family(get_architecture(config.model_type)).genai_model_type or config.model_type,
             "vocab_size": config.vocab_size,
         },
         "search": {

@@ -68,13 +68,17 @@ def check(ckpt: Checkpoint, plan: Plan) -> None:
 
 def actions(arch: type[Architecture]) -> tuple[set[LayerAction], str]:
     """deci runs every action; a family it cannot run loses whole blocks where llama.cpp hosts that, and
-    what another llama.cpp architecture hosts for it (`gguf_host_actions`: qwen3's drop-attention)."""
-    if arch.deci_exportable:
+    what another llama.cpp architecture hosts for it (its GGUF spec's `host_actions`: qwen3's
+    drop-attention)."""
+    from exporters.gguf.families import gguf_family
+
+    spec = gguf_family(arch)
+    if spec.deci_exportable:
         return set(LayerAction), ""
-    hosted = {LayerAction(a) for a in arch.gguf_host_actions}
-    if arch.gguf_block_removal:
-        return {LayerAction.KEEP, LayerAction.DROP_BLOCK} | hosted, arch.deci_refusal
-    return {LayerAction.KEEP} | hosted, arch.deci_refusal
+    hosted = {LayerAction(a) for a in spec.host_actions}
+    if spec.block_removal:
+        return {LayerAction.KEEP, LayerAction.DROP_BLOCK} | hosted, spec.deci_refusal
+    return {LayerAction.KEEP} | hosted, spec.deci_refusal
 
 
 USAGE = """```bash

@@ -78,7 +78,10 @@ def export(
 
 def actions(arch: type[Architecture]) -> tuple[set[LayerAction], str]:
     """Every action of a family checked against onnxruntime; none of the others."""
-    return (set(), arch.onnx_refusal) if arch.onnx_refusal else (set(LayerAction), "")
+    from exporters.onnx.families import onnx_family
+
+    refusal = onnx_family(arch).refusal
+    return (set(), refusal) if refusal else (set(LayerAction), "")
 
 
 def check(_ckpt: Checkpoint, plan: Plan) -> None:

@@ -1,5 +1,6 @@
-"""What gatenorm knows about each decoder architecture: one adapter class per family (`base.Architecture`),
-one module per family, registered by name (HF model_type and class name, GGUF architecture)."""
+"""The structure of each decoder architecture: one adapter class per family (`base.Architecture`), one
+module per family, registered by name (HF model_type and class name, GGUF architecture). What an exporter
+needs beyond it is that exporter's per-family spec (`exporters.gguf.families`, `exporters.onnx.families`)."""
 
 from gatenorm.architectures.base import (
     ATTENTION_PARTS,
@@ -9,6 +10,7 @@ from gatenorm.architectures.base import (
     model_arch,
     register,
     reorder_rotary_rows,
+    unregister,
 )
 from gatenorm.architectures.deci import Deci
 from gatenorm.architectures.gemma2 import Gemma2
@@ -42,4 +44,5 @@ __all__ = [
     "model_arch",
     "register",
     "reorder_rotary_rows",
+    "unregister",
 ]

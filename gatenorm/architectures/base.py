@@ -1,11 +1,13 @@
-"""The architecture adapter: everything gatenorm knows about one decoder family, one class per family.
+"""The architecture adapter: the structure of one decoder family, one class per family.
 
 An architecture says how its tensors are named in a Hugging Face checkpoint and in a GGUF file (GGUF names
-through gguf-py's ``MODEL_TENSOR`` / ``TENSOR_NAMES``), which rows of a fused tensor hold q/k/v, how
-llama.cpp's converter reorders q/k rows and stores norm gains, the MLP width and FLOPs, and, for a loaded
-transformers model, its decoder layers, their sublayers and norms (`LayerParts`), the rotary tables each
-layer uses, the module that replaces a layer for each plan action, and the attention pieces the ONNX
-exporter needs. Readers, methods and exporters only ask the adapter; a new family is one module here.
+through gguf-py's ``MODEL_TENSOR`` / ``TENSOR_NAMES``; the readers read both), which rows of a fused tensor
+hold q/k/v, how llama.cpp's converter orders q/k rows and stores norm gains, the MLP width and FLOPs, what
+a GGUF's per-layer keys say about its layers, and, for a loaded transformers model, its decoder layers,
+their sublayers and norms (`LayerParts`), the rotary tables each layer uses and the module that replaces a
+layer for each plan action: what readers, scoring, methods, apply, heal and validate need. What an exporter
+needs beyond that (which llama.cpp architecture runs a plan, the keys a writer adds, the ONNX graph's
+pieces) is that exporter's per-family spec (``exporters/<format>/families/``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ def register(*names: str):
         return cls
 
     return wrap
+
+
+def unregister(name: str) -> None:
+    """Remove the architecture registered as `name`, under every name it has (a test's dummy)."""
+    cls = _REGISTRY.get(name)
+    for key in [key for key, value in _REGISTRY.items() if value is cls]:
+        del _REGISTRY[key]
 
 
 def get_architecture(name: str) -> type[Architecture]:
@@ -119,36 +128,8 @@ class Architecture:
     hf_attn_implementation: ClassVar[str | None] = None
     #: The model loop reads ``layer(...)[0]``.
     layer_returns_tuple: ClassVar[bool] = False
-    #: Per-layer GGUF tensors that make up the attention sublayer: a layer whose attention is dropped loses
-    #: all of them (weights and biases), its input norm included.
-    gguf_attention_sublayer: ClassVar[tuple[gguf.MODEL_TENSOR, ...]] = (
-        MT.ATTN_NORM,
-        MT.ATTN_Q,
-        MT.ATTN_K,
-        MT.ATTN_V,
-        MT.ATTN_OUT,
-    )
-    #: llama.cpp's ``deci`` graph (per-layer head counts) can run this architecture's layers.
-    deci_exportable: ClassVar[bool] = True
-    deci_refusal: ClassVar[str] = ""
-    #: Where deci cannot run it: a GGUF of the source architecture with whole blocks left out runs in stock
-    #: llama.cpp (checked against llama.cpp's logits by the tests).
-    gguf_block_removal: ClassVar[bool] = False
-    #: Plan actions (values) another llama.cpp architecture runs for this family (`gguf_host_layout`).
-    gguf_host_actions: ClassVar[frozenset[str]] = frozenset()
-    #: What a refused GGUF export can do instead (the end of the refusal line).
-    gguf_works: ClassVar[str] = "apply the plan in PyTorch (gatenorm validate --candidate-plan)"
-    #: Why the ONNX exporter does not take this family yet (empty: it does, checked against PyTorch).
-    onnx_refusal: ClassVar[str] = ""
-    #: genai_config.json's model type (None: the HF model_type) where onnxruntime-genai names the family
-    #: otherwise or not at all (it runs any decoder-only graph; the type picks its decoder class).
-    genai_model_type: ClassVar[str | None] = None
-    #: `exporters.gguf.from_hf` writes this family's HF checkpoints as the GGUF llama.cpp's converter writes.
-    gguf_from_hf: ClassVar[bool] = True
     #: GGUF ``ffn_up`` rows per ``feed_forward_length`` (2: gate and up fused, Phi-3).
     gguf_ffn_up_factor: ClassVar[int] = 1
-    #: HF rope scaling types (besides none and linear) that `gguf_extra_tensors` writes for llama.cpp.
-    gguf_rope_types: ClassVar[tuple[str, ...]] = ()
 
     # ---- checkpoint side -------------------------------------------------------------------------------
 
@@ -166,13 +147,6 @@ class Architecture:
     def norm_gain(cls, fmt: str, stored: torch.Tensor) -> torch.Tensor:
         """The gain an RMSNorm multiplies by, from its stored weight in a checkpoint of format `fmt`."""
         return stored + 1 if cls.norm_plus_one and fmt != "gguf" else stored
-
-    @classmethod
-    def hf_to_gguf_tensor(cls, hf_name: str, value: torch.Tensor) -> torch.Tensor:
-        """An HF tensor as llama.cpp's converter stores it (q/k row order is `hf_to_gguf_rows`'s)."""
-        if cls.norm_plus_one and hf_name.endswith("norm.weight"):
-            return value.float() + 1
-        return value
 
     @classmethod
     def mlp_flops(cls, d_model: int, ffn: int) -> float:
@@ -196,44 +170,6 @@ class Architecture:
         return None if down is None else int(down.shape[0])
 
     @classmethod
-    def gguf_extra_tensors(cls, config: dict, head_dim: int) -> dict[str, np.ndarray]:
-        """Tensors llama.cpp's converter generates for an HF config (Llama-3.x's ``rope_freqs``): name ->
-        float32 values."""
-        return {}
-
-    @classmethod
-    def deci_unsupported(cls, ckpt) -> str:
-        """Why `ckpt` (of a family deci hosts) cannot be written as deci ("" when it can)."""
-        return ""
-
-    @classmethod
-    def deci_split(cls, name: str, shape, ffn: int) -> list[tuple[str, slice, str | None]] | None:
-        """A fused GGUF tensor deci stores as several: (new name, its rows, 'q'/'k' for a rotary tensor in
-        NEOX order); None for a tensor written as it is."""
-        return None
-
-    @classmethod
-    def deci_metadata_defaults(cls, header) -> dict[str, str]:
-        """``deci.*`` keys (suffix -> string value) a deci file of this family needs when its source lacks
-        them."""
-        return {}
-
-    @classmethod
-    def gguf_hparams(cls, config: dict) -> dict[str, float]:
-        """Family-specific float keys (``{arch}.`` suffix -> value) the HF -> GGUF writer adds."""
-        return {}
-
-    @classmethod
-    def deci_scales(cls, fields, shape) -> dict[str, float]:
-        """GGUF tensor name -> factor its values are multiplied by in a deci file (scales deci lacks)."""
-        return {}
-
-    @classmethod
-    def deci_metadata_dropped(cls) -> tuple[str, ...]:
-        """``{arch}.`` key suffixes a deci file leaves out (folded into the weights)."""
-        return ()
-
-    @classmethod
     def gguf_head_counts(cls, fields, path) -> tuple[int, int] | None:
         """(head_count, head_count_kv) of a GGUF that has them per layer (deci); None: scalar keys."""
         return None
@@ -248,44 +184,6 @@ class Architecture:
     def gguf_fixed_layers(cls, fields) -> dict[int, tuple[str, float | None]]:
         """Layer -> (action, alpha) of the layers a GGUF has already changed (deci: no attention left)."""
         return {}
-
-    @classmethod
-    def recorded_plan(cls, fields, plan):
-        """The plan a re-export records: `plan` composed with the one the source file was made with."""
-        return plan
-
-    @classmethod
-    def check_plan(cls, fixed, plan) -> None:
-        """Refuse a plan that changes a layer the source has already changed (`gguf_fixed_layers`) in a
-        way it cannot be changed."""
-
-    @classmethod
-    def check_block_removal(cls, kept: list[int]) -> None:
-        """Refuse a block removal keeping source layers `kept` that the source architecture cannot run."""
-
-    @classmethod
-    def gguf_hf_metadata(cls, ckpt) -> dict[str, tuple]:
-        """Family keys (after ``{arch}.``) the HF -> GGUF writer adds, as (value, GGUF type, item type or
-        None), as llama.cpp's converter writes them; refuses a config llama.cpp cannot run."""
-        return {}
-
-    @classmethod
-    def gguf_hf_factors(cls, ckpt) -> dict[str, float]:
-        """HF tensors the HF -> GGUF writer multiplies by a factor (after `hf_to_gguf_tensor`)."""
-        return {}
-
-    @classmethod
-    def gguf_own_arch_rewrite(cls, fields: dict, kept: list[int]) -> tuple[dict, dict[str, float]]:
-        """A GGUF of this architecture written with only source layers `kept`: keys (after ``{arch}.``) to
-        set, as (value, GGUF type, item type or None), or to remove (None), and the source tensors whose
-        F32 values are multiplied by a factor; refuses what llama.cpp cannot run."""
-        return {}, {}
-
-    @classmethod
-    def gguf_host_layout(cls, header, plan):
-        """The `gguf_layout.HostLayout` of `plan` on the GGUF `header` (a scan of this architecture's file)
-        as the architecture that hosts it, or None where the plan is written as deci or the source's own."""
-        return None
 
     @classmethod
     def gguf_to_hf_rows(cls, part: str, weight: T, n_head: int, n_head_kv: int) -> T:
@@ -303,16 +201,6 @@ class Architecture:
         if not cls.gguf_qk_permuted or part not in ("q", "k"):
             return weight
         return reorder_rotary_rows(weight, n_head if part == "q" else n_head_kv, to_norm=to_gguf)
-
-    @classmethod
-    def gguf_to_deci_rows(cls, part: str, rows: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
-        """Rows of this architecture's GGUF q/k weight or bias in the order ``deci`` (NORM rope) expects.
-
-        `rows` may be raw bytes, one row of a quantized tensor per first-axis entry: only rows move.
-        """
-        if cls.gguf_qk_permuted or part not in ("q", "k"):
-            return rows  # already NORM order, or not a rotary tensor
-        return reorder_rotary_rows(rows, n_head if part == "q" else n_head_kv, to_norm=True)
 
     # ---- loaded transformers model -----------------------------------------------------------------------
 
@@ -444,49 +332,6 @@ class Architecture:
     def sliding_window(cls, attention: nn.Module, config) -> int | None:
         """Tokens a transformers attention module looks back over (itself included), None if unlimited."""
         return getattr(attention, "sliding_window", None)
-
-    # ---- ONNX pieces ------------------------------------------------------------------------------------
-
-    @classmethod
-    def qkv_projection(cls, attention: nn.Module) -> nn.Module:
-        """One projection whose output per token is [q; k; v] (ONNX: one MatMul for the three)."""
-        return packed_linear([attention.q_proj, attention.k_proj, attention.v_proj])
-
-    @classmethod
-    def has_qk_norms(cls) -> bool:
-        """Whether q and k are normed before the rotary embedding (`normed_qk` does it)."""
-        return cls.hf_qk_norms is not None
-
-    @classmethod
-    def normed_qk(cls, attention: nn.Module, q: torch.Tensor, k: torch.Tensor):
-        """q and k [batch, seq, heads*head_dim] after the family's per-head q/k norms, if any."""
-        if cls.hf_qk_norms is None:
-            return q, k
-        batch, seq, _ = q.shape
-        head_dim = attention.head_dim
-        q_norm, k_norm = (getattr(attention, name) for name in cls.hf_qk_norms)
-        q = q_norm(q.reshape(batch, seq, -1, head_dim)).view(batch, seq, -1)
-        k = k_norm(k.reshape(batch, seq, -1, head_dim)).view(batch, seq, -1)
-        return q, k
-
-    @classmethod
-    def attention_softcap(cls, attention: nn.Module) -> float:
-        """Soft-capping of attention logits (``c * tanh(x / c)``), 0 for none."""
-        return 0.0
-
-
-def packed_linear(parts: list[nn.Linear]) -> nn.Linear:
-    """One Linear computing the outputs of `parts` one after the other (weights and biases concatenated,
-    the source's dtype; a part without a bias gets zeros)."""
-    has_bias = any(p.bias is not None for p in parts)
-    weight = torch.cat([p.weight for p in parts])
-    packed = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, dtype=weight.dtype)
-    with torch.no_grad():
-        packed.weight.copy_(weight)
-        if has_bias:
-            biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
-            packed.bias.copy_(torch.cat([b.to(weight.dtype) for b in biases]))
-    return packed
 
 
 def reorder_rotary_rows(weight: T, heads: int, to_norm: bool) -> T:

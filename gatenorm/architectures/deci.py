@@ -139,8 +139,6 @@ class Deci(Llama):
 
     name = DECI
     gguf_arch = DECI
-    gguf_from_hf = False
-    onnx_refusal = "a deci file's attention-free and linear layers are not exported to onnxruntime yet"
 
     @classmethod
     def gguf_layer_counts(cls, fields: Mapping, shape) -> list[tuple[int, int, int]]:
@@ -153,23 +151,3 @@ class Deci(Llama):
     @classmethod
     def gguf_head_counts(cls, fields: Mapping, path) -> tuple[int, int] | None:
         return attention_counts(layer_counts(fields), path)
-
-    @classmethod
-    def recorded_plan(cls, fields: Mapping, plan):
-        stored = stored_plan(fields)
-        return plan if stored is None else combined_plan(stored, plan)
-
-    @classmethod
-    def check_plan(cls, fixed: Mapping[int, tuple[str, float | None]], plan) -> None:
-        """Refuse a plan that gives a layer the file has already changed an action it cannot take (its
-        q/k/v are gone): such a layer keeps its state, or loses more (attention, block)."""
-        for layer, (action, alpha) in fixed.items():
-            lp = plan.layers[layer]
-            new = lp.action.value
-            allowed = {action, DROP_BLOCK} | ({DROP_ATTENTION} if action == LINEARIZE else set())
-            if new not in allowed or (new == LINEARIZE == action and lp.alpha != alpha):
-                raise GatenormError(
-                    f"cannot give layer {layer} of this deci file {new}"
-                    f"{'' if lp.alpha is None else f' (alpha {lp.alpha})'}: it is already {action} "
-                    f"(q/k/v are not in the file); what works: {' or '.join(sorted(allowed))} for that layer"
-                )

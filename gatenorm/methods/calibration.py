@@ -1,9 +1,11 @@
 """Calibration for the data-driven methods: held-out text windows, or text the model generates itself
-(``synthetic``: no data at all), and per-layer statistics read by hooks on the transformers model (one
-forward pass, no copy of the model or of its activations)."""
+(``synthetic``: no data at all), and per-layer statistics read by hooks on each decoder layer (one pass, no
+copy of the model or of its activations): on a loaded transformers model, or a layer at a time on the
+layer-sequential engine (`gatenorm.sequential`), which the methods use; HARP's tail runner likewise."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,67 +149,83 @@ def _value_output(attn: nn.Module, arch, normed: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(v.flatten(-2), o_w, o_b)
 
 
-def layer_statistics(model: nn.Module, windows: np.ndarray, batch: int = 4) -> LayerStatistics:
-    """One pass of the unpruned `model` over `windows` [n, T], hooks around each layer, its attention and the
-    attention's input. The attention's output A is what it adds to the residual stream (after the family's
-    post-attention norm and residual multiplier), and so is L."""
-    arch = get_architecture(model.config.model_type)
-    layers = arch.decoder_layers(model)
-    n = len(layers)
-    sums = np.zeros((3, n))
-    fits = [_LinearFit() for _ in range(n)]
-    parts = [arch.layer_parts(layer) for layer in layers]
-    inputs: dict[int, torch.Tensor] = {}
-    normed: dict[int, torch.Tensor] = {}
-    handles = []
+class _StatisticHooks:
+    """The hooks of `layer_statistics` on one decoder layer at a time: around the layer, its attention and
+    the attention's input; sums over tokens kept per layer index."""
 
-    def before_layer(i: int):
-        def hook(_module, args, kwargs):
-            inputs[i] = _hidden(args, kwargs)
+    def __init__(self, arch, n: int):
+        self.arch = arch
+        self.sums = np.zeros((3, n))
+        self.fits = [_LinearFit() for _ in range(n)]
 
-        return hook
+    def attach(self, i: int, layer: nn.Module) -> Callable[[], None]:
+        """Hook decoder layer `i` (a stock transformers layer); returns what removes the hooks."""
+        arch, sums, fits = self.arch, self.sums, self.fits
+        p = arch.layer_parts(layer)
+        seen: dict[str, torch.Tensor] = {}
 
-    def before_attention(i: int):
-        def hook(_module, args, kwargs):
-            normed[i] = _hidden(args, kwargs)
+        def before_layer(_module, args, kwargs):
+            seen["input"] = _hidden(args, kwargs)
 
-        return hook
+        def before_attention(_module, args, kwargs):
+            seen["normed"] = _hidden(args, kwargs)
 
-    def after_attention(i: int):
-        def hook(_module, _args, output):
-            p = parts[i]
-            x, a = inputs[i], arch.attention_update(p, _first(output))
+        def after_attention(_module, _args, output):
+            x, a = seen["input"], arch.attention_update(p, _first(output))
             sums[0, i] += float(_cosine(x, x + a).sum())
             ratio = a.double().norm(dim=-1) / x.double().norm(dim=-1).clamp_min(1e-30)
             sums[2, i] += float(ratio.sum())
-            fits[i].add(x, a, arch.attention_update(p, _value_output(p.attention, arch, normed.pop(i))))
+            fits[i].add(x, a, arch.attention_update(p, _value_output(p.attention, arch, seen.pop("normed"))))
 
-        return hook
+        def after_layer(_module, _args, _kwargs, output):
+            sums[1, i] += float(_cosine(seen.pop("input"), _first(output)).sum())
 
-    def after_layer(i: int):
-        def hook(_module, _args, _kwargs, output):
-            sums[1, i] += float(_cosine(inputs.pop(i), _first(output)).sum())
+        handles = [
+            layer.register_forward_pre_hook(before_layer, with_kwargs=True),
+            p.attention.register_forward_pre_hook(before_attention, with_kwargs=True),
+            p.attention.register_forward_hook(after_attention),
+            layer.register_forward_hook(after_layer, with_kwargs=True),
+        ]
 
-        return hook
+        def remove() -> None:
+            for h in handles:
+                h.remove()
 
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(before_layer(i), with_kwargs=True))
-        handles.append(parts[i].attention.register_forward_pre_hook(before_attention(i), with_kwargs=True))
-        handles.append(parts[i].attention.register_forward_hook(after_attention(i)))
-        handles.append(layer.register_forward_hook(after_layer(i), with_kwargs=True))
+        return remove
+
+    def result(self, tokens: int) -> LayerStatistics:
+        mean = self.sums / tokens
+        alpha, cosine = zip(*(fit.result() for fit in self.fits), strict=True)
+        cosines, blocks, ratios = (row.tolist() for row in mean)
+        return LayerStatistics(cosines, blocks, ratios, list(alpha), list(cosine), tokens)
+
+
+def layer_statistics(model: nn.Module, windows: np.ndarray, batch: int = 4) -> LayerStatistics:
+    """One pass of the unpruned, loaded `model` over `windows` [n, T], hooks around each layer, its
+    attention and the attention's input. The attention's output A is what it adds to the residual stream
+    (after the family's post-attention norm and residual multiplier), and so is L. (A checkpoint too big to
+    load: `sequential_layer_statistics`.)"""
+    arch = get_architecture(model.config.model_type)
+    layers = arch.decoder_layers(model)
+    hooks = _StatisticHooks(arch, len(layers))
+    removers = [hooks.attach(i, layer) for i, layer in enumerate(layers)]
     try:
         with torch.inference_mode():
             for start in range(0, len(windows), batch):
                 ids = torch.from_numpy(np.ascontiguousarray(windows[start : start + batch]))
                 model.model(input_ids=ids, use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
-    tokens = windows.size
-    mean = sums / tokens
-    alpha, cosine = zip(*(fit.result() for fit in fits), strict=True)
-    cosines, blocks, ratios = (row.tolist() for row in mean)
-    return LayerStatistics(cosines, blocks, ratios, list(alpha), list(cosine), tokens)
+        for remove in removers:
+            remove()
+    return hooks.result(windows.size)
+
+
+def sequential_layer_statistics(model, windows: np.ndarray, batch: int = 4) -> LayerStatistics:
+    """`layer_statistics` of a `gatenorm.sequential.SequentialModel`: the same hooks, one layer built,
+    run over every window and freed at a time."""
+    hooks = _StatisticHooks(model.arch, model.n_layers)
+    model.forward(windows, batch=batch, around=hooks.attach)
+    return hooks.result(windows.size)
 
 
 def direct_layer_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
@@ -231,11 +249,14 @@ def direct_layer_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch
 
 class TailRunner:
     """Runs the layers from `start` upward (then the final norm and LM head) on cached layer inputs, so that a
-    search over one layer's setting does not recompute the unchanged layers below it."""
+    search over one layer's setting does not recompute the unchanged layers below it. `layers` are the
+    model's decoder layers: a search swaps a layer there for its candidate module."""
 
     def __init__(self, model: nn.Module, windows: np.ndarray, keep_from: int, batch: int = 4):
         self.model = model
         self.arch = get_architecture(model.config.model_type)
+        self.layers = self.arch.decoder_layers(model)
+        self.n_layers = len(self.layers)
         self.batch = batch
         ids = torch.from_numpy(np.ascontiguousarray(windows))
         self.targets = ids[:, 1:]
@@ -245,17 +266,60 @@ class TailRunner:
         #: hidden_states[l] is the input of layer l in the unpruned model
         self.inputs = {layer: h for layer, h in enumerate(out.hidden_states[:-1]) if layer >= keep_from}
 
+    def _call(self, index: int, b: int, h: torch.Tensor) -> torch.Tensor:
+        return _first(self.layers[index](h, attention_mask=self.masks[index], **self.layer_kwargs))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.arch.logits(self.model, h)
+
     def nll(self, start: int) -> float:
-        """Mean next-token NLL with the model's current layers from `start` on, from layer `start`'s input."""
-        model, total = self.model, 0.0
+        """Mean next-token NLL with the current `layers` from `start` on, from layer `start`'s input."""
+        total = 0.0
         with torch.inference_mode():
-            for b in range(0, len(self.targets), self.batch):
-                h = self.inputs[start][b : b + self.batch]
-                layers = self.arch.decoder_layers(model)
-                for index in range(start, len(layers)):
-                    h = _first(layers[index](h, attention_mask=self.masks[index], **self.layer_kwargs))
-                logits = self.arch.logits(model, h)[:, :-1].float()
-                targets = self.targets[b : b + self.batch]
+            for b, first in enumerate(range(0, len(self.targets), self.batch)):
+                h = self.inputs[start][first : first + self.batch]
+                for index in range(start, self.n_layers):
+                    h = self._call(index, b, h)
+                logits = self._logits(h)[:, :-1].float()
+                targets = self.targets[first : first + self.batch]
                 loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
                 total += float(loss) * targets.numel()
         return total / self.targets.numel()
+
+
+class SequentialTailRunner(TailRunner):
+    """`TailRunner` of a `gatenorm.sequential.SequentialModel`: one layer-at-a-time pass below `keep_from`
+    caches each tail layer's input, and the tail layers (and the LM head) stay built while it is open
+    (`close` frees them), so the layers below are never held."""
+
+    def __init__(self, model, windows: np.ndarray, keep_from: int, batch: int = 4):
+        self.model, self.arch, self.batch, self.n_layers = model, model.arch, batch, model.n_layers
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.layers: dict[int, nn.Module] = {}
+        state = model.embed(windows, batch)
+        self.targets = state.ids[:, 1:]
+        self._state = state
+        for i in range(model.n_layers):
+            layer = model.build(i)
+            if i >= keep_from:
+                self.inputs[i] = state.hidden.clone()
+                self.layers[i] = layer
+            state.run(layer, i)
+            if i < keep_from:
+                model.release(i)
+        state.hidden = torch.empty(0)
+        self._head = model.head()
+        self._head.__enter__()
+
+    def _call(self, index: int, b: int, h: torch.Tensor) -> torch.Tensor:
+        return self._state.call(self.layers[index], index, b, h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(h)
+
+    def close(self) -> None:
+        """Free the tail layers and the LM head."""
+        self._head.__exit__(None, None, None)
+        for i in self.layers:
+            self.model.release(i)
+        self.layers, self.inputs = {}, {}

@@ -1,6 +1,6 @@
 """Data-driven rankings: LLM-Drop's attention cosine, ShortGPT's block influence, HARP's calibrated alpha.
 
-Each loads the model with transformers (`gatenorm.apply.load_model`) and runs it on the calibration text;
+Each runs the model a layer at a time (`gatenorm.sequential`) on the calibration text;
 the plan records the same q/k content hash as a Gate-Norm plan, so exporters accept it for this model.
 """
 
@@ -10,23 +10,33 @@ import functools
 
 import numpy as np
 
-from gatenorm.methods.calibration import LayerStatistics, TailRunner, layer_statistics
+from gatenorm.methods.calibration import (
+    SYNTHETIC,
+    LayerStatistics,
+    SequentialTailRunner,
+    sequential_layer_statistics,
+)
 from gatenorm.methods.harp_alpha import calibrate_alphas
 from gatenorm.methods.spec import MethodOptions, Ranking, per_layer_fields, register_method
 from gatenorm.plan import LayerAction
 from gatenorm.readers import Checkpoint
 from gatenorm.scoring import LayerScores, depth_scores
+from gatenorm.sequential import SequentialModel
 
 
-def _model_and_windows(ckpt: Checkpoint, options: MethodOptions):
+def _windows(ckpt: Checkpoint, options: MethodOptions) -> np.ndarray:
+    """The calibration windows; synthetic text is sampled from the whole model, loaded for that alone."""
     from gatenorm.apply import load_model, load_tokenizer
 
-    model = load_model(ckpt.path)
-    windows = options.calib.windows(load_tokenizer(ckpt.path), model, options.seed)
+    tokenizer = load_tokenizer(ckpt.path)
+    if options.calib.source == SYNTHETIC:
+        windows = options.calib.windows(tokenizer, load_model(ckpt.path), options.seed)
+    else:
+        windows = options.calib.windows(tokenizer)
     options.log(
         f"calibration: {windows.shape[0]} windows of {windows.shape[1]} tokens from {options.calib.source}"
     )
-    return model, windows
+    return windows
 
 
 def _scores(ckpt: Checkpoint, method: str, values: list[float]) -> LayerScores:
@@ -37,8 +47,9 @@ def _scores(ckpt: Checkpoint, method: str, values: list[float]) -> LayerScores:
 def calibration_statistics(ckpt: Checkpoint, options: MethodOptions) -> tuple[LayerStatistics, str]:
     """The calibration pass and the q/k hash, shared by attention-cosine, block-influence and
     mixed-synthetic (one pass per calibration)."""
-    model, windows = _model_and_windows(ckpt, options)
-    return layer_statistics(model, windows), ckpt.attention_sha256(("q", "k"))
+    windows = _windows(ckpt, options)
+    stats = sequential_layer_statistics(SequentialModel(ckpt), windows)
+    return stats, ckpt.attention_sha256(("q", "k"))
 
 
 def _statistics_ranking(ckpt: Checkpoint, options: MethodOptions, method: str) -> Ranking:
@@ -92,9 +103,11 @@ def harp(ckpt: Checkpoint, options: MethodOptions, needed: int | None) -> Rankin
     alphas: dict[int, float] = {}
     extra: dict[str, list[float]] = {}
     if layers:
-        model, windows = _model_and_windows(ckpt, options)
-        runner = TailRunner(model, windows, keep_from=layers[0])
-        alphas = calibrate_alphas(model, runner, layers, log=options.log)
-        extra["calib_nll_unpruned"] = [runner.nll(layers[0])]
+        runner = SequentialTailRunner(SequentialModel(ckpt), _windows(ckpt, options), keep_from=layers[0])
+        try:
+            alphas = calibrate_alphas(runner, layers, log=options.log)
+            extra["calib_nll_unpruned"] = [runner.nll(layers[0])]
+        finally:
+            runner.close()
     extra["alpha"] = [alphas.get(i, np.nan) for i in range(n)]
     return Ranking(_scores(ckpt, "harp", depth_scores(n)), [LayerAction.LINEARIZE] * n, alphas, extra)

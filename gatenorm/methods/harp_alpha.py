@@ -26,9 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from gatenorm.architectures import get_architecture
 from gatenorm.readers import AttentionWeights
 
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -104,7 +102,6 @@ def golden_section(
 
 
 def calibrate_alphas(
-    model: nn.Module,
     runner,
     layers: Sequence[int],
     grid: Sequence[float] = (0.0, 0.3, 0.6, 0.9, 1.2, 1.5),
@@ -113,11 +110,11 @@ def calibrate_alphas(
 ) -> dict[int, float]:
     """HARP's top-down search: alpha of each of `layers` (highest first) minimizing calibration NLL.
 
-    `runner` is a `TailRunner` holding the unpruned model's inputs of these layers. The model's layers are
-    swapped for linearized ones while searching and put back before returning.
+    `runner` is a `TailRunner` holding the unpruned model's inputs of these layers. Its layers are swapped
+    for linearized ones while searching and put back before returning.
     """
-    arch = get_architecture(model.config.model_type)
-    decoder = arch.decoder_layers(model)
+    arch = runner.arch
+    decoder = runner.layers
     originals = {}
     alphas: dict[int, float] = {}
     try:

@@ -56,23 +56,39 @@ def per_layer_fields(stats) -> dict[str, list[float]]:
 
 
 class MethodSettings(BaseModel):
-    """A recipe method entry's ``options``: calibration windows and the context of the cost model / alpha
-    (the CLI's --calib-samples, --calib-len, --ctx). A method may declare a subclass with more fields."""
+    """How a method runs: seed, calibration text and windows, and the context of the cost model / alpha.
+    The CLI's method flags (--seed, --calib, --calib-samples, --calib-len, --ctx, --speedup-for) are
+    generated from it (`gatenorm.validate.flags.with_settings_flags`); a recipe method entry gives
+    ``seed`` and ``calib`` beside its ``options``, the rest in them. A method may declare a subclass with
+    more fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    seed: int = Field(0, description="Seed of the random method and of synthetic calibration text.")
+    calib: str | None = Field(
+        None,
+        description="Calibration text of data-driven methods: a UTF-8 file, wiki-heldout (the shipped "
+        "Wikipedia leads read from the end, never reached by the evaluation text), or synthetic (text the "
+        "model generates itself: no data; the default of mixed-synthetic).",
+    )
     calib_samples: int = Field(16, ge=1, description="Calibration windows.")
     calib_len: int = Field(256, ge=8, description="Tokens per calibration window.")
-    ctx: int = Field(512, ge=0, description="Context length of the cost model and of the data-free alpha.")
+    ctx: int = Field(
+        512, ge=0, description="Context length of the cost model and of the data-free HARP alpha."
+    )
     speedup_for: Phase = Field(
-        "prefill", description="Price actions for a prompt of ctx tokens (prefill) or decoding at depth ctx."
+        "prefill",
+        description="What --budget-speedup is about: prefill (a prompt of --ctx tokens) or decode "
+        "(generating at depth --ctx, where attention's share grows with the depth).",
     )
 
-    def method_options(self, seed: int = 0, calib: str | None = None, **kwargs) -> MethodOptions:
-        """The `MethodOptions` these settings give, with calibration text `calib` (a source name or file)."""
-        calibration = None if calib is None else Calibration(calib, self.calib_samples, self.calib_len)
+    def method_options(self, **kwargs) -> MethodOptions:
+        """The `MethodOptions` these settings give (`kwargs`: its other fields, heal and log)."""
+        calibration = (
+            None if self.calib is None else Calibration(self.calib, self.calib_samples, self.calib_len)
+        )
         return MethodOptions(
-            seed=seed, calib=calibration, ctx=self.ctx, speedup_for=self.speedup_for, **kwargs
+            seed=self.seed, calib=calibration, ctx=self.ctx, speedup_for=self.speedup_for, **kwargs
         )
 
 

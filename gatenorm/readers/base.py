@@ -169,6 +169,15 @@ class Checkpoint(ABC):
         stored = self._read(self.tensor_name("norm", layer))[1].reshape(-1)
         return self.arch.norm_gain(self.format, stored)
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of the 2-D tensor `name` (its first axis in HF layout: a vocabulary table's
+        tokens) as float32, reading only those rows."""
+        return self._read(name)[1][start:stop]
+
+    def rows(self, name: str) -> int:
+        """The first-axis length (HF layout) of the 2-D tensor `name`."""
+        return int(self._read(name)[1].shape[0])
+
     def read_embedding(self) -> torch.Tensor:
         """The token embedding table (vocab, d), float32."""
         return self._read(self.tensor_name("embed", 0))[1]

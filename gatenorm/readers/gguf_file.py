@@ -12,6 +12,7 @@ import torch
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
 from gatenorm.readers.base import Checkpoint, ModelShape
+from gatenorm.readers.dequant import dequantize
 from gatenorm.readers.gguf_check import GGUF_MAGIC, ScannedGGUF, check_gguf, check_gguf_tensors, check_hparams
 
 _TORCH_DTYPES = {
@@ -98,30 +99,45 @@ class GGUFCheckpoint(Checkpoint):
         t = self.tensors.get(name)
         if t is None:
             raise GatenormError(f"GGUF {self.path} has no tensor {name}")
-        n_bytes = int(t.n_bytes)
+        return self._pread(name, int(t.data_offset), int(t.n_bytes))
+
+    def _pread(self, name: str, offset: int, n_bytes: int) -> memoryview:
         buf = bytearray(n_bytes)
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            got = os.preadv(fd, [buf], int(t.data_offset))
+            got = os.preadv(fd, [buf], offset)
         finally:
             os.close(fd)
         if got != n_bytes:
             raise GatenormError(f"truncated GGUF {self.path}: short read of {name}")
         return memoryview(buf)
 
+    def rows(self, name: str) -> int:
+        t = self.tensors[name]
+        return int(np.prod(t.shape[1:]))
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        t = self.tensors[name]
+        rows = self.rows(name)
+        start, stop = max(start, 0), min(stop, rows)
+        row_bytes = int(t.n_bytes) // rows
+        buf = self._pread(name, int(t.data_offset) + start * row_bytes, (stop - start) * row_bytes)
+        return _decode(buf, t.tensor_type, stop - start, int(t.shape[0]))
+
     def _read(self, name: str) -> tuple[memoryview, torch.Tensor]:
         buf = self.read_raw(name)
         t = self.tensors[name]
-        cols, rows = int(t.shape[0]), int(np.prod(t.shape[1:]))
-        qtype = gguf.GGMLQuantizationType(t.tensor_type)
-        dtype = _TORCH_DTYPES.get(qtype)
-        if dtype is not None:
-            value = torch.frombuffer(buf, dtype=dtype).view(rows, cols).float()
-        else:
-            raw = np.frombuffer(buf, dtype=np.uint8).reshape(rows, -1)
-            value = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(rows, cols))
-        return buf, value
+        return buf, _decode(buf, t.tensor_type, int(np.prod(t.shape[1:])), int(t.shape[0]))
 
     def _to_hf_layout(self, part: str, weight: torch.Tensor) -> torch.Tensor:
         s = self.shape
         return self.arch.gguf_to_hf_rows(part, weight, s.n_head, s.n_head_kv)
+
+
+def _decode(buf: memoryview, tensor_type: int, rows: int, cols: int) -> torch.Tensor:
+    """float32 [rows, cols] of a GGUF tensor's stored bytes (whole rows)."""
+    qtype = gguf.GGMLQuantizationType(tensor_type)
+    dtype = _TORCH_DTYPES.get(qtype)
+    if dtype is not None:
+        return torch.frombuffer(buf, dtype=dtype).view(rows, cols).float()
+    return torch.from_numpy(dequantize(np.frombuffer(buf, dtype=np.uint8), qtype, rows, cols))

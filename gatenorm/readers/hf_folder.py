@@ -65,14 +65,23 @@ class HFCheckpoint(Checkpoint):
     def has_tensor(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _read(self, name: str) -> tuple[memoryview, torch.Tensor]:
+    def _stored(self, name: str, rows: slice | None = None) -> torch.Tensor:
         shard = self.weight_map.get(name)
         if shard is None:
             raise GatenormError(f"{self.path} has no tensor {name}")
         try:
             with safe_open(shard, framework="pt") as f:
-                stored = f.get_tensor(name)
+                return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
         except (SafetensorError, OSError) as e:
             raise GatenormError(f"unreadable tensor {name} in {shard}: {e}") from None
+
+    def rows(self, name: str) -> int:
+        return int(self._tensors[name][2][0])
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._stored(name, slice(start, stop)).float()
+
+    def _read(self, name: str) -> tuple[memoryview, torch.Tensor]:
+        stored = self._stored(name)
         raw = stored.contiguous().view(-1).view(torch.uint8).numpy().data
         return raw, stored.float()

@@ -24,7 +24,7 @@ from gatenorm.io import atomic_write_text
 from gatenorm.methods import MethodSettings, Ranking, make_method_plan, method_spec, rank_layers
 from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
-from gatenorm.recipes.schema import MethodEntry, Recipe, Target, Validation
+from gatenorm.recipes.schema import MethodEntry, Recipe, TargetBase, Validation
 from gatenorm.recipes.sources import ResolvedSource, content_sha256, resolve_source
 
 if TYPE_CHECKING:
@@ -176,24 +176,25 @@ def _validation(source: ResolvedSource, export: ExportSpec, key: str, recipe: Re
 
 def rank_with(ckpt: Checkpoint, method: MethodEntry) -> Ranking:
     """Rank `ckpt`'s layers with a recipe's method entry (`gatenorm.methods.rank_layers`)."""
-    settings = method_settings(method)
-    options = settings.method_options(
-        seed=method.seed, calib=method.calib, heal=method.heal_settings and method.heal_settings.form
-    )
+    options = method_settings(method).method_options(heal=method.heal_settings and method.heal_settings.form)
     return rank_layers(ckpt, method.name, options)
 
 
 def method_settings(method: MethodEntry) -> MethodSettings:
-    """A recipe method entry's ``options``, checked against the method's options model."""
+    """A recipe method entry's settings: its ``options`` (checked against the method's options model), and
+    the settings the entry gives beside them (seed, calib)."""
     model = method_spec(method.name).options
-    unknown = sorted(set(method.options) - set(model.model_fields))
+    beside = {
+        name: getattr(method, name) for name in model.model_fields.keys() & MethodEntry.model_fields.keys()
+    }
+    known = sorted(model.model_fields.keys() - beside.keys())
+    unknown = sorted(set(method.options) - set(known))
     if unknown:
         raise GatenormError(
-            f"method {method.name} takes no option(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(model.model_fields))})"
+            f"method {method.name} takes no option(s) {', '.join(unknown)} (known: {', '.join(known)})"
         )
     try:
-        return model.model_validate(method.options)
+        return model.model_validate({**method.options, **beside})
     except ValidationError as e:
         error = e.errors()[0]
         where = ".".join(map(str, error["loc"]))
@@ -231,7 +232,7 @@ class ResolvedBudget(BaseModel):
 
 def plans_key(source: ResolvedSource, method: MethodEntry, recipe: Recipe) -> str:
     """The content key of a model x method's plans: everything scoring, target search and planning read."""
-    targets = {b.kind for b in recipe.budgets if isinstance(b, Target)}
+    targets = {b.kind for b in recipe.budgets if isinstance(b, TargetBase)}
     searched = bool(targets - {"min_speedup"})  # quality targets: PyTorch passes on the search text
     search = [recipe.search.model_dump(mode="json"), _text_id(recipe.search.text)] if searched else None
     entry = method.model_dump(mode="json") | {"heal": _heal_id(method.heal_settings)}
@@ -240,7 +241,9 @@ def plans_key(source: ResolvedSource, method: MethodEntry, recipe: Recipe) -> st
             "key_schema": KEY_SCHEMA,
             "source_sha256": source.sha256,
             "method": entry,
-            "budgets": [b.model_dump(mode="json") if isinstance(b, Target) else b for b in recipe.budgets],
+            "budgets": [
+                b.model_dump(mode="json") if isinstance(b, TargetBase) else b for b in recipe.budgets
+            ],
             "allow_first_layer": recipe.allow_first_layer,
             "search": search,
             "speedup_ctx": recipe.validation.ctx if "min_speedup" in targets else None,  # the cost model's
@@ -359,7 +362,7 @@ def _method_plans(
     heal = method.heal_settings
     plans = {}
     for budget in recipe.budgets:
-        if isinstance(budget, Target):
+        if isinstance(budget, TargetBase):
             n, label = resolve_target(source, ckpt, ranking, budget, recipe, log, heal), budget.label
         else:
             n, label = budget, str(budget)

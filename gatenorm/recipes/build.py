@@ -21,6 +21,7 @@ from pathlib import Path
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text
 from gatenorm.recipes.batch import Variant
+from gatenorm.validate.result import ValidationReport
 
 BUILD_RECORD = "build.json"
 REPORT_JSON, REPORT_MD, REPORT_PNG = "validation.json", "validation.md", "validation.png"
@@ -138,57 +139,45 @@ def _gates(variant: Variant):
     return variant.validation.settings.gates
 
 
-def _write_report(report: dict, folder: Path) -> None:
-    from gatenorm.validate.report import write_json, write_markdown, write_png
+def _write_report(report: ValidationReport, folder: Path) -> None:
+    from gatenorm.validate.report import write_markdown, write_png
 
     write_markdown(report, folder / REPORT_MD)
     write_png(report, folder / REPORT_PNG)
-    write_json(report, folder / REPORT_JSON)  # last: its key marks the validation as done
+    report.write(folder / REPORT_JSON)  # last: its key marks the validation as done
 
 
-def read_report(folder: Path) -> dict | None:
-    """The variant's validation report, or None when absent or unreadable."""
-    return _read_json(folder / REPORT_JSON)
+def read_report(folder: Path) -> ValidationReport | None:
+    """The variant's validation report, or None when absent, unreadable or not a report."""
+    return ValidationReport.read(folder / REPORT_JSON)
 
 
-def _regate(report: dict, variant: Variant) -> bool:
-    """Apply the recipe's current gates to a stored report; True when the verdict text changed."""
+def _regate(report: ValidationReport, variant: Variant) -> ValidationReport | None:
+    """The stored `report` judged by the recipe's current gates; None when the verdict text is unchanged."""
     from gatenorm.validate.gates import check_gates
 
-    results = check_gates(
-        _gates(variant), report.get("agreement"), report.get("zeroshot"), report.get("retrieval")
-    )
-    lines = [g.describe() for g in results]
-    if lines == report.get("gate_lines"):
-        return False
-    report.update(
-        gates=[g.to_dict() for g in results],
-        gate_lines=lines,
-        failed_gates=[g.name for g in results if g.passed is False],
-        passed=all(g.passed is not False for g in results),
-    )
-    return True
+    regated = report.with_gates(check_gates(_gates(variant), report))
+    return None if regated.gate_lines == report.gate_lines else regated
 
 
 def _validate(out: Path, variant: Variant) -> str:
     from gatenorm.validate.run import validate
     from gatenorm.validate.runtimes import ModelSpec
-    from gatenorm.validate.settings import ValidationSettings
+    from gatenorm.validate.settings import settings_model
 
     job = variant.validation
     folder = out / variant.folder
     report = read_report(folder)
-    if report is not None and report.get("recipe_validation_key") == job.key:
-        if _regate(report, variant):
-            _write_report(report, folder)
+    if report is not None and report.recipe_validation_key == job.key:
+        if (regated := _regate(report, variant)) is not None:
+            _write_report(regated, folder)
         return "skipped"
     (folder / REPORT_JSON).unlink(missing_ok=True)
-    settings = ValidationSettings.model_validate(job.settings.model_dump(exclude=_RECIPE_ONLY))
+    settings = settings_model().model_validate(job.settings.model_dump(exclude=_RECIPE_ONLY))
     ref = ModelSpec(Path(job.reference), job.reference_runtime)
     cand = ModelSpec(out / variant.artifact, job.runtime)
     report = validate(ref, cand, settings, _gates(variant))
-    report["recipe_validation_key"] = job.key
-    _write_report(report, folder)
+    _write_report(report.model_copy(update={"recipe_validation_key": job.key}), folder)
     return "built"
 
 

@@ -8,7 +8,8 @@ from exporters.targets import target_spec
 from gatenorm import __version__
 from gatenorm.plan import Plan
 from gatenorm.recipes.batch import Variant
-from gatenorm.validate.report import percent_with_error
+from gatenorm.validate.metrics import METRICS
+from gatenorm.validate.result import ValidationReport
 
 
 def source_info(path: Path) -> dict[str, str]:
@@ -50,25 +51,17 @@ def _front_matter(variant: Variant, info: dict[str, str]) -> list[str]:
     return [*lines, "---", ""]
 
 
-def _quality_rows(report: dict) -> list[str]:
+def _quality_rows(report: ValidationReport) -> list[str]:
+    """One row per metric with a card row (`gatenorm.validate.metrics`) that was measured, then the speeds."""
     rows = []
-    if a := report.get("agreement"):
-        rows += [
-            f"| perplexity (source -> this) | {a['ppl_ref']:.3f} -> {a['ppl_cand']:.3f} "
-            f"(x{a['ppl_ratio']:.3f}) |",
-            f"| mean KL divergence from the source | {a['kld_mean']:.4f} ± {a['kld_err']:.4f} |",
-            f"| same top token as the source | {100 * a['top1']:.1f} % |",
-        ]
-    if z := report.get("zeroshot"):
-        avg = z["average"]
-        tasks = ", ".join(z["tasks"])
-        ref, cand = (percent_with_error(avg, side) for side in ("reference", "candidate"))
-        rows.append(f"| zero-shot average ({tasks}) | {ref} -> {cand} % |")
-    if b := report.get("bench"):
-        for k, v in b["candidate"].items():
+    for metric in METRICS.values():
+        if metric.card is not None and (section := getattr(report, metric.section)) is not None:
+            rows.append("| {} | {} |".format(*metric.card(section)))
+    if b := report.bench:
+        for k, v in b.candidate.items():
             if k.endswith("tok_s"):
                 rows.append(
-                    f"| {k.replace('_tok_s', '')} tokens/s (x source) | {v:.1f} (x{b['ratio'][k]:.2f}) |"
+                    f"| {k.replace('_tok_s', '')} tokens/s (x source) | {v:.1f} (x{b.ratio[k]:.2f}) |"
                 )
     return rows
 
@@ -95,7 +88,7 @@ def healing_text(plan: Plan) -> str | None:
     )
 
 
-def model_card(variant: Variant, report: dict | None) -> str:
+def model_card(variant: Variant, report: ValidationReport | None) -> str:
     """A README.md that can be published beside the artifact as is."""
     plan = variant.load_plan()
     src = Path(variant.source_path)
@@ -127,13 +120,13 @@ def model_card(variant: Variant, report: dict | None) -> str:
         "",
     ]
     if report is not None:
-        ref = "llama.cpp" if report["reference"]["runtime"] == "llama.cpp" else report["reference"]["runtime"]
+        ref = report.reference.runtime
         lines += [
             "## Quality and speed",
             "",
-            f"Measured by `gatenorm validate` in {report['candidate']['runtime']} against the unpruned "
+            f"Measured by `gatenorm validate` in {report.candidate.runtime} against the unpruned "
             f"source run in {ref}, on the same tokens "
-            f"({'passes' if report['passed'] else 'FAILS'} its gates; full report in `validation.md`).",
+            f"({'passes' if report.passed else 'FAILS'} its gates; full report in `validation.md`).",
             "",
             "| measure | value |",
             "|---|---|",

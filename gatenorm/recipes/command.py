@@ -18,7 +18,7 @@ from rich.table import Table
 
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_write_text
-from gatenorm.recipes.batch import BatchPlan, plan_batch
+from gatenorm.recipes.batch import BatchPlan, Variant, plan_batch
 from gatenorm.recipes.build import LOGS, VariantResult, artifact_current, read_report
 from gatenorm.recipes.loader import load_recipe
 from gatenorm.recipes.progress import BatchProgress
@@ -50,6 +50,14 @@ def output_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _validated(out: Path, v: Variant) -> bool:
+    """Whether the variant's stored report holds the measurement its validation job asks for."""
+    report = read_report(out / v.folder)
+    return (
+        report is not None and v.validation is not None and report.recipe_validation_key == v.validation.key
+    )
+
+
 def _state(out: Path, plan: BatchPlan) -> dict[str, str]:
     """What a run would do to each variant: build, validate only, or nothing."""
     states = {}
@@ -58,10 +66,7 @@ def _state(out: Path, plan: BatchPlan) -> dict[str, str]:
             states[v.name] = "heal + build"
         elif not artifact_current(out, v):
             states[v.name] = "build"
-        elif (
-            v.validation
-            and (read_report(out / v.folder) or {}).get("recipe_validation_key") != v.validation.key
-        ):
+        elif v.validation and not _validated(out, v):
             states[v.name] = "validate"
         else:
             states[v.name] = "up to date"

@@ -14,21 +14,27 @@ from gatenorm.recipes.batch import BatchPlan
 from gatenorm.recipes.build import read_report
 from gatenorm.recipes.plots import _save
 from gatenorm.validate.bench import pp_key, tg_key
+from gatenorm.validate.metrics import METRICS
+
+#: The quality axis of the front: a lower-is-better metric of `gatenorm.validate.metrics`.
+QUALITY = METRICS["kld"]
 
 
 def frontier_points(plan: BatchPlan, out: Path) -> dict[str, list[dict]]:
-    """metric label ('tg64 @ d2048', 'pp512') -> points {name, pruned, quant, dropped, kld, speed}."""
+    """metric label ('tg64 @ d2048', 'pp512') -> points {name, pruned, quant, dropped, kld, speed}, ``kld``
+    being the value of `QUALITY`."""
     by_metric: dict[str, list[dict]] = {}
     for v in plan.variants:
-        report = read_report(out / v.folder) or {}
-        a, b = report.get("agreement"), report.get("bench")
-        if v.export.target != "gguf" or not a or not b:
+        report = read_report(out / v.folder)
+        quality = QUALITY.value(report) if report else None
+        b = report.bench if report else None
+        if v.export.target != "gguf" or quality is None or not b:
             continue
-        cfg = b["config"]
+        cfg = b.config
         metrics = [(f"tg{cfg['generate']} @ d{d}", tg_key(cfg["generate"], d)) for d in cfg["depths_run"]]
         metrics += [(f"pp{n}", pp_key(n)) for n in cfg["prompts"]]
         for label, key in metrics:
-            if key in b["ratio"]:
+            if key in b.ratio:
                 by_metric.setdefault(label, []).append(
                     {
                         "name": v.name,
@@ -36,8 +42,8 @@ def frontier_points(plan: BatchPlan, out: Path) -> dict[str, list[dict]]:
                         "quant": v.export.quant,
                         "method": v.method,
                         "dropped": v.budget,
-                        "kld": a["kld_mean"],
-                        "speed": b["ratio"][key],
+                        "kld": quality,
+                        "speed": b.ratio[key],
                     }
                 )
     return by_metric
@@ -48,7 +54,7 @@ def frontier_md(by_metric: dict[str, list[dict]]) -> list[str]:
     if not by_metric:
         return []
     lines = [
-        "## Pruning next to quantization (Pareto front of mean KLD vs speed, x source)",
+        f"## Pruning next to quantization (Pareto front of {QUALITY.label} vs speed, x source)",
         "",
         "| metric | Pareto front (KLD, speed) | pruned variants on the front |",
         "|---|---|---|",
@@ -84,7 +90,7 @@ def plot_frontier(by_metric: dict[str, list[dict]], path: Path) -> None:
         front = [pts[i] for i in pareto_front([(p["kld"], p["speed"]) for p in pts])]
         ax.step([p["kld"] for p in front], [p["speed"] for p in front], where="post", color="k", lw=1)
         ax.set_xscale("log")
-        ax.set_xlabel("mean KLD vs source (log)")
+        ax.set_xlabel(f"{QUALITY.label} vs source (log)")
         ax.set_ylabel("speed vs source (x)")
         ax.set_title(label)
         ax.grid(alpha=0.3)

@@ -14,6 +14,8 @@ from gatenorm.recipes.build import BUILD_RECORD, VariantResult, read_record, rea
 from gatenorm.recipes.card import healing_text
 from gatenorm.recipes.plots import plot_layer_scores, plot_quality, plot_speed_quality
 from gatenorm.recipes.sources import file_sha256
+from gatenorm.validate.metrics import METRICS, Metric
+from gatenorm.validate.result import Bench
 
 REPORT, MANIFEST, PLOTS = "REPORT.md", "manifest.json", "plots"
 _METHOD = (
@@ -25,36 +27,39 @@ _METHOD = (
 )
 
 
-def _bench_key(bench: dict, prefix: str) -> str | None:
+def _bench_key(bench: Bench, prefix: str) -> str | None:
     """The bench metric 'pp' (the first prompt length) or 'tg' (decoding after an empty context)."""
     from gatenorm.validate.bench import pp_key, tg_key
 
-    cfg = bench["config"]
+    cfg = bench.config
     key = pp_key(cfg["prompts"][0]) if prefix == "pp" else tg_key(cfg["generate"], 0)
-    return key if key in bench["candidate"] else None
+    return key if key in bench.candidate else None
+
+
+def _columns() -> list[Metric]:
+    """The metrics with a REPORT.md column, in registry order."""
+    return [m for m in METRICS.values() if m.column is not None]
 
 
 def _row(out: Path, variant: Variant) -> dict:
-    """The measured figures of one variant (None where not measured)."""
+    """The measured figures of one variant (None where not measured): one per metric with a column (by its
+    name), the reference's PPL and zero-shot average, the verdict, the size and the speeds."""
     record = read_record(out / variant.folder) or {}
     size = sum(f["size"] for f in record.get("files", {}).values()) or None
-    report = read_report(out / variant.folder) or {}
-    a, z, b = report.get("agreement"), report.get("zeroshot"), report.get("bench")
+    report = read_report(out / variant.folder)
+    a, z, b = (getattr(report, k, None) for k in ("agreement", "zeroshot", "bench"))
     row = {
         "size_mib": size / 2**20 if size else None,
-        "ppl": a["ppl_cand"] if a else None,
-        "ppl_ref": a["ppl_ref"] if a else None,
-        "kld": a["kld_mean"] if a else None,
-        "top1": a["top1"] if a else None,
-        "zeroshot": z["average"]["candidate"] if z else None,
-        "zeroshot_ref": z["average"]["reference"] if z else None,
-        "passed": report.get("passed"),
-        "failed_gates": report.get("failed_gates", []),
+        **{m.name: m.value(report) for m in _columns()},
+        "ppl_ref": a.ppl_ref if a else None,
+        "zeroshot_ref": z.average.reference if z else None,
+        "passed": report.passed if report else None,
+        "failed_gates": report.failed_gates if report else [],
     }
     for prefix in ("pp", "tg"):
         key = _bench_key(b, prefix) if b else None
-        row[f"{prefix}_tok_s"] = b["candidate"][key] if key else None
-        row[f"{prefix}_ratio"] = b["ratio"][key] if key else None
+        row[f"{prefix}_tok_s"] = b.candidate[key] if key else None
+        row[f"{prefix}_ratio"] = b.ratio[key] if key else None
     return row
 
 
@@ -83,10 +88,12 @@ def _status(result: VariantResult | None, row: dict) -> str:
 
 
 def _table(plan: BatchPlan, rows: dict[str, dict], results: dict[str, VariantResult]) -> list[str]:
+    columns = _columns()
+    heads = ["variant", "method", "dropped", "export", "size MiB", *(m.column for m in columns)]
+    heads += ["pp tok/s", "tg tok/s", "pp speedup", "tg speedup", "verdict"]
     lines = [
-        "| variant | method | dropped | export | size MiB | PPL | KLD | top-1 % | zero-shot % | pp tok/s | "
-        "tg tok/s | pp speedup | tg speedup | verdict |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| " + " | ".join(heads) + " |",
+        "|---|---|---:|---|" + "---:|" * (len(columns) + 5) + "---|",
     ]
     for v in plan.variants:
         r = rows[v.name]
@@ -97,10 +104,7 @@ def _table(plan: BatchPlan, rows: dict[str, dict], results: dict[str, VariantRes
             dropped,
             v.export.label,
             _fmt(r["size_mib"], ".1f"),
-            _fmt(r["ppl"], ".3f"),
-            _fmt(r["kld"], ".4f"),
-            _fmt(r["top1"], ".1f", 100),
-            _fmt(r["zeroshot"], ".1f", 100),
+            *(_fmt(r[m.name], m.fmt, m.scale) for m in columns),
             _fmt(r["pp_tok_s"], ".0f"),
             _fmt(r["tg_tok_s"], ".1f"),
             _fmt(r["speedup_pp"], ".2f"),

@@ -22,7 +22,8 @@ from pydantic import (
 from exporters.targets import TARGETS
 from gatenorm.heal.fit import HealSettings
 from gatenorm.methods.registry import METHODS
-from gatenorm.validate.settings import ValidationSettings
+from gatenorm.validate.metrics import Metric, gates_model, search_targets
+from gatenorm.validate.settings import ValidationSettings, with_gates
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -98,42 +99,42 @@ class MethodEntry(_Strict):
         return value
 
 
-_TARGET_KINDS = ("max_kld", "min_top1", "max_ppl_ratio", "min_speedup")
-
-
-class Target(_Strict):
+class TargetBase(_Strict):
     """A budget searched for: the most layers dropped whose quality holds, or the fewest reaching a speedup.
 
-    Quality targets are measured in PyTorch against the unpruned model on the search text (see `Search`);
+    Quality targets (one per metric of `gatenorm.validate.metrics` that declares a `target`: ``max_kld``,
+    ``min_top1``, ...) are measured in PyTorch against the unpruned model on the search text (see `Search`);
     `min_speedup` uses the cost model's speedup of the method's actions for `speedup_for` (prefill: a prompt
     of `ctx` tokens; decode: generating at depth `ctx`), `ctx` defaulting to the validation context.
     """
 
-    max_kld: float | None = Field(None, gt=0)
-    min_top1: float | None = Field(None, gt=0, le=1)
-    max_ppl_ratio: float | None = Field(None, gt=1)
-    min_speedup: float | None = Field(None, gt=1)
-    speedup_for: Literal["prefill", "decode"] = "prefill"
-    ctx: int | None = Field(None, ge=0, description="min_speedup: the cost model's context or depth.")
-
     @model_validator(mode="after")
-    def _exactly_one(self) -> Target:
-        given = [k for k in _TARGET_KINDS if getattr(self, k) is not None]
+    def _exactly_one(self) -> TargetBase:
+        kinds = self.kinds()
+        given = [k for k in kinds if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(
-                "a target budget names exactly one of max_kld, min_top1, max_ppl_ratio, min_speedup"
-            )
+            raise ValueError(f"a target budget names exactly one of {', '.join(kinds)}")
         if given != ["min_speedup"] and (self.ctx is not None or self.speedup_for != "prefill"):
             raise ValueError("speedup_for and ctx go with min_speedup")
         return self
 
+    @classmethod
+    def kinds(cls) -> list[str]:
+        """The bounds a target may name: ``max_kld``, ..., ``min_speedup``."""
+        return [k for k in cls.model_fields if k not in ("speedup_for", "ctx")]
+
     @property
     def kind(self) -> str:
-        return next(k for k in _TARGET_KINDS if getattr(self, k) is not None)
+        return next(k for k in self.kinds() if getattr(self, k) is not None)
 
     @property
     def value(self) -> float:
         return getattr(self, self.kind)
+
+    @property
+    def metric(self) -> Metric:
+        """The metric a quality target bounds (`min_speedup` has none)."""
+        return next(m for m in search_targets() if m.gate_name == self.kind)
 
     @property
     def label(self) -> str:
@@ -142,11 +143,37 @@ class Target(_Strict):
         return f"{self.kind}={self.value:g}{at}"
 
 
-#: A budget is a number of layers to drop, or a `Target` to search for.
-Budget = Annotated[
-    Annotated[Annotated[int, Field(ge=0)], Tag("layers")] | Annotated[Target, Tag("target")],
-    Discriminator(lambda v: "target" if isinstance(v, dict | Target) else "layers"),
-]
+@functools.cache
+def _target_model(metrics: tuple[Metric, ...]) -> type[TargetBase]:
+    return create_model(
+        "Target",
+        __base__=TargetBase,
+        __doc__=TargetBase.__doc__,
+        **{m.gate_name: (float | None, Field(None, **m.target)) for m in metrics},
+        min_speedup=(float | None, Field(None, gt=1)),
+        speedup_for=(Literal["prefill", "decode"], "prefill"),
+        ctx=(int | None, Field(None, ge=0, description="min_speedup: the cost model's context or depth.")),
+    )
+
+
+def target_model() -> type[TargetBase]:
+    """The target budget model of the metrics registered now: one optional bound per searchable metric
+    (`gatenorm.validate.metrics.search_targets`), then the speedup target (built once per registry
+    contents)."""
+    return _target_model(tuple(search_targets()))
+
+
+def _budget(target: type[TargetBase]) -> Any:
+    """A budget is a number of layers to drop, or a `target` to search for."""
+    return Annotated[
+        Annotated[Annotated[int, Field(ge=0)], Tag("layers")] | Annotated[target, Tag("target")],
+        Discriminator(lambda v: "target" if isinstance(v, dict | TargetBase) else "layers"),
+    ]
+
+
+#: The target budget of the built-in metrics; `isinstance(budget, TargetBase)` holds for every target.
+Target = target_model()
+Budget = _budget(Target)
 
 
 class Search(_Strict):
@@ -222,12 +249,21 @@ class Recipe(_Strict):
 
 
 @functools.cache
-def _recipe_model(exports: type[_Exports]) -> type[Recipe]:
-    return create_model("Recipe", __base__=Recipe, __doc__=Recipe.__doc__, exports=(exports, ...))
+def _recipe_model(exports: type[_Exports], gates: type[BaseModel], target: type[TargetBase]) -> type[Recipe]:
+    validation = with_gates(Validation, gates)
+    return create_model(
+        "Recipe",
+        __base__=Recipe,
+        __doc__=Recipe.__doc__,
+        exports=(exports, ...),
+        validation=(validation, Field(default_factory=validation)),
+        budgets=(list[_budget(target)], Field(min_length=1)),
+    )
 
 
 def recipe_model() -> type[Recipe]:
-    """`Recipe` with the ``exports`` of the export targets registered now (`exports_model`); methods are
-    looked up in `METHODS` as a recipe is validated. A target or method registered after import is
+    """`Recipe` with the ``exports`` of the export targets registered now (`exports_model`) and the gates
+    and target budgets of the metrics registered now (`gates_model`, `target_model`); methods are looked
+    up in `METHODS` as a recipe is validated. A target, metric or method registered after import is
     accepted without rebuilding anything by hand."""
-    return _recipe_model(exports_model())
+    return _recipe_model(exports_model(), gates_model(), target_model())

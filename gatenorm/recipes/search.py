@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 from gatenorm.errors import GatenormError
@@ -10,16 +9,15 @@ from gatenorm.heal.fit import HealSettings
 from gatenorm.methods import Ranking, make_method_plan
 from gatenorm.methods.registry import chosen_layers
 from gatenorm.readers import Checkpoint
-from gatenorm.recipes.schema import Recipe, Target
+from gatenorm.recipes.schema import Recipe, TargetBase
 from gatenorm.recipes.sources import ResolvedSource
 
 
 def _quality_probe(
-    source: ResolvedSource, ckpt: Checkpoint, ranking: Ranking, recipe: Recipe, target: Target
+    source: ResolvedSource, ckpt: Checkpoint, ranking: Ranking, recipe: Recipe, target: TargetBase
 ) -> Callable[[int], float]:
     """A function n -> the target's metric of the model with n layers dropped, against the unpruned one,
-    in PyTorch on the recipe's search text."""
-    from gatenorm.apply import apply_plan
+    in PyTorch on the recipe's search text (each probe one layer-at-a-time pass, `gatenorm.sequential`)."""
     from gatenorm.validate.agreement import compare_logits
     from gatenorm.validate.runtimes import TorchRuntime
     from gatenorm.validate.text import token_windows
@@ -29,21 +27,18 @@ def _quality_probe(
     windows = token_windows(search.text, ref.tokenize, search.ctx, search.max_tokens, ref.bos_id)
     first = search.ctx // 2
     ref_logits = list(ref.window_logits(windows, first))
-    metric = {"max_kld": "kld_mean", "min_top1": "top1", "max_ppl_ratio": "ppl_ratio"}[target.kind]
+    metric = target.metric
 
     def probe(n: int) -> float:
-        cand = copy.copy(ref)
-        cand.model = apply_plan(
-            copy.deepcopy(ref.model),
-            make_method_plan(
-                ckpt,
-                ranking.scores.method,
-                budget=n,
-                ranking=ranking,
-                allow_first_layer=recipe.allow_first_layer,
-            ),
+        plan = make_method_plan(
+            ckpt, ranking.scores.method, budget=n, ranking=ranking, allow_first_layer=recipe.allow_first_layer
         )
-        return getattr(compare_logits(ref_logits, cand.window_logits(windows, first), windows, first), metric)
+        cand = ref.with_plan(plan)  # a layer-at-a-time pass with the plan's modules; no copy of the model
+        try:
+            result = compare_logits(ref_logits, cand.window_logits(windows, first), windows, first)
+        finally:
+            cand.close()
+        return metric.read(result)
 
     return probe
 
@@ -52,7 +47,7 @@ def resolve_target(
     source: ResolvedSource,
     ckpt: Checkpoint,
     ranking: Ranking,
-    target: Target,
+    target: TargetBase,
     recipe: Recipe,
     log: Callable[[str], None] = lambda _: None,
     heal: HealSettings | None = None,
@@ -84,13 +79,13 @@ def resolve_target(
             "min_speedup targets (a quality search would fit repairs at every step)"
         )
     probe = _quality_probe(source, ckpt, ranking, recipe, target)
-    holds = (lambda v: v <= target.value) if target.kind.startswith("max") else (lambda v: v >= target.value)
+    metric = target.metric
     lo, hi = 0, top  # holds(lo) (nothing dropped); find the largest n that holds
     while lo < hi:
         mid = (lo + hi + 1) // 2
         value = probe(mid)
-        log(f"{source.name} / {name}: {target.kind[4:]} with {mid} dropped: {value:.4g}")
-        if holds(value):
+        log(f"{source.name} / {name}: {metric.name} with {mid} dropped: {value:.4g}")
+        if metric.holds(value, target.value):
             lo = mid
         else:
             hi = mid - 1

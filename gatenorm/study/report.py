@@ -1,4 +1,6 @@
-"""docs/study.md and its figures, from the study's results JSON only (see `gatenorm.study.run`)."""
+"""docs/study.md and its figures, from the study's results JSON only (see `gatenorm.study.run`): every table,
+figure and measured sentence; the findings are hand-written regions of docs/study.md, kept as they are
+(`gatenorm.study.prose`). Method names and labels come from the method registry."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from gatenorm.methods.calibration import SYNTHETIC
 from gatenorm.plan import Plan
 from gatenorm.plot import pareto_front, pyplot
 from gatenorm.study.common import combo, heal_run_section
+from gatenorm.study.prose import Prose
 
 
 def method_label(method: str) -> str:
@@ -20,36 +23,10 @@ def method_label(method: str) -> str:
     return METHODS[method].label + (" (mean ± sd)" if method == "random" else "")
 
 
-NOTES = [
-    "## Reading the results",
-    "",
-    "- Weights-only criteria do not find the harmless attention sublayers of this 135M model: Gate-Norm's "
-    "ranks agree poorly with the measured importance (the rank-correlation table), and so does every other "
-    "weight statistic tried (data-free alpha, predicted self weight, value-output gain). The `mixed` plan "
-    "(weights only) inherits Gate-Norm's layer choice; linearizing instead of dropping lowers its KLD but "
-    "cannot repair the choice.",
-    "- Measuring instead of predicting works without data: attention-cosine computed on text the model "
-    "samples itself ranks the layers much like attention-cosine on held-out Wikipedia text (the correlation "
-    "table), and `mixed-synthetic` chooses per layer between dropping the attention, linearizing it at the "
-    "least-squares alpha and dropping the whole block, by damage per saved FLOP. It costs a generation and "
-    "one forward pass (the timing table), not the weights-only second of Gate-Norm.",
-    "- A linearized layer keeps a d x d matmul (Q8_0 in the GGUF of a Q4_1 source). By FLOPs it saves about "
-    "two thirds of what dropping saves at 256 tokens; measured in llama.cpp, 16 linearized layers save 90 % "
-    "of what 16 dropped ones save in prompt processing and 60 % in generation (the speed table). "
-    "mixed-synthetic weighs damage by the FLOP ratio and linearizes only where that still pays (on SmolLM2 "
-    "the last layer); calibrated HARP and harp-free linearize every chosen layer.",
-    "- At 135M parameters the MLPs take about 70 % of a layer's prompt compute at 256 tokens (and in "
-    "generation the 49k-row LM head runs for every token), so removing attention alone gives small "
-    "speedups: 16 dropped attention sublayers reach 1.20x. A dropped block saves 3.5x the FLOPs of a dropped "
-    "attention, so where a block's damage is less than 3.5x its attention's (on SmolLM2 mostly layers 10-19) "
-    "mixed-synthetic drops the block. That is how its plans beat ShortGPT's block removal at every measured "
-    "speedup (at 1.23x: KLD 0.73 against 1.10) and reach 1.49x; the attention-only methods cannot get as "
-    "fast at any studied budget, so the target tables compare with them up to budget 6.",
-    "- A budget counts changed layers, so at equal budget mixed-synthetic now removes more compute (and "
-    "loses more) than the attention-only methods: compare methods at equal speedup (the target tables, the "
-    "figure), or ask for a speedup (`--budget-speedup`, a recipe's `min_speedup`).",
-    "",
-]
+#: The methods each target table compares a candidate with, by registry name.
+COMPARED = ("gate-norm", "harp", "attention-cosine", "block-influence")
+#: The study's own plans, each given its target tables.
+CANDIDATES = ("mixed-synthetic", "mixed")
 
 
 def spearman(a, b) -> float:
@@ -133,6 +110,7 @@ def fmt(v: tuple[float, float] | None, digits: int = 3, spread: bool = True) -> 
 
 def write_report(data: dict, args, ckpt, plans, cost) -> None:
     docs = Path(args.docs)
+    prose = Prose(docs / "study.md")
     rows = Rows(data, args, plans, cost)
     ranks = data["rankings"]
     settings = data["settings"]
@@ -141,7 +119,10 @@ def write_report(data: dict, args, ckpt, plans, cost) -> None:
     md: list[str] = ["# Methods study: SmolLM2-135M", ""]
     md += [
         "Produced by `scripts/study_methods.py`: every number below comes from `docs/study_results.json`, "
-        "which the script writes (rerun with the same flags to reproduce). Settings:",
+        "which the script writes (rerun with the same flags to reproduce). "
+        f"`python scripts/study_report.py{_report_flags(args)}` rewrites this file and its figures from "
+        "that JSON alone; the hand-written regions (between `hand-written` markers) are kept as they are. "
+        "Settings:",
         "",
         f"- evaluation: {settings['eval_windows']} windows x {settings['eval_len']} tokens of the shipped "
         f"Wikipedia leads (articles {split['eval_articles']}), fp32 PyTorch with `apply_plan`, "
@@ -168,20 +149,24 @@ def write_report(data: dict, args, ckpt, plans, cost) -> None:
         f"action counts; zero-shot for {len(data.get('zeroshot', {}))} models at the budgets of that table "
         "(the script resumes from its JSON: rerun it with more budgets to fill the rest).",
         "",
+        *prose.block("findings"),
     ]
-    for candidate in ("mixed-synthetic", "mixed"):
+    for candidate in CANDIDATES:
         if candidate in rows.rows:
             if data.get("speed"):
                 md += target_section(rows, families, "pp", candidate)
             md += target_section(rows, families, "est", candidate)
     md += quality_table(rows, families)
     md += timing_section(ranks)
+    md += prose.block("timing")
     md += correlation_section(ranks)
     md += alpha_section(ranks, docs)
     md += zeroshot_section(data, families)
+    md += prose.block("zeroshot")
     md += speed_section(data, plans, cost, args)
     md += heal_section(data, docs)
-    md += NOTES
+    md += prose.block("healing")
+    md += prose.block("reading")
     mechanism_plot(ranks, docs / "study_mechanism.png")
     pareto_plot(rows, families, docs / "study_pareto.png")
     md += [
@@ -194,40 +179,42 @@ def write_report(data: dict, args, ckpt, plans, cost) -> None:
         "![alpha](study_alpha.png)",
         "",
     ]
+    prose.check_placed()
     atomic_write_text(docs / "study.md", "\n".join(md) + "\n")
 
 
+def _report_flags(args) -> str:
+    """The flags of this run that the report follows (the rest: the results JSON's settings, defaults)."""
+    return f" --heal-compare {args.heal_compare}" if args.heal_compare else ""
+
+
 def target_section(rows: Rows, families: list[str], key: str, candidate: str) -> list[str]:
-    """`candidate`'s plans against the best KLD of Gate-Norm, HARP, attention-cosine and block-influence at
-    >= its speedup."""
+    """`candidate`'s plans against the best KLD of each `COMPARED` method at >= its speedup."""
     label = {
         "pp": "measured prompt-processing speedup",
         "tg": "measured generation speedup",
         "est": "estimated speedup (cost model)",
     }[key]
+    names = [METHODS[m].label for m in COMPARED]
+    cosine = METHODS["attention-cosine"].label
     md = [
-        f"## Target: {method_label(candidate)} vs Gate-Norm, HARP, attention-cosine (and block-influence) "
-        "at equal "
-        f"{label}",
+        f"## Target: {method_label(candidate)} vs {'; '.join(names)} at equal {label}",
         "",
         f"For each plan of `{candidate}`, the best KLD each other method's Pareto front reaches at a {label} "
         "at least as high (no extrapolation; – where none of that method's studied budgets gets as fast).",
         "",
-        "| budget | speedup | KLD | Gate-Norm | HARP (calibrated) | attention-cosine | block-influence "
-        "| ours / cosine |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| budget | speedup | KLD | {' | '.join(names)} | KLD / {cosine} |",
+        "| --- " * (4 + len(COMPARED)) + "|",
     ]
     fronts = {f: pareto(rows.points(f, key)) for f in families}
-    wins = {"gate-norm": [0, 0], "harp": [0, 0], "block-influence": [0, 0]}  # [wins, comparable budgets]
+    beaten = [m for m in COMPARED if m != "attention-cosine"]
+    wins = {m: [0, 0] for m in beaten}  # [wins, comparable budgets]
     within = compared = 0
     for b in rows.budgets:
         s, k = rows.value(candidate, b, key), rows.value(candidate, b, "kld")
         if s is None or k is None:
             continue
-        others = {
-            f: front_kld_at(fronts.get(f, []), s[0])
-            for f in ("gate-norm", "harp", "attention-cosine", "block-influence")
-        }
+        others = {f: front_kld_at(fronts.get(f, []), s[0]) for f in COMPARED}
         for f, count in wins.items():
             if others[f] is not None:
                 count[0] += k[0] < others[f]
@@ -239,12 +226,11 @@ def target_section(rows: Rows, families: list[str], key: str, candidate: str) ->
         cells = ["–" if v is None else f"{v:.4f}" for v in others.values()]
         ratio = "–" if cos is None else f"{k[0] / cos:.2f}"
         md.append(f"| {b} | {s[0]:.3f} | {k[0]:.4f} | {' | '.join(cells)} | {ratio} |")
-    (gate, n_gate), (harp, n_harp), (block, n_block) = wins.values()
+    lower = "; than ".join(f"{METHODS[m].label} at {won} of {n}" for m, (won, n) in wins.items())
     md += [
         "",
-        f"`{candidate}` has a lower KLD than Gate-Norm at {gate} of {n_gate} comparable budgets, than "
-        f"calibrated HARP at {harp} of {n_harp} and than block-influence at {block} of {n_block}; it is "
-        f"within 10 % of attention-cosine's KLD at {within} of {compared}.",
+        f"`{candidate}` has a lower KLD, at comparable budgets, than {lower}. It is within 10 % of the KLD "
+        f"of {cosine} at {within} of {compared}.",
         "",
     ]
     return md
@@ -296,29 +282,28 @@ def unpruned_ppl(rows: Rows) -> str:
 def timing_section(ranks: dict) -> list[str]:
     named = {n: r for n, r in ranks.items() if not n.startswith("random-")}
     secs = {n: r["scores"]["seconds"] for n, r in named.items()}
+    n_layers = len(next(iter(named.values()))["scores"]["scores"])
     md = [
         "## Scoring time",
         "",
-        "Wall time of ranking all 30 layers on the 2-core machine, with the 1-minute load average at the "
-        "time (data-driven: loading the model with transformers, the calibration pass, the q/k content hash; "
-        "mixed-synthetic also generates its text; HARP: its alpha search for the layers the largest budget "
-        "linearizes). The GGUF is in the page cache.",
+        f"Wall time of ranking all {n_layers} layers on the 2-core machine, with the 1-minute load average "
+        "at the time (data-driven: loading the model with transformers, the calibration pass, the q/k "
+        "content hash; mixed-synthetic also generates its text; HARP: its alpha search for the layers the "
+        "largest budget linearizes). The GGUF is in the page cache.",
         "",
-        "| method | seconds | x Gate-Norm | load |",
+        f"| method | seconds | x {METHODS['gate-norm'].label} | load |",
         "| --- | --- | --- | --- |",
     ]
     base = secs.get("gate-norm")
     for n, s in sorted(secs.items(), key=lambda kv: kv[1]):
         load = named[n].get("timed_at_load")
         cells = [f"{s:.2f}", f"{s / base:.0f}" if base else "–", "–" if load is None else f"{load:.1f}"]
-        md.append(f"| {n} | {' | '.join(cells)} |")
+        md.append(f"| {METHODS[n].label} | {' | '.join(cells)} |")
     if base and "attention-cosine" in secs:
         md += [
             "",
-            f"Attention-cosine takes {secs['attention-cosine'] / base:.0f}x Gate-Norm's time here (paper: "
-            "~1000x on 13B). Gate-Norm reads and dequantizes the q/k tensors only; the data-driven time is "
-            "mostly loading the whole model and one forward pass over the calibration tokens, which grows "
-            "with the model and the calibration size.",
+            f"Here {METHODS['attention-cosine'].label} takes {secs['attention-cosine'] / base:.0f}x the time "
+            f"of {METHODS['gate-norm'].label}.",
         ]
     return [*md, ""]
 
@@ -328,8 +313,8 @@ def correlation_section(ranks: dict) -> list[str]:
     gn = ranks.get("gate-norm", {}).get("scores", {}).get("scores")
     if cos is None or gn is None:
         return []
-    md = ["## Rank correlation with attention-cosine importance (layers 1..29)", ""]
-    pairs = [("Gate-Norm", gn)]
+    md = [f"## Rank correlation with attention-cosine importance (layers 1..{len(cos) - 1})", ""]
+    pairs = [(METHODS["gate-norm"].label, gn)]
     extra = ranks.get("mixed", {}).get("extra", {})
     for key, label in (
         ("alpha", "data-free alpha"),
@@ -345,7 +330,8 @@ def correlation_section(ranks: dict) -> list[str]:
     if synthetic:
         own = [1 - c for c in synthetic["extra"]["attention_cosine"]]
         pairs.append(("attention-cosine on self-generated text (no data)", own))
-        pairs.append(("mixed-synthetic score (damage per saved FLOP)", synthetic["scores"]["scores"]))
+        label = f"{METHODS['mixed-synthetic'].label}: score (damage per saved FLOP)"
+        pairs.append((label, synthetic["scores"]["scores"]))
     md += ["| score | Spearman vs 1 - cos |", "| --- | --- |"]
     md += [f"| {label} | {spearman(v[1:], cos[1:]):.2f} |" for label, v in pairs]
     return [*md, ""]
@@ -417,9 +403,7 @@ def zeroshot_section(data: dict, families: list[str]) -> list[str]:
             "",
             f"The pruned models' averages span {100 * min(pruned):.1f} to {100 * max(pruned):.1f} % around "
             f"the unpruned {100 * base:.1f} %; with {n_items} items an average's standard error is about "
-            f"{100 * math.sqrt(0.25 / n_items):.1f} points, and this 135M model is near chance on most of "
-            "these tasks (BoolQ flips between always-no and always-yes), so zero-shot does not separate the "
-            "methods here; KLD and PPL on text do.",
+            f"{100 * math.sqrt(0.25 / n_items):.1f} points.",
         ]
     return [*md, ""]
 
@@ -566,7 +550,7 @@ def heal_section(data: dict, docs: Path) -> list[str]:
     limit = data["settings"]["limit"]
     scale = data.get("heal_scale")
     md = [
-        "## Healing (issue 13)",
+        "## Healing",
         "",
         "Every plan of the methods below, healed with `gatenorm.heal.fit.heal_plan` in form "
         f"`{hs.get('form', 'linear')}`: {_form_text(hs)}, fitted sequentially in float64 on "
@@ -583,7 +567,7 @@ def heal_section(data: dict, docs: Path) -> list[str]:
         ".plan_speedup`: a mapped dropped attention costs a d x d matmul, a mapped dropped block likewise, a "
         "mapped linearized layer what the linearized one does; a fold costs nothing). The equal-speed "
         "comparisons below are at equal **estimated** speed; measured llama.cpp speed of healed GGUFs is "
-        "`scripts/bench_heal.py`'s (README).",
+        "`scripts/bench_heal.py`'s (docs/benchmarks.md).",
         "",
         f"Zero-shot: the study's {len(data['settings']['tasks'].split(','))} tasks, `--limit {limit}` items "
         "each (the same items as the zero-shot table), average ± standard error (binomial per task, tasks "

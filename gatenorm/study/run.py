@@ -38,6 +38,7 @@ from gatenorm.scoring import LayerScores
 from gatenorm.study.common import combo, heal_run_section, study_methods
 from gatenorm.study.report import write_report
 from gatenorm.validate.agreement import compare_logits
+from gatenorm.validate.metrics import METRICS
 from gatenorm.validate.text import WIKI_HELDOUT, hf_tokenize, token_windows, wiki_articles, window_chars
 from gatenorm.validate.zeroshot import DEFAULT_TASKS
 
@@ -246,14 +247,16 @@ def logits_of(model, windows: np.ndarray) -> list[np.ndarray]:
 
 
 def quality_of(model, windows: np.ndarray, ref: list[np.ndarray]) -> dict:
-    """PPL, KLD and top-1 agreement of `model` against the reference logits `ref` on `windows`."""
+    """PPL, KLD and top-1 agreement (keyed by their metric names, `gatenorm.validate.metrics`) of `model`
+    against the reference logits `ref` on `windows`."""
     a = compare_logits(ref, logits_of(model, windows), windows, first=0)
+    ppl, kld, top1 = (METRICS[name].read(a) for name in ("ppl", "kld", "top1"))
     return {
-        "ppl": a.ppl_cand,
+        "ppl": ppl,
         "ppl_ref": a.ppl_ref,
-        "kld": a.kld_mean,
+        "kld": kld,
         "kld_err": a.kld_err,
-        "top1": a.top1,
+        "top1": top1,
         "tokens": a.n_tokens,
     }
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 KLD_PERCENTILES = (90.0, 95.0, 99.0, 99.9)
 
@@ -48,8 +48,7 @@ def mean_and_error(values: np.ndarray) -> tuple[float, float]:
     return mean, (math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0)
 
 
-@dataclass
-class Agreement:
+class Agreement(BaseModel):
     """Agreement statistics of a candidate against a reference (probabilities as fractions, not %)."""
 
     n_tokens: int
@@ -70,10 +69,20 @@ class Agreement:
     rms_dp: float
     rms_dp_err: float
     mean_dp: float
-    window_kld: list[float] = field(default_factory=list)
+    window_kld: list[float] = Field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
+
+
+def exp_with_error(log_value: float, log_error: float) -> tuple[float, float]:
+    """exp of a mean log and its error (delta method): infinite past float range (a degenerate model's
+    perplexity), with an infinite error unless the log's error is 0."""
+    try:
+        value = math.exp(log_value)
+    except OverflowError:
+        return math.inf, math.inf if log_error else 0.0
+    return value, value * log_error
 
 
 class AgreementAccumulator:
@@ -103,15 +112,18 @@ class AgreementAccumulator:
         top1 = float(v["same_top"].mean())
         mse, mse_err = mean_and_error(v["p_diff"] ** 2)
         rms = math.sqrt(mse)
+        ppl_ref, ppl_ref_err = exp_with_error(log_ref, log_ref_err)
+        ppl_cand, ppl_cand_err = exp_with_error(log_cand, log_cand_err)
+        ppl_ratio, ppl_ratio_err = exp_with_error(log_ratio, log_ratio_err)
         return Agreement(
             n_tokens=n,
             n_windows=len(self.window_kld),
-            ppl_ref=math.exp(log_ref),
-            ppl_ref_err=math.exp(log_ref) * log_ref_err,
-            ppl_cand=math.exp(log_cand),
-            ppl_cand_err=math.exp(log_cand) * log_cand_err,
-            ppl_ratio=math.exp(log_ratio),
-            ppl_ratio_err=math.exp(log_ratio) * log_ratio_err,
+            ppl_ref=ppl_ref,
+            ppl_ref_err=ppl_ref_err,
+            ppl_cand=ppl_cand,
+            ppl_cand_err=ppl_cand_err,
+            ppl_ratio=ppl_ratio,
+            ppl_ratio_err=ppl_ratio_err,
             kld_mean=kld_mean,
             kld_err=kld_err,
             kld_median=float(np.median(v["kld"])),

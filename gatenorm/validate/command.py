@@ -6,17 +6,19 @@ plans and outputs are declared here."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from gatenorm.sequential.memory import MemorySettings
 from gatenorm.validate.flags import with_settings_flags
-from gatenorm.validate.report import to_markdown, write_json, write_markdown, write_png
+from gatenorm.validate.report import to_markdown, write_markdown, write_png
 from gatenorm.validate.run import validate
-from gatenorm.validate.runtimes import RUNTIMES, model_spec
-from gatenorm.validate.settings import ValidationSettings
+from gatenorm.validate.runtimes import RUNTIMES, ModelSpec, model_spec
+from gatenorm.validate.settings import ValidationSettings, settings_model
 
 console = Console(stderr=True, markup=False, highlight=False)
 RUNTIME_HELP = (
@@ -46,25 +48,45 @@ def _validate(
     ] = None,
     *,
     settings: ValidationSettings,
+    memory: MemorySettings,
 ) -> None:
     """Compare CANDIDATE with REFERENCE on the same tokens: PPL/KLD/top-1 agreement, zero-shot accuracy,
     and with --bench latency. Exit 0 when every gate holds, 1 when one fails, 2 on bad input."""
     ref_spec = model_spec(reference, reference_runtime or runtime, reference_plan)
     cand_spec = model_spec(candidate, candidate_runtime or runtime, candidate_plan)
     console.print(f"reference: {ref_spec.label}\ncandidate: {cand_spec.label}")
+    _check_torch_memory([ref_spec, cand_spec], settings, memory)
     report = validate(ref_spec, cand_spec, settings, log=console.print)
     print(to_markdown(report))
     if json_out is not None:
-        write_json(report, json_out)
+        report.write(json_out)
     if md is not None:
         write_markdown(report, md)
     if png is None and md is not None:
         png = md.with_suffix(".png")
     if png is not None:
         write_png(report, png)
-    if not report["passed"]:
-        console.print(f"gates failed: {', '.join(report['failed_gates'])}")
+    if not report.passed:
+        console.print(f"gates failed: {', '.join(report.failed_gates)}")
         raise typer.Exit(1)
 
 
-validate_command = with_settings_flags(_validate)
+def _check_torch_memory(specs: list[ModelSpec], settings: ValidationSettings, memory: MemorySettings) -> None:
+    """The expected peak of the models run in PyTorch (`gatenorm.sequential.budget`), refused before loading
+    when it cannot fit."""
+    from gatenorm.readers import open_checkpoint
+    from gatenorm.sequential.budget import check, validate_steps
+
+    torch_specs = [s for s in specs if s.runtime == "torch"]
+    if not torch_specs:
+        return
+    whole = bool(settings.tasks) or settings.bench is not None
+    ckpt = open_checkpoint(torch_specs[0].path)
+    steps = validate_steps(ckpt, settings.max_tokens, whole, len(torch_specs))
+    check(ckpt, steps, memory, lambda line: console.print(line, style="dim"))
+
+
+def validate_command() -> Callable[..., None]:
+    """The ``gatenorm validate`` command with one flag per setting of `settings_model` (the gates of the
+    metrics registered now included)."""
+    return with_settings_flags(with_settings_flags(_validate, settings_model()), MemorySettings, "memory")

@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from gatenorm.errors import GatenormError
+from gatenorm.validate.result import Retrieval
 from gatenorm.validate.runtimes import Request, Runtime
 from gatenorm.validate.text import load_text
 
@@ -122,7 +123,7 @@ def _grid(prompts: list[dict], exact: list[bool]) -> dict:
 
 def evaluate_retrieval(
     ref: Runtime, cand: Runtime, work: dict[str, list[dict]], log: Callable[[str], None] = lambda _: None
-) -> dict:
+) -> Retrieval:
     """Exact-match accuracy of both models per task, length and depth; the average and its drop in points."""
     tasks = {}
     for task, prompts in work.items():
@@ -136,50 +137,48 @@ def evaluate_retrieval(
         )
     ref_avg = float(np.mean([t["reference"]["acc"] for t in tasks.values()]))
     cand_avg = float(np.mean([t["candidate"]["acc"] for t in tasks.values()]))
-    return {
-        "tasks": tasks,
-        "average": {"reference": ref_avg, "candidate": cand_avg, "change_points": 100 * (cand_avg - ref_avg)},
-    }
+    average = {"reference": ref_avg, "candidate": cand_avg, "change_points": 100 * (cand_avg - ref_avg)}
+    return Retrieval.model_validate({"tasks": tasks, "average": average})
 
 
-def retrieval_md(r: dict) -> list[str]:
+def retrieval_md(r: Retrieval) -> list[str]:
     """The report section: accuracy per task, and per length x depth for both models."""
     lines = ["## Long-range retrieval (exact match of the greedy answer, %)", ""]
-    for task, t in r["tasks"].items():
-        ref, cand = t["reference"], t["candidate"]
+    for task, t in r.tasks.items():
+        ref, cand = t.reference, t.candidate
         lines += [
-            f"**{task}**: reference {100 * ref['acc']:.1f} ± {100 * ref['acc_err']:.1f}, candidate "
-            f"{100 * cand['acc']:.1f} ± {100 * cand['acc_err']:.1f} ({ref['n']} prompts; drop "
-            f"{t['drop_points']:+.1f} points).",
+            f"**{task}**: reference {100 * ref.acc:.1f} ± {100 * ref.acc_err:.1f}, candidate "
+            f"{100 * cand.acc:.1f} ± {100 * cand.acc_err:.1f} ({ref.n} prompts; drop "
+            f"{t.drop_points:+.1f} points).",
             "",
-            "| length | " + " | ".join(f"depth {d:.2f} ref / cand" for d in ref["depths"]) + " |",
-            "|---|" + "---|" * len(ref["depths"]),
+            "| length | " + " | ".join(f"depth {d:.2f} ref / cand" for d in ref.depths) + " |",
+            "|---|" + "---|" * len(ref.depths),
         ]
-        for i, n in enumerate(ref["lengths"]):
+        for i, n in enumerate(ref.lengths):
             cells = [
                 f"{100 * a:.0f} / {100 * b:.0f}"
-                for a, b in zip(ref["accuracy"][i], cand["accuracy"][i], strict=True)
+                for a, b in zip(ref.accuracy[i], cand.accuracy[i], strict=True)
             ]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
 
-def plot_heatmaps(r: dict, axes_row) -> None:
+def plot_heatmaps(r: Retrieval, axes_row) -> None:
     """One heat map per task and model (accuracy by length and depth) on the given axes."""
-    panels = [(task, side) for task in r["tasks"] for side in ("reference", "candidate")]
+    panels = [(task, side) for task in r.tasks for side in ("reference", "candidate")]
     for ax, (task, side) in zip(axes_row, panels, strict=True):
-        g = r["tasks"][task][side]
-        ax.imshow(np.asarray(g["accuracy"]) * 100, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(g["depths"])), [f"{d:.2f}" for d in g["depths"]])
-        ax.set_yticks(range(len(g["lengths"])), [str(n) for n in g["lengths"]])
+        g = getattr(r.tasks[task], side)
+        ax.imshow(np.asarray(g.accuracy) * 100, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(g.depths)), [f"{d:.2f}" for d in g.depths])
+        ax.set_yticks(range(len(g.lengths)), [str(n) for n in g.lengths])
         ax.set_xlabel("depth of the key")
         ax.set_ylabel("prompt tokens")
-        ax.set_title(f"{task}, {side}: {100 * g['acc']:.0f} %")
-        for i, row in enumerate(g["accuracy"]):
+        ax.set_title(f"{task}, {side}: {100 * g.acc:.0f} %")
+        for i, row in enumerate(g.accuracy):
             for j, a in enumerate(row):
                 ax.text(j, i, f"{100 * a:.0f}", ha="center", va="center", fontsize=7)
 
 
-def n_panels(r: dict) -> int:
-    return 2 * len(r["tasks"])
+def n_panels(r: Retrieval) -> int:
+    return 2 * len(r.tasks)

@@ -8,13 +8,16 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 import numpy as np
+from pydantic import BaseModel
 
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.validate.agreement import compare_logits
 from gatenorm.validate.bench import bench_tokens_needed, run_bench
-from gatenorm.validate.gates import Gates, check_gates
+from gatenorm.validate.gates import check_gates
 from gatenorm.validate.passkey import RETRIEVAL_TASKS, build_prompts, evaluate_retrieval
+from gatenorm.validate.recorded import LIMITS, RecordedRuntime
+from gatenorm.validate.result import Bench, ModelInfo, ValidationReport, Zeroshot
 from gatenorm.validate.runtimes import ModelSpec, Request, Runtime, open_runtime
 from gatenorm.validate.settings import ValidationSettings
 from gatenorm.validate.text import token_windows
@@ -39,8 +42,8 @@ class _Clock:
         self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - cpu
 
 
-def _spec_dict(spec: ModelSpec) -> dict:
-    return {"path": str(spec.path), "runtime": spec.runtime, "plan": str(spec.plan) if spec.plan else None}
+def _model_info(spec: ModelSpec) -> ModelInfo:
+    return ModelInfo(path=str(spec.path), runtime=spec.runtime, plan=str(spec.plan) if spec.plan else None)
 
 
 def _check_vocab(ref: Runtime, cand: Runtime) -> None:
@@ -53,7 +56,7 @@ def _check_vocab(ref: Runtime, cand: Runtime) -> None:
 
 def _zeroshot(
     ref: Runtime, cand: Runtime, work: dict[str, tuple[list[Item], list[Request]]], log: Callable[[str], None]
-) -> dict:
+) -> Zeroshot:
     tasks = {}
     for task, (items, requests) in work.items():
         scores = [evaluate_task(rt, items, requests, task).to_dict() for rt in (ref, cand)]
@@ -66,7 +69,7 @@ def _zeroshot(
     flat = {side: mean for side, (mean, _) in average.items()}
     errors = {f"{side}_err": err for side, (_, err) in average.items()}
     drop = 100 * (flat["reference"] - flat["candidate"])
-    return {"tasks": tasks, "average": {**flat, **errors, "drop_points": drop}}
+    return Zeroshot.model_validate({"tasks": tasks, "average": {**flat, **errors, "drop_points": drop}})
 
 
 def _mean_with_error(scores: list[dict]) -> tuple[float, float]:
@@ -81,14 +84,16 @@ def validate(
     ref_spec: ModelSpec,
     cand_spec: ModelSpec,
     settings: ValidationSettings,
-    gates: Gates | None = None,
+    gates: BaseModel | None = None,
     log: Callable[[str], None] = lambda _: None,
-) -> dict:
+) -> ValidationReport:
     """Run every requested measurement of `cand_spec` against `ref_spec` and evaluate the gates (`gates`,
     default `settings.gates`).
 
     All inputs (text, task data, benchmark prompt) are read and tokenized, with the reference's tokenizer,
-    before the first measurement, so bad input fails fast."""
+    before the first measurement, so bad input fails fast. One model is loaded at a time: the reference
+    answers everything first and is freed, its answers replayed against the candidate's
+    (`gatenorm.validate.recorded`)."""
     if settings.max_tokens == 0 and not settings.tasks and settings.bench is None:
         raise GatenormError("nothing to validate: --max-tokens 0, --tasks none and no --bench")
     gates = settings.gates if gates is None else gates
@@ -98,12 +103,12 @@ def validate(
     n_ctx = max(settings.ctx, 1024)
     if retrieval_tasks:  # llama.cpp's context must hold the longest prompt
         n_ctx = max(n_ctx, max(settings.passkey.lengths) + 16)
-    with clock("load"):
-        ref = open_runtime(ref_spec, settings.threads, n_ctx)
+    with clock("load"):  # the candidate's vocabulary and context limits first, its model freed again
+        probe = RecordedRuntime(open_runtime(cand_spec, settings.threads, n_ctx))
+        probe.close()
+        ref = RecordedRuntime(open_runtime(ref_spec, settings.threads, n_ctx))
     try:
-        with clock("load"):
-            cand = open_runtime(cand_spec, settings.threads, n_ctx)
-        _check_vocab(ref, cand)
+        _check_vocab(ref, probe)
         first = settings.ctx // 2
         windows = bench_tokens = None
         if settings.max_tokens != 0:
@@ -112,7 +117,7 @@ def validate(
         if settings.bench is not None:
             need = bench_tokens_needed(settings.bench)
             bench_tokens = token_windows(settings.text, ref.tokenize, need, need, None)[0].tolist()
-        usable = [getattr(rt, k, None) for rt in (ref, cand) for k in ("max_context", "max_len", "n_ctx")]
+        usable = [getattr(rt, k, None) for rt in (ref, probe) for k in LIMITS]
         usable = min((u for u in usable if u), default=None)
         retrieval_work = {
             task: build_prompts(task, settings.passkey, ref.tokenize, ref.bos_id, usable)
@@ -123,6 +128,20 @@ def validate(
             items = load_items(task, settings.item_limit)
             work[task] = (items, build_requests(items, ref.tokenize, ref.bos_id))
 
+        log(f"reference {ref_spec.label} first, then the candidate (one model loaded at a time)")
+        if windows is not None:
+            with clock("agreement"):
+                ref.record_windows(windows, first)
+        if work:
+            with clock("zeroshot"):
+                ref.record_requests(*(requests for _, requests in work.values()))
+        if retrieval_work:
+            with clock("retrieval"):
+                ref.record_requests(*([p["request"] for p in prompts] for prompts in retrieval_work.values()))
+        ref.release()
+        with clock("load"):
+            cand = open_runtime(cand_spec, settings.threads, n_ctx)
+
         agreement = None
         if windows is not None:
             log(f"agreement: {len(windows)} windows of {settings.ctx} tokens")
@@ -130,7 +149,7 @@ def validate(
                 result = compare_logits(
                     ref.window_logits(windows, first), cand.window_logits(windows, first), windows, first, log
                 )
-            agreement = result.to_dict()
+            agreement = result
             log(
                 f"agreement: KLD {result.kld_mean:.4f}, top-1 {100 * result.top1:.1f} %, ppl ratio "
                 f"{result.ppl_ratio:.4f} ({clock.wall['agreement']:.0f} s)"
@@ -153,26 +172,27 @@ def validate(
     if bench_tokens is not None:
         log("bench: running interleaved latency runs")
         with clock("bench"):
-            bench = run_bench(ref_spec, cand_spec, bench_tokens, settings.bench, settings.threads)
+            bench = Bench.model_validate(
+                run_bench(ref_spec, cand_spec, bench_tokens, settings.bench, settings.threads)
+            )
 
-    gate_results = check_gates(gates, agreement, zeroshot, retrieval)
-    passed = all(g.passed is not False for g in gate_results)
     settings_doc = settings.model_dump(exclude={"gates"})
     settings_doc["limit"] = settings.item_limit  # None: every item (as reports of earlier versions say)
-    return {
-        "gatenorm_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "reference": _spec_dict(ref_spec),
-        "candidate": _spec_dict(cand_spec),
-        "settings": settings_doc,
-        "agreement": agreement,
-        "zeroshot": zeroshot,
-        "retrieval": retrieval,
-        "bench": bench,
-        "gates": [g.to_dict() for g in gate_results],
-        "gate_lines": [g.describe() for g in gate_results],
-        "failed_gates": [g.name for g in gate_results if g.passed is False],
-        "passed": passed,
-        "seconds": clock.wall,
-        "cpu_seconds": clock.cpu,
-    }
+    report = ValidationReport(
+        gatenorm_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        reference=_model_info(ref_spec),
+        candidate=_model_info(cand_spec),
+        settings=settings_doc,
+        agreement=agreement,
+        zeroshot=zeroshot,
+        retrieval=retrieval,
+        bench=bench,
+        gates=[],
+        gate_lines=[],
+        failed_gates=[],
+        passed=True,
+        seconds=clock.wall,
+        cpu_seconds=clock.cpu,
+    )
+    return report.with_gates(check_gates(gates, report))

@@ -4,10 +4,14 @@ it, `gatenorm.validate.flags`), by recipes (``validation:``, the same model plus
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import functools
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from gatenorm.validate.bench import BenchConfig
 from gatenorm.validate.gates import Gates
+from gatenorm.validate.metrics import gates_model
 from gatenorm.validate.passkey import RETRIEVAL_TASKS, PasskeyConfig
 from gatenorm.validate.zeroshot import DEFAULT_TASKS, TASKS
 
@@ -43,3 +47,22 @@ class ValidationSettings(BaseModel):
     def item_limit(self) -> int | None:
         """Items per task, None for all."""
         return self.limit or None
+
+
+S = TypeVar("S", bound=ValidationSettings)
+
+
+@functools.cache
+def with_gates(model: type[S], gates: type[BaseModel]) -> type[S]:
+    """`model` (`ValidationSettings` or a subclass) with `gates` as its gates model."""
+    if model.model_fields["gates"].annotation is gates:
+        return model
+    return create_model(
+        model.__name__, __base__=model, __doc__=model.__doc__, gates=(gates, Field(default_factory=gates))
+    )
+
+
+def settings_model() -> type[ValidationSettings]:
+    """`ValidationSettings` with the gates of the metrics registered now (`gates_model`): a metric
+    registered after import has its gate here, hence its ``gatenorm validate`` flag."""
+    return with_gates(ValidationSettings, gates_model())

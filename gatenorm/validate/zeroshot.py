@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import BaseModel, computed_field
 
 from gatenorm.errors import GatenormError
 from gatenorm.shipped import package_file
@@ -183,9 +185,8 @@ def build_requests(
     return out
 
 
-@dataclass
-class TaskScore:
-    """Accuracy of one model on one task (fractions)."""
+class TaskScore(BaseModel):
+    """Accuracy of one model on one task (fractions); `main` is the headline metric's (stored with them)."""
 
     n: int
     acc: float
@@ -194,12 +195,13 @@ class TaskScore:
     acc_norm_err: float
     metric: str
 
+    @computed_field
     @property
     def main(self) -> float:
         return self.acc if self.metric == "acc" else self.acc_norm
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "main": self.main}
+        return self.model_dump()
 
 
 def binomial_err(p: float, n: int) -> float:
@@ -220,7 +222,14 @@ def score_items(items: Sequence[Item], loglikelihoods: Sequence[float], metric: 
         right_norm += best_norm == item.gold
     n = len(items)
     acc, acc_norm = right / n, right_norm / n
-    return TaskScore(n, acc, binomial_err(acc, n), acc_norm, binomial_err(acc_norm, n), metric)
+    return TaskScore(
+        n=n,
+        acc=acc,
+        acc_err=binomial_err(acc, n),
+        acc_norm=acc_norm,
+        acc_norm_err=binomial_err(acc_norm, n),
+        metric=metric,
+    )
 
 
 def evaluate_task(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import hashlib
+import weakref
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from gatenorm.plan import Plan
+from gatenorm.sequential import SequentialModel
 from gatenorm.validate.runtimes.base import (
     CAN,
     DEFAULT,
@@ -18,6 +22,25 @@ from gatenorm.validate.runtimes.base import (
     continuation_scores,
     register_runtime,
 )
+
+#: open torch runtimes: one layer-at-a-time pass serves every one of the same checkpoint
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+#: the engine of each checkpoint open in a torch runtime (by resolved path), shared by its runtimes
+_ENGINES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _engine(ckpt) -> SequentialModel:
+    key = str(Path(ckpt.path).resolve())
+    engine = _ENGINES.get(key)
+    if engine is None:
+        engine = _ENGINES[key] = SequentialModel(ckpt)
+    return engine
+
+
+def _key(windows: np.ndarray) -> bytes:
+    return hashlib.sha256(np.ascontiguousarray(windows).tobytes() + repr(windows.shape).encode()).digest()
 
 
 @register_runtime
@@ -43,18 +66,79 @@ class TorchRuntime(BatchLogitsRuntime):
     def __init__(self, path: Path, plan: Path | None = None, threads: int = 2, **_: object):
         import torch
 
-        from gatenorm.apply import apply_plan, load_model, load_tokenizer
+        from gatenorm.apply import load_tokenizer
+        from gatenorm.readers import open_checkpoint
 
         torch.set_num_threads(threads)
         self.path = path
-        self.model = load_model(path)
-        if plan is not None:
-            apply_plan(self.model, Plan.load(plan))
+        self.plan = None if plan is None else Plan.load(plan)
+        ckpt = open_checkpoint(path)
+        #: window logits (the agreement) run a layer at a time; a deci GGUF (gatenorm's own loader) and
+        #: the rest (zero-shot, retrieval, latency) use the whole model, loaded on first use
+        self.engine = None if ckpt.arch.name == "deci" else _engine(ckpt)
+        self._model = None
+        self._final: dict[bytes, object] = {}  # windows -> last hidden states a shared pass left here
+        self._served: set[bytes] = set()
         self.tokenizer = load_tokenizer(path)
-        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        config = self.engine.config if self.engine is not None else self.model.config
+        self.vocab_size = self.engine.vocab_size if self.engine is not None else self._whole_vocab()
+        self.max_len = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self.max_context = self.max_len
         self._set_bos()
+        _OPEN.add(self)
+
+    @property
+    def model(self):
+        """The whole model (float32), the plan applied, loaded on first use."""
+        if self._model is None:
+            from gatenorm.apply import apply_plan, load_model
+
+            self._model = load_model(self.path)
+            if self.plan is not None:
+                apply_plan(self._model, self.plan)
+        return self._model
+
+    @model.setter
+    def model(self, model) -> None:
+        self._model = model
+
+    def _whole_vocab(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def window_logits(self, windows: np.ndarray, first: int) -> Iterator[np.ndarray]:
+        """Layer at a time: every window through each layer, which is read once for this runtime and every
+        other open torch runtime of the same checkpoint (the reference and the candidate of a validation),
+        then the LM head window by window."""
+        if self.engine is None or self._model is not None:
+            yield from super().window_logits(windows, first)
+            return
+        key = _key(windows)
+        if key not in self._final:
+            peers = [self] + [rt for rt in _OPEN if rt is not self and rt._waits_for(self, key)]
+            states = self.engine.forward_many(windows, [rt.plan for rt in peers])
+            for rt, state in zip(peers, states, strict=True):
+                rt._final[key] = state.hidden
+        hidden = self._final.pop(key)
+        self._served.add(key)
+        yield from self.engine.window_logits(hidden, first)
+
+    def with_plan(self, plan: Plan) -> TorchRuntime:
+        """This runtime's model as `plan` makes it: a new runtime sharing the checkpoint, its layer-at-a-time
+        engine and tokenizer (no copy of a model)."""
+        other = copy.copy(self)
+        other.plan, other._model, other._final, other._served = plan, None, {}, set()
+        _OPEN.add(other)
+        return other
+
+    def _waits_for(self, other: TorchRuntime, key: bytes) -> bool:
+        """Whether a pass of `other` over windows `key` should serve this runtime too: same engine, not
+        switched to the whole model, and not served these windows yet."""
+        return (
+            self.engine is other.engine
+            and self._model is None
+            and key not in self._final
+            and key not in self._served
+        )
 
     def batch_logits(self, ids: np.ndarray, keep: int) -> np.ndarray:
         import torch
@@ -62,6 +146,12 @@ class TorchRuntime(BatchLogitsRuntime):
         with torch.inference_mode():
             out = self.model(torch.from_numpy(ids), use_cache=False, logits_to_keep=keep)
         return out.logits.float().numpy()
+
+    def close(self) -> None:
+        _OPEN.discard(self)
+        self._final.clear()
+        self._served.clear()
+        self._model = None
 
     def loglikelihoods(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:
         """Adjacent requests with the same context (the choices of one question) run the context once and

@@ -1,0 +1,15 @@
+"""Phi-3: q, k, v are already one projection (``qkv_proj``, rows q, k, v)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from exporters.onnx.families.base import OnnxFamily, register_onnx_family
+
+
+@register_onnx_family("phi3")
+class Phi3Onnx(OnnxFamily):
+    """Phi-3: its fused ``qkv_proj`` is the packed projection as it is."""
+
+    def qkv_projection(self, attention: nn.Module) -> nn.Module:
+        return attention.qkv_proj  # rows q, k, v already

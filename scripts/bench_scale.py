@@ -1,0 +1,131 @@
+"""Laptop-scale benchmark: gatenorm's commands on synthetic 7-8B Q4_K GGUFs, run as a user would (the CLI,
+under /usr/bin/time -v), peak RSS and wall time printed next to their floors.
+
+Files (random Q4_K weights, `scripts/bench_gguf.py`'s writer; speed and memory do not depend on values):
+Llama-2-7B-shaped (d 4096, 32 layers, ff 11008, 32 heads, 32k vocabulary) and Llama-3-8B-shaped (GQA 32/8
+heads, ff 14336, 128k vocabulary). Floors: peak RSS, the file's size (llama.cpp runs it in about that; the
+issue's target is size + 2 GiB); wall time, one cold read of the file plus the command's multiply-adds at
+the float32 matmul rate measured here. A command the `--max-memory` check refuses (say the machine has less
+memory than it needs) shows its one-line refusal.
+
+    python scripts/bench_scale.py [--shapes 7b,8b] [--work DIR] [--calib-samples 2] [--calib-len 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gguf import LLAMA_7B, write_synthetic_7b
+
+SHAPES = {
+    "7b": ("synthetic-llama2-7b-q4_k.gguf", LLAMA_7B),
+    "8b": (
+        "synthetic-llama3-8b-q4_k.gguf",
+        dict(d=4096, n_layers=32, ff=14336, n_head=32, n_head_kv=8, vocab=128256, rope_theta=500000.0),
+    ),
+}
+GIB = 1 << 30
+
+
+def _commands(model: Path, work: Path, samples: int, length: int) -> list[tuple[str, list[str], int]]:
+    """(label, gatenorm arguments, tokens the command runs through the model) of each benchmarked command
+    (paths without spaces)."""
+    stem, tokens = work / model.stem, samples * length
+    calib = f"--calib-samples {samples} --calib-len {length}"
+    cmds = [
+        ("score", f"score {model}", 0),
+        ("plan attention-cosine (wiki-heldout)",
+         f"plan {model} -m attention-cosine --calib wiki-heldout {calib} --drop 4 -o {stem}-cosine.json",
+         tokens),
+        ("plan harp (wiki-heldout)",
+         f"plan {model} -m harp --calib wiki-heldout {calib} --drop 2 -o {stem}-harp.json", tokens),
+        ("plan mixed-synthetic",
+         f"plan {model} -m mixed-synthetic {calib} --drop 4 -o {stem}-mixed.json", tokens),
+        ("validate torch --candidate-plan",
+         f"validate {model} {model} --runtime torch --candidate-plan {stem}-cosine.json --tasks none "
+         f"--ctx {length} --max-tokens {tokens}", 2 * tokens),
+        ("export --to gguf", f"export {model} --plan {stem}-cosine.json --to gguf -o {stem}-cut.gguf", 0),
+    ]  # fmt: skip
+    return [(label, text.split(), n) for label, text, n in cmds]
+
+
+def _timed(args: list[str]) -> tuple[float, float, int, str]:
+    """(wall s, peak RSS GiB, exit code, last stderr line) of `gatenorm args` under /usr/bin/time -v."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "gatenorm.cli", *args]
+    start = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr)
+    lines = [
+        line for line in out.stderr.splitlines() if line.strip() and not line.startswith(("\t", "Command"))
+    ]
+    peak = int(rss.group(1)) * 1024 / GIB if rss else float("nan")
+    return wall, peak, out.returncode, (lines or [""])[-1]
+
+
+def _matmul_rate() -> float:
+    """float32 multiply-adds x 2 per second of one 1024 x 4096 x 4096 matmul here (torch's threads)."""
+    a, b = torch.randn(1024, 4096), torch.randn(4096, 4096)
+    a @ b
+    start = time.perf_counter()
+    a @ b
+    return 2 * 1024 * 4096 * 4096 / (time.perf_counter() - start)
+
+
+def _read_seconds(path: Path) -> float:
+    start = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", default="7b,8b", help="comma-separated: 7b, 8b")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-scale"), help="where the files go")
+    parser.add_argument("--calib-samples", type=int, default=2)
+    parser.add_argument("--calib-len", type=int, default=64)
+    parser.add_argument("--only", default="", help="run only commands whose label contains this")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    rate = _matmul_rate()
+    print(f"float32 matmul rate here: {rate / 1e9:.1f} GFLOP/s (the machine may be shared: see its load)")
+    for shape in args.shapes.split(","):
+        name, dims = SHAPES[shape]
+        path = args.work / name
+        if not path.exists():
+            start = time.perf_counter()
+            write_synthetic_7b(path, dims, path.stem)
+            print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
+        size = path.stat().st_size / GIB
+        read = _read_seconds(path)
+        from gatenorm.readers import open_checkpoint
+        from gatenorm.sequential.memory import ModelSize
+
+        params = ModelSize.of(open_checkpoint(path)).params
+        print(f"\n{path.name}: {size:.2f} GiB, {params / 1e9:.2f}B parameters, read in {read:.0f} s")
+        heads = ("exit", "wall s", "floor s", "peak GiB", "floor GiB")
+        print(f"{'command':40s} " + " ".join(f"{h:>9s}" for h in heads))
+        for label, argv, tokens in _commands(path, args.work, args.calib_samples, args.calib_len):
+            if args.only and args.only not in label:
+                continue
+            wall, rss, code, last = _timed(argv)
+            floor = read + 2.0 * params * tokens / rate
+            print(f"{label:40s} {code:>9d} {wall:>9.0f} {floor:>9.0f} {rss:>9.2f} {size:>9.2f}")
+            if code not in (0, 1):
+                print(f"    {last[:200]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Validation at scale: one model loaded at a time (the reference's answers recorded, then replayed against
+the candidate) with the figures of both models run side by side, and a degenerate model's infinite PPL."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from exporters.export import export
+from gatenorm.plan import make_plan
+from gatenorm.validate import recorded
+from gatenorm.validate.agreement import AgreementAccumulator, compare_logits
+from gatenorm.validate.passkey import PasskeyConfig
+from gatenorm.validate.run import Settings, validate
+from gatenorm.validate.runtimes import LlamaCppRuntime, model_spec, open_runtime
+from gatenorm.validate.text import token_windows
+from gatenorm.validate.zeroshot import build_requests, evaluate_task, load_items
+
+
+@pytest.fixture(scope="module")
+def pruned_smollm2(smollm2_scored, tmp_path_factory):
+    """SmolLM2 with 4 attention sublayers dropped, as a GGUF."""
+    ckpt, scores = smollm2_scored
+    out = tmp_path_factory.mktemp("pruned") / "smollm2-4.gguf"
+    return export(ckpt, make_plan(ckpt, scores, drop=4), out)
+
+
+def test_llama_cpp_validation_holds_one_model_and_keeps_the_figures(
+    smollm2_gguf, pruned_smollm2, monkeypatch
+):
+    """Never two llama.cpp models at once (the candidate's limits are read first, then the reference runs
+    and is freed, then the candidate), the logits going through a file; KLD, top-1, PPL and the task
+    scores equal those of both models run side by side."""
+    live: set[int] = set()
+    most = [0]
+    init, close = LlamaCppRuntime.__init__, LlamaCppRuntime.close
+
+    def counted_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        live.add(id(self))
+        most[0] = max(most[0], len(live))
+
+    def counted_close(self):
+        live.discard(id(self))
+        close(self)
+
+    monkeypatch.setattr(LlamaCppRuntime, "__init__", counted_init)
+    monkeypatch.setattr(LlamaCppRuntime, "close", counted_close)
+    monkeypatch.setattr(recorded, "MEMORY_BYTES", 1)  # the logits go to the temporary file
+    settings = Settings(
+        ctx=128,
+        max_tokens=512,
+        tasks=["arc_easy", "passkey"],
+        limit=3,
+        threads=1,
+        passkey=PasskeyConfig(lengths=[256], depths=1, trials=1),
+    )
+    ref_spec, cand_spec = model_spec(str(smollm2_gguf)), model_spec(str(pruned_smollm2))
+    report = validate(ref_spec, cand_spec, settings)
+    assert most[0] == 1 and not live
+    assert report.retrieval.tasks["passkey"].reference.n == 1
+
+    ref, cand = (open_runtime(spec, 1, 1024) for spec in (ref_spec, cand_spec))  # side by side
+    try:
+        first = settings.ctx // 2
+        windows = token_windows(settings.text, ref.tokenize, settings.ctx, settings.max_tokens, ref.bos_id)
+        direct = compare_logits(
+            ref.window_logits(windows, first), cand.window_logits(windows, first), windows, first
+        )
+        items = load_items("arc_easy", settings.limit)
+        requests = build_requests(items, ref.tokenize, ref.bos_id)
+        scores = [evaluate_task(rt, items, requests, "arc_easy") for rt in (ref, cand)]
+    finally:
+        ref.close()
+        cand.close()
+    assert direct.n_windows == 4 and direct.kld_mean > 0
+    assert report.agreement == direct
+    task = report.zeroshot.tasks["arc_easy"]
+    assert [task.reference, task.candidate] == scores
+
+
+def test_degenerate_model_has_infinite_perplexity():
+    """A candidate that gives the text a log-probability past float range has PPL inf (shown as inf), not an
+    OverflowError; the reference's figures stay finite."""
+    acc = AgreementAccumulator()
+    ref = np.zeros((3, 4), dtype=np.float32)  # uniform: PPL 4
+    cand = np.zeros((3, 4), dtype=np.float32)
+    cand[:, 1] = -1000.0  # the target token, at a log-probability of about -1000
+    acc.add(ref, cand, np.array([1, 1, 1]))
+    result = acc.result()
+    assert result.ppl_ref == pytest.approx(4.0) and result.ppl_cand == math.inf == result.ppl_ratio
+    assert result.ppl_cand_err == 0.0  # three tokens: no error estimate (as llama.cpp)
+    assert f"{result.ppl_ratio:.4f}" == "inf" and math.isfinite(result.kld_mean)

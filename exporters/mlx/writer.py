@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from exporters.mlx.families import spec_for
+from exporters.mlx.families import mlx_family
 from exporters.mlx.nemotron_nas import layout
 from gatenorm.apply import apply_plan, load_model, load_tokenizer
 from gatenorm.errors import GatenormError
@@ -60,7 +60,7 @@ def _refusal(ckpt: Checkpoint, plan: Plan, why: str) -> GatenormError:
 def check_plan(ckpt: Checkpoint, plan: Plan) -> None:
     """What the family's spec refuses for an HF config, and a missing extra, before anything is read or
     written (a GGUF source's config is checked once it is loaded)."""
-    spec = spec_for(ckpt.arch.name)
+    spec = mlx_family(ckpt.arch)
     config = getattr(ckpt, "config", None)
     if not spec.refusal and config is not None and (why := spec.config_refusal(config)):
         raise _refusal(ckpt, plan, why)
@@ -84,7 +84,7 @@ def write_mlx(
         raise GatenormError(f"--group-size {group_size}: mlx quantizes groups of 32, 64 or 128 weights")
     if Path(out).exists() and not overwrite:
         raise GatenormError(f"{out} already exists (pass --overwrite to replace it)")
-    spec = spec_for(ckpt.arch.name)
+    spec = mlx_family(ckpt.arch)
     model = apply_plan(load_model(ckpt.path, torch.float32), plan)
     config = model.config.to_dict()
     if why := spec.config_refusal(config):

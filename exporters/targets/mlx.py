@@ -50,9 +50,9 @@ def export(
 
 def actions(arch: type[Architecture]) -> tuple[set[LayerAction], str]:
     """Every action for a family written as nemotron-nas (`exporters.mlx.families`); none for the rest."""
-    from exporters.mlx.families import spec_for
+    from exporters.mlx.families import mlx_family
 
-    return spec_for(arch.name).actions()
+    return mlx_family(arch).actions()
 
 
 def check(ckpt: Checkpoint, plan: Plan) -> None:

@@ -2,6 +2,6 @@
 group, imported here so that each registers itself."""
 
 from exporters.mlx.families import granite, llama, phi3, qwen2, refused  # noqa: F401  (they register)
-from exporters.mlx.families.base import SPECS, MlxSpec, Refused, Scales, register_spec, spec_for
+from exporters.mlx.families.base import SPECS, MlxSpec, Refused, Scales, mlx_family, register_mlx_family
 
-__all__ = ["SPECS", "MlxSpec", "Refused", "Scales", "register_spec", "spec_for"]
+__all__ = ["SPECS", "MlxSpec", "Refused", "Scales", "mlx_family", "register_mlx_family"]

@@ -1,4 +1,4 @@
-"""What the MLX exporter needs from a family, and the table of families (`register_spec`, `spec_for`).
+"""What the MLX exporter needs from a family, and the table of families (`register_mlx_family`, `mlx_family`).
 
 The base spec is the llama-like default: the family is written as mlx-lm's ``nemotron-nas`` model (the
 Llama-3.x-Nemotron "DeciLM" layout), whose per-layer ``block_configs`` say for each layer's attention and
@@ -15,6 +15,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from exporters.family_specs import FamilySpecs
+from gatenorm.architectures import Architecture
 from gatenorm.plan import LayerAction
 
 #: nemotron-nas's activations (mlx-lm's ``_ACT2FN``), as HF names them
@@ -37,8 +39,6 @@ class Scales:
 class MlxSpec:
     """A llama-like family written as nemotron-nas: separate q/k/v/o, gated MLP, RMSNorm, no post-norms."""
 
-    #: HF ``model_type`` values / gatenorm family names this spec is registered for
-    families: ClassVar[tuple[str, ...]] = ()
     #: why the family cannot be written as nemotron-nas (empty: it can)
     refusal: ClassVar[str] = ""
 
@@ -48,6 +48,9 @@ class MlxSpec:
         if cls.refusal:
             return set(), cls.refusal
         return set(LayerAction), ""
+
+    def __init__(self, arch: type[Architecture]):
+        self.arch = arch
 
     @classmethod
     def config_refusal(cls, config: dict) -> str:
@@ -100,19 +103,14 @@ class Refused(MlxSpec):
     """A family nemotron-nas cannot express (its `refusal` says why)."""
 
 
-#: family name -> spec
-SPECS: dict[str, type[MlxSpec]] = {}
+class Unregistered(Refused):
+    """A family no MLX spec was registered for (nor for an ancestor of its adapter)."""
+
+    refusal = "no MLX writer for this family yet"
 
 
-def register_spec(cls: type[MlxSpec]) -> type[MlxSpec]:
-    """Class decorator: `cls` is the MLX spec of each of its `families`."""
-    for family in cls.families:
-        SPECS[family] = cls
-    return cls
-
-
-def spec_for(family: str) -> type[MlxSpec]:
-    """The MLX spec of gatenorm family `family` (a refusing one for a family nobody registered)."""
-    if family in SPECS:
-        return SPECS[family]
-    return type("Unregistered", (Refused,), {"refusal": "no MLX writer for this family yet"})
+#: the MLX spec of each family (an adapter's ``name``); a family without one gets its nearest registered
+#: ancestor's (Mistral: llama's), else `Unregistered`
+SPECS = FamilySpecs("MLX", Unregistered)
+register_mlx_family = SPECS.register
+mlx_family = SPECS.spec

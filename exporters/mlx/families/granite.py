@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import math
 
-from exporters.mlx.families.base import MlxSpec, Scales, register_spec
+from exporters.mlx.families.base import MlxSpec, Scales, register_mlx_family
 
 
-@register_spec
+@register_mlx_family("granite")
 class GraniteSpec(MlxSpec):
-    families = ("granite",)
-
     @classmethod
     def scales(cls, config: dict) -> Scales:
         head_dim = int(config["hidden_size"]) // int(config["num_attention_heads"])

@@ -5,13 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporters.mlx.families.base import MlxSpec, register_spec
+from exporters.mlx.families.base import MlxSpec, register_mlx_family
 
 
-@register_spec
+@register_mlx_family("phi3")
 class Phi3Spec(MlxSpec):
-    families = ("phi3",)
-
     @classmethod
     def attention_weights(cls, attention: nn.Module) -> dict[str, torch.Tensor]:
         c = attention.config

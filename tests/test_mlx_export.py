@@ -94,10 +94,13 @@ def client_python() -> str:
         return sys.executable
     if python := os.environ.get(CLIENT_ENV):
         return python
-    pytest.skip(
+    why = (
         f"mlx-lm {mlx_lm.__version__} cannot generate with a no-op attention layer (its cache for it "
         f"stays None); set {CLIENT_ENV} to a Python with mlx-lm >= 0.30.4"
     )
+    if os.environ.get("CI"):  # .ci/run makes that client: the test runs there, never skips
+        pytest.fail(why)
+    pytest.skip(why)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """One registry of per-family specs for each exporter (`exporters.gguf.families`,
-`exporters.onnx.families`): a spec class per family, registered by the adapter's ``name``; a family
-without one gets its nearest registered ancestor's (an adapter subclassing another), else the base."""
+`exporters.onnx.families`, `exporters.mlx.families`): a spec class per family, registered by the adapter's
+``name``; a family without one gets its nearest registered ancestor's (an adapter subclassing another), else
+the base."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 the top so that importing the package registers them all. A new target is one module calling
 `register_target`, and one import line below."""
 
-from exporters.targets import gguf, onnx  # noqa: F401  (the target modules register themselves)
+from exporters.targets import gguf, mlx, onnx  # noqa: F401  (the target modules register themselves)
 from exporters.targets.base import (
     TARGETS,
     ExportTarget,

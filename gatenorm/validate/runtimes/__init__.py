@@ -19,6 +19,7 @@ from gatenorm.validate.runtimes.base import (
     truncate_left,
 )
 from gatenorm.validate.runtimes.llamacpp import LlamaCppRuntime
+from gatenorm.validate.runtimes.mlx import MlxRuntime, is_mlx_folder
 from gatenorm.validate.runtimes.ort import OnnxRuntime, is_onnx_folder
 from gatenorm.validate.runtimes.pytorch import TorchRuntime
 
@@ -26,6 +27,7 @@ __all__ = [
     "RUNTIMES",
     "BatchLogitsRuntime",
     "LlamaCppRuntime",
+    "MlxRuntime",
     "ModelSpec",
     "OnnxRuntime",
     "Request",
@@ -34,6 +36,7 @@ __all__ = [
     "TorchRuntime",
     "continuation_scores",
     "detect_runtime",
+    "is_mlx_folder",
     "is_onnx_folder",
     "model_spec",
     "open_runtime",

@@ -93,3 +93,40 @@ def test_degenerate_model_has_infinite_perplexity():
     assert result.ppl_ref == pytest.approx(4.0) and result.ppl_cand == math.inf == result.ppl_ratio
     assert result.ppl_cand_err == 0.0  # three tokens: no error estimate (as llama.cpp)
     assert f"{result.ppl_ratio:.4f}" == "inf" and math.isfinite(result.kld_mean)
+
+
+def test_torch_validation_reads_each_layer_once(smollm2_gguf, smollm2_scored, tmp_path, monkeypatch):
+    """Two PyTorch models (the source and its plan) share one layer-at-a-time pass: the candidate is open
+    while the reference records, so the engine runs once for both; the figures are those of a pass each."""
+    from gatenorm.sequential import SequentialModel
+
+    passes: list[int] = []
+    forward_many = SequentialModel.forward_many
+
+    def counted(self, windows, plans, *args, **kwargs):
+        passes.append(len(plans))
+        return forward_many(self, windows, plans, *args, **kwargs)
+
+    ckpt, scores = smollm2_scored
+    path = tmp_path / "plan.json"
+    make_plan(ckpt, scores, drop=4).save(path)
+    settings = Settings(ctx=64, max_tokens=192, tasks=[], threads=1)
+    ref_spec = model_spec(str(smollm2_gguf), "torch")
+    cand_spec = model_spec(str(smollm2_gguf), "torch", path)
+    monkeypatch.setattr(SequentialModel, "forward_many", counted)
+    report = validate(ref_spec, cand_spec, settings)
+    assert passes == [2]  # one pass, serving both models
+
+    first = settings.ctx // 2
+    logits = []
+    for spec in (ref_spec, cand_spec):  # one at a time: a pass each
+        rt = open_runtime(spec, 1, 1024)
+        try:
+            windows = token_windows(settings.text, rt.tokenize, settings.ctx, settings.max_tokens, rt.bos_id)
+            logits.append(list(rt.window_logits(windows, first)))
+        finally:
+            rt.close()
+    assert passes == [2, 1, 1]
+    apart = compare_logits(*logits, windows, first)
+    assert report.agreement.kld_mean == pytest.approx(apart.kld_mean, rel=1e-6) and apart.kld_mean > 0
+    assert report.agreement.top1 == apart.top1

@@ -93,7 +93,9 @@ def validate(
     All inputs (text, task data, benchmark prompt) are read and tokenized, with the reference's tokenizer,
     before the first measurement, so bad input fails fast. One model is loaded at a time: the reference
     answers everything first and is freed, its answers replayed against the candidate's
-    (`gatenorm.validate.recorded`)."""
+    (`gatenorm.validate.recorded`). Two PyTorch models hold no model while their agreement runs: the
+    candidate is opened beside the reference, so that one layer-at-a-time pass (`gatenorm.sequential`)
+    reads each layer once for both."""
     if settings.max_tokens == 0 and not settings.tasks and settings.bench is None:
         raise GatenormError("nothing to validate: --max-tokens 0, --tasks none and no --bench")
     gates = settings.gates if gates is None else gates
@@ -107,6 +109,8 @@ def validate(
         probe = RecordedRuntime(open_runtime(cand_spec, settings.threads, n_ctx))
         probe.close()
         ref = RecordedRuntime(open_runtime(ref_spec, settings.threads, n_ctx))
+        if ref_spec.runtime == cand_spec.runtime == "torch":  # served by the reference's pass
+            cand = open_runtime(cand_spec, settings.threads, n_ctx)
     try:
         _check_vocab(ref, probe)
         first = settings.ctx // 2
@@ -139,8 +143,9 @@ def validate(
             with clock("retrieval"):
                 ref.record_requests(*([p["request"] for p in prompts] for prompts in retrieval_work.values()))
         ref.release()
-        with clock("load"):
-            cand = open_runtime(cand_spec, settings.threads, n_ctx)
+        if cand is None:
+            with clock("load"):
+                cand = open_runtime(cand_spec, settings.threads, n_ctx)
 
         agreement = None
         if windows is not None:

@@ -7,12 +7,12 @@ as MLX folders (``--quant``, fp32 by default: mlx's CPU backend has no fast bf16
 - prefill: a chunk of ``--chunk`` tokens after a cache of `depth` tokens (depth 0 and 2048), seconds;
 - decode: ``--decode-steps`` greedy one-token steps at that depth, seconds per step.
 
-The cache is mlx-lm's own (`make_prompt_cache`); the depth is filled untimed before each measurement and
-trimmed back after the prefill chunk. Each speedup over the 0-drop export is printed (median and the
-min-max spread over repetitions) next to the ideal of `gatenorm.methods.cost`: prefill FLOPs of the chunk
-(ctx = 2 x depth + chunk, so that a token attends to depth + chunk / 2 keys on average) and decode's
-FLOP/byte model at the depth with the folder's bytes per weight. mlx runs on its default device (the CPU
-here; the GPU on Apple silicon). Usage: ``python scripts/bench_mlx.py [--reps 3] [--drops 0,8,16]
+The cache is mlx-lm's own (`make_prompt_cache`); the depth is filled untimed once per model and depth, and
+trimmed back to it after each prefill chunk and decode run. Each speedup over the 0-drop export is printed
+(median and the min-max spread over repetitions) next to the ideal of `gatenorm.methods.cost`: prefill FLOPs
+of the chunk (ctx = 2 x depth + chunk, so that a token attends to depth + chunk / 2 keys on average) and
+decode's FLOP/byte model at the depth with the folder's bytes per weight. mlx runs on its default device
+(the CPU here; the GPU on Apple silicon). Usage: ``python scripts/bench_mlx.py [--reps 3] [--drops 0,8,16]
 [--depths 0,2048] [--chunk 256] [--decode-steps 16] [--quant fp32] [--workdir DIR]``.
 """
 
@@ -36,22 +36,33 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(model, depth: int, chunk: int, steps: int) -> tuple[float, float]:
-    """(seconds of a `chunk`-token prefill at `depth`, seconds per decode step at `depth`)."""
+def filled_cache(model, depth: int) -> tuple[list, object]:
+    """mlx-lm's own cache of `model` holding `depth` random tokens (filled in mlx-lm's prefill-sized
+    pieces), and the tokens that follow them."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    tokens = mx.random.randint(100, 40000, (1, depth + chunk + steps), key=mx.random.key(depth))
+    tokens = mx.random.randint(100, 40000, (1, depth + 1024), key=mx.random.key(depth))
     cache = make_prompt_cache(model)
-    for start in range(0, depth, 512):  # the depth, untimed, in mlx-lm's prefill-sized pieces
+    for start in range(0, depth, 512):
         mx.eval(model(tokens[:, start : min(start + 512, depth)], cache=cache))
-    prefill = _timed(lambda: mx.eval(model(tokens[:, depth : depth + chunk], cache=cache)))
+    return cache, tokens[:, depth:]
+
+
+def measure(model, cache: list, after, chunk: int, steps: int) -> tuple[float, float]:
+    """(seconds of a `chunk`-token prefill on top of `cache`, seconds per decode step there); `cache` is
+    trimmed back to its depth afterwards, so one fill serves every repetition."""
+    import mlx.core as mx
+
+    prefill = _timed(lambda: mx.eval(model(after[:, :chunk], cache=cache)))
     for c in cache:
         c.trim(chunk)
     decode = []
     for i in range(steps):
-        token = tokens[:, depth + i : depth + i + 1]
+        token = after[:, i : i + 1]
         decode.append(_timed(lambda token=token: mx.eval(model(token, cache=cache))))
+    for c in cache:
+        c.trim(steps)
     return prefill, statistics.median(decode)
 
 
@@ -101,34 +112,36 @@ def main() -> None:
             export(ckpt, plans[drop], folder, "mlx", quant=args.quant, check_source=False, overwrite=True)
         models[drop] = load(str(folder))[0]
     for drop in drops:  # warm-up: kernels, allocations
-        measure(models[drop], 0, 16, 2)
-    times: dict[tuple[int, int], list[tuple[float, float]]] = {(d, k): [] for d in drops for k in depths}
-    for _ in range(args.reps):
-        for depth in depths:
-            for drop in drops:  # interleaved: the machine's load falls on every model alike
-                times[drop, depth].append(measure(models[drop], depth, args.chunk, args.decode_steps))
+        measure(models[drop], *filled_cache(models[drop], 0), 16, 2)
     rows = []
     print(
         f"SmolLM2-135M {args.quant}, mlx {_mlx_version()} on {_device()}, {args.reps} reps (median [min-max])"
     )
     print(
         f"{'drop':>4} {'depth':>5} {'prefill s':>10} {'speedup':>20} {'ideal':>6}"
-        f" {'decode ms':>10} {'speedup':>20} {'ideal':>6}"
+        f" {'decode ms':>10} {'speedup':>20} {'ideal':>6}",
+        flush=True,
     )
-    for depth in depths:
-        base = times[0, depth]
+    for depth in depths:  # the shallow depth first, each depth's rows printed once measured
+        times: dict[int, list[tuple[float, float]]] = {d: [] for d in drops}
+        caches = {drop: filled_cache(models[drop], depth) for drop in drops}
+        for _ in range(args.reps):
+            for drop in drops:  # interleaved: the machine's load falls on every model alike
+                times[drop].append(measure(models[drop], *caches[drop], args.chunk, args.decode_steps))
+        del caches
         for drop in drops:
             ideal_p, ideal_d = ideal(ckpt, plans[drop], depth, args.chunk, args.quant)
             row = {"drop": drop, "depth": depth, "ideal_prefill": ideal_p, "ideal_decode": ideal_d}
             for phase, k in (("prefill", 0), ("decode", 1)):
-                ratios = [b[k] / t[k] for b, t in zip(base, times[drop, depth], strict=True)]
-                row[phase] = statistics.median(t[k] for t in times[drop, depth])
+                ratios = [b[k] / t[k] for b, t in zip(times[0], times[drop], strict=True)]
+                row[phase] = statistics.median(t[k] for t in times[drop])
                 row[f"{phase}_speedup"] = statistics.median(ratios)
                 row[f"{phase}_spread"] = (min(ratios), max(ratios))
             rows.append(row)
             print(
                 f"{drop:>4} {depth:>5} {row['prefill']:>10.3f} {_speed(row, 'prefill'):>20} {ideal_p:>6.3f}"
-                f" {1000 * row['decode']:>10.2f} {_speed(row, 'decode'):>20} {ideal_d:>6.3f}"
+                f" {1000 * row['decode']:>10.2f} {_speed(row, 'decode'):>20} {ideal_d:>6.3f}",
+                flush=True,
             )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -13,7 +13,7 @@ trimmed back to it after each prefill chunk and decode run. Each speedup over th
 of the chunk (ctx = 2 x depth + chunk, so that a token attends to depth + chunk / 2 keys on average) and
 decode's FLOP/byte model at the depth with the folder's bytes per weight. mlx runs on its default device
 (the CPU here; the GPU on Apple silicon). Usage: ``python scripts/bench_mlx.py [--reps 3] [--drops 0,8,16]
-[--depths 0,2048] [--chunk 256] [--decode-steps 16] [--quant fp32] [--workdir DIR]``.
+[--depths 0,2048] [--chunk 256] [--decode-steps 16] [--quant fp32] [--blas openblas] [--workdir DIR]``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+#: Debian's OpenBLAS as a drop-in libblas (package libopenblas0-pthread). mlx[cpu]'s Linux wheel bundles the
+#: reference (netlib) BLAS, about 10x slower at fp32 matmul here (2.4 against 30 GFLOPS, 1024^3 on one run).
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
 
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "8bit": 8.5 / 8, "4bit": 4.5 / 8}
 
@@ -87,7 +92,15 @@ def main() -> None:
     parser.add_argument("--quant", default="fp32", choices=sorted(BYTES_PER_WEIGHT))
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--blas",
+        choices=("openblas", "bundled"),
+        default="openblas" if OPENBLAS.is_file() else "bundled",
+        help="mlx's BLAS on Linux: its wheel's reference BLAS, or OpenBLAS preloaded (default if installed)",
+    )
     args = parser.parse_args()
+    if args.blas == "openblas" and sys.platform.startswith("linux") and "LD_PRELOAD" not in os.environ:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "LD_PRELOAD": str(OPENBLAS)})
     drops = [int(d) for d in args.drops.split(",")]
     depths = [int(d) for d in args.depths.split(",")]
     if drops[0] != 0:
@@ -115,7 +128,8 @@ def main() -> None:
         measure(models[drop], *filled_cache(models[drop], 0), 16, 2)
     rows = []
     print(
-        f"SmolLM2-135M {args.quant}, mlx {_mlx_version()} on {_device()}, {args.reps} reps (median [min-max])"
+        f"SmolLM2-135M {args.quant}, mlx {_mlx_version()} on {_device()} ({args.blas} BLAS),"
+        f" {args.reps} reps (median [min-max])"
     )
     print(
         f"{'drop':>4} {'depth':>5} {'prefill s':>10} {'speedup':>20} {'ideal':>6}"

@@ -79,6 +79,75 @@ def test_tiny_family_every_action_matches_pytorch(tmp_path, tokenizer_dir, model
     assert [kv_bytes(c) > 0 for c in cache] == kept  # dropped and linear attention: an empty cache
 
 
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_tiny_family_healed_plan_matches_pytorch(tmp_path, tokenizer_dir, model_type):
+    """Healed maps (drop-attention, linearize: a linear attention; drop-block: a linear attention and no
+    FFN), with biases, and refitted down projections, as the healed PyTorch model computes them."""
+    from tests.test_heal_export import _healed, _random_refits, _random_repairs
+
+    folder = tiny_hf(
+        tmp_path / "tiny", tokenizer_dir, model_type, num_hidden_layers=6, **IDS, **FAMILIES[model_type]
+    )
+    ckpt = open_checkpoint(folder)
+    actions = {0: "drop-attention", 2: "linearize", 3: "drop-block", 4: "drop-block"}
+    repairs = _random_repairs(ckpt.shape.d_model, (0, 2, 3), bias=True, seed=2)
+    plan = _healed(tmp_path, ckpt, actions, repairs, refits=_random_refits(folder, (1, 2), seed=2))
+    out = export(folder, plan, tmp_path / "mlx", "mlx", quant="fp32")
+    blocks = json.loads((out / "config.json").read_text())["block_configs"]
+    linear, kept = {"replace_with_linear": True}, {"n_heads_in_group": 4}
+    assert [b["attention"] for b in blocks] == [linear, kept, linear, linear, {"no_op": True}, kept]
+    assert [b["ffn"].get("no_op", False) for b in blocks] == [False, False, False, True, True, False]
+    ids = list(range(300, 364))
+    reference = torch_logits(apply_plan(load_model(folder), plan), ids)
+    assert np.abs(mlx_logits(mlx_lm.load(str(out))[0], ids) - reference).max() < 1e-3
+
+
+def test_validate_mlx_runtime_against_pytorch(tmp_path, tokenizer_dir):
+    """`gatenorm validate` runs an MLX folder in the mlx runtime (detected), against the same plan applied
+    in PyTorch: KLD ~0, top-1 1; its bench reports the KV cache of the kept layers only."""
+    from gatenorm.validate.bench import BenchConfig
+    from gatenorm.validate.gates import Gates
+    from gatenorm.validate.run import Settings, validate
+    from gatenorm.validate.runtimes import model_spec
+
+    folder = tiny_hf(tmp_path / "llama", tokenizer_dir, "llama", num_hidden_layers=6, **IDS)
+    plan = mixed_plan(open_checkpoint(folder), TINY_ACTIONS, TINY_ALPHAS)
+    plan.save(tmp_path / "plan.json")
+    out = export(folder, plan, tmp_path / "mlx", "mlx", quant="fp32")
+    candidate = model_spec(str(out))
+    assert candidate.runtime == "mlx"
+    bench = BenchConfig(prompts=[32], depths=[64], generate=4, runs=1, warmup=0)
+    settings = Settings(ctx=64, max_tokens=128, tasks=[], threads=1, bench=bench)
+    report = validate(model_spec(str(folder), plan=tmp_path / "plan.json"), candidate, settings, Gates())
+    assert report.agreement.kld_mean < 1e-6 and report.agreement.top1 == 1
+    kv = {k: v for k, v in report.bench.candidate.items() if k.startswith("kv")}
+    assert kv, report.bench
+    # 2 of 6 layers keep attention: 2 layers x (K + V) x 2 KV heads x head size 8 x fp32 per token
+    tokens = 64 + 4
+    assert all(v * 2**20 == pytest.approx(2 * 2 * 2 * 8 * 4 * tokens, rel=0.05) for v in kv.values()), kv
+
+
+#: the tiny families written as their own mlx-lm model with whole blocks removed (model_type -> blocks
+#: dropped: gemma3's kept layers keep a sliding_window_pattern, smollm3's no-rope layer moves from 3 to 2)
+OWN_ARCH = {"qwen3": (1,), "olmo2": (1,), "smollm3": (1,), "gemma3_text": (0, 1)}
+
+
+@pytest.mark.parametrize("model_type", sorted(OWN_ARCH))
+def test_own_architecture_without_blocks_matches_pytorch(tmp_path, tokenizer_dir, model_type):
+    folder = tiny_hf(tmp_path / model_type, tokenizer_dir, model_type, **IDS, **FAMILY_OVERRIDES[model_type])
+    plan = mixed_plan(open_checkpoint(folder), dict.fromkeys(OWN_ARCH[model_type], A.DROP_BLOCK), {})
+    out = export(folder, plan, tmp_path / "mlx", "mlx", quant="fp32")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == model_type and config["num_hidden_layers"] == 4 - len(OWN_ARCH[model_type])
+    model, _ = mlx_lm.load(str(out))
+    ids = list(range(300, 340))
+    reference = torch_logits(apply_plan(load_model(folder), plan), ids)
+    assert np.abs(mlx_logits(model, ids) - reference).max() < 1e-3
+    cached, cache = cached_logits(model, ids, 24, 16)
+    assert np.abs(cached - reference).max() < 1e-3
+    assert len(cache) == config["num_hidden_layers"]
+
+
 #: a Python whose mlx-lm runs ``mlx_lm generate`` on a folder with no-op attention: mlx-lm >= 0.30.4 (its
 #: nemotron-nas ``make_cache``), which needs transformers 5, so not the one in gatenorm's environment
 CLIENT_ENV = "GATENORM_MLX_LM_PYTHON"
@@ -186,16 +255,19 @@ def test_smollm2_bf16_and_4bit(tmp_path, smollm2_scored, smollm2_mlx):
 def test_refusals_are_one_line(tmp_path, tokenizer_dir, monkeypatch, capsys):
     """A family or config nemotron-nas cannot express, and a missing extra: one line, exit 2, no output."""
 
-    def refused(model_type: str, action: LayerAction, *words: str, **overrides) -> None:
+    def refused(model_type: str, action: LayerAction, *words: str, layer: int = 1, **overrides) -> None:
         folder = tiny_hf(tmp_path / model_type, tokenizer_dir, model_type, **IDS, **overrides)
         plan_path = tmp_path / f"{model_type}.json"
-        alphas = {1: 1.0} if action is A.LINEARIZE else {}
-        mixed_plan(open_checkpoint(folder), {1: action}, alphas).save(plan_path)
+        alphas = {layer: 1.0} if action is A.LINEARIZE else {}
+        mixed_plan(open_checkpoint(folder), {layer: action}, alphas).save(plan_path)
         args = ["export", folder, "--plan", plan_path, "--to", "mlx", "-o", tmp_path / "out"]
         assert_one_line_exit_2(*cli(monkeypatch, capsys, *args)[::2], *words)
         assert not (tmp_path / "out").exists()
 
-    refused("qwen3", A.DROP_ATTENTION, "qwen3", "drop-attention", "norms q and k", head_dim=16)
+    refused("qwen3", A.DROP_ATTENTION, "qwen3", "drop-attention", "q and k", "whole blocks", head_dim=16)
+    gemma3 = FAMILY_OVERRIDES["gemma3_text"]  # layers S F S F; without layer 2, S F F has no pattern
+    refused("gemma3_text", A.DROP_BLOCK, "gemma3", "drop-block", "sliding_window_pattern", layer=2, **gemma3)
+    refused("gemma2", A.DROP_BLOCK, "gemma2", "no sliding window", **FAMILY_OVERRIDES["gemma2"])
     refused("mistral", A.LINEARIZE, "mistral", "linearize", "sliding window", sliding_window=6)
     monkeypatch.setitem(sys.modules, "mlx_lm", None)  # the extra missing
     refused("llama", A.DROP_ATTENTION, "gatenorm[mlx]")

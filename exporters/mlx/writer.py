@@ -1,7 +1,8 @@
 """``write_mlx``: a plan and a model in, a folder that ``mlx_lm.load`` / ``mlx_lm.generate`` run as it is.
 
 The model is loaded in PyTorch (float32) and pruned by the plan (`gatenorm.apply.apply_plan`, healed repairs
-and refits included), its layers written in the family's mlx-lm layout (`exporters.mlx.nemotron_nas`). The
+and refits included), its layers written in the family's mlx-lm layout (`exporters.mlx.nemotron_nas`, or the
+family's own architecture with whole blocks removed, `exporters.mlx.own_arch`). The
 tensors are then loaded into mlx-lm's own model class (strictly: a name or shape it does not expect is an
 error here, not in the user's hands), cast, and quantized by mlx-lm's `quantize_model` (``mlx.nn.quantize``)
 exactly as ``mlx_lm.convert -q`` does, and saved by mlx-lm's `save_model` / `save_config`. Tokenizer files,
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from exporters.mlx import nemotron_nas, own_arch
 from exporters.mlx.families import mlx_family
-from exporters.mlx.nemotron_nas import layout
 from gatenorm.apply import apply_plan, load_model, load_tokenizer
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_dir
@@ -60,11 +61,16 @@ def _refusal(ckpt: Checkpoint, plan: Plan, why: str) -> GatenormError:
 def check_plan(ckpt: Checkpoint, plan: Plan) -> None:
     """What the family's spec refuses for an HF config, and a missing extra, before anything is read or
     written (a GGUF source's config is checked once it is loaded)."""
-    spec = mlx_family(ckpt.arch)
     config = getattr(ckpt, "config", None)
-    if not spec.refusal and config is not None and (why := spec.config_refusal(config)):
-        raise _refusal(ckpt, plan, why)
+    if config is not None:
+        _check_config(ckpt, plan, config)
     require_mlx()
+
+
+def _check_config(ckpt: Checkpoint, plan: Plan, config: dict) -> None:
+    spec = mlx_family(ckpt.arch)
+    if not spec.refusal and (why := spec.config_refusal(config) or spec.plan_refusal(config, plan)):
+        raise _refusal(ckpt, plan, why)
 
 
 def write_mlx(
@@ -87,8 +93,8 @@ def write_mlx(
     spec = mlx_family(ckpt.arch)
     model = apply_plan(load_model(ckpt.path, torch.float32), plan)
     config = model.config.to_dict()
-    if why := spec.config_refusal(config):
-        raise _refusal(ckpt, plan, why)
+    _check_config(ckpt, plan, config)
+    layout = own_arch.layout if spec.layout == "own" else nemotron_nas.layout
     mlx_config, tensors = layout(model, ckpt.arch, spec, config)
     del model
     tokenizer = _tokenizer(ckpt.path)
@@ -99,7 +105,8 @@ def write_mlx(
 
             save_tokenizer(tokenizer, tmp)
         (tmp / "plan.json").write_text(plan.to_json() + "\n")
-        (tmp / "README.md").write_text(model_card(ckpt, plan, quant, Path(out).name))
+        card = model_card(ckpt, plan, quant, Path(out).name, mlx_config["model_type"])
+        (tmp / "README.md").write_text(card)
         before_commit()
     return Path(out)
 
@@ -121,11 +128,15 @@ def _save_weights(folder: Path, config: dict, tensors: dict, quant: str, group_s
     dtype = getattr(mx, dtype_name)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
+    weights = {name: mx.array(value) for name, value in tensors.items()}
+    tensors.clear()
+    if hasattr(model, "sanitize"):  # as mlx_lm.load does (drops a tied LM head, rotary tables)
+        weights = model.sanitize(weights)
     try:
-        model.load_weights([(name, mx.array(value)) for name, value in tensors.items()], strict=True)
+        model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:  # our layout and mlx-lm's model disagree: a bug here, said in one line
         raise GatenormError(f"mlx-lm does not take the written {config['model_type']} tensors: {e}") from None
-    tensors.clear()
+    del weights
     model.update(
         tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v, model.parameters())
     )
@@ -138,7 +149,7 @@ def _save_weights(folder: Path, config: dict, tensors: dict, quant: str, group_s
     save_config(config, config_path=folder / "config.json")
 
 
-def model_card(ckpt: Checkpoint, plan: Plan, quant: str, name: str) -> str:
+def model_card(ckpt: Checkpoint, plan: Plan, quant: str, name: str, model_type: str) -> str:
     """README.md of the folder: front matter, what was changed, how to run it."""
     from exporters.mlx import usage
 
@@ -150,7 +161,7 @@ def model_card(ckpt: Checkpoint, plan: Plan, quant: str, name: str) -> str:
             "---",
             f"# {ckpt.path.name}, pruned ({quant})",
             "",
-            f"{plan.describe()} ({plan.method}); written by gatenorm as mlx-lm's `nemotron-nas` layout.",
+            f"{plan.describe()} ({plan.method}); written by gatenorm as mlx-lm's `{model_type}` model.",
             "",
             "## Use",
             "",

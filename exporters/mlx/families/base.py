@@ -17,7 +17,7 @@ from torch import nn
 
 from exporters.family_specs import FamilySpecs
 from gatenorm.architectures import Architecture
-from gatenorm.plan import LayerAction
+from gatenorm.plan import LayerAction, Plan
 
 #: nemotron-nas's activations (mlx-lm's ``_ACT2FN``), as HF names them
 ACTIVATIONS = ("silu", "relu", "gelu", "gelu_new", "gelu_fast")
@@ -41,6 +41,9 @@ class MlxSpec:
 
     #: why the family cannot be written as nemotron-nas (empty: it can)
     refusal: ClassVar[str] = ""
+    #: how its folder is laid out: mlx-lm's ``nemotron-nas`` (`exporters.mlx.nemotron_nas`) or ``own``, the
+    #: family's own mlx-lm architecture with whole blocks removed (`exporters.mlx.own_arch`)
+    layout: ClassVar[str] = "nemotron-nas"
 
     @classmethod
     def actions(cls) -> tuple[set[LayerAction], str]:
@@ -73,6 +76,16 @@ class MlxSpec:
         if config.get("mlp_bias"):
             return "its MLP has biases, which nemotron-nas ties to its linear replacements"
         return ""
+
+    @classmethod
+    def plan_refusal(cls, config: dict, plan: Plan) -> str:
+        """Why this plan of this checkpoint cannot be written ("" when it can), beyond its actions."""
+        return ""
+
+    @classmethod
+    def own_config(cls, config: dict) -> dict:
+        """An ``own`` layout's config.json from the renumbered HF config: what mlx-lm's model reads."""
+        return config
 
     @classmethod
     def scales(cls, config: dict) -> Scales:

@@ -134,8 +134,13 @@ OWN_ARCH = {"qwen3": (1,), "olmo2": (1,), "smollm3": (1,), "gemma3_text": (0, 1)
 
 @pytest.mark.parametrize("model_type", sorted(OWN_ARCH))
 def test_own_architecture_without_blocks_matches_pytorch(tmp_path, tokenizer_dir, model_type):
+    """Whole blocks removed, and the last layer's down projection refitted (a healing fold)."""
+    from tests.test_heal_export import _healed, _random_refits
+
     folder = tiny_hf(tmp_path / model_type, tokenizer_dir, model_type, **IDS, **FAMILY_OVERRIDES[model_type])
-    plan = mixed_plan(open_checkpoint(folder), dict.fromkeys(OWN_ARCH[model_type], A.DROP_BLOCK), {})
+    actions = dict.fromkeys(OWN_ARCH[model_type], A.DROP_BLOCK.value)
+    refits = _random_refits(folder, (3,), seed=2)
+    plan = _healed(tmp_path, open_checkpoint(folder), actions, {}, refits=refits)
     out = export(folder, plan, tmp_path / "mlx", "mlx", quant="fp32")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == model_type and config["num_hidden_layers"] == 4 - len(OWN_ARCH[model_type])

@@ -30,7 +30,6 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from exporters.onnx.families import OnnxFamily, onnx_family
-from exporters.onnx.precision import INT4_OPSET
 from exporters.onnx.weights import ExternalData, quantize_int4
 from gatenorm.architectures.layers import (
     AttentionFreeLayer,
@@ -41,8 +40,10 @@ from gatenorm.architectures.layers import (
 from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction, Plan
 
-#: ONNX opset of an fp32 graph (ORT Mobile and MatMulNBits both support it); int4 graphs: `INT4_OPSET`.
+#: ONNX opset of the graph (ORT Mobile and MatMulNBits both support it); int4 graphs: `INT4_OPSET`.
 OPSET = 17
+#: Opset of int4 exports (as onnxruntime's int4 quantizer writes them).
+INT4_OPSET = 21
 MS = "com.microsoft"
 #: Float32 bytes of a vocabulary table read per chunk.
 CHUNK_BYTES = 1 << 26

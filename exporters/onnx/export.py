@@ -84,7 +84,7 @@ def _write_model(seq: SequentialModel, plan: Plan, path: Path, precision: Precis
     if not direct or not needs_external_data(model):
         onnx.load_external_data_for_model(model, str(path.parent))
         data.unlink()
-        model = convert_precision(model, precision, block_size) if not direct else model
+        model = convert_precision(model, precision) if not direct else model
     set_metadata(model, plan_metadata(plan, precision.value, fused_initializers(model, plan)))
     if data.exists():
         onnx.save_model(model, str(path))  # weightless: the initializers name their place in `data`

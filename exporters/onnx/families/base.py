@@ -32,19 +32,8 @@ class OnnxFamily:
         return packed_linear([attention.q_proj, attention.k_proj, attention.v_proj])
 
     def has_qk_norms(self) -> bool:
-        """Whether q and k are normed before the rotary embedding (`normed_qk` does it)."""
+        """Whether q and k are normed before the rotary embedding (`qk_norms` names the norms)."""
         return self.arch.hf_qk_norms is not None
-
-    def normed_qk(self, attention: nn.Module, q: torch.Tensor, k: torch.Tensor):
-        """q and k [batch, seq, heads*head_dim] after the family's per-head q/k norms, if any."""
-        if self.arch.hf_qk_norms is None:
-            return q, k
-        batch, seq, _ = q.shape
-        head_dim = attention.head_dim
-        q_norm, k_norm = (getattr(attention, name) for name in self.arch.hf_qk_norms)
-        q = q_norm(q.reshape(batch, seq, -1, head_dim)).view(batch, seq, -1)
-        k = k_norm(k.reshape(batch, seq, -1, head_dim)).view(batch, seq, -1)
-        return q, k
 
     def attention_softcap(self, attention: nn.Module) -> float:
         """Soft-capping of attention logits (``c * tanh(x / c)``), 0 for none."""

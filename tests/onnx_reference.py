@@ -5,7 +5,10 @@ Each case is a tiny seeded checkpoint (`test_onnx_export`'s families) and a plan
 ``mixed`` (layer 0 linearized with alpha 0.5, 1 without attention, 2 kept, 3 dropped whole) and ``healed``
 (the mixed actions with random linear repairs with biases, and refitted down projections of layers 1 and 2
 where the family's MLP output joins the residual linearly). The logits are those of a fixed prompt (every
-position) and of 4 cached decode steps of fixed tokens. Rebuild: ``python tests/onnx_reference.py``.
+position) and of 4 cached decode steps of fixed tokens. They were recorded with the traced exporter of
+commit f063592 (the builder replaced it in the next commits): rebuild them from a checkout of it, e.g.
+``PYTHONPATH=<checkout of f063592> python tests/onnx_reference.py`` (run from any folder; with today's
+exporters the script records the builder's logits instead).
 """
 
 from __future__ import annotations

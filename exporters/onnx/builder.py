@@ -19,7 +19,6 @@ adapter (`gatenorm.architectures`) and ONNX spec (`exporters.onnx.families`).
 
 from __future__ import annotations
 
-import gc
 import itertools
 from pathlib import Path
 
@@ -133,18 +132,8 @@ class GraphBuilder:
         w = weight.detach().float().numpy()
         if self.precision == "int4":
             packed, scales = quantize_int4(w, self.block_size)
-            out, k = w.shape
-            y = self.op(
-                "MatMulNBits",
-                [x, self.weight(f"{scope}.weight_Q4", packed), self.weight(f"{scope}.weight_scales", scales)],
-                f"{scope}/MatMul_Q4",
-                domain=MS,
-                K=k,
-                N=out,
-                bits=4,
-                block_size=self.block_size,
-                accuracy_level=4,
-            )
+            b = self.weight(f"{scope}.weight_Q4", packed)
+            y = self.matmul_nbits(scope, x, b, self.weight(f"{scope}.weight_scales", scales), *w.shape)
         else:
             y = self.op(
                 "MatMul", [x, self.weight(f"{scope}.weight", np.ascontiguousarray(w.T))], f"{scope}/MatMul"
@@ -154,6 +143,20 @@ class GraphBuilder:
                 "Add", [y, self.weight(f"{scope}.bias", bias.detach().float().numpy())], f"{scope}/Add"
             )
         return y
+
+    def matmul_nbits(self, scope: str, x: str, b: str, scales: str, n: int, k: int) -> str:
+        """``x @ W.T`` for the int4 weight W [n, k] stored as MatMulNBits' `b` and `scales`."""
+        return self.op(
+            "MatMulNBits",
+            [x, b, scales],
+            f"{scope}/MatMul_Q4",
+            domain=MS,
+            K=k,
+            N=n,
+            bits=4,
+            block_size=self.block_size,
+            accuracy_level=4,
+        )
 
     def rms_norm(self, scope: str, x: str, gain: torch.Tensor, eps: float) -> str:
         """``gain * x / rms(x)`` over the last axis of `x`."""
@@ -279,27 +282,22 @@ class ModelBuilder:
                 q = self._qk_norm(f"{scope}/q_norm", q, norms[0], head_dim)
                 k = self._qk_norm(f"{scope}/k_norm", k, norms[1], head_dim)
             if tables is not None and not in_attention:
-                positions = "position_ids"
-                q = g.op(
-                    "RotaryEmbedding",
-                    [q, positions, *tables],
-                    f"{scope}/q_rotary/RotaryEmbedding",
-                    domain=MS,
-                    interleaved=0,
-                    num_heads=self.heads,
-                    rotary_embedding_dim=rotary_dim,
-                )
-                k = g.op(
-                    "RotaryEmbedding",
-                    [k, positions, *tables],
-                    f"{scope}/k_rotary/RotaryEmbedding",
-                    domain=MS,
-                    interleaved=0,
-                    num_heads=self.kv_heads,
-                    rotary_embedding_dim=rotary_dim,
+                q, k = (
+                    g.op(
+                        "RotaryEmbedding",
+                        [x, "position_ids", *tables],
+                        f"{scope}/{name}_rotary/RotaryEmbedding",
+                        domain=MS,
+                        interleaved=0,
+                        num_heads=heads,
+                        rotary_embedding_dim=rotary_dim,
+                    )
+                    for x, name, heads in ((q, "q", self.heads), (k, "k", self.kv_heads))
                 )
         window = arch.sliding_window(attention, self.config)
-        rotary = [*tables, "position_ids"] if in_attention else []
+        # as onnxruntime-genai's builder: GroupQueryAttention's own position_ids input stays empty (it
+        # rotates at the positions seqlens_k gives: past length + offset in the new tokens)
+        rotary = [*tables] if in_attention else []
         slot = self.slot
         self.slot += 1
         name = f"{scope}/GroupQueryAttention"
@@ -491,17 +489,7 @@ class ModelBuilder:
                 b, scales = self.quantized_table
             else:
                 b, scales, rows = self._quantized_table("lm_head", self.head_table)
-            logits = g.op(
-                "MatMulNBits",
-                [x, b, scales],
-                f"{scope}/MatMul_Q4",
-                domain=MS,
-                K=d,
-                N=rows,
-                bits=4,
-                block_size=g.block_size,
-                accuracy_level=4,
-            )
+            logits = g.matmul_nbits(scope, x, b, scales, rows, d)
         else:
             table = self.head_table
             if table != self.embedding_table:
@@ -528,7 +516,7 @@ class ModelBuilder:
 
     # ---- the whole graph
 
-    def build(self, progress=None) -> onnx.ModelProto:
+    def build(self) -> onnx.ModelProto:
         from gatenorm.heal.store import load_refits, load_repairs
 
         repairs, refits = load_repairs(self.plan), load_refits(self.plan)
@@ -542,9 +530,6 @@ class ModelBuilder:
             self._layer(i, module)
             del module
             self.seq.release(i)
-            gc.collect()
-            if progress is not None:
-                progress(i)
         self._head()
         return self._model()
 
@@ -594,13 +579,11 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def build_onnx(
-    seq, plan: Plan, path: Path, precision: str, block_size: int, progress=None
-) -> onnx.ModelProto:
+def build_onnx(seq, plan: Plan, path: Path, precision: str, block_size: int) -> onnx.ModelProto:
     """The graph of `plan` applied to `seq`'s checkpoint, its weights in ``{path.name}_data`` beside
     `path` (written as it goes); returns the weightless ModelProto (save it at `path`)."""
     data = ExternalData(path.with_name(path.name + "_data"))
     try:
-        return ModelBuilder(seq, plan, precision, block_size, data).build(progress)
+        return ModelBuilder(seq, plan, precision, block_size, data).build()
     finally:
         data.close()

@@ -38,6 +38,8 @@ from gatenorm.architectures.layers import (
 )
 from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction, Plan
+from gatenorm.sequential import SequentialModel
+from gatenorm.sequential.weights import materialize, release
 
 #: ONNX opset of the graph (ORT Mobile and MatMulNBits both support it); int4 graphs: `INT4_OPSET`.
 OPSET = 17
@@ -204,7 +206,7 @@ class GraphBuilder:
 class ModelBuilder:
     """Writes one pruned model's graph (see the module doc); `build` returns the weightless ModelProto."""
 
-    def __init__(self, seq, plan: Plan, precision: str, block_size: int, data: ExternalData):
+    def __init__(self, seq: SequentialModel, plan: Plan, precision: str, block_size: int, data: ExternalData):
         self.seq, self.plan = seq, plan
         self.arch = seq.arch
         self.spec: OnnxFamily = onnx_family(self.arch)
@@ -245,8 +247,8 @@ class ModelBuilder:
             cos, sin = rope_tables(self.seq.skeleton, rotary)
             suffix = "" if not self.tables else f"_{len(self.tables)}"
             self.tables[id(rotary)] = (
-                self.g.const(f"cos_cache{suffix}", cos),
-                self.g.const(f"sin_cache{suffix}", sin),
+                self.g.weight(f"cos_cache{suffix}", cos),
+                self.g.weight(f"sin_cache{suffix}", sin),
             )
         return self.tables[id(rotary)]
 
@@ -477,8 +479,6 @@ class ModelBuilder:
         g = self.g
         skeleton = self.seq.skeleton
         norm = skeleton.model.norm
-        from gatenorm.sequential.weights import materialize, release
-
         materialize(norm, self.seq._prefix[id(norm)], self.seq.tensors)
         x = g.normed("/model/norm", *self._norm(norm))
         release(norm)
@@ -579,7 +579,9 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def build_onnx(seq, plan: Plan, path: Path, precision: str, block_size: int) -> onnx.ModelProto:
+def build_onnx(
+    seq: SequentialModel, plan: Plan, path: Path, precision: str, block_size: int
+) -> onnx.ModelProto:
     """The graph of `plan` applied to `seq`'s checkpoint, its weights in ``{path.name}_data`` beside
     `path` (written as it goes); returns the weightless ModelProto (save it at `path`)."""
     data = ExternalData(path.with_name(path.name + "_data"))

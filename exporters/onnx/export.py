@@ -59,7 +59,7 @@ def _check_head_size(config, kv: list) -> None:
         )
 
 
-def check_exportable(arch: type[Architecture], config) -> None:
+def check_exportable(arch: type[Architecture], config=None) -> None:
     """Refuse (one line) a family the ONNX spec refuses, or RoPE scaling no fixed table holds."""
     spec = onnx_family(arch)
     if spec.refusal:
@@ -122,7 +122,7 @@ def export_onnx(
         _check_block_size(block_size)
     ckpt = open_checkpoint(model_path)
     _check_head_size(ckpt.shape, kv_layers(plan))  # before any slow conversion
-    check_exportable(ckpt.arch, getattr(ckpt, "config", None) or {})
+    check_exportable(ckpt.arch)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         seq = SequentialModel(ckpt)

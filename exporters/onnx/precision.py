@@ -22,11 +22,6 @@ class Precision(str, Enum):
     INT8 = "int8"
     INT4 = "int4"
 
-    @property
-    def quantizes_matmuls(self) -> bool:
-        """Whether MatMul weights get replaced by quantized ones (int8, int4)."""
-        return self in (Precision.INT8, Precision.INT4)
-
 
 def initializer_bytes(model: onnx.ModelProto, skip: frozenset[str] = frozenset()) -> int:
     """Bytes of `model`'s initializers (weights), leaving out those named in `skip`."""

@@ -20,8 +20,17 @@ in the same client, onnxruntime-genai (``og.Generator``, 2 threads; prefill = ``
 prompt, decode = ``generate_next_token`` steps), so the ratio ours/builder compares graphs only.
 Each speedup over the 0-drop export of the same precision is printed next to the ideal one: the ratio of
 FLOPs (prefill) or of bytes read per decoded token (weights without the embedding table, plus the cache).
+
+With ``--export-cost`` it measures the export itself instead (interleaved, medians): wall time and peak
+RSS (``/usr/bin/time -f %M``) of ``gatenorm export --to onnx --quant int4`` on SmolLM2 next to the int4
+folder's size + 1 GiB (the target: the graph builder holds one layer's weights, not the model), its time
+next to onnxruntime-genai's builder on the same weights (``-p int4``), and, with ``--gguf-7b FILE`` (a
+synthetic Llama-2-7B-shaped Q4_K GGUF: ``scripts/bench_gguf.py``'s ``write_synthetic_7b``, written there
+when the file is missing), one int4 export of that file.
+
 Usage: ``python scripts/bench_onnx.py [--reps 3] [--decode-steps 32] [--precisions fp32,int4]
-[--drops 0,8,16] [--no-optimum] [--workdir DIR] [--keep]``.
+[--drops 0,8,16] [--no-optimum] [--workdir DIR] [--keep]``; ``python scripts/bench_onnx.py --export-cost
+[--reps 3] [--gguf-7b FILE] [--builder-pythonpath DIR]``.
 """
 
 from __future__ import annotations
@@ -193,7 +202,6 @@ BUILDER = (sys.executable, "-m", "onnxruntime_genai.models.builder")
 
 def prepare(workdir: Path, args) -> tuple[dict[str, tuple[str, Path]], object]:
     """Every model to measure: name -> (how it runs: ours / genai / optimum, its folder or file)."""
-    import torch
     from transformers import AutoConfig
 
     from exporters.onnx import export_onnx
@@ -218,15 +226,7 @@ def prepare(workdir: Path, args) -> tuple[dict[str, tuple[str, Path]], object]:
             models[name] = ("ours", folder)
             models[f"genai:{name}"] = ("genai", folder)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf = workdir / "smollm2-hf"
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    fresh = AutoModelForCausalLM.from_config(loaded.config)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.save_pretrained(hf)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(hf)
-    del loaded, fresh
+    hf = hf_copy(gguf, workdir / "smollm2-hf")
     for precision in args.precisions:
         out = workdir / f"builder-{precision}"
         t = time.perf_counter()
@@ -285,6 +285,100 @@ def _child(kind: str, path: str, decode_steps: int) -> dict:
 MEASURE = {"ours": measure_ours, "genai": measure_genai, "optimum": measure_plain_loop}
 
 
+# ---------------------------------------------------------------- the export itself
+
+
+GIB = 2**30
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of the command `cmd` (GNU time's maximum resident set size)."""
+    t = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"{cmd[0:4]} failed: {done.stderr[-2000:]}")
+    return time.perf_counter() - t, int(done.stderr.strip().splitlines()[-1]) * 1024
+
+
+def export_command(source: Path, out: Path) -> list[str]:
+    """``gatenorm export SOURCE --to onnx --quant int4`` of the unpruned model into `out`."""
+    cli = "from gatenorm.cli import main; main()"
+    args = ["export", str(source), "--to", "onnx", "--quant", "int4", "--drop", "0", "-o", str(out)]
+    return [sys.executable, "-c", cli, *args, "--overwrite"]
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in (folder / "onnx").glob("model_q4.onnx*"))
+
+
+def hf_copy(gguf: Path, out: Path) -> Path:
+    """An HF safetensors folder of the GGUF's weights and tokenizer (what the genai builder reads)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(loaded.config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+def export_cost(workdir: Path, args) -> None:
+    """Export time and peak RSS of the int4 ONNX export against the folder size and the genai builder."""
+    from gatenorm.models import smollm2
+
+    gguf = smollm2()
+    hf = hf_copy(gguf, workdir / "smollm2-hf")
+    env = {**os.environ, "PYTHONPATH": args.builder_pythonpath} if args.builder_pythonpath else None
+    builder = [*BUILDER, "-i", str(hf), "-o", str(workdir / "builder-int4"), "-p", "int4", "-e", "cpu"]
+    builder += ["-c", str(workdir / "cache")]
+    runs: dict[str, list[tuple[float, int]]] = {
+        "ours (GGUF)": [],
+        "ours (HF folder)": [],
+        "genai builder": [],
+    }
+    for rep in range(args.reps):
+        runs["ours (GGUF)"].append(timed(export_command(gguf, workdir / "ours-gguf")))
+        runs["ours (HF folder)"].append(timed(export_command(hf, workdir / "ours-hf")))
+        runs["genai builder"].append(timed(builder, env))
+        print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
+    size = folder_bytes(workdir / "ours-gguf")
+    print(f"int4 ONNX export of SmolLM2-135M, medians of {args.reps} interleaved runs")
+    print(f"{'export':20} {'time s':>8} {'peak RSS MiB':>13}")
+    med = {
+        name: (statistics.median(t for t, _ in r), statistics.median(m for _, m in r))
+        for name, r in runs.items()
+    }
+    for name, (seconds, rss) in med.items():
+        print(f"{name:20} {seconds:8.1f} {rss / 2**20:13.0f}")
+    rss = med["ours (GGUF)"][1]
+    print(
+        f"peak RSS {rss / 2**20:.0f} MiB vs int4 folder {size / 2**20:.0f} MiB + 1 GiB = "
+        f"{(size + GIB) / 2**20:.0f} MiB ({_verdict(rss <= size + GIB)})"
+    )
+    for source in ("ours (HF folder)", "ours (GGUF)"):  # the builder reads the HF folder
+        ratio = med[source][0] / med["genai builder"][0]
+        print(
+            f"export time {source} / genai builder: {ratio:.2f}x (target <= 1.0x: {_verdict(ratio <= 1.0)})"
+        )
+    if args.gguf_7b:
+        if not args.gguf_7b.is_file():
+            sys.path.insert(0, str(Path(__file__).parent))
+            from bench_gguf import write_synthetic_7b
+
+            write_synthetic_7b(args.gguf_7b)
+        seconds, rss = timed(export_command(args.gguf_7b, workdir / "ours-7b"))
+        size = folder_bytes(workdir / "ours-7b")
+        print(
+            f"\nsynthetic Llama-2-7B Q4_K ({args.gguf_7b.stat().st_size / GIB:.1f} GiB GGUF): int4 export "
+            f"{seconds:.0f} s, peak RSS {rss / GIB:.2f} GiB vs folder {size / GIB:.2f} GiB + 1 GiB "
+            f"({_verdict(rss <= size + GIB)})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -297,6 +391,8 @@ def main() -> None:
     parser.add_argument("--builder-pythonpath", default=None, help="PYTHONPATH for the genai builder")
     parser.add_argument("--reuse", action="store_true", help="reuse the exports found in --workdir")
     parser.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--export-cost", action="store_true", help="measure the export, not the models")
+    parser.add_argument("--gguf-7b", type=Path, default=None, help="--export-cost: also this 7B GGUF")
     args = parser.parse_args()
 
     if args.measure:
@@ -312,6 +408,9 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
+        if args.export_cost:
+            export_cost(workdir, args)
+            return
         models, config = prepare(workdir, args)
         runs: dict[str, list[dict]] = {name: [] for name in models}
         for rep in range(args.reps):

@@ -336,7 +336,7 @@ def test_onnx_head_size_refused_before_any_conversion(tiny_gguf, tmp_path, monke
     def never(*args, **kwargs):
         raise AssertionError("converted before the head-size check")
 
-    monkeypatch.setattr(onnx_export, "load_model", never)
+    monkeypatch.setattr(onnx_export, "SequentialModel", never)
     monkeypatch.setattr(onnx_export, "load_tokenizer", never)
     code, _, err = cli(
         monkeypatch, capsys, "export", tiny_gguf, "--to", "onnx", "--drop", "1", "-o", tmp_path / "o"

@@ -293,16 +293,16 @@ def test_tail_runner_matches_full_forward(family):
 def test_onnx_refusal_is_one_line(family, monkeypatch):
     """Every family exports to ONNX today (tests/test_onnx_export.py); an ONNX spec's `refusal` (for a
     family that cannot) stops the export in one line."""
+    from exporters.onnx.export import check_exportable
     from exporters.onnx.families import onnx_family
-    from exporters.onnx.fused_attention import fused_attention
 
     model_type, _, _, base, _ = family
     arch = get_architecture(model_type)
     assert not onnx_family(arch).refusal
     monkeypatch.setattr(type(onnx_family(arch)), "refusal", "a reason")
     match = f"cannot export {arch.name} to ONNX: a reason; what works"
-    with pytest.raises(GatenormError, match=match) as refused, fused_attention(base, arch):
-        pass
+    with pytest.raises(GatenormError, match=match) as refused:
+        check_exportable(arch, base.config)
     assert "\n" not in str(refused.value)
 
 

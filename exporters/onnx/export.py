@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import gc
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
 import onnx
 
-from exporters.onnx.fusions import fuse_norms
-from exporters.onnx.graph import trace_to_onnx
+from exporters.onnx.builder import build_onnx
+from exporters.onnx.families import onnx_family
 from exporters.onnx.metadata import (
     CONFIG_NAME,
     OnnxExportConfig,
@@ -19,14 +19,16 @@ from exporters.onnx.metadata import (
     set_metadata,
 )
 from exporters.onnx.mobile import ORT_NAME, REQUIRED_OPERATORS_NAME, write_mobile_package
-from exporters.onnx.package import ONNX_DIR, model_relpath, special_ids, write_client_configs
-from exporters.onnx.precision import Precision, convert_precision, save_model
+from exporters.onnx.package import model_relpath, special_ids, write_client_configs
+from exporters.onnx.precision import Precision, convert_precision, needs_external_data, save_model
 from exporters.onnx.tokenizer_files import client_tokenizer, save_tokenizer
-from gatenorm.apply import apply_plan, load_model, load_tokenizer
+from gatenorm.apply import check_plan_fits, load_tokenizer
+from gatenorm.architectures import Architecture
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_dir
 from gatenorm.plan import Plan
 from gatenorm.readers import open_checkpoint
+from gatenorm.sequential import SequentialModel
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -57,6 +59,39 @@ def _check_head_size(config, kv: list) -> None:
         )
 
 
+def check_exportable(arch: type[Architecture], config=None) -> None:
+    """Refuse (one line) a family the ONNX spec refuses, or RoPE scaling no fixed table holds."""
+    spec = onnx_family(arch)
+    if spec.refusal:
+        raise GatenormError(
+            f"cannot export {arch.name} to ONNX: {spec.refusal}; what works: apply the plan in PyTorch "
+            "(gatenorm validate --candidate-plan)"
+        )
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if scaling.get("rope_type") == "dynamic":
+        raise GatenormError(
+            "dynamic RoPE scaling depends on the sequence length; ONNX export needs a fixed table"
+        )
+
+
+def _write_model(seq: SequentialModel, plan: Plan, path: Path, precision: Precision, block_size: int) -> None:
+    """Build the graph at `path` (weights in ``{name}_data`` while it is built). fp32 and int4 weights are
+    written in their precision as each layer is built; fp16 and int8 convert the built fp32 graph with
+    onnxruntime's whole-graph converters. Below the 2 GB protobuf limit the weights end up inside the file."""
+    direct = precision in (Precision.FP32, Precision.INT4)
+    model = build_onnx(seq, plan, path, precision.value if direct else Precision.FP32.value, block_size)
+    data = path.with_name(path.name + "_data")
+    if not direct or not needs_external_data(model):
+        onnx.load_external_data_for_model(model, str(path.parent))
+        data.unlink()
+        model = convert_precision(model, precision) if not direct else model
+    set_metadata(model, plan_metadata(plan, precision.value, fused_initializers(model, plan)))
+    if data.exists():
+        onnx.save_model(model, str(path))  # weightless: the initializers name their place in `data`
+    else:
+        save_model(model, path)
+
+
 def export_onnx(
     model_path: str | Path,
     plan: Plan,
@@ -69,6 +104,8 @@ def export_onnx(
 ) -> Path:
     """Export the model at `model_path` (HF folder or GGUF), pruned by `plan`, to the folder `out_dir`.
 
+    The graph is built from the weights one decoder layer at a time (`exporters.onnx.builder`), so the
+    export holds about one layer's float32 weights and a vocabulary chunk, never the model.
     The folder holds the model under ``onnx/`` named as transformers.js names each precision
     (``model.onnx``, ``model_fp16.onnx``, ``model_quantized.onnx``, ``model_q4.onnx``; plan and provenance
     in its metadata_props), ``config.json``, ``generation_config.json`` and ``genai_config.json`` for
@@ -83,28 +120,26 @@ def export_onnx(
     precision = Precision(precision)
     if precision is Precision.INT4:
         _check_block_size(block_size)
-    _check_head_size(open_checkpoint(model_path).shape, kv_layers(plan))  # before any slow conversion
+    ckpt = open_checkpoint(model_path)
+    _check_head_size(ckpt.shape, kv_layers(plan))  # before any slow conversion
+    check_exportable(ckpt.arch)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        model = apply_plan(load_model(model_path), plan)
+        seq = SequentialModel(ckpt)
+        check_plan_fits(plan, seq.arch.name, seq.n_layers)
+        check_exportable(seq.arch, seq.config)
         tokenizer = load_tokenizer(model_path) if has_tokenizer(model_path) else None
         if tokenizer is not None:
             tokenizer = client_tokenizer(model_path, tokenizer)
-        text_config = model.config
+        text_config = copy.deepcopy(seq.config)
+        text_config.gatenorm_plan = plan.model_dump(mode="json")
         kv = kv_layers(plan)
         _check_head_size(text_config, kv)
         model_name = model_relpath(precision)
         onnx_path = tmp / model_name
         onnx_path.parent.mkdir()
-        trace_to_onnx(model, [k.layer for k in kv], onnx_path, tie_embeddings=not precision.quantizes_matmuls)
-        del model
-        gc.collect()
-        graph = convert_precision(fuse_norms(onnx.load(str(onnx_path))), precision, block_size)
-        set_metadata(graph, plan_metadata(plan, precision.value, fused_initializers(graph, plan)))
-        for stale in (tmp / ONNX_DIR).iterdir():  # the traced fp32 files, replaced below
-            stale.unlink()
-        save_model(graph, onnx_path)
-        del graph
+        _write_model(seq, plan, onnx_path, precision, block_size)
+        del seq
         if mobile:
             write_mobile_package(onnx_path, tmp)
         config = OnnxExportConfig(

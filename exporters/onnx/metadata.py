@@ -9,7 +9,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from exporters.keys import LISTS, Keys, canonical, plan_values
-from exporters.onnx.graph import past_name, present_name
+from exporters.onnx.builder import past_name, present_name
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction, Plan

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from exporters.onnx.builder import past_name, present_name
 from exporters.onnx.families import onnx_family
-from exporters.onnx.graph import past_name, present_name
 from exporters.onnx.precision import Precision
 from gatenorm.architectures import get_architecture
 from gatenorm.plan import Plan

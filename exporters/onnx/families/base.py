@@ -32,22 +32,37 @@ class OnnxFamily:
         return packed_linear([attention.q_proj, attention.k_proj, attention.v_proj])
 
     def has_qk_norms(self) -> bool:
-        """Whether q and k are normed before the rotary embedding (`normed_qk` does it)."""
+        """Whether q and k are normed before the rotary embedding (`qk_norms` names the norms)."""
         return self.arch.hf_qk_norms is not None
-
-    def normed_qk(self, attention: nn.Module, q: torch.Tensor, k: torch.Tensor):
-        """q and k [batch, seq, heads*head_dim] after the family's per-head q/k norms, if any."""
-        if self.arch.hf_qk_norms is None:
-            return q, k
-        batch, seq, _ = q.shape
-        head_dim = attention.head_dim
-        q_norm, k_norm = (getattr(attention, name) for name in self.arch.hf_qk_norms)
-        q = q_norm(q.reshape(batch, seq, -1, head_dim)).view(batch, seq, -1)
-        k = k_norm(k.reshape(batch, seq, -1, head_dim)).view(batch, seq, -1)
-        return q, k
 
     def attention_softcap(self, attention: nn.Module) -> float:
         """Soft-capping of attention logits (``c * tanh(x / c)``), 0 for none."""
+        return 0.0
+
+    def qk_norms(self, attention: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        """The q and k RMSNorms applied before the rotary embedding (per head where a norm's gain has
+        head_dim entries, else over the whole projection), None if the family has none."""
+        if not self.has_qk_norms():
+            return None
+        names = self.arch.hf_qk_norms or ("q_norm", "k_norm")
+        return getattr(attention, names[0]), getattr(attention, names[1])
+
+    def gate_up(self, mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gated MLP's gate and up projections as one weight [2 x ffn, d] (gate rows first) and bias."""
+        gate, up = mlp.gate_proj, mlp.up_proj
+        bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
+        return torch.cat([gate.weight, up.weight]), bias
+
+    def embedding_scale(self, config) -> float:
+        """The factor the embedding lookup is multiplied by (Granite's multiplier, Gemma's sqrt(d))."""
+        return 1.0
+
+    def logits_divisor(self, config) -> float:
+        """What the LM head's logits are divided by (Granite's ``logits_scaling``)."""
+        return 1.0
+
+    def logits_softcap(self, config) -> float:
+        """Soft-capping of the final logits, 0 for none (Gemma-2)."""
         return 0.0
 
 

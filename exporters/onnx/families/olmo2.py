@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from exporters.onnx.families.base import OnnxFamily, register_onnx_family
 
 
@@ -16,6 +13,3 @@ class Olmo2Onnx(OnnxFamily):
 
     def has_qk_norms(self) -> bool:
         return True
-
-    def normed_qk(self, attention: nn.Module, q: torch.Tensor, k: torch.Tensor):
-        return attention.q_norm(q), attention.k_norm(k)  # over the whole projection, not per head

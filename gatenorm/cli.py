@@ -36,9 +36,9 @@ from gatenorm.methods import (
 from gatenorm.methods.cost import cost_model
 from gatenorm.models import resolve_model
 from gatenorm.plan import LayerAction, Plan
-from gatenorm.recover.settings import RecoverySettings
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.recipes.command import run_command
+from gatenorm.recover.settings import RecoverySettings
 from gatenorm.scoring import LayerScores
 from gatenorm.sequential.budget import check as check_memory
 from gatenorm.sequential.budget import plan_steps
@@ -203,8 +203,8 @@ def _heal_and_recover(
 def _refuse_deci_heal(ckpt: Checkpoint) -> None:
     if ckpt.fixed_layers:
         raise GatenormError(
-            f"--heal / --recover on {ckpt.path}: its layers without attention (a deci file) are not run by the "
-            "calibration passes yet"
+            f"--heal / --recover on {ckpt.path}: its layers without attention (a deci file) are not run by "
+            "the calibration passes yet"
         )
 
 
@@ -385,9 +385,9 @@ def _print_plan(
         )
     if (r := result.recovery) is not None:
         console.print(
-            f"recovery: rank {r.rank} adapters on {', '.join(r.targets)} of layers {r.layers}, {r.steps} steps "
-            f"on {r.samples} x {r.length} tokens of {r.calib} text, KL {r.initial_loss:.4f} -> {r.loss:.4f} "
-            f"in {r.seconds:.1f} s"
+            f"recovery: rank {r.rank} adapters on {', '.join(r.targets)} of layers {r.layers}, {r.steps} "
+            f"steps on {r.samples} x {r.length} tokens of {r.calib} text, KL {r.initial_loss:.4f} -> "
+            f"{r.loss:.4f} in {r.seconds:.1f} s"
         )
 
 

@@ -20,13 +20,13 @@ from exporters.targets import TARGETS, target_spec
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.heal.fit import HealSettings
-from gatenorm.recover.settings import RecoverySettings
 from gatenorm.io import atomic_write_text
 from gatenorm.methods import MethodSettings, Ranking, make_method_plan, method_spec, rank_layers
 from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.recipes.schema import MethodEntry, Recipe, TargetBase, Validation
 from gatenorm.recipes.sources import ResolvedSource, content_sha256, resolve_source
+from gatenorm.recover.settings import RecoverySettings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -383,6 +383,11 @@ def _method_plans(
     plans = {}
     for budget in recipe.budgets:
         if isinstance(budget, TargetBase):
+            if method.recover_settings is not None and budget.kind != "min_speedup":
+                raise GatenormError(
+                    f"budget {budget.label} of {source.name} / {method.name}: recovered methods take layer "
+                    "counts and min_speedup targets (a quality search would train at every step)"
+                )
             n, label = resolve_target(source, ckpt, ranking, budget, recipe, log, heal), budget.label
         else:
             n, label = budget, str(budget)

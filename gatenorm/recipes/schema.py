@@ -21,8 +21,8 @@ from pydantic import (
 
 from exporters.targets import TARGETS
 from gatenorm.heal.fit import HealSettings
-from gatenorm.recover.settings import RecoverySettings
 from gatenorm.methods.registry import METHODS
+from gatenorm.recover.settings import RecoverySettings
 from gatenorm.validate.metrics import Metric, gates_model, search_targets
 from gatenorm.validate.settings import ValidationSettings, with_gates
 

@@ -32,8 +32,8 @@ class RecoverySettings(BaseModel):
         256, ge=8, description="Tokens per training window.", json_schema_extra={"flag": "--recover-len"}
     )
     seed: int = Field(0, description="Seed of the synthetic text, the adapters' start and the batch order.")
-    steps: int = Field(150, ge=0, description="Optimizer steps (0 changes nothing: the plan as it is).")
-    batch: int = Field(4, ge=1, description="Windows per step.")
+    steps: int = Field(100, ge=0, description="Optimizer steps (0 changes nothing: the plan as it is).")
+    batch: int = Field(2, ge=1, description="Windows per step.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate (decayed linearly to 0).")
     rank: int = Field(8, ge=1, description="Rank of each low-rank adapter.")
     alpha: float = Field(16.0, gt=0, description="Adapter scale numerator: merged W + alpha/rank * B @ A.")

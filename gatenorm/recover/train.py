@@ -27,7 +27,7 @@ from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
 from gatenorm.methods.calibration import direct_layer_inputs
 from gatenorm.plan import LayerAction, Plan, Recovery
-from gatenorm.recover.lora import LoraLinear, attach
+from gatenorm.recover.lora import attach
 from gatenorm.recover.settings import RecoverySettings
 from gatenorm.recover.store import recovered, save_overrides, tensor_sha256
 
@@ -126,7 +126,8 @@ def check_fits(model_path: str | Path, settings: RecoverySettings) -> None:
         limit, where = available_bytes(), "available"
     if need.total > limit:
         raise GatenormError(
-            f"--recover on {ckpt.path.name}: training needs {need.describe()}, {limit / GIB:.1f} GiB {where}; "
+            f"--recover on {ckpt.path.name}: training needs {need.describe()}, {limit / GIB:.1f} GiB "
+            f"{where}; "
             "fewer --recover-samples / --recover-batch, or --recover-device cuda"
         )
 
@@ -183,6 +184,11 @@ def _inputs_of(model: nn.Module, index: int, ids: torch.Tensor, batch: int) -> t
     finally:
         handle.remove()
     return torch.cat(captured)
+
+
+def _clone(value):
+    """`value` (a tensor or a tuple of them, made in inference mode) as normal tensors autograd can save."""
+    return tuple(t.clone() for t in value) if isinstance(value, tuple) else value.clone()
 
 
 @contextlib.contextmanager
@@ -253,7 +259,7 @@ def train(
     first = min(layers_at)
     masks, kwargs = direct_layer_inputs(teacher, ids)  # made in inference mode: cloned for autograd
     masks = [m.to(device) for m in masks]
-    kwargs = {k: tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone() for k, v in kwargs.items()}
+    kwargs = {k: _clone(v) for k, v in kwargs.items()}
     hidden = _inputs_of(student, first, ids, settings.batch)
     params = [p for a in adapters.values() for p in (a.a, a.b)]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
@@ -322,7 +328,8 @@ def recover_plan(
         windows = settings.windows(model_path, model)
     n, t = windows.shape
     log(
-        f"recovering: {settings.steps} steps of {settings.batch} x {t} tokens from {n} {settings.calib} windows"
+        f"recovering: {settings.steps} steps of {settings.batch} x {t} tokens from {n} {settings.calib} "
+        "windows"
     )
     trained = train(model, plan, windows, settings, progress, probe)
     model.to("cpu")
@@ -352,8 +359,8 @@ def recover_plan(
         weights=str(Path(weights).absolute()),
     )
     log(
-        f"recovered {len(trained.tensors)} tensors of layers {recovery.layers}: KL {trained.initial_loss:.4f} -> "
-        f"{trained.loss:.4f} in {seconds:.1f} s -> {weights}"
+        f"recovered {len(trained.tensors)} tensors of layers {recovery.layers}: KL "
+        f"{trained.initial_loss:.4f} -> {trained.loss:.4f} in {seconds:.1f} s -> {weights}"
     )
     return recovered(plan, recovery)
 

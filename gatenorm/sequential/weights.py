@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from gatenorm.errors import GatenormError
-from gatenorm.quiet import quiet_transformers
 from gatenorm.plan import Plan
+from gatenorm.quiet import quiet_transformers
 from gatenorm.readers import Checkpoint
 from gatenorm.recover.store import load_overrides
 

@@ -307,11 +307,15 @@ def test_recipe_recover_entries(tmp_path):
 
     (tmp_path / "a.yaml").write_text(RECIPE.format(recover="{steps: 2, samples: 2, length: 16, batch: 1}"))
     (tmp_path / "c.yaml").write_text(RECIPE.format(recover="{steps: 2, bogus: 1}"))
+    searched = RECIPE.format(recover="true").replace("budgets: [0, 1]", "budgets: [{max_kld: 0.5}]")
+    (tmp_path / "d.yaml").write_text(searched)
     recipe = load_recipe(tmp_path / "a.yaml")[0]
     assert recipe.methods[1].recover_settings.steps == 2 and recipe.methods[0].recover_settings is None
     assert _method_labels(recipe.methods) == ["gate-norm", "gate-norm-recovered"]
     with pytest.raises(GatenormError, match="bogus"):
         load_recipe(tmp_path / "c.yaml")
+    with pytest.raises(GatenormError, match="recovered methods take layer counts"):
+        plan_batch(load_recipe(tmp_path / "d.yaml")[0], "searched")
     cache = tmp_path / "plans"
     batch = plan_batch(recipe, "recover-batch", cache=cache)
     recovered = [v for v in batch.variants if v.method == "gate-norm-recovered"]

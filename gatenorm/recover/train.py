@@ -25,6 +25,7 @@ from torch import nn
 
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
+from gatenorm.heal.fit import HealSettings, heal_plan
 from gatenorm.methods.calibration import direct_layer_inputs
 from gatenorm.plan import LayerAction, Plan, Recovery
 from gatenorm.recover.lora import attach
@@ -368,18 +369,17 @@ def recover_plan(
 def heal_and_recover(
     model_path: str | Path,
     plan: Plan,
-    healing,
+    healing: HealSettings | None,
     recovery: RecoverySettings | None,
     heal_weights: Path,
     recover_weights: Path,
     log: Callable[[str], None] = lambda _: None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> Plan:
-    """`plan` healed with `healing` (`HealSettings`, None: not) then recovered with `recovery` (None: not),
+    """`plan` healed with `healing` (None: not) then recovered with `recovery` (None: not),
     their weights written to `heal_weights` and `recover_weights`: one model load, and one calibration text
     when the two ask for the same windows."""
     from gatenorm.apply import load_model
-    from gatenorm.heal.fit import heal_plan
 
     if recovery is not None:
         check_fits(model_path, recovery)  # before the healing's work

@@ -194,7 +194,7 @@ def _heal_and_recover(
         return result
     from gatenorm.recover.train import heal_and_recover
 
-    with _loss_bar() as progress:
+    with _loss_bar() if recovery is not None else contextlib.nullcontext() as progress:
         return heal_and_recover(
             path, result, healing, recovery, heal_weights, recover_weights, _log, progress
         )

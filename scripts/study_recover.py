@@ -7,7 +7,10 @@ KLD-against-steps curve; its evaluation time is not counted in the recovery's). 
 (resumed: a plan x settings already there is not run again); a markdown table is printed.
 
     python scripts/study_recover.py --budgets 8,12 [--methods mixed-synthetic] [--recover '{"steps": 150}']
-                                    [--curve 50] [--threads 2]
+                                    [--heal '{"samples": 8}'] [--eval-windows 2] [--curve 25] [--threads 2]
+
+The defaults (every setting at `RecoverySettings()` and `HealSettings()`, the study's 8 evaluation windows)
+are the measurement docs/study.md asks for.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def main() -> None:
     p.add_argument("--methods", default="mixed-synthetic")
     p.add_argument("--budgets", default="8,12")
     p.add_argument("--recover", default="{}", help="RecoverySettings fields as JSON")
+    p.add_argument("--heal", default="{}", help="HealSettings fields as JSON")
+    p.add_argument("--eval-windows", type=int, default=None, help="default: the study's")
     p.add_argument("--curve", type=int, default=0, help="evaluate every N steps too (0: at the end only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--study", type=Path, default=Path("docs/study_results.json"))
@@ -44,23 +49,25 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     study = json.loads(args.study.read_text())
-    ev = argparse.Namespace(
-        eval_windows=study["settings"]["eval_windows"], eval_len=study["settings"]["eval_len"]
-    )
+    n_eval = args.eval_windows or study["settings"]["eval_windows"]
+    ev = argparse.Namespace(eval_windows=n_eval, eval_len=study["settings"]["eval_len"])
     ctx = study["settings"]["ctx"]
     path = resolve_model("smollm2")
     ckpt = open_checkpoint(path)
     settings = RecoverySettings.model_validate_json(args.recover)
-    heal = HealSettings()
-    stamp = settings.model_dump(mode="json")
+    heal = HealSettings.model_validate_json(args.heal)
+    stamp = settings.model_dump(mode="json") | {"heal": heal.model_dump(mode="json"), "evals": n_eval}
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     base = load_model(path)
     windows = eval_windows(ev, load_tokenizer(path))
     ref = logits_of(base, windows)
     start = time.perf_counter()
-    calib = heal.windows(path, base)  # the healing's and the recovery's text (the same settings)
+    calib = heal.windows(path, base)
+    text = (settings.calib, settings.samples, settings.length, settings.seed)
+    same = text == (heal.calib, heal.samples, heal.length, heal.seed)
+    train_text = calib if same else settings.windows(path, base)  # one text when the settings agree
     print(
-        f"calibration: {calib.shape[0]} x {calib.shape[1]} synthetic tokens in {time.perf_counter() - start:.0f} s"
+        f"calibration: {calib.shape} {heal.calib} tokens in {time.perf_counter() - start:.0f} s", flush=True
     )
     folder = args.out.with_suffix("")
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,26 +79,35 @@ def main() -> None:
             if any(r["settings"] == stamp for r in runs["runs"]):
                 continue
             plan = make_method_plan(ckpt, method, b, options=MethodOptions(ctx=ctx), ranking=ranking)
+            if runs.get("eval_windows") != n_eval:
+                runs.update(eval_windows=n_eval, runs=[])
+                runs.pop("unhealed", None)
+                runs.pop("healed", None)
             if "unhealed" not in runs:
                 runs["unhealed"] = quality_of(apply_plan(copy.deepcopy(base), plan), windows, ref)
             healed = heal_plan(
                 path, plan, heal, folder / f"{method}-{b}.repairs.safetensors", model=base, windows=calib
             )
             healed_model = apply_plan(copy.deepcopy(base), healed)
+            if runs.get("heal") != heal.model_dump(mode="json"):
+                runs["heal"] = heal.model_dump(mode="json")
+                runs.pop("healed", None)
             if "healed" not in runs:
                 runs["healed"] = quality_of(healed_model, windows, ref) | {
                     "fit_seconds": healed.healing.seconds
                 }
             curve, probe_seconds = [], [0.0]
 
-            def probe(step: int, merged: dict, healed_model=healed_model, curve=curve) -> None:
+            def probe(
+                step: int, merged: dict, healed_model=healed_model, curve=curve, key=key, spent=probe_seconds
+            ) -> None:
                 t = time.perf_counter()
                 model = copy.deepcopy(healed_model)
                 set_overrides(model, merged)
                 q = quality_of(model, windows, ref)
                 curve.append({"step": step, "kld": q["kld"], "ppl": q["ppl"]})
                 print(f"  {key} step {step}: KLD {q['kld']:.4f} PPL {q['ppl']:.2f}", flush=True)
-                probe_seconds[0] += time.perf_counter() - t
+                spent[0] += time.perf_counter() - t
 
             stem = folder / f"{method}-{b}-{len(runs['runs'])}"
             load = os.getloadavg()[0]
@@ -103,7 +119,7 @@ def main() -> None:
                 print,
                 None,
                 base,
-                calib,
+                train_text,
                 (args.curve, probe) if args.curve else None,
             )
             recovered.save(stem.with_suffix(".json"))
@@ -145,11 +161,22 @@ def table(results: dict) -> str:
         u, h = runs["unhealed"], runs["healed"]
         for r in runs["runs"]:
             s, q = r["settings"], r["quality"]
-            what = f"{s['steps']} steps x {s['batch']}, rank {s['rank']}, {s['layers']}: {','.join(s['targets'])}"
-            lines.append(
-                f"| {key} | {what} | {u['kld']:.3f} | {h['kld']:.3f} | {q['kld']:.3f} | {q['kld'] / h['kld']:.2f} "
-                f"| {u['ppl']:.1f} | {h['ppl']:.1f} | {q['ppl']:.1f} | {r['seconds']:.0f} ({r['load_before']:.1f}) |"
+            what = (
+                f"{s['steps']} x {s['batch']}, rank {s['rank']}, {s['layers']}, {s['calib']} x {s['samples']}"
             )
+            cells = [
+                key,
+                what,
+                u["kld"],
+                h["kld"],
+                q["kld"],
+                q["kld"] / h["kld"],
+                u["ppl"],
+                h["ppl"],
+                q["ppl"],
+            ]
+            cells.append(f"{r['seconds']:.0f} ({r['load_before']:.1f})")
+            lines.append("| " + " | ".join(c if isinstance(c, str) else f"{c:.3g}" for c in cells) + " |")
     return "\n".join(lines)
 
 

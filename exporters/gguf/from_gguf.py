@@ -369,9 +369,7 @@ def _output_tensors(
             yield _fitted(name, [d, d], qtype, fused_nbytes(qtype, d), repairs[i].weight, scale)
             if i in healed_blocks:
                 yield from _zero_ffn_tensors(new_index[i], d)
-        elif (
-            t.name in recovered
-        ):  # as a refit: Q8_0 or better, the residual multiplier on it as on the source's
+        elif t.name in recovered:  # like a refit: Q8_0 or better, the residual multiplier on it
             if t.name in deci.splits or t.name in deci.rotary:
                 raise GatenormError(
                     f"cannot write the recovered {t.name} of this {ckpt.arch.name} model to GGUF"

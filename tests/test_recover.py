@@ -29,6 +29,7 @@ from gatenorm.recover.settings import RecoverySettings
 from gatenorm.recover.store import load_overrides, weights_path_for
 from gatenorm.recover.train import adapted_layers, recover_plan
 from tests.conftest import mixed_plan, tiny_hf
+from tests.test_heal_cli import RECIPE as HEAL_RECIPE
 
 #: 6 layers: attention of layer 2 dropped, block 4 dropped; the adjacent kept layers are 1, 3 and 5
 ACTIONS = {2: "drop-attention", 4: "drop-block"}
@@ -285,20 +286,10 @@ def test_export_refuses_a_recovered_plan_whose_weights_changed(recovered, tmp_pa
 
 # --- recipes --------------------------------------------------------------------------------------------
 
-RECIPE = """\
-name: recover-batch
-models: [tiny]
-methods:
-  - gate-norm
-  - name: gate-norm
-    recover: {recover}
-budgets: [0, 1]
-exports:
-  gguf:
-    quants: [Q8_0]
-validation:
-  enabled: false
-"""
+#: test_heal_cli's recipe with a recovered entry instead of a healed one
+RECIPE = HEAL_RECIPE.replace("name: heal-batch", "name: recover-batch").replace(
+    "heal: {heal}", "recover: {recover}"
+)
 
 
 def test_recipe_recover_entries(tmp_path):

@@ -22,6 +22,7 @@ from gatenorm.heal.store import load_refits, load_repairs
 from gatenorm.plan import LayerAction, LayerPlan, Plan
 from gatenorm.quiet import quiet_transformers
 from gatenorm.readers import open_checkpoint
+from gatenorm.recover.store import load_overrides
 
 
 def linearized_layer(layer: nn.Module, alpha: float, arch: type[Architecture]) -> LinearAttentionLayer:
@@ -152,12 +153,25 @@ def set_refit(arch: type[Architecture], layer: nn.Module, index: int, weight: to
         down.weight.copy_(weight)
 
 
+def set_overrides(model: nn.Module, overrides: dict[str, torch.Tensor]) -> None:
+    """Give `model`'s tensors named in `overrides` (state-dict name -> value: a recovered plan's merged
+    weights, `gatenorm.recover`) those values."""
+    params = dict(model.named_parameters())
+    for name, value in overrides.items():
+        if name not in params or tuple(params[name].shape) != tuple(value.shape):
+            have = tuple(params[name].shape) if name in params else "no such tensor"
+            raise GatenormError(f"recovered tensor {name} {tuple(value.shape)}: the model has {have}")
+        with torch.no_grad():
+            params[name].copy_(value)
+
+
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Rewrite `model` in place as the plan says, with the architecture's replacement modules: a dropped
     attention leaves the MLP step (``h + mlp(post_norm(h))`` for llama), a linearized one HARP's fused matmul
     (`LinearAttentionLayer`), a dropped block the identity; a healed layer applies its fitted repair
-    instead (`Architecture.repaired`, weights from the plan's file, checked against its hashes), and a
-    refitted layer its new down projection (`Architecture.down_projection`).
+    instead (`Architecture.repaired`, weights from the plan's file, checked against its hashes), a
+    refitted layer its new down projection (`Architecture.down_projection`), and a recovered plan's merged
+    tensors replace theirs (`gatenorm.recover`).
 
     Kept layers get consecutive KV-cache slots (0, 1, ...), so changed layers own no cache entry.
     """
@@ -170,6 +184,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         raise GatenormError("a healed plan cannot be applied to a model loaded from a deci file")
     repairs = load_repairs(plan)  # checked against the plan's hashes
     refits = load_refits(plan)
+    overrides = load_overrides(plan)
     kept_types = []
     cache_slot = 0
     for lp in plan.layers:
@@ -188,6 +203,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             layers[lp.layer] = planned_layer(arch, layer, lp, repairs)
     for i, weight in refits.items():
         set_refit(arch, layers[i], i, weight)
+    set_overrides(model, overrides)
     if getattr(model.config, "layer_types", None) is not None:
         # The cache builds slot i with the type of config.layer_types[i]: list the kept layers first.
         actions = [lp.action for lp in plan.layers]

@@ -38,6 +38,7 @@ from gatenorm.models import resolve_model
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.recipes.command import run_command
+from gatenorm.recover.settings import RecoverySettings
 from gatenorm.scoring import LayerScores
 from gatenorm.sequential.budget import check as check_memory
 from gatenorm.sequential.budget import plan_steps
@@ -111,6 +112,16 @@ HealOpt = Annotated[
     ),
 ]
 
+RecoverOpt = Annotated[
+    bool,
+    typer.Option(
+        "--recover",
+        help="Distil the pruned (healed) model toward the unpruned one (low-rank adapters, KL of next-token "
+        "distributions on --calib text; default synthetic) and merge them into the weights. plan writes "
+        "them beside the plan (PLAN.recovered.safetensors), export embeds them. Settings: --recover-*.",
+    ),
+]
+
 
 def _log(message: str) -> None:
     console.print(message, style="dim")
@@ -134,11 +145,66 @@ def _heal_settings(
     return settings if calib is None else settings.model_copy(update={"calib": calib})
 
 
+def _recover_settings(
+    recover: bool, settings: RecoverySettings, calib: str | None, drop: int | None
+) -> RecoverySettings | None:
+    """The recovery settings of a command (None without --recover), trained on --calib text (else
+    synthetic)."""
+    if not recover:
+        if settings != RecoverySettings():
+            raise GatenormError("the --recover-* settings go with --recover")
+        return None
+    if drop == 0:
+        raise GatenormError(
+            "--recover with --drop 0: the plan changes no layer, so there is nothing to recover"
+        )
+    return settings if calib is None else settings.model_copy(update={"calib": calib})
+
+
+@contextlib.contextmanager
+def _loss_bar():
+    """A progress bar of the recovery's steps with the current loss; yields its callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("recovering"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("KL {task.fields[loss]}"),
+    )
+    with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("recover", total=None, loss="-")
+
+        def update(step: int, steps: int, loss: float) -> None:
+            bar.update(task, completed=step, total=steps, loss=f"{loss:.4f}")
+
+        yield update
+
+
+def _heal_and_recover(
+    path: Path,
+    result: Plan,
+    healing: HealSettings | None,
+    recovery: RecoverySettings | None,
+    heal_weights: Path,
+    recover_weights: Path,
+) -> Plan:
+    """`result` healed and / or recovered as asked, the weights written to the given files."""
+    if healing is None and recovery is None:
+        return result
+    from gatenorm.recover.train import heal_and_recover
+
+    with _loss_bar() if recovery is not None else contextlib.nullcontext() as progress:
+        return heal_and_recover(
+            path, result, healing, recovery, heal_weights, recover_weights, _log, progress
+        )
+
+
 def _refuse_deci_heal(ckpt: Checkpoint) -> None:
     if ckpt.fixed_layers:
         raise GatenormError(
-            f"--heal on {ckpt.path}: its layers without attention (a deci file) are not run by the "
-            "calibration passes yet"
+            f"--heal / --recover on {ckpt.path}: its layers without attention (a deci file) are not run by "
+            "the calibration passes yet"
         )
 
 
@@ -231,14 +297,18 @@ def plan(
         bool, typer.Option(help="Allow dropping layer 0 (gate-norm-type methods; llama.cpp cannot run it).")
     ] = False,
     heal: HealOpt = False,
+    recover: RecoverOpt = False,
     *,
     method_settings: MethodSettings,
     heal_settings: HealSettings,
+    recover_settings: RecoverySettings,
     memory: MemorySettings,
 ) -> None:
     """Rank the layers with a method and write a plan changing the N lowest-ranked (or reaching a speedup);
-    with --heal, fit the changed layers' repairs too (their weights beside the plan)."""
+    with --heal, fit the changed layers' repairs too, with --recover distil it toward the unpruned model
+    (their weights beside the plan)."""
     from gatenorm.heal.store import weights_path_for
+    from gatenorm.recover import store as recover_store
 
     if (drop is None) == (budget_speedup is None):
         raise GatenormError("give exactly one of --drop N and --budget-speedup X")
@@ -247,27 +317,31 @@ def plan(
         raise GatenormError(f"--allow-first-layer goes with --drop and {score_only}")
     calib = method_settings.calib
     healing = _heal_settings(heal, heal_settings, calib, drop)
+    recovery = _recover_settings(recover, recover_settings, calib, drop)
     inputs = {"the model": resolve_model(model), "the calibration text": _calib_file(calib)}
     refuse_overwriting_inputs(output, inputs)
-    weights = weights_path_for(output)
+    weights, recovered = weights_path_for(output), recover_store.weights_path_for(output)
     if healing is not None:
         refuse_overwriting_inputs(weights, inputs)
+    if recovery is not None:
+        refuse_overwriting_inputs(recovered, inputs)
     options = _options(method_settings, healing)
     ckpt = open_checkpoint(resolve_model(model))
-    if healing is not None:
+    if healing is not None or recovery is not None:
         _refuse_deci_heal(ckpt)
+    if recovery is not None:
+        from gatenorm.recover.train import check_fits
+
+        check_fits(ckpt.path, recovery)
     heal_tokens = None if healing is None else healing.samples * healing.length
     check_memory(ckpt, plan_steps(ckpt, method, options.calib, drop, heal_tokens), memory, _log)
     ranking = rank_layers(ckpt, method, options, drop)
     result = make_method_plan(ckpt, method, drop, budget_speedup, options, ranking, allow_first_layer)
-    if healing is not None:
-        from gatenorm.heal.fit import heal_plan
-
-        result = heal_plan(ckpt.path, result, healing, weights, _log)
+    result = _heal_and_recover(ckpt.path, result, healing, recovery, weights, recovered)
     result.save(output)
     _print_plan(ckpt, method, ranking.scores, result, method_settings)
-    files = f"{output} + {weights}" if result.healing is not None else str(output)
-    console.print(f"-> {files}")
+    files = [str(output)] + [r.weights for r in (result.healing, result.recovery) if r is not None]
+    console.print(f"-> {' + '.join(files)}")
 
 
 def _calib_file(calib: str | None) -> Path | None:
@@ -309,6 +383,12 @@ def _print_plan(
             f"repairs ({h.form}) fitted in {h.seconds:.1f} s on {h.samples} x {h.length} tokens of "
             f"{h.calib} text ({h.ridges()})"
         )
+    if (r := result.recovery) is not None:
+        console.print(
+            f"recovery: rank {r.rank} adapters on {', '.join(r.targets)} of layers {r.layers}, {r.steps} "
+            f"steps on {r.samples} x {r.length} tokens of {r.calib} text, KL {r.initial_loss:.4f} -> "
+            f"{r.loss:.4f} in {r.seconds:.1f} s"
+        )
 
 
 def export(
@@ -335,13 +415,17 @@ def export(
     ] = "keep",
     settings: BaseModel | None = None,
     heal: HealOpt = False,
+    recover: RecoverOpt = False,
     *,
     method_settings: MethodSettings,
     heal_settings: HealSettings,
+    recover_settings: RecoverySettings,
 ) -> None:
     """Export MODEL with the plan's attention sublayers removed (GGUF: runs in stock llama.cpp); a healed
-    plan's repairs (--heal, or a plan made with plan --heal) are embedded."""
+    plan's repairs and a recovered plan's merged weights (--heal / --recover, or a plan made with them)
+    are embedded."""
     from gatenorm.heal.store import load_repairs
+    from gatenorm.recover.store import load_overrides
 
     # the targets' exporter options (`ExportTarget.flags`), those given on the command line
     given = {} if settings is None else settings.model_dump(exclude_defaults=True)
@@ -350,8 +434,13 @@ def export(
         raise GatenormError("give exactly one of --plan PLAN.json, --drop N and --budget-speedup X")
     if heal and plan_file is not None:
         raise GatenormError("--heal goes with --drop or --budget-speedup (heal a plan file with plan --heal)")
+    if recover and plan_file is not None:
+        raise GatenormError(
+            "--recover goes with --drop or --budget-speedup (recover a plan with plan --recover)"
+        )
     calib = method_settings.calib
     healing = _heal_settings(heal, heal_settings, calib, drop)
+    recovery = _recover_settings(recover, recover_settings, calib, drop)
     inputs = {
         "the model": resolve_model(model),
         "the plan": plan_file,
@@ -365,20 +454,30 @@ def export(
             if result.healing is not None:
                 refuse_overwriting_inputs(output, {"the plan's repair weights": Path(result.healing.weights)})
                 load_repairs(result)  # present and matching the plan's hashes, before any work
+            if result.recovery is not None:
+                refuse_overwriting_inputs(
+                    output, {"the plan's recovered weights": Path(result.recovery.weights)}
+                )
+                load_overrides(result)
         else:  # the plan is made from this very checkpoint: no need to check it against it
-            if healing is not None:
+            if healing is not None or recovery is not None:
                 _refuse_deci_heal(ckpt)
             options = _options(method_settings, healing)
             result, check = make_method_plan(ckpt, method, drop, budget_speedup, options=options), False
-            if healing is not None:  # the weights live until the export has embedded them
-                from gatenorm.heal.fit import heal_plan
-
+            if healing is not None or recovery is not None:  # the weights live until the export is written
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gatenorm-heal-")))
-                result = heal_plan(ckpt.path, result, healing, folder / "plan.repairs.safetensors", _log)
+                heal_weights, recover_weights = (
+                    folder / "plan.repairs.safetensors",
+                    folder / "plan.recovered.safetensors",
+                )
+                result = _heal_and_recover(
+                    ckpt.path, result, healing, recovery, heal_weights, recover_weights
+                )
                 speedup = cost_model(ckpt, options.ctx, options.speedup_for).plan_speedup(result)
+                seconds = sum(r.seconds for r in (result.healing, result.recovery) if r is not None)
                 console.print(
-                    f"{result.describe()}: repairs fitted in {result.healing.seconds:.1f} s (estimated "
-                    f"speedup {speedup:.3f}, repairs counted)"
+                    f"{result.describe()}: fitted in {seconds:.1f} s (estimated speedup {speedup:.3f}, "
+                    "repairs counted)"
                 )
         start = time.perf_counter()
         out = run_export(ckpt, result, output, to, quant, check_source=check, **given)
@@ -449,7 +548,11 @@ def _with_method_flags(command, exclude: set[str] | frozenset[str] = frozenset()
 
 
 def _with_heal_flags(command):
-    """`command` with --heal-* flags (`HealSettings`; its calibration text is --calib's)."""
+    """`command` with --heal-* and --recover-* flags (`HealSettings`, `RecoverySettings`; their text is
+    --calib's)."""
+    command = with_settings_flags(
+        command, RecoverySettings, "recover_settings", "recover-", exclude={"calib"}
+    )
     return with_settings_flags(command, HealSettings, "heal_settings", "heal-", exclude={"calib"})
 
 

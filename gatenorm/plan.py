@@ -134,6 +134,43 @@ class Healing(BaseModel):
         return f"ridge {self.ridge:g}{fold}{drift}{power}"
 
 
+class Recovery(BaseModel):
+    """What a recovered plan's distillation trained (`gatenorm.recover`): low-rank adapters on `targets` of
+    `layers`, trained to match the unpruned model's next-token distributions, merged into the weights.
+
+    The merged tensors (float32, HF layout) live in the safetensors file `weights` under their state-dict
+    names; `tensors` maps each name to the sha256 of its float32 bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["lora-kd"] = "lora-kd"
+    layers: list[int]
+    #: the adapted modules of each layer (e.g. ``o_proj``)
+    targets: list[str]
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch: int = Field(ge=1)
+    seed: int = 0
+    #: calibration text: 'synthetic', 'wiki-heldout' or 'file:<sha256>'
+    calib: str
+    samples: int = Field(ge=1)
+    length: int = Field(ge=2)
+    #: the teacher's distribution as cached: its top-k tokens and the rest as one bucket (None: in full)
+    top_k: int | None = Field(None, ge=1)
+    #: KL(teacher || student) per token, before the first step and over the last steps
+    initial_loss: float = Field(ge=0)
+    loss: float = Field(ge=0)
+    device: str = "cpu"
+    seconds: float = Field(0.0, ge=0)
+    #: state-dict name -> sha256 of the merged tensor's float32 bytes (C order, little endian)
+    tensors: dict[str, str]
+    #: the safetensors file of the merged tensors: relative to the plan file's folder in the JSON, absolute in
+    #: a plan loaded from a file
+    weights: str
+
+
 class LayerPlan(BaseModel):
     """One layer's score and action."""
 
@@ -178,6 +215,8 @@ class Plan(BaseModel):
     layers: list[LayerPlan]
     #: set exactly when layers carry repairs (schema 3)
     healing: Healing | None = None
+    #: distillation merged into the weights (after healing, if any)
+    recovery: Recovery | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
@@ -260,6 +299,11 @@ class Plan(BaseModel):
             how = [f"{len(self.repaired)} fitted maps"] if self.repaired else []
             how += [f"{len(self.refitted)} refitted down projections"] if self.refitted else []
             parts.append(f"healed with {' and '.join(how)} (fitted on {self.healing.calib} text)")
+        if self.recovery is not None:
+            r = self.recovery
+            parts.append(
+                f"recovered {len(r.tensors)} tensors by distillation ({r.steps} steps, rank {r.rank})"
+            )
         return "; ".join(parts) or "kept every layer"
 
     def require(self, supported: set[LayerAction], what: str) -> None:
@@ -286,6 +330,8 @@ class Plan(BaseModel):
             raise GatenormError(f"invalid plan: {where}: {first['msg']}") from None
         if plan.healing is not None and folder is not None:
             plan = plan.with_weights(Path(folder) / plan.healing.weights)
+        if plan.recovery is not None and folder is not None:
+            plan = plan.with_recovery_weights(Path(folder) / plan.recovery.weights)
         return plan
 
     def with_weights(self, weights: Path) -> Plan:
@@ -293,14 +339,21 @@ class Plan(BaseModel):
         healing = self.healing.model_copy(update={"weights": str(Path(weights).absolute())})
         return self.model_copy(update={"healing": healing})
 
+    def with_recovery_weights(self, weights: Path) -> Plan:
+        """This recovered plan with its merged tensors' file at `weights` (absolute)."""
+        recovery = self.recovery.model_copy(update={"weights": str(Path(weights).absolute())})
+        return self.model_copy(update={"recovery": recovery})
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON, atomically; a healed plan names its weights file relative to `path`'s
         folder (keep the two together when moving them)."""
         path = Path(path)
         plan = self
-        if self.healing is not None:
-            weights = os.path.relpath(Path(self.healing.weights).absolute(), path.absolute().parent)
-            plan = self.model_copy(update={"healing": self.healing.model_copy(update={"weights": weights})})
+        for field in ("healing", "recovery"):
+            record = getattr(plan, field)
+            if record is not None:
+                weights = os.path.relpath(Path(record.weights).absolute(), path.absolute().parent)
+                plan = plan.model_copy(update={field: record.model_copy(update={"weights": weights})})
         atomic_write_text(path, plan.to_json() + "\n")
 
     @classmethod

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from exporters.gguf.families import gguf_family
-from exporters.gguf.from_gguf import check_deci_plan, prune_gguf, repaired_outputs
+from exporters.gguf.from_gguf import check_deci_plan, prune_gguf, recovered_outputs, repaired_outputs
 from exporters.gguf.from_hf import hf_to_gguf
 from exporters.gguf.header import ScannedGGUFCheckpoint
 from exporters.gguf.metadata import read_gguf_metadata, read_plan_metadata
@@ -32,7 +32,7 @@ def write_gguf(
 
     A GGUF source is rewritten tensor by tensor with its bytes unchanged; an HF folder is converted first
     (F32/F16/BF16, or its own dtype for ``keep``). Any other `quant` goes through llama.cpp's quantizer
-    after pruning (a healed plan's repairs kept at Q8_0 or better).
+    after pruning (a healed plan's repairs and a recovered plan's merged tensors kept at Q8_0 or better).
     `before_commit` runs once the file is complete and may refuse it by raising; the plan's
     fit to `ckpt` is the caller's business (`exporters.export.export` checks it).
     """
@@ -58,7 +58,8 @@ def write_gguf(
         if requantize:
             pruned = stack.enter_context(scratch_file(out, "pruned"))
             prune_gguf(source, plan, pruned, fused_exact=True)
-            quantize_gguf(pruned, final, quant, at_least_q8=repaired_outputs(plan))
+            at_least_q8 = repaired_outputs(plan) + recovered_outputs(source, plan)
+            quantize_gguf(pruned, final, quant, at_least_q8=at_least_q8)
         else:
             prune_gguf(source, plan, final)
         before_commit()

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import gguf
 import numpy as np
@@ -47,13 +47,17 @@ from exporters.gguf.linearize import (
 )
 from exporters.gguf.metadata import plan_metadata, pruned_name
 from exporters.keys import Keys
-from gatenorm.architectures import get_architecture, gguf_tensor
+from gatenorm.architectures import get_architecture, gguf_tensor, model_arch
 from gatenorm.errors import GatenormError
 from gatenorm.heal.store import check_weights, load_refits, load_repairs
 from gatenorm.plan import LayerAction, LayerPlan, Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.readers.base import ModelShape
 from gatenorm.readers.gguf_file import GGUFCheckpoint
+from gatenorm.recover.store import load_overrides
+
+if TYPE_CHECKING:
+    import torch
 
 DECI = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI]
 MT = gguf.MODEL_TENSOR
@@ -66,6 +70,32 @@ BLOCK = "blk"
 #: FFN width of a healed dropped block: 32, the smallest block of llama.cpp's quant types (Q8_0, Q4_0), so
 #: its all-zero ``ffn_down`` rows split into blocks; F32 (zeros: exact whatever the quantizer picks later).
 HEALED_BLOCK_FFN = 32
+
+
+def recovered_tensors(ckpt: Checkpoint, plan: Plan) -> dict[str, torch.Tensor]:
+    """Source GGUF tensor name -> a recovered plan's merged weight (`gatenorm.recover`) in the GGUF's
+    layout (q/k rows in llama.cpp's order); {} for a plan without recovery."""
+    overrides = load_overrides(plan)
+    if not overrides:
+        return {}
+    arch, shape = ckpt.arch, ckpt.shape
+    names = gguf.get_tensor_name_map(model_arch(arch.gguf_arch), shape.n_layers)
+    rotary = {arch.hf_tensors[part].format(i=i): part for i in range(shape.n_layers) for part in ("q", "k")}
+    out = {}
+    for name, value in overrides.items():
+        source = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if source is None or not ckpt.has_tensor(source):
+            raise GatenormError(f"recovered tensor {name} has no GGUF tensor in {ckpt.path.name}")
+        if (part := rotary.get(name)) is not None:
+            value = arch.hf_to_gguf_rows(part, value, shape.n_head, shape.n_head_kv)
+        out[source] = value
+    return out
+
+
+def recovered_outputs(ckpt: Checkpoint, plan: Plan) -> list[str]:
+    """The written names of a recovered plan's merged tensors (for the quantizer: Q8_0 or better)."""
+    index = written_layers(deci_plan(plan)) if plan.changed else {}
+    return [renamed(name, layer_of(name), index) for name in recovered_tensors(ckpt, plan)]
 
 
 def keeps_source_architecture(spec: GgufFamily, plan: Plan) -> bool:
@@ -318,6 +348,7 @@ def _output_tensors(
     repairs = load_repairs(plan)
     repaired = {output.format(i=layer): layer for layer in repairs}
     refits = {gguf_tensor(MT.FFN_DOWN).format(i=layer): w for layer, w in load_refits(plan).items()}
+    recovered = recovered_tensors(ckpt, plan)
     healed_blocks = {lp.layer for lp in plan.layers if _healed_block(lp)}
     block_kept = {ckpt.arch.gguf_tensors[p].format(i=i) for i in healed_blocks for p in ("norm", "o")}
     yield from _zero_linear_tensors(ckpt, header, plan, new_index, exact)
@@ -338,6 +369,13 @@ def _output_tensors(
             yield _fitted(name, [d, d], qtype, fused_nbytes(qtype, d), repairs[i].weight, scale)
             if i in healed_blocks:
                 yield from _zero_ffn_tensors(new_index[i], d)
+        elif t.name in recovered:  # like a refit: Q8_0 or better, the residual multiplier on it
+            if t.name in deci.splits or t.name in deci.rotary:
+                raise GatenormError(
+                    f"cannot write the recovered {t.name} of this {ckpt.arch.name} model to GGUF"
+                )
+            qtype = folded_type(t.tensor_type, ne[0], exact)
+            yield _fitted(name, ne, qtype, folded_nbytes(qtype, ne), recovered[t.name], scale)
         elif t.name in refits:  # Q8_0 or better, the residual multiplier (granite) on it as on the source's
             qtype = folded_type(t.tensor_type, ne[0], exact)
             yield _fitted(name, ne, qtype, folded_nbytes(qtype, ne), refits[t.name], scale)
@@ -547,6 +585,8 @@ def prune_gguf(ckpt: GGUFCheckpoint, plan: Plan, out: Path, fused_exact: bool = 
         written, target, own_keys = plan, host.arch, host.keys
     else:
         written, target = deci_plan(plan), DECI
+    if host is not None and plan.recovery is not None:
+        raise GatenormError(f"cannot export a recovered plan of {ckpt.arch.name} to GGUF yet (host layout)")
     align = header.alignment
     with _open_for_writing(out) as fout, open(ckpt.path, "rb") as src:
         if host is not None:

@@ -50,8 +50,8 @@ from gatenorm.plan import Healing, LayerAction, Plan
 from gatenorm.validate.text import WIKI_HELDOUT
 
 
-class HealSettings(BaseModel):
-    """How repairs are fitted (`gatenorm plan/export --heal`, a recipe method's ``heal:``)."""
+class CalibrationText(BaseModel):
+    """The text a fit is made on (healing's, recovery's: `gatenorm.recover.settings.RecoverySettings`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -64,6 +64,26 @@ class HealSettings(BaseModel):
         256, ge=8, description="Tokens per calibration window.", json_schema_extra={"flag": "--heal-len"}
     )
     seed: int = Field(0, description="Seed of the synthetic text.")
+
+    def calibration(self) -> Calibration:
+        return Calibration(self.calib, self.samples, self.length)
+
+    def windows(self, model_path: str | Path, model: nn.Module) -> np.ndarray:
+        """The calibration windows of `model_path` (`model`, its float32 model, generates synthetic text)."""
+        from gatenorm.apply import load_tokenizer
+
+        return self.calibration().windows(load_tokenizer(model_path), model, self.seed)
+
+    def calib_id(self) -> str:
+        """The calibration source as a plan records it: a name, or ``file:<sha256>`` of a text file."""
+        if self.calib in (SYNTHETIC, WIKI_HELDOUT):
+            return self.calib
+        return "file:" + hashlib.sha256(Path(self.calib).read_bytes()).hexdigest()
+
+
+class HealSettings(CalibrationText):
+    """How repairs are fitted (`gatenorm plan/export --heal`, a recipe method's ``heal:``)."""
+
     form: HealForm = Field(
         "fold",
         description="fold: refit down projections (no run-time cost; fitted maps only where nothing can "
@@ -118,21 +138,6 @@ class HealSettings(BaseModel):
     def tracks_drift(self) -> bool:
         """The fit runs the unpruned model alongside to correct the drift (form fold, drift above 0)."""
         return self.form == "fold" and self.drift > 0
-
-    def calibration(self) -> Calibration:
-        return Calibration(self.calib, self.samples, self.length)
-
-    def windows(self, model_path: str | Path, model: nn.Module) -> np.ndarray:
-        """The calibration windows of `model_path` (`model`, its float32 model, generates synthetic text)."""
-        from gatenorm.apply import load_tokenizer
-
-        return self.calibration().windows(load_tokenizer(model_path), model, self.seed)
-
-    def calib_id(self) -> str:
-        """The calibration source as a plan records it: a name, or ``file:<sha256>`` of a text file."""
-        if self.calib in (SYNTHETIC, WIKI_HELDOUT):
-            return self.calib
-        return "file:" + hashlib.sha256(Path(self.calib).read_bytes()).hexdigest()
 
 
 class _Stop(Exception):

@@ -99,11 +99,11 @@ def healed(
 
 
 def unhealed(plan: Plan) -> Plan:
-    """`plan` without its repairs: the same layers and actions."""
+    """`plan` without its repairs (nor a recovery trained on them): the same layers and actions."""
     doc = plan.model_dump(mode="json")
     for lp in doc["layers"]:
         lp["repair"] = lp["refit"] = None
-    doc.update(healing=None, schema_version=PLAN_SCHEMA_VERSION)
+    doc.update(healing=None, recovery=None, schema_version=PLAN_SCHEMA_VERSION)
     return Plan.model_validate(doc)
 
 

@@ -26,6 +26,7 @@ from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.recipes.schema import MethodEntry, Recipe, TargetBase, Validation
 from gatenorm.recipes.sources import ResolvedSource, content_sha256, resolve_source
+from gatenorm.recover.settings import RecoverySettings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -110,8 +111,9 @@ def artifact_key(source_sha256: str, plan_json: str, export: ExportSpec) -> str:
     """The content key of an artifact: source content, plan (a healed plan's repair hashes and fitting
     settings, not where its weights file is or how long the fit took), export settings, tool version."""
     plan = json.loads(plan_json)
-    if plan.get("healing"):
-        plan["healing"] = {k: v for k, v in plan["healing"].items() if k not in ("weights", "seconds")}
+    for field in ("healing", "recovery"):
+        if plan.get(field):
+            plan[field] = {k: v for k, v in plan[field].items() if k not in ("weights", "seconds")}
     return digest(
         {
             "key_schema": KEY_SCHEMA,
@@ -203,10 +205,12 @@ def method_settings(method: MethodEntry) -> MethodSettings:
 
 def _method_labels(methods: list[MethodEntry]) -> list[str]:
     """The method part of variant names: the name, with the seed when two entries share a name and
-    healing, and ``-healed`` for a healed entry."""
-    names = [(m.name, m.heal_settings is not None) for m in methods]
+    healing and recovery, and ``-healed`` / ``-recovered`` for a healed / recovered entry."""
+    names = [(m.name, m.heal_settings is not None, m.recover_settings is not None) for m in methods]
     labels = [
-        (f"{m.name}-s{m.seed}" if names.count(n) > 1 else m.name) + ("-healed" if n[1] else "")
+        (f"{m.name}-s{m.seed}" if names.count(n) > 1 else m.name)
+        + ("-healed" if n[1] else "")
+        + ("-recovered" if n[2] else "")
         for m, n in zip(methods, names, strict=True)
     ]
     if len(set(labels)) != len(labels):
@@ -235,7 +239,10 @@ def plans_key(source: ResolvedSource, method: MethodEntry, recipe: Recipe) -> st
     targets = {b.kind for b in recipe.budgets if isinstance(b, TargetBase)}
     searched = bool(targets - {"min_speedup"})  # quality targets: PyTorch passes on the search text
     search = [recipe.search.model_dump(mode="json"), _text_id(recipe.search.text)] if searched else None
-    entry = method.model_dump(mode="json") | {"heal": _heal_id(method.heal_settings)}
+    entry = method.model_dump(mode="json") | {
+        "heal": _heal_id(method.heal_settings),
+        "recover": _heal_id(method.recover_settings),
+    }
     return digest(
         {
             "key_schema": KEY_SCHEMA,
@@ -252,8 +259,9 @@ def plans_key(source: ResolvedSource, method: MethodEntry, recipe: Recipe) -> st
     )
 
 
-def _heal_id(settings: HealSettings | None) -> dict | None:
-    """Healing settings as they enter a key (a calibration file by its content hash); None: not healed."""
+def _heal_id(settings: HealSettings | RecoverySettings | None) -> dict | None:
+    """Healing or recovery settings as they enter a key (a calibration file by its content hash); None:
+    not healed / recovered."""
     if settings is None:
         return None
     return settings.model_dump(mode="json") | {"calib": settings.calib_id()}
@@ -263,12 +271,14 @@ def _cached_plans(path: Path) -> dict[str, ResolvedBudget] | None:
     """The plans stored at `path`, or None when there are none (or they no longer parse, or a healed
     plan's weights file is gone or changed)."""
     from gatenorm.heal.store import load_repairs
+    from gatenorm.recover.store import load_overrides
 
     try:
         doc = json.loads(path.read_text())
         plans = {label: ResolvedBudget.model_validate(entry) for label, entry in doc.items()}
         for resolved in plans.values():
             load_repairs(Plan.from_json(resolved.plan))
+            load_overrides(Plan.from_json(resolved.plan))
         return plans
     except (OSError, ValueError, GatenormError):
         return None
@@ -284,7 +294,7 @@ class _HealInputs:
         self.model: nn.Module | None = None
         self.windows: dict[tuple, np.ndarray] = {}
 
-    def get(self, settings: HealSettings) -> tuple[nn.Module, np.ndarray]:
+    def get(self, settings: HealSettings | RecoverySettings) -> tuple[nn.Module, np.ndarray]:
         """(the model, `settings`' calibration windows of it)."""
         from gatenorm.apply import load_model
 
@@ -304,24 +314,27 @@ class _HealInputs:
 def _healed_plan(
     source: ResolvedSource,
     plan: Plan,
-    settings: HealSettings,
+    settings: HealSettings | RecoverySettings,
     cache: Path | None,
     store: bool,
     log: Callable[[str], None],
     inputs: _HealInputs,
 ) -> Plan | None:
-    """`plan` healed with `settings`: from the plan cache (``healed/<key>.json`` beside its weights file,
-    keyed by the plan and the settings, so a rerun reuses it), else fitted and stored there; None when it
-    is not there and nothing may be written (a dry run)."""
+    """`plan` healed (`HealSettings`) or recovered (`RecoverySettings`) with `settings`: from the plan cache
+    (``healed/<key>.json`` beside its weights file, keyed by the plan and the settings, so a rerun reuses
+    it), else fitted and stored there; None when it is not there and nothing may be written (a dry run)."""
+    from gatenorm.heal import store as heal_store
     from gatenorm.heal.fit import heal_plan
-    from gatenorm.heal.store import load_repairs, weights_path_for
+    from gatenorm.recover import store as recover_store
+    from gatenorm.recover.train import recover_plan
 
+    recover = isinstance(settings, RecoverySettings)
     key = digest(
         {
             "key_schema": KEY_SCHEMA,
             "source_sha256": source.sha256,
             "plan": json.loads(plan.to_json()),
-            "heal": _heal_id(settings),
+            "recover" if recover else "heal": _heal_id(settings),
             "tool_version": __version__,
         }
     )
@@ -329,14 +342,21 @@ def _healed_plan(
     if stored is not None and stored.is_file():
         try:
             cached = Plan.load(stored)
-            load_repairs(cached)
+            heal_store.load_repairs(cached)
+            recover_store.load_overrides(cached)
             return cached
         except GatenormError:
             pass  # gone or changed: fit again
     if stored is None or not store:
         return None
     model, windows = inputs.get(settings)
-    fitted = heal_plan(source.path, plan, settings, weights_path_for(stored), log, model, windows)
+    if recover:
+        weights = recover_store.weights_path_for(stored)
+        fitted = recover_plan(source.path, plan, settings, weights, log, None, model, windows)
+    else:
+        fitted = heal_plan(
+            source.path, plan, settings, heal_store.weights_path_for(stored), log, model, windows
+        )
     fitted.save(stored)
     return fitted
 
@@ -363,6 +383,11 @@ def _method_plans(
     plans = {}
     for budget in recipe.budgets:
         if isinstance(budget, TargetBase):
+            if method.recover_settings is not None and budget.kind != "min_speedup":
+                raise GatenormError(
+                    f"budget {budget.label} of {source.name} / {method.name}: recovered methods take layer "
+                    "counts and min_speedup targets (a quality search would train at every step)"
+                )
             n, label = resolve_target(source, ckpt, ranking, budget, recipe, log, heal), budget.label
         else:
             n, label = budget, str(budget)
@@ -372,12 +397,13 @@ def _method_plans(
             )
         except GatenormError as e:
             raise GatenormError(f"{source.name}: {str(e).replace('--drop', 'budget')}") from None
-        if heal is not None and n:  # budget 0 is the shared, unhealed baseline
-            if (fitted := _healed_plan(source, plan, heal, cache, store, log, heal_inputs)) is None:
-                plans[label] = ResolvedBudget(n=n, plan=plan.to_json(), heal_pending=True)
-                continue
-            plan = fitted
-        plans[label] = ResolvedBudget(n=n, plan=plan.to_json())
+        pending = False
+        for settings in (heal, method.recover_settings):  # budget 0 is the shared, unhealed baseline
+            if settings is not None and n and not pending:
+                fitted = _healed_plan(source, plan, settings, cache, store, log, heal_inputs)
+                pending = fitted is None
+                plan = plan if pending else fitted
+        plans[label] = ResolvedBudget(n=n, plan=plan.to_json(), heal_pending=pending)
     if any(p.heal_pending for p in plans.values()):
         return plans  # not complete: never cached
     if stored is not None and store:
@@ -438,7 +464,13 @@ def plan_batch(
                         continue
                     key = artifact_key(source.sha256, resolved.plan, export)
                     if resolved.heal_pending:  # the fitted plan's key is not known yet
-                        key = digest({"pending": key, "heal": _heal_id(method.heal_settings)})
+                        key = digest(
+                            {
+                                "pending": key,
+                                "heal": _heal_id(method.heal_settings),
+                                "recover": _heal_id(method.recover_settings),
+                            }
+                        )
                     variants[vname] = Variant(
                         name=vname,
                         model=source.name,

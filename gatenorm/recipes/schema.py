@@ -22,6 +22,7 @@ from pydantic import (
 from exporters.targets import TARGETS
 from gatenorm.heal.fit import HealSettings
 from gatenorm.methods.registry import METHODS
+from gatenorm.recover.settings import RecoverySettings
 from gatenorm.validate.metrics import Metric, gates_model, search_targets
 from gatenorm.validate.settings import ValidationSettings, with_gates
 
@@ -84,12 +85,26 @@ class MethodEntry(_Strict):
         "settings (samples, length, ridge, bias, calib, ...). Variants are named <method>-healed.",
     )
 
+    recover: bool | RecoverySettings = Field(
+        False,
+        description="Recover every plan by distillation after healing, if healed (`gatenorm.recover`): "
+        "true for the default settings, or the settings (steps, rank, layers, targets, calib, ...). Variants "
+        "are named <method>-recovered (<method>-healed-recovered).",
+    )
+
     @property
     def heal_settings(self) -> HealSettings | None:
         """The healing settings of this entry (None: not healed)."""
         if self.heal is False:
             return None
         return HealSettings() if self.heal is True else self.heal
+
+    @property
+    def recover_settings(self) -> RecoverySettings | None:
+        """The recovery settings of this entry (None: not recovered)."""
+        if self.recover is False:
+            return None
+        return RecoverySettings() if self.recover is True else self.recover
 
     @field_validator("name")
     @classmethod

@@ -14,16 +14,21 @@ import torch
 from torch import nn
 
 from gatenorm.errors import GatenormError
+from gatenorm.plan import Plan
 from gatenorm.quiet import quiet_transformers
 from gatenorm.readers import Checkpoint
+from gatenorm.recover.store import load_overrides
 
 
 class CheckpointTensors:
     """Tensors of `ckpt` by the state-dict name of `skeleton` (a transformers model of the checkpoint's
-    config, on the meta device), float32 in the model's layout."""
+    config, on the meta device), float32 in the model's layout; with `plan`, a recovered plan's merged
+    tensors (`gatenorm.recover.store.load_overrides`) overlay the checkpoint's under the same names."""
 
-    def __init__(self, ckpt: Checkpoint, skeleton: nn.Module):
+    def __init__(self, ckpt: Checkpoint, skeleton: nn.Module, plan: Plan | None = None):
         self.ckpt = ckpt
+        #: state-dict name -> the value read instead of the checkpoint's (a recovered plan's)
+        self.overrides = load_overrides(plan)
         self.names: dict[str, str] = {}  # state-dict name -> checkpoint name
         self._processor = None
         if ckpt.format == "gguf":
@@ -61,7 +66,10 @@ class CheckpointTensors:
             raise GatenormError(f"{self.ckpt.path} has no tensor for {name}") from None
 
     def read(self, name: str) -> torch.Tensor:
-        """State-dict tensor `name`, float32, as transformers would load it."""
+        """State-dict tensor `name`, float32, as transformers would load it (a recovered plan's merged value
+        where it has one)."""
+        if name in self.overrides:
+            return self.overrides[name].clone()
         source = self.source(name)
         value = self.ckpt._read(source)[1]
         if self._processor is None:
@@ -75,6 +83,8 @@ class CheckpointTensors:
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop-1 of a vocabulary table (embedding or LM head), float32."""
+        if name in self.overrides:
+            return self.overrides[name][start:stop].clone()
         return self.ckpt.read_rows(self.source(name), start, stop)
 
     def rows(self, name: str) -> int:

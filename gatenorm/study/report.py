@@ -166,6 +166,7 @@ def write_report(data: dict, args, ckpt, plans, cost) -> None:
     md += speed_section(data, plans, cost, args)
     md += heal_section(data, docs)
     md += prose.block("healing")
+    md += prose.block("recovery")  # scripts/study_recover.py's figures (gatenorm.recover)
     md += prose.block("reading")
     mechanism_plot(ranks, docs / "study_mechanism.png")
     pareto_plot(rows, families, docs / "study_pareto.png")

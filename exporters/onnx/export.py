@@ -125,7 +125,7 @@ def export_onnx(
     check_exportable(ckpt.arch)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        seq = SequentialModel(ckpt)
+        seq = SequentialModel(ckpt, plan)
         check_plan_fits(plan, seq.arch.name, seq.n_layers)
         check_exportable(seq.arch, seq.config)
         tokenizer = load_tokenizer(model_path) if has_tokenizer(model_path) else None

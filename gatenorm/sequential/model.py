@@ -108,7 +108,9 @@ def _config(ckpt: Checkpoint):
 class SequentialModel:
     """A checkpoint (HF folder or GGUF) whose decoder layers are built one at a time (see module doc)."""
 
-    def __init__(self, path: str | Path | Checkpoint):
+    def __init__(self, path: str | Path | Checkpoint, plan: Plan | None = None):
+        """`plan`: a recovered plan whose merged weights every read of this checkpoint sees instead of the
+        source's (`CheckpointTensors`' overlay); None for the source's own weights."""
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
@@ -124,7 +126,7 @@ class SequentialModel:
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32, **options)
         self.skeleton.eval()
         self.arch = get_architecture(self.config.model_type)
-        self.tensors = CheckpointTensors(self.ckpt, self.skeleton)
+        self.tensors = CheckpointTensors(self.ckpt, self.skeleton, plan)
         self.layers = self.arch.decoder_layers(self.skeleton)
         self.n_layers = len(self.layers)
         self._prefix = {id(m): name + "." for name, m in self.skeleton.named_modules()}

@@ -31,11 +31,13 @@ _OPEN: weakref.WeakSet = weakref.WeakSet()
 _ENGINES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def _engine(ckpt) -> SequentialModel:
-    key = str(Path(ckpt.path).resolve())
+def _engine(ckpt, plan: Plan | None) -> SequentialModel:
+    """The engine of `ckpt`; a recovered plan reads its merged weights, so it gets an engine of its own."""
+    recovered = plan is not None and plan.recovery is not None
+    key = str(Path(ckpt.path).resolve()) + (f"#{plan.recovery.weights}" if recovered else "")
     engine = _ENGINES.get(key)
     if engine is None:
-        engine = _ENGINES[key] = SequentialModel(ckpt)
+        engine = _ENGINES[key] = SequentialModel(ckpt, plan if recovered else None)
     return engine
 
 
@@ -75,7 +77,7 @@ class TorchRuntime(BatchLogitsRuntime):
         ckpt = open_checkpoint(path)
         #: window logits (the agreement) run a layer at a time; a deci GGUF (gatenorm's own loader) and
         #: the rest (zero-shot, retrieval, latency) use the whole model, loaded on first use
-        self.engine = None if ckpt.arch.name == "deci" else _engine(ckpt)
+        self.engine = None if ckpt.arch.name == "deci" else _engine(ckpt, self.plan)
         self._model = None
         self._final: dict[bytes, object] = {}  # windows -> last hidden states a shared pass left here
         self._served: set[bytes] = set()

@@ -79,26 +79,19 @@ def test_tiny_family_every_action_matches_pytorch(tmp_path, tokenizer_dir, model
     assert [kv_bytes(c) > 0 for c in cache] == kept  # dropped and linear attention: an empty cache
 
 
-#: a Python whose mlx-lm runs ``mlx_lm generate`` on a folder with no-op attention: mlx-lm >= 0.30.4 (its
-#: nemotron-nas ``make_cache``), which needs transformers 5, so not the one in gatenorm's environment
-CLIENT_ENV = "GATENORM_MLX_LM_PYTHON"
-
-
 def client_python() -> str:
-    """The interpreter for mlx-lm's CLI: this one if its mlx-lm has nemotron-nas's make_cache, else
-    $GATENORM_MLX_LM_PYTHON (skip without it)."""
-    from mlx_lm.models import cache  # noqa: F401
+    """This interpreter, whose mlx-lm (gatenorm[mlx]: 0.32) runs ``mlx_lm generate`` on a folder with no-op
+    attention; an older one (< 0.30.4: no nemotron-nas ``make_cache``, its cache for such a layer stays None)
+    is a skip, and a failure under CI."""
     from mlx_lm.utils import _get_classes
 
     if hasattr(_get_classes({"model_type": "nemotron-nas"})[0], "make_cache"):
         return sys.executable
-    if python := os.environ.get(CLIENT_ENV):
-        return python
     why = (
         f"mlx-lm {mlx_lm.__version__} cannot generate with a no-op attention layer (its cache for it "
-        f"stays None); set {CLIENT_ENV} to a Python with mlx-lm >= 0.30.4"
+        "stays None); gatenorm[mlx] installs 0.32"
     )
-    if os.environ.get("CI"):  # .ci/run makes that client: the test runs there, never skips
+    if os.environ.get("CI"):  # .ci/run installs gatenorm[mlx]: the test runs there, never skips
         pytest.fail(why)
     pytest.skip(why)
 

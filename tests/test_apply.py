@@ -265,3 +265,31 @@ def test_a_merge_less_gguf_vocabulary_gets_the_stock_merges():
             fast = GGUFTokenizerSkeleton(dict(vocab))
     assert GGUFTokenizerSkeleton.__init__ is stock_init
     assert len(stock.merges) > 5 and fast.merges == stock.merges and list(fast.tokens) == tokens
+
+
+@pytest.mark.parametrize(
+    ("types", "kept"),
+    [
+        (["s", "f", "s", "f"], [1, 2, 3]),
+        (["s", "f", "s", "f", "s", "f"], [3, 5]),
+        (["s", "s", "f", "s", "s", "f"], [0, 2, 4]),
+        (["f", "f", "f"], [2]),
+    ],
+)
+def test_cache_slots_keep_each_layer_type(types, kept):
+    """Kept layers fill slots 0..K-1, each slot typed as its layer (the cache's sliding/full layers), the
+    first slot of every type in use (masks are sized from it); on transformers 5 every kept layer's own
+    entry stays (its mask is picked by position); on 4 the slots follow the layer order."""
+    from gatenorm.apply import cache_slots
+    from gatenorm.architectures.base import transformers_major
+
+    slots, new = cache_slots(kept, len(types), types)
+    k = len(kept)
+    assert sorted(slots.values()) == list(range(k)) and sorted(slots) == kept
+    assert all(new[slots[layer]] == types[layer] for layer in kept)
+    assert all(new.index(t) < k for t in set(new))
+    if transformers_major() >= 5:
+        assert all(new[layer] == types[layer] for layer in kept)
+    else:
+        assert [slots[layer] for layer in kept] == list(range(k))
+    assert cache_slots(kept, len(types), None) == ({layer: i for i, layer in enumerate(kept)}, None)

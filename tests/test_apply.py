@@ -278,8 +278,8 @@ def test_a_merge_less_gguf_vocabulary_gets_the_stock_merges():
 )
 def test_cache_slots_keep_each_layer_type(types, kept):
     """Kept layers fill slots 0..K-1, each slot typed as its layer (the cache's sliding/full layers), the
-    first slot of each kept layer's type in use (masks are sized from it); on transformers 5 every kept layer's own
-    entry stays (its mask is picked by position); on 4 the slots follow the layer order."""
+    first slot of each kept layer's type in use (masks are sized from it); on transformers 5 every kept
+    layer's own entry stays (its mask is picked by position); on 4 the slots follow the layer order."""
     from gatenorm.apply import cache_slots
     from gatenorm.architectures.base import transformers_major
 

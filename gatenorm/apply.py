@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from gatenorm.architectures import Architecture, get_architecture
+from gatenorm.architectures.base import transformers_major
 from gatenorm.architectures.layers import (  # noqa: F401  (re-exported: the pruned layers' home)
     PRUNED_LAYERS,
     AttentionFreeLayer,
@@ -165,6 +166,35 @@ def set_overrides(model: nn.Module, overrides: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
+def cache_slots(
+    kept: list[int], n_layers: int, types: list[str] | None
+) -> tuple[dict[int, int], list[str] | None]:
+    """Kept layer -> its KV-cache slot (0..K-1, so changed layers own no cache entry), and the
+    ``config.layer_types`` that go with them (None: the config has none).
+
+    transformers builds cache slot j with the type ``layer_types[j]`` (a sliding-window slot keeps only the
+    window) and sizes every mask from the first slot of each type, so slot j must have its layer's type
+    and slots 0..K-1 are the used ones. Kept layers take the slots in order (what the ONNX export's
+    ``kv_layers`` records), kept types listed first. transformers 5 also picks layer i's mask by
+    ``layer_types[i]``: where that order would change a kept layer's own entry, each kept layer i < K keeps
+    slot i and the others fill the slots of dropped layers below K, their type copied there."""
+    if types is None:
+        return {layer: slot for slot, layer in enumerate(kept)}, None
+    dropped = [i for i in range(n_layers) if i not in set(kept)]
+    in_order = [types[i] for i in kept] + [types[i] for i in dropped]
+    if transformers_major() < 5 or all(in_order[i] == types[i] for i in kept):
+        return {layer: slot for slot, layer in enumerate(kept)}, in_order
+    k = len(kept)
+    slots = {layer: layer for layer in kept if layer < k}
+    new = list(types)
+    for slot, layer in zip([i for i in dropped if i < k], [i for i in kept if i >= k], strict=True):
+        slots[layer], new[slot] = slot, types[layer]
+    for i in dropped:  # unused slots: a type a used slot has, so that no mask is sized from an empty one
+        if i >= k and new[i] not in new[:k]:
+            new[i] = new[0]
+    return slots, new
+
+
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Rewrite `model` in place as the plan says, with the architecture's replacement modules: a dropped
     attention leaves the MLP step (``h + mlp(post_norm(h))`` for llama), a linearized one HARP's fused matmul
@@ -173,7 +203,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     refitted layer its new down projection (`Architecture.down_projection`), and a recovered plan's merged
     tensors replace theirs (`gatenorm.recover`).
 
-    Kept layers get consecutive KV-cache slots (0, 1, ...), so changed layers own no cache entry.
+    Kept layers get KV-cache slots 0..K-1 (`cache_slots`), so changed layers own no cache entry.
     """
     arch = get_architecture(model.config.model_type)
     declared = getattr(model.config, "gatenorm_architecture", arch.name)  # a deci file in its host family
@@ -185,8 +215,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     repairs = load_repairs(plan)  # checked against the plan's hashes
     refits = load_refits(plan)
     overrides = load_overrides(plan)
-    kept_types = []
-    cache_slot = 0
+    kept = [lp.layer for lp in plan.layers if lp.action is LayerAction.KEEP]
+    slots, layer_types = cache_slots(kept, len(layers), getattr(model.config, "layer_types", None))
     for lp in plan.layers:
         layer = layers[lp.layer]
         if isinstance(layer, PRUNED_LAYERS) and str(lp.layer) in fixed:  # loaded from a deci file
@@ -196,20 +226,13 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         if isinstance(layer, PRUNED_LAYERS):
             raise GatenormError(f"layer {lp.layer} is already pruned; apply a plan to an unpruned model")
         if lp.action is LayerAction.KEEP:
-            getattr(layer, arch.hf_attention_module).layer_idx = cache_slot
-            kept_types.append(getattr(layer, "attention_type", None))
-            cache_slot += 1
+            getattr(layer, arch.hf_attention_module).layer_idx = slots[lp.layer]
         else:
             layers[lp.layer] = planned_layer(arch, layer, lp, repairs)
     for i, weight in refits.items():
         set_refit(arch, layers[i], i, weight)
     set_overrides(model, overrides)
-    if getattr(model.config, "layer_types", None) is not None:
-        # The cache builds slot i with the type of config.layer_types[i]: list the kept layers first.
-        actions = [lp.action for lp in plan.layers]
-        dropped_types = [
-            t for t, a in zip(model.config.layer_types, actions, strict=True) if a is not LayerAction.KEEP
-        ]
-        model.config.layer_types = kept_types + dropped_types
+    if layer_types is not None:
+        model.config.layer_types = layer_types
     model.config.gatenorm_plan = plan.model_dump(mode="json")
     return model

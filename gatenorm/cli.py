@@ -34,7 +34,7 @@ from gatenorm.methods import (
     rank_layers,
 )
 from gatenorm.methods.cost import cost_model
-from gatenorm.models import resolve_model
+from gatenorm.models import locate_model
 from gatenorm.plan import LayerAction, Plan
 from gatenorm.readers import Checkpoint, open_checkpoint
 from gatenorm.recipes.command import run_command
@@ -64,7 +64,11 @@ console = Console()
 
 ModelArg = Annotated[
     str,
-    typer.Argument(help="GGUF file, HF model folder, or a shipped model: smollm2, tiny.", show_default=False),
+    typer.Argument(
+        help="GGUF file, HF model folder, shipped model (smollm2, tiny), hub id org/name[@revision] or "
+        "org/name:FILE.gguf.",
+        show_default=False,
+    ),
 ]
 
 
@@ -209,9 +213,9 @@ def _refuse_deci_heal(ckpt: Checkpoint) -> None:
 
 
 def _rank(
-    model: str, method: str, options: MethodOptions, needed: int | None = None
+    model: Path, method: str, options: MethodOptions, needed: int | None = None
 ) -> tuple[Checkpoint, Ranking]:
-    ckpt = open_checkpoint(resolve_model(model))
+    ckpt = open_checkpoint(model)
     return ckpt, rank_layers(ckpt, method, options, needed)
 
 
@@ -251,10 +255,11 @@ def score(
     method_settings: MethodSettings,
 ) -> None:
     """Score every layer (rank 1 = changed first) and show the action the method would give it."""
+    path = locate_model(model).path
     for out in (json_out, plot):
         if out is not None:
-            refuse_overwriting_inputs(out, {"the model": resolve_model(model)})
-    ckpt, ranking = _rank(model, method, _options(method_settings))
+            refuse_overwriting_inputs(out, {"the model": path})
+    ckpt, ranking = _rank(path, method, _options(method_settings))
     scores = ranking.scores
     console.print(f"{method} scores of {ckpt.path} ({scores.seconds:.2f} s)")
     console.print(_table(scores, ranking.actions, ranking.alphas))
@@ -318,7 +323,8 @@ def plan(
     calib = method_settings.calib
     healing = _heal_settings(heal, heal_settings, calib, drop)
     recovery = _recover_settings(recover, recover_settings, calib, drop)
-    inputs = {"the model": resolve_model(model), "the calibration text": _calib_file(calib)}
+    located = locate_model(model)
+    inputs = {"the model": located.path, "the calibration text": _calib_file(calib)}
     refuse_overwriting_inputs(output, inputs)
     weights, recovered = weights_path_for(output), recover_store.weights_path_for(output)
     if healing is not None:
@@ -326,7 +332,7 @@ def plan(
     if recovery is not None:
         refuse_overwriting_inputs(recovered, inputs)
     options = _options(method_settings, healing)
-    ckpt = open_checkpoint(resolve_model(model))
+    ckpt = open_checkpoint(located.path)
     if healing is not None or recovery is not None:
         _refuse_deci_heal(ckpt)
     if recovery is not None:
@@ -337,6 +343,7 @@ def plan(
     check_memory(ckpt, plan_steps(ckpt, method, options.calib, drop, heal_tokens), memory, _log)
     ranking = rank_layers(ckpt, method, options, drop)
     result = make_method_plan(ckpt, method, drop, budget_speedup, options, ranking, allow_first_layer)
+    result = result.from_hub(located.provenance)
     result = _heal_and_recover(ckpt.path, result, healing, recovery, weights, recovered)
     result.save(output)
     _print_plan(ckpt, method, ranking.scores, result, method_settings)
@@ -441,13 +448,10 @@ def export(
     calib = method_settings.calib
     healing = _heal_settings(heal, heal_settings, calib, drop)
     recovery = _recover_settings(recover, recover_settings, calib, drop)
-    inputs = {
-        "the model": resolve_model(model),
-        "the plan": plan_file,
-        "the calibration text": _calib_file(calib),
-    }
+    located = locate_model(model)
+    inputs = {"the model": located.path, "the plan": plan_file, "the calibration text": _calib_file(calib)}
     refuse_overwriting_inputs(output, inputs)
-    ckpt = open_model(resolve_model(model))
+    ckpt = open_model(located.path)
     with contextlib.ExitStack() as stack:
         if plan_file is not None:
             result, check = Plan.load(plan_file), True
@@ -463,7 +467,8 @@ def export(
             if healing is not None or recovery is not None:
                 _refuse_deci_heal(ckpt)
             options = _options(method_settings, healing)
-            result, check = make_method_plan(ckpt, method, drop, budget_speedup, options=options), False
+            result = make_method_plan(ckpt, method, drop, budget_speedup, options=options)
+            result, check = result.from_hub(located.provenance), False
             if healing is not None or recovery is not None:  # the weights live until the export is written
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gatenorm-heal-")))
                 heal_weights, recover_weights = (

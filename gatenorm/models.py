@@ -1,9 +1,13 @@
-"""Models that Python packages ship, located offline."""
+"""Where a model named on the command line or in a recipe lies: a local path, a model that a Python package
+ships (located offline), or a Hugging Face hub id (fetched into huggingface_hub's cache, `gatenorm.hub`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from gatenorm.hub import HubModel, fetch, parse_hub_id
+from gatenorm.plan import HubSource
 from gatenorm.shipped import package_file
 
 #: alias -> (package, file inside it, pip requirement that ships it)
@@ -28,9 +32,36 @@ def tiny() -> Path:
     return shipped_model("tiny")
 
 
-def resolve_model(spec: str) -> Path:
-    """A path as given if it exists, else the shipped model named `spec` (``smollm2``, ``tiny``)."""
+@dataclass(frozen=True)
+class LocatedModel:
+    """A model's local path and, for a hub id, where it came from."""
+
+    path: Path
+    hub: HubModel | None = None
+
+    @property
+    def provenance(self) -> HubSource | None:
+        """What a plan made from this model records of its hub origin (None: a local model)."""
+        if self.hub is None:
+            return None
+        return HubSource(repo=self.hub.id.repo, file=self.hub.id.file, revision=self.hub.commit)
+
+
+def locate_model(spec: str) -> LocatedModel:
+    """An existing local path as given; else the shipped model named `spec` (``smollm2``, ``tiny``); else the
+    hub id `spec` spells (``org/name[@revision]``, ``org/name:FILE.gguf``), fetched; else the path as given
+    (which the caller reports missing)."""
     path = Path(spec)
-    if not path.exists() and spec in SHIPPED_MODELS:
-        return shipped_model(spec)
-    return path
+    if path.exists():
+        return LocatedModel(path)
+    if spec in SHIPPED_MODELS:
+        return LocatedModel(shipped_model(spec))
+    if (hub_id := parse_hub_id(spec)) is not None:
+        hub = fetch(hub_id)
+        return LocatedModel(hub.path, hub)
+    return LocatedModel(path)
+
+
+def resolve_model(spec: str) -> Path:
+    """The local path of the model `spec` names (see `locate_model`)."""
+    return locate_model(spec).path

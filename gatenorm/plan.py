@@ -8,7 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
@@ -39,8 +39,20 @@ class LayerAction(str, Enum):
     DROP_BLOCK = "drop-block"
 
 
+class HubSource(BaseModel):
+    """The Hugging Face hub repository (and GGUF file of it) that a plan's checkpoint was fetched from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repo: str
+    file: str | None = None
+    #: the commit the cache held
+    revision: str
+
+
 class Source(BaseModel):
-    """The checkpoint a plan was made for."""
+    """The checkpoint a plan was made for (`hub`: where it came from, for a model named by its hub id; absent
+    from the JSON of a plan made from a local path)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,6 +62,14 @@ class Source(BaseModel):
     n_layers: int = Field(ge=1, le=MAX_PLAN_LAYERS)
     sha256: str
     hashed: Literal["attention-tensors", "shape"]
+    hub: HubSource | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_no_hub(self, handler) -> dict:
+        data = handler(self)
+        if self.hub is None:
+            data.pop("hub", None)
+        return data
 
 
 #: How a plan is healed (`gatenorm.heal.forms`): fold (refitted down projections) or linear (fitted maps).
@@ -234,6 +254,12 @@ class Plan(BaseModel):
         if self.healing is not None and self.schema_version != HEALED_SCHEMA_VERSION:
             raise ValueError(f"a healed plan has schema_version {HEALED_SCHEMA_VERSION}")
         return self
+
+    def from_hub(self, hub: HubSource | None) -> Plan:
+        """This plan with its source's hub provenance set (`hub` None: as it is)."""
+        if hub is None:
+            return self
+        return self.model_copy(update={"source": self.source.model_copy(update={"hub": hub})})
 
     def with_action(self, action: LayerAction) -> list[int]:
         """Indices of the layers the plan gives `action`."""

@@ -51,7 +51,8 @@ def write_llama_gguf(
     writer.add_head_count_kv(n_kv)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(config["rope_theta"])
+    # transformers 5 writes it inside rope_parameters
+    writer.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
     for name, tensor in state.items():
         w = tensor.to(torch.float32).numpy()
         if name.startswith("model.layers."):

@@ -53,7 +53,8 @@ def reference_logits(
     def rms(x, w):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.rms_norm_eps) * w
 
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+    theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]  # transformers 4 / 5
+    inv = 1.0 / theta ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh)
     ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None]
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
 
@@ -243,7 +244,12 @@ def test_loading_a_gguf_keeps_transformers_quiet(capfd, tiny_gguf):
 
 def test_a_merge_less_gguf_vocabulary_gets_the_stock_merges():
     """The set-membership vocabulary that makes SentencePiece GGUFs load in seconds builds exactly the merges
-    transformers builds, and transformers is left as it was."""
+    transformers builds, and transformers is left as it was (transformers 4: 5 has no such skeleton, and
+    `_fast_gguf_merges` leaves it alone)."""
+    from transformers.integrations import ggml
+
+    if not hasattr(ggml, "GGUFTokenizerSkeleton"):
+        pytest.skip("transformers 5 builds GGUF vocabularies without GGUFTokenizerSkeleton")
     from transformers.integrations.ggml import GGUFTokenizerSkeleton
 
     from gatenorm.apply import _fast_gguf_merges
@@ -259,3 +265,31 @@ def test_a_merge_less_gguf_vocabulary_gets_the_stock_merges():
             fast = GGUFTokenizerSkeleton(dict(vocab))
     assert GGUFTokenizerSkeleton.__init__ is stock_init
     assert len(stock.merges) > 5 and fast.merges == stock.merges and list(fast.tokens) == tokens
+
+
+@pytest.mark.parametrize(
+    ("types", "kept"),
+    [
+        (["s", "f", "s", "f"], [1, 2, 3]),
+        (["s", "f", "s", "f", "s", "f"], [3, 5]),
+        (["s", "s", "f", "s", "s", "f"], [0, 2, 4]),
+        (["f", "f", "f"], [2]),
+    ],
+)
+def test_cache_slots_keep_each_layer_type(types, kept):
+    """Kept layers fill slots 0..K-1, each slot typed as its layer (the cache's sliding/full layers), the
+    first slot of each kept layer's type in use (masks are sized from it); on transformers 5 every kept
+    layer's own entry stays (its mask is picked by position); on 4 the slots follow the layer order."""
+    from gatenorm.apply import cache_slots
+    from gatenorm.architectures.base import transformers_major
+
+    slots, new = cache_slots(kept, len(types), types)
+    k = len(kept)
+    assert sorted(slots.values()) == list(range(k)) and sorted(slots) == kept
+    assert all(new[slots[layer]] == types[layer] for layer in kept)
+    assert all(new.index(types[layer]) < k for layer in kept)
+    if transformers_major() >= 5:
+        assert all(new[layer] == types[layer] for layer in kept)
+    else:
+        assert [slots[layer] for layer in kept] == list(range(k))
+    assert cache_slots(kept, len(types), None) == ({layer: i for i, layer in enumerate(kept)}, None)

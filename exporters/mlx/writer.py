@@ -25,6 +25,7 @@ from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_dir
 from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
+from gatenorm.readers.hf_folder import with_rope_keys
 
 #: --quant -> (mlx dtype of the unquantized tensors, bits or None)
 QUANTS = {"fp32": ("float32", None), "fp16": ("float16", None), "bf16": ("bfloat16", None)}
@@ -92,7 +93,7 @@ def write_mlx(
         raise GatenormError(f"{out} already exists (pass --overwrite to replace it)")
     spec = mlx_family(ckpt.arch)
     model = apply_plan(load_model(ckpt.path, torch.float32), plan)
-    config = model.config.to_dict()
+    config = with_rope_keys(model.config.to_dict())  # transformers 5: rope_parameters
     _check_config(ckpt, plan, config)
     layout = own_arch.layout if spec.layout == "own" else nemotron_nas.layout
     mlx_config, tensors = layout(model, ckpt.arch, spec, config)

@@ -12,6 +12,8 @@ pieces) is that exporter's per-family spec (``exporters/<format>/families/``).
 
 from __future__ import annotations
 
+import functools
+from importlib.metadata import version
 from typing import ClassVar, TypeVar
 
 import gguf
@@ -35,6 +37,12 @@ MT = gguf.MODEL_TENSOR
 T = TypeVar("T", np.ndarray, torch.Tensor)
 
 _REGISTRY: dict[str, type[Architecture]] = {}
+
+
+@functools.cache
+def transformers_major() -> int:
+    """The installed transformers' major version (4 or 5: their decoder layers and model loops differ)."""
+    return int(version("transformers").split(".")[0])
 
 
 def register(*names: str):
@@ -126,7 +134,7 @@ class Architecture:
     #: transformers attention implementation to load with (None: its default); Gemma-2 needs "eager", the
     #: one that applies its attention soft-capping (sdpa silently skips it).
     hf_attn_implementation: ClassVar[str | None] = None
-    #: The model loop reads ``layer(...)[0]``.
+    #: The model loop reads ``layer(...)[0]`` in transformers 4 (`returns_tuple`; 5's layers return tensors).
     layer_returns_tuple: ClassVar[bool] = False
     #: GGUF ``ffn_up`` rows per ``feed_forward_length`` (2: gate and up fused, Phi-3).
     gguf_ffn_up_factor: ClassVar[int] = 1
@@ -224,7 +232,7 @@ class Architecture:
             mlp_norm=get(cls.hf_mlp_norm),
             post_mlp_norm=get(cls.hf_post_mlp_norm),
             residual_scale=cls.residual_scale(layer),
-            returns_tuple=cls.layer_returns_tuple,
+            returns_tuple=cls.returns_tuple(),
             names={
                 "attention_norm": cls.hf_attention_norm or "attention_norm",
                 "post_attention_norm": cls.hf_post_attention_norm or "post_attention_norm",
@@ -246,6 +254,11 @@ class Architecture:
         if cls.hf_post_mlp_norm is None:
             return ""
         return f"{cls.name} norms each MLP output before the residual add, so no down projection can add it"
+
+    @classmethod
+    def returns_tuple(cls) -> bool:
+        """Whether the family's model loop reads ``layer(...)[0]`` from a decoder layer."""
+        return cls.layer_returns_tuple and transformers_major() < 5
 
     @classmethod
     def residual_scale(cls, layer: nn.Module) -> float:
@@ -311,7 +324,7 @@ class Architecture:
     @classmethod
     def identity(cls, layer: nn.Module) -> IdentityLayer:
         """`layer` removed whole."""
-        return IdentityLayer(getattr(layer, "attention_type", None), cls.layer_returns_tuple)
+        return IdentityLayer(getattr(layer, "attention_type", None), cls.returns_tuple())
 
     @classmethod
     def rotary_module(cls, model: nn.Module, attention: nn.Module) -> nn.Module | None:
@@ -319,9 +332,10 @@ class Architecture:
         return model.model.rotary_emb
 
     @classmethod
-    def layer_kwargs(cls, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
-        """Keyword arguments (position embeddings) to call a decoder layer directly on `hidden`."""
-        return {"position_embeddings": model.model.rotary_emb(hidden, positions)}
+    def layer_kwargs(cls, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> list[dict]:
+        """Per decoder layer, the keyword arguments (position embeddings) to call it directly on `hidden`."""
+        shared = {"position_embeddings": model.model.rotary_emb(hidden, positions)}
+        return [shared] * len(cls.decoder_layers(model))
 
     @classmethod
     def logits(cls, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gatenorm.architectures.base import register
+from gatenorm.architectures.base import register, transformers_major
 from gatenorm.architectures.gemma2 import Gemma2
 
 
@@ -28,8 +28,15 @@ class Gemma3(Gemma2):
         return model.model.rotary_emb_local if attention.is_sliding else model.model.rotary_emb
 
     @classmethod
-    def layer_kwargs(cls, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
-        return {
-            "position_embeddings_global": model.model.rotary_emb(hidden, positions),
-            "position_embeddings_local": model.model.rotary_emb_local(hidden, positions),
-        }
+    def layer_kwargs(cls, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> list[dict]:
+        n = len(cls.decoder_layers(model))
+        if transformers_major() < 5:  # two rotary modules; each layer picks its table
+            shared = {
+                "position_embeddings_global": model.model.rotary_emb(hidden, positions),
+                "position_embeddings_local": model.model.rotary_emb_local(hidden, positions),
+            }
+            return [shared] * n
+        # one rotary module with a table per layer type; layer i takes that of config.layer_types[i]
+        types = model.config.layer_types
+        tables = {t: model.model.rotary_emb(hidden, positions, t) for t in set(types)}
+        return [{"position_embeddings": tables[types[i]]} for i in range(n)]

@@ -228,10 +228,10 @@ def fit_repairs(
     below: _Feeder | None = None  # the closest layer below whose MLP runs (only removed blocks between)
 
     def run(step: nn.Module, inputs: torch.Tensor, i: int) -> torch.Tensor:
-        return _run(step, inputs, masks[i], kwargs, batch)
+        return _run(step, inputs, masks[i], kwargs[i], batch)
 
     def feeder(i: int, step: nn.Module, inputs: torch.Tensor) -> _Feeder:
-        return _Feeder(arch, i, step, inputs, masks[i], kwargs, batch, settings)
+        return _Feeder(arch, i, step, inputs, masks[i], kwargs[i], batch, settings)
 
     for i, lp in enumerate(plan.layers):
         layer = layers[i]
@@ -239,7 +239,7 @@ def fit_repairs(
         if i in folded:  # into the MLP below
 
             def lost(out, at, block=HEALED_ACTIONS[lp.action], layer=layer, i=i, orig=orig):
-                update = _lost_update(arch, layer, block, out, masks[i], kwargs)
+                update = _lost_update(arch, layer, block, out, masks[i], kwargs[i])
                 if orig is None:
                     return update
                 return update + settings.drift * (orig[at : at + len(out)] - out)
@@ -249,7 +249,7 @@ def fit_repairs(
         elif i in mapped:
             block = HEALED_ACTIONS[lp.action]
             x_y = (
-                _lost_output(arch, layer, block, hidden[at : at + batch], masks[i], kwargs)
+                _lost_output(arch, layer, block, hidden[at : at + batch], masks[i], kwargs[i])
                 for at in range(0, len(hidden), batch)
             )
             repair = _solve(*_moments(x_y, settings.skip_first, settings.bias), settings.ridge)

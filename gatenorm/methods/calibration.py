@@ -228,10 +228,10 @@ def sequential_layer_statistics(model, windows: np.ndarray, batch: int = 4) -> L
     return hooks.result(windows.size)
 
 
-def direct_layer_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+def direct_layer_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
     """What calling `model`'s decoder layers one by one on windows like `ids` [n, T] needs: per layer an
     additive attention mask (causal, within the layer's sliding window if it has one) and the keyword
-    arguments (position embeddings) every layer takes."""
+    arguments (position embeddings) it takes."""
     arch = get_architecture(model.config.model_type)
     t = ids.shape[1]
     i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
@@ -267,7 +267,7 @@ class TailRunner:
         self.inputs = {layer: h for layer, h in enumerate(out.hidden_states[:-1]) if layer >= keep_from}
 
     def _call(self, index: int, b: int, h: torch.Tensor) -> torch.Tensor:
-        return _first(self.layers[index](h, attention_mask=self.masks[index], **self.layer_kwargs))
+        return _first(self.layers[index](h, attention_mask=self.masks[index], **self.layer_kwargs[index]))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.arch.logits(self.model, h)

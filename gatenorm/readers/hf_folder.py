@@ -17,8 +17,36 @@ __all__ = ["SAFETENSORS_INDEX", "HFCheckpoint", "hf_architecture_name", "read_hf
 
 
 def read_hf_config(folder: Path) -> dict:
-    """The parsed config.json of `folder` (a JSON object)."""
-    return hf_check.read_config(folder)
+    """The parsed config.json of `folder` (a JSON object), with transformers 4's rope keys
+    (`with_rope_keys`)."""
+    return with_rope_keys(hf_check.read_config(folder))
+
+
+def _rope_scaling(params: dict) -> dict | None:
+    if params.get("rope_type", "default") == "default":
+        return None
+    return {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+
+
+def with_rope_keys(config: dict) -> dict:
+    """`config` with ``rope_theta``, ``rope_scaling`` (and Gemma-3's ``rope_local_base_freq``,
+    ``partial_rotary_factor``) where transformers 5 wrote them as ``rope_parameters`` only (flat, or one entry
+    per layer type), so that readers and exporters read one set of keys from either version's folders."""
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict) or "rope_theta" in config:
+        return config
+    config = dict(config)
+    per_type = "full_attention" in params and isinstance(params["full_attention"], dict)
+    main = params["full_attention"] if per_type else params
+    if "rope_theta" in main:
+        config["rope_theta"] = main["rope_theta"]
+    if per_type and "rope_theta" in params.get("sliding_attention", {}):
+        config["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+    if "partial_rotary_factor" in main:
+        config.setdefault("partial_rotary_factor", main["partial_rotary_factor"])
+    if "rope_scaling" not in config and (scaling := _rope_scaling(main)) is not None:
+        config["rope_scaling"] = scaling
+    return config
 
 
 def hf_architecture_name(config: dict, folder: Path = Path("")) -> str:

@@ -394,7 +394,7 @@ def _method_plans(
         try:
             plan = make_method_plan(
                 ckpt, method.name, budget=n, ranking=ranking, allow_first_layer=recipe.allow_first_layer
-            )
+            ).from_hub(source.hub)
         except GatenormError as e:
             raise GatenormError(f"{source.name}: {str(e).replace('--drop', 'budget')}") from None
         pending = False

@@ -178,7 +178,7 @@ class SequentialModel:
                         calls,
                         i == len(originals) - 1,
                         getattr(layer, "attention_type", None),
-                        self.arch.layer_returns_tuple,
+                        self.arch.returns_tuple(),
                     )
                 with contextlib.suppress(_Stop), torch.inference_mode():
                     self.skeleton.model(input_ids=compact[start : start + batch], use_cache=False)

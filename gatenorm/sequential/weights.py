@@ -9,6 +9,8 @@ values are those `gatenorm.apply.load_model` loads.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from torch import nn
@@ -51,7 +53,11 @@ class CheckpointTensors:
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(
             config=parsed.get("config", {})
         )
-        self._mapping = get_gguf_hf_weights_map(skeleton)
+        # transformers 5 takes the tensor processor (its renames), 4 finds names without it
+        if "processor" in inspect.signature(get_gguf_hf_weights_map).parameters:
+            self._mapping = get_gguf_hf_weights_map(skeleton, self._processor)
+        else:
+            self._mapping = get_gguf_hf_weights_map(skeleton)
         self.names = {hf: name for name, hf in self._mapping.items() if self.ckpt.has_tensor(name)}
 
     def has(self, name: str) -> bool:

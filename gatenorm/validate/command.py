@@ -29,7 +29,10 @@ RUNTIME_HELP = (
 
 def _validate(
     reference: Annotated[
-        str, typer.Argument(help="Reference model: GGUF, HF folder, ONNX folder or smollm2.")
+        str,
+        typer.Argument(
+            help="Reference model: GGUF, HF folder, ONNX folder, smollm2 or a hub id (docs/hub.md)."
+        ),
     ],
     candidate: Annotated[str, typer.Argument(help="Candidate model, same forms as REFERENCE.")],
     runtime: Annotated[str, typer.Option(help=f"Runtime of both models: {RUNTIME_HELP}")] = "auto",

@@ -87,5 +87,7 @@ def kv_bytes(cache) -> int:
     """Bytes of the keys and values one mlx-lm cache holds up to its offset."""
     if getattr(cache, "keys", None) is None:
         return 0
-    keys, values = cache.state
+    # mlx-lm >= 0.30: keys_and_values() (its state holds the whole allocated buffer and the offset);
+    # 0.29: the state, sliced to the offset
+    keys, values = cache.keys_and_values() if hasattr(cache, "keys_and_values") else cache.state
     return int(keys.nbytes + values.nbytes)

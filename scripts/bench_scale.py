@@ -11,7 +11,12 @@ measured in the same run (the issue's target: within 1.5x). A command the `--max
 (say the machine has less memory than it needs) shows its one-line refusal. Each row is printed as soon
 as it is measured.
 
-    python scripts/bench_scale.py [--shapes 7b,8b] [--work DIR] [--calib-samples 2] [--calib-len 64]
+    python scripts/bench_scale.py [--shapes 7b,8b] [--layers N] [--work DIR] [--calib-samples 2]
+        [--calib-len 64] [--only LABEL,...]
+
+`--layers N` writes the shape with N decoder layers instead (each layer, the vocabulary and the LM head as
+in the full model): a layer-at-a-time command's peak memory does not depend on the depth, and its time and
+its floor both grow with it, so a shallow file gives the ratios in minutes where the full one takes hours.
 """
 
 from __future__ import annotations
@@ -78,8 +83,9 @@ def _commands(model: Path, work: Path, samples: int, length: int) -> list[tuple[
         ("export --to gguf", f"export {model} --plan {stem}-cosine.json --to gguf -o {stem}-cut.gguf", 0),
         ("export --to gguf --heal",
          f"export {model} --drop 4 {heal} --to gguf -o {stem}-healed.gguf", 2 * tokens),
-        ("validate llama.cpp",
-         f"validate {model} {stem}-cut.gguf --tasks none --ctx {length} --max-tokens {tokens}", 2 * tokens),
+        ("validate llama.cpp (source vs healed)",
+         f"validate {model} {stem}-healed.gguf --tasks none --ctx {length} --max-tokens {tokens}",
+         2 * tokens),
         ("run recipe (plan, heal, export, validate)",
          f"run {recipe} -o {work / (model.stem + '-run')}", 4 * tokens),
     ]  # fmt: skip
@@ -150,7 +156,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-scale"), help="where the files go")
     parser.add_argument("--calib-samples", type=int, default=2)
     parser.add_argument("--calib-len", type=int, default=64)
-    parser.add_argument("--only", default="", help="run only commands whose label contains this")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated: run only commands whose label contains one of these"
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rate = _matmul_rate()
@@ -161,6 +170,9 @@ def main() -> None:
     )
     for shape in args.shapes.split(","):
         name, dims = SHAPES[shape]
+        if args.layers is not None:
+            dims = {**dims, "n_layers": args.layers}
+            name = name.replace(".gguf", f"-{args.layers}l.gguf")
         path = args.work / name
         if not path.exists():
             start = time.perf_counter()
@@ -176,7 +188,8 @@ def main() -> None:
             f"\n{path.name}: {size:.2f} GiB, {params / 1e9:.2f}B parameters, read in {read:.0f} s", flush=True
         )
         commands = _commands(path, args.work, args.calib_samples, args.calib_len)
-        commands = [c for c in commands if not args.only or args.only in c[0]]
+        only = [o for o in args.only.split(",") if o]
+        commands = [c for c in commands if not only or any(o in c[0] for o in only)]
         synthetic = None
         if any(label == "plan mixed-synthetic" for label, *_ in commands):
             synthetic = _synthetic_floor(path, args.calib_samples, args.calib_len)

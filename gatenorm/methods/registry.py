@@ -137,7 +137,7 @@ def make_method_plan(
         raise GatenormError(f"{name}: no alpha for layers {missing}; rank with a larger budget")
     plan = plan_from_actions(ckpt, ranking.scores, actions, ranking.alphas, name)
     spec = method_spec(method)
-    calib = options.calib or spec.default_calib if (spec.data or spec.default_calib) else None
+    calib = (options.calib or spec.default_calib) if (spec.data or spec.default_calib) else None
     return plan if calib is None else plan.model_copy(update={"calibration": calib.record(options.seed)})
 
 

@@ -212,6 +212,19 @@ def _as_gguf(model_path: Path, beside: Path) -> Iterator[Path]:
         yield tmp
 
 
+@contextlib.contextmanager
+def _bar(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar on a terminal's stderr (nothing elsewhere); yields `progress(done, total)`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    columns = ("{task.description}", BarColumn(), "{task.completed}/{task.total}", TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def synthetic_windows(
     model_path: str | Path,
     tokenizer,
@@ -247,10 +260,10 @@ def synthetic_windows(
             return windows
     log(f"sampling {samples} x {length} synthetic calibration tokens with llama.cpp")
     stored.parent.mkdir(parents=True, exist_ok=True)
-    with _as_gguf(model_path, stored) as gguf:
+    with _as_gguf(model_path, stored) as gguf, _bar("sampling synthetic text") as progress:
         n_vocab, kv_bytes = _gguf_facts(gguf)
         prefixes = _prefixes(tokenizer, n_vocab, samples, bos, seed)
-        windows = llama_windows(gguf, prefixes, length, seed, kv_bytes)
+        windows = llama_windows(gguf, prefixes, length, seed, kv_bytes, progress)
     with atomic_path(stored) as tmp, tmp.open("wb") as f:
         np.save(f, windows)
     return windows

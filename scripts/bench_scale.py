@@ -92,16 +92,16 @@ def _commands(model: Path, work: Path, samples: int, length: int) -> list[tuple[
     return [(label, text.split(), n) for label, text, n in cmds]
 
 
-def _synthetic_floor(path: Path, samples: int, length: int) -> float:
-    """Seconds of llama.cpp sampling `samples` x `length` synthetic tokens from `path` (as mixed-synthetic
-    does, same seed and rules) plus one llama.cpp prompt pass over them."""
+def _synthetic_floor(path: Path, samples: int, length: int) -> tuple[float, float]:
+    """(wall s, CPU s) of llama.cpp sampling `samples` x `length` synthetic tokens from `path` (as
+    mixed-synthetic does, same seed and rules) plus one llama.cpp prompt pass over them."""
     from llama_cpp import Llama
 
     from gatenorm.methods.synthetic import _gguf_facts, llama_windows
 
     n_vocab, kv_bytes = _gguf_facts(path)
     prefixes = np.random.default_rng(0).integers(n_vocab, size=(samples, 2))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     windows = llama_windows(path, prefixes, length, 0, kv_bytes)
     sampled = time.perf_counter() - start
     llm = Llama(
@@ -113,12 +113,18 @@ def _synthetic_floor(path: Path, samples: int, length: int) -> float:
         llm.eval([int(x) for x in row])
     prompt = time.perf_counter() - start
     llm.close()
-    print(f"floor of mixed-synthetic: sampling {sampled:.0f} s + one prompt pass {prompt:.0f} s", flush=True)
-    return sampled + prompt
+    cpu = time.process_time() - cpu
+    print(
+        f"floor of mixed-synthetic: sampling {sampled:.0f} s + one prompt pass {prompt:.0f} s "
+        f"({cpu:.0f} CPU s)",
+        flush=True,
+    )
+    return sampled + prompt, cpu
 
 
-def _timed(args: list[str]) -> tuple[float, float, int, str]:
-    """(wall s, peak RSS GiB, exit code, last stderr line) of `gatenorm args` under /usr/bin/time -v."""
+def _timed(args: list[str]) -> tuple[float, float, float, int, str]:
+    """(wall s, CPU s (user + system), peak RSS GiB, exit code, last stderr line) of `gatenorm args` under
+    /usr/bin/time -v."""
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "gatenorm.cli", *args]
     start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -128,7 +134,10 @@ def _timed(args: list[str]) -> tuple[float, float, int, str]:
         line for line in out.stderr.splitlines() if line.strip() and not line.startswith(("\t", "Command"))
     ]
     peak = int(rss.group(1)) * 1024 / GIB if rss else float("nan")
-    return wall, peak, out.returncode, (lines or [""])[-1]
+    cpu = sum(
+        float(m.group(1)) for m in re.finditer(r"(?:User|System) time \(seconds\): ([\d.]+)", out.stderr)
+    )
+    return wall, cpu, peak, out.returncode, (lines or [""])[-1]
 
 
 def _matmul_rate() -> float:
@@ -193,18 +202,20 @@ def main() -> None:
         synthetic = None
         if any(label == "plan mixed-synthetic" for label, *_ in commands):
             synthetic = _synthetic_floor(path, args.calib_samples, args.calib_len)
-        heads = ("exit", "wall s", "floor s", "x floor", "peak GiB", "target GiB")
+        heads = ("exit", "wall s", "CPU s", "floor s", "x floor", "peak GiB", "target GiB")
         print(f"{'command':44s} " + " ".join(f"{h:>9s}" for h in heads), flush=True)
         for label, argv, tokens in commands:
-            wall, rss, code, last = _timed(argv)
+            wall, cpu, rss, code, last = _timed(argv)
             floor = read + 2.0 * params * tokens / rate
             if label == "plan mixed-synthetic":
-                floor = synthetic
+                floor = synthetic[0]
             print(
-                f"{label:44s} {code:>9d} {wall:>9.0f} {floor:>9.0f} {wall / floor:>9.2f} {rss:>9.2f} "
-                f"{size + 2:>9.2f}",
+                f"{label:44s} {code:>9d} {wall:>9.0f} {cpu:>9.0f} {floor:>9.0f} {wall / floor:>9.2f} "
+                f"{rss:>9.2f} {size + 2:>9.2f}",
                 flush=True,
             )
+            if label == "plan mixed-synthetic":  # a shared machine's load moves wall times: CPU too
+                print(f"    CPU s over the floor's: {cpu / synthetic[1]:.2f}x", flush=True)
             if code not in (0, 1):
                 print(f"    {last[:200]}", flush=True)
 

@@ -52,37 +52,39 @@ methods:
     options: {{calib_samples: {samples}, calib_len: {length}}}
   - name: gate-norm
     heal: {{samples: {samples}, length: {length}}}
-budgets: [4]
+budgets: [{drop}]
 exports:
   gguf: {{quants: [keep]}}
 validation: {{ctx: {length}, max_tokens: {tokens}, tasks: []}}
 """
 
 
-def _commands(model: Path, work: Path, samples: int, length: int) -> list[tuple[str, list[str], int]]:
+def _commands(
+    model: Path, work: Path, samples: int, length: int, n_layers: int
+) -> list[tuple[str, list[str], int]]:
     """(label, gatenorm arguments, tokens the command runs through the model) of each benchmarked command
-    (paths without spaces)."""
-    stem, tokens = work / model.stem, samples * length
+    (paths without spaces); 4 layers changed (a shallow file: half of them)."""
+    stem, tokens, drop = work / model.stem, samples * length, min(4, n_layers // 2)
     calib = f"--calib-samples {samples} --calib-len {length}"
     heal = f"--heal --heal-samples {samples} --heal-len {length}"
     recipe = work / f"{model.stem}-recipe.yaml"
-    recipe.write_text(RECIPE.format(model=model, samples=samples, length=length, tokens=tokens))
+    recipe.write_text(RECIPE.format(model=model, samples=samples, length=length, tokens=tokens, drop=drop))
     cmds = [
         ("score", f"score {model}", 0),
         ("plan attention-cosine (wiki-heldout)",
-         f"plan {model} -m attention-cosine --calib wiki-heldout {calib} --drop 4 -o {stem}-cosine.json",
+         f"plan {model} -m attention-cosine --calib wiki-heldout {calib} --drop {drop} -o {stem}-cosine.json",
          tokens),
         ("plan harp (wiki-heldout)",
          f"plan {model} -m harp --calib wiki-heldout {calib} --drop 2 -o {stem}-harp.json", tokens),
         ("plan mixed-synthetic",
-         f"plan {model} -m mixed-synthetic {calib} --drop 4 -o {stem}-mixed.json", tokens),
-        ("plan --heal (synthetic)", f"plan {model} --drop 4 {heal} -o {stem}-healed.json", 2 * tokens),
+         f"plan {model} -m mixed-synthetic {calib} --drop {drop} -o {stem}-mixed.json", tokens),
+        ("plan --heal (synthetic)", f"plan {model} --drop {drop} {heal} -o {stem}-healed.json", 2 * tokens),
         ("validate torch --candidate-plan",
          f"validate {model} {model} --runtime torch --candidate-plan {stem}-cosine.json --tasks none "
          f"--ctx {length} --max-tokens {tokens}", 2 * tokens),
         ("export --to gguf", f"export {model} --plan {stem}-cosine.json --to gguf -o {stem}-cut.gguf", 0),
         ("export --to gguf --heal",
-         f"export {model} --drop 4 {heal} --to gguf -o {stem}-healed.gguf", 2 * tokens),
+         f"export {model} --drop {drop} {heal} --to gguf -o {stem}-healed.gguf", 2 * tokens),
         ("validate llama.cpp (source vs healed)",
          f"validate {model} {stem}-healed.gguf --tasks none --ctx {length} --max-tokens {tokens}",
          2 * tokens),
@@ -196,7 +198,7 @@ def main() -> None:
         print(
             f"\n{path.name}: {size:.2f} GiB, {params / 1e9:.2f}B parameters, read in {read:.0f} s", flush=True
         )
-        commands = _commands(path, args.work, args.calib_samples, args.calib_len)
+        commands = _commands(path, args.work, args.calib_samples, args.calib_len, dims["n_layers"])
         only = [o for o in args.only.split(",") if o]
         commands = [c for c in commands if not only or any(o in c[0] for o in only)]
         synthetic = None

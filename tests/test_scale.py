@@ -101,17 +101,19 @@ def test_plan_and_torch_validation_stay_below_the_float32_model(mid_model, tmp_p
 
 
 def test_heal_stays_below_the_float32_model(mid_model, tmp_path):
-    """`plan --heal` fits a layer at a time (the fold's refits included): below the float32 model."""
+    """`plan --heal` fits a layer at a time: below the float32 model. (Form linear: a fold's float64
+    ``d_ff x d_ff`` moments, held once and copied once by the solver, are 0.27 GB here, 29 % of this small
+    model, where at 7B they are 7 %: the memory estimate counts them.)"""
     folder, f32 = mid_model
     plan = tmp_path / "healed.json"
     peak = _peak(
-        "plan", folder, "--drop", "3", "--heal", "--calib", "wiki-heldout", "--heal-samples", "2",
-        "--heal-len", "64", "-o", plan, cwd=tmp_path,
+        "plan", folder, "--drop", "3", "--heal", "--heal-form", "linear", "--calib", "wiki-heldout",
+        "--heal-samples", "2", "--heal-len", "64", "-o", plan, cwd=tmp_path,
     )  # fmt: skip
     assert peak < f32, f"plan --heal peaked at {peak / 1e9:.2f} GB, the float32 model is {f32 / 1e9:.2f} GB"
     healed = json.loads(plan.read_text())
     assert healed["healing"]["calib"] == "wiki-heldout" and healed["healing"]["generator"] is None
-    assert any(lp.get("refit") or lp.get("repair") for lp in healed["layers"])
+    assert sum(lp.get("repair") is not None for lp in healed["layers"]) == 3
 
 
 def test_max_memory_refuses_in_one_line_before_loading(mid_model, tmp_path):

@@ -144,4 +144,7 @@ def test_no_planning_step_is_estimated_whole_model(mid_model):
         "calibration statistics, a layer at a time",
         "healing, a layer at a time",
     ]
-    assert all(s.peak < 0.7 * (1 << 30) + f32 for s in steps)
+    base, gib = 0.7 * (1 << 30), 1 << 30
+    sampling, *passes = steps
+    assert sampling.peak <= base + f32 / 2 + gib / 2  # the F16 GGUF mapped, a KV cache of 0.5 GiB at most
+    assert all(s.peak < base + f32 for s in passes)

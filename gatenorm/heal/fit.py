@@ -16,8 +16,9 @@ The fit is sequential: the layers run one at a time over every window, and each 
 inputs that the layers below produce with their own repairs and pruning already in place, so later repairs
 correct what earlier ones left. It runs on the layer-sequential engine (`gatenorm.sequential`): each
 decoder layer is read from the checkpoint when the fit reaches it and freed after (a loaded model is
-accepted too, e.g. by the study, which holds one anyway). Accumulation is float64 (``X^T X`` and ``X^T Y``: ``d x d`` matrices for
-a map, ``d_ff x d_ff`` and ``d_ff x d`` for a fold: 1.3 GB at a 7B model's 11008 x 4096). The only
+accepted too, e.g. by the study, which holds one anyway). Accumulation is float64 (``X^T X`` and
+``X^T Y``: ``d x d`` matrices for a map, ``d_ff x d_ff`` and ``d_ff x d`` for a fold: 1.3 GB at a 7B
+model's 11008 x 4096). The only
 activations held are the windows' hidden states, ``samples x length x d`` float32 (8192 tokens of a 7B
 model's 4096 channels: 134 MB; a few at a time: the healed and the unpruned stream, the inputs and outputs
 of the layer folded into), and that layer's down projection inputs (its ``d_ff`` channels: 360 MB), kept so

@@ -50,6 +50,7 @@ def test_plan_heal_writes_the_plan_and_its_weights(healed_smollm2, smollm2_score
     assert weights.is_file() and weights.name == "healed.repairs.safetensors"
     plan = Plan.load(out)
     assert plan.healing is not None and plan.healing.calib == "synthetic"
+    assert plan.healing.generator.startswith("llama.cpp (llama-cpp-python ")
     assert (plan.healing.samples, plan.healing.length) == (4, 64)
     actions = [lp.action for lp in plan.layers]
     assert plan.healing.form == "fold" and set(plan.repaired) == mapped_layers(actions, "fold")

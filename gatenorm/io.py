@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -222,3 +223,22 @@ def read_text_file(path: Path, what: str = "text file") -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise GatenormError(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of one file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and their sha256, in name order)."""
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
+    return digest.hexdigest()

@@ -110,6 +110,21 @@ class Refit(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class CalibrationRecord(BaseModel):
+    """The calibration text a calibrated method's statistics were measured on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: 'synthetic', 'wiki-heldout' or 'file:<sha256>'
+    source: str
+    samples: int = Field(ge=1)
+    length: int = Field(ge=2)
+    #: the seed of synthetic text (None: data)
+    seed: int | None = None
+    #: what sampled the synthetic text: ``llama.cpp (llama-cpp-python <version>)`` (None: data)
+    generator: str | None = None
+
+
 class Healing(BaseModel):
     """How a healed plan's repairs were fitted, and where their weights are."""
 
@@ -140,6 +155,9 @@ class Healing(BaseModel):
     rms_power: float | None = Field(None, ge=0)
     #: each repair fitted on the inputs the already-repaired earlier layers give
     sequential: bool = True
+    #: what sampled the synthetic calibration text (``llama.cpp (llama-cpp-python <version>)``; None: data,
+    #: or plans healed before it was recorded)
+    generator: str | None = None
     seconds: float = Field(0.0, ge=0)
     #: the safetensors file of the repairs: relative to the plan file's folder in the JSON, absolute in a
     #: plan loaded from a file
@@ -237,6 +255,9 @@ class Plan(BaseModel):
     healing: Healing | None = None
     #: distillation merged into the weights (after healing, if any)
     recovery: Recovery | None = None
+    #: the calibration text of a calibrated method (None: weights only, or plans made before it was
+    #: recorded)
+    calibration: CalibrationRecord | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from exporters.export import export_gguf
-from gatenorm.apply import load_model
 from gatenorm.heal.fit import HealSettings, heal_plan
 from gatenorm.heal.store import weights_path_for
 from gatenorm.methods import Method, score_checkpoint
@@ -29,6 +28,7 @@ from gatenorm.methods.cost import cost_model
 from gatenorm.models import smollm2
 from gatenorm.plan import make_plan
 from gatenorm.readers import open_checkpoint
+from gatenorm.sequential import SequentialModel
 from gatenorm.validate.bench import (
     add_script_bench_args,
     bench_interleaved,
@@ -52,8 +52,8 @@ def main() -> None:
     source_path = smollm2()
     source = open_checkpoint(source_path)
     scores = score_checkpoint(source, Method.GATE_NORM, 0)
-    model, start = load_model(source_path), time.perf_counter()
-    windows = HealSettings().windows(source_path, model)  # once for all
+    model, start = SequentialModel(source_path), time.perf_counter()
+    windows = HealSettings().windows(source_path)  # once for all
     gen_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         plans, fit_s = {"unpruned": make_plan(source, scores, 0)}, {}

@@ -62,10 +62,10 @@ def main() -> None:
     windows = eval_windows(ev, load_tokenizer(path))
     ref = logits_of(base, windows)
     start = time.perf_counter()
-    calib = heal.windows(path, base)
+    calib = heal.windows(path)
     text = (settings.calib, settings.samples, settings.length, settings.seed)
     same = text == (heal.calib, heal.samples, heal.length, heal.seed)
-    train_text = calib if same else settings.windows(path, base)  # one text when the settings agree
+    train_text = calib if same else settings.windows(path)  # one text when the settings agree
     print(
         f"calibration: {calib.shape} {heal.calib} tokens in {time.perf_counter() - start:.0f} s", flush=True
     )

@@ -30,6 +30,16 @@ SMOLLM2_MIXED_ACTIONS |= {25: "linearize", 26: "drop-block", 29: "drop-block"}
 SMOLLM2_MIXED_ALPHAS = {17: 0.6, 25: 1.4}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _synthetic_text_cache(tmp_path_factory):
+    """The cache of synthetic calibration text (`gatenorm.methods.synthetic`) in a session folder, not the
+    user's (subprocesses inherit it)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("GATENORM_CACHE", str(tmp_path_factory.mktemp("gatenorm-cache")))
+    yield
+    patch.undo()
+
+
 def mixed_plan(ckpt, actions: dict[int, str], alphas: dict[int, float], scores=None):
     """A Gate-Norm-scored plan for `ckpt` giving layer i `actions[i]` (keep elsewhere) and `alphas`."""
     from gatenorm.methods import score_checkpoint

@@ -415,3 +415,41 @@ def test_sequential_torch_validation_equals_whole_model(family):
     plan.save(path)
     windows = np.random.default_rng(7).integers(3, 1000, size=(3, 12))
     assert_sequential_validation_equal(folder, base, plan, path, windows, 4)
+
+
+def assert_heal_fit_equal(path, base, plan, windows: np.ndarray, settings) -> None:
+    """`fit_repairs` a layer at a time on the engine fits the whole loaded model's repairs and refits
+    (rel 1e-5 in Frobenius norm), and leaves the loaded model unchanged."""
+    from gatenorm.heal.fit import fit_repairs
+    from gatenorm.sequential import SequentialModel
+
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    old = fit_repairs(base, plan, windows, settings, batch=2)
+    new = fit_repairs(SequentialModel(path), plan, windows, settings, batch=2)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert old.repairs.keys() == new.repairs.keys() and old.refits.keys() == new.refits.keys()
+    assert old.repairs or old.refits
+    pairs = [(new.refits[i], old.refits[i]) for i in old.refits]
+    for i, repair in old.repairs.items():
+        pairs.append((new.repairs[i].weight, repair.weight))
+        if repair.bias is not None:
+            pairs.append((new.repairs[i].bias, repair.bias))
+    for got, want in pairs:
+        assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_sequential_heal_fit_equals_whole_model(family):
+    """The heal fit on the engine (plan and export --heal) equals the loaded model's, in both forms, with
+    every action: fitted maps, folds into the MLP below, the kept layer above refitted for the drift."""
+    from gatenorm.heal.fit import HealSettings
+
+    _, folder, ckpt, base, _ = family
+    windows = np.random.default_rng(8).integers(3, 1000, size=(3, 12))
+    every = mixed_plan(ckpt, {1: "drop-attention", 2: "linearize", 3: "drop-block"}, {2: 0.8})
+    kept_above = mixed_plan(ckpt, {1: "drop-attention", 3: "drop-block"}, {})
+    fold = not get_architecture(base.config.model_type).fold_refusal()
+    forms = ["linear", "fold"] if fold else ["linear"]
+    for form in forms:
+        for plan in (every, kept_above):
+            settings = HealSettings(form=form, bias=form == "linear" and plan is every)
+            assert_heal_fit_equal(folder, base, plan, windows, settings)

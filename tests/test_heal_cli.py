@@ -50,6 +50,7 @@ def test_plan_heal_writes_the_plan_and_its_weights(healed_smollm2, smollm2_score
     assert weights.is_file() and weights.name == "healed.repairs.safetensors"
     plan = Plan.load(out)
     assert plan.healing is not None and plan.healing.calib == "synthetic"
+    assert plan.healing.generator.startswith("llama.cpp (llama-cpp-python ")
     assert (plan.healing.samples, plan.healing.length) == (4, 64)
     actions = [lp.action for lp in plan.layers]
     assert plan.healing.form == "fold" and set(plan.repaired) == mapped_layers(actions, "fold")
@@ -283,9 +284,11 @@ def test_recipe_heals_once_and_reuses_the_weights(tmp_path, monkeypatch):
 
 
 def test_a_recipe_loads_the_model_and_makes_each_calibration_once(tmp_path, monkeypatch):
-    """The plans a run heals on one model share its float32 model and, per calibration, its windows."""
+    """The plans a run heals on one model share its layer-sequential model (nothing is loaded whole) and,
+    per calibration, its windows."""
     import gatenorm.apply as apply
     import gatenorm.heal.fit as fit
+    import gatenorm.sequential as sequential
     from gatenorm.recipes.batch import plan_batch
     from gatenorm.recipes.loader import load_recipe
 
@@ -296,12 +299,19 @@ def test_a_recipe_loads_the_model_and_makes_each_calibration_once(tmp_path, monk
         "  - {name: gate-norm, heal: {samples: 3, length: 16}}\n",
     )
     recipe = load_recipe(_write(tmp_path / "r.yaml", text))[0]
-    calls: dict[str, list] = {"heal": [], "load": [], "windows": []}
+    calls: dict[str, list] = {"heal": [], "load": [], "engine": [], "windows": []}
     for module, name, tag in ((fit, "heal_plan", "heal"), (apply, "load_model", "load")):
         real = getattr(module, name)
         monkeypatch.setattr(
             module, name, lambda *a, real=real, tag=tag, **k: calls[tag].append(1) or real(*a, **k)
         )
+
+    class Counted(sequential.SequentialModel):
+        def __init__(self, *args, **kwargs):
+            calls["engine"].append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sequential, "SequentialModel", Counted)
     real_windows = fit.HealSettings.windows
     monkeypatch.setattr(
         fit.HealSettings,
@@ -310,7 +320,8 @@ def test_a_recipe_loads_the_model_and_makes_each_calibration_once(tmp_path, monk
     )
     batch = plan_batch(recipe, "shared", cache=tmp_path / "plans")
     assert sum(v.healed for v in batch.variants) == 3
-    assert len(calls["heal"]) == 3 and len(calls["load"]) == 1 and sorted(calls["windows"]) == [2, 3]
+    assert len(calls["heal"]) == 3 and len(calls["engine"]) == 1 and sorted(calls["windows"]) == [2, 3]
+    assert not calls["load"]
 
 
 def _write(path: Path, text: str) -> Path:

@@ -326,23 +326,64 @@ def test_mixed_methods_price_actions_for_the_target_phase(
     assert asked == [(4096, "decode")] * 2
 
 
-def test_synthetic_calibration_text(smollm2_gguf, smollm2_model):
+def test_synthetic_calibration_text(smollm2_gguf, monkeypatch, tmp_path):
+    """llama.cpp samples full windows (BOS, no end of generation inside), seeded, the same however the
+    windows are grouped into llama.cpp batches, cached per model and settings."""
     from gatenorm.apply import load_tokenizer
-    from gatenorm.validate.text import hf_bos_id
+    from gatenorm.methods import synthetic
 
+    monkeypatch.setenv("GATENORM_CACHE", str(tmp_path))
     tokenizer = load_tokenizer(smollm2_gguf)
     calib = Calibration(SYNTHETIC, samples=3, length=16)
-    windows = calib.windows(tokenizer, smollm2_model, seed=1)
-    # the tokenizer's BOS first where it adds one (transformers 4 does for SmolLM2's GGUF, 5 follows the
-    # file's add_bos_token false)
-    bos = hf_bos_id(tokenizer)
-    assert windows.shape == (3, 16) and (bos is None or (windows[:, 0] == bos).all())
+    windows = calib.windows(tokenizer, smollm2_gguf, seed=1)
+    assert windows.shape == (3, 16) and (windows[:, 0] == tokenizer.bos_token_id).all()
     assert not np.isin(windows[:, 1:], tokenizer.all_special_ids).any()  # no BOS/EOS inside: full windows
-    assert (windows == calib.windows(tokenizer, smollm2_model, seed=1)).all()  # seeded
-    assert (windows != calib.windows(tokenizer, smollm2_model, seed=2)).any()
     assert len({tuple(row) for row in windows}) == 3
+    assert len(list((tmp_path / "synthetic").glob("*.npy"))) == 1
+    _, kv_bytes = synthetic._gguf_facts(smollm2_gguf)
+    prefixes = windows[:, :2]
+    monkeypatch.setattr(synthetic, "KV_BUDGET", kv_bytes * 16)  # one window per llama.cpp batch
+    assert (synthetic.llama_windows(smollm2_gguf, prefixes, 16, 1, kv_bytes) == windows).all()
+    assert (synthetic.llama_windows(smollm2_gguf, prefixes, 16, 2, kv_bytes) != windows).any()
+    monkeypatch.setattr(synthetic, "llama_windows", lambda *a: pytest.fail("not read from the cache"))
+    assert (calib.windows(tokenizer, smollm2_gguf, seed=1) == windows).all()
     with pytest.raises(GatenormError, match="needs the model"):
         calib.windows(tokenizer)
+
+
+def test_sampling_follows_the_softmax_without_banned_tokens():
+    """Temperature 1, no top-k / top-p: each token at its softmax probability; banned ids never."""
+    from gatenorm.methods.synthetic import _sample_token
+
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    rng = np.random.default_rng(0)
+    draws = np.bincount([_sample_token(logits, np.array([3]), rng) for _ in range(20000)], minlength=4)
+    assert draws[3] == 0
+    assert draws[:3] / draws.sum() == pytest.approx(np.array([0.5, 0.3, 0.15]) / 0.95, abs=0.015)
+
+
+def test_synthetic_text_of_an_hf_folder_and_the_plan_records_it(tokenizer_dir, monkeypatch, tmp_path):
+    """An HF folder is sampled through a temporary F16 GGUF (gatenorm's writer; nothing left behind), and
+    a mixed-synthetic plan records its calibration and what sampled it."""
+    from gatenorm.methods.synthetic import sampler_id
+    from tests.conftest import tiny_hf
+
+    folder = tiny_hf(
+        tmp_path / "tiny", tokenizer_dir, "llama", pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GATENORM_CACHE", str(cache))
+    ckpt = open_checkpoint(folder)
+    options = MethodOptions(calib=Calibration(SYNTHETIC, 2, 12), ctx=16, seed=3)
+    plan = make_method_plan(ckpt, "mixed-synthetic", 1, options=options)
+    record = plan.calibration
+    assert record is not None and record.source == SYNTHETIC and (record.samples, record.length) == (2, 12)
+    assert record.seed == 3 and record.generator == sampler_id() and "llama.cpp" in record.generator
+    assert Plan.from_json(plan.to_json()) == plan
+    assert [p.suffix for p in (cache / "synthetic").iterdir()] == [".npy"]  # the F16 GGUF is gone
+    wiki = MethodOptions(calib=Calibration(WIKI_HELDOUT, 2, 12))
+    wiki = make_method_plan(ckpt, "attention-cosine", 1, options=wiki)
+    assert wiki.calibration.source == WIKI_HELDOUT and wiki.calibration.generator is None
 
 
 def test_mixed_synthetic_beats_gate_norm_on_smollm2(smollm2_ckpt, smollm2_model):

@@ -51,7 +51,7 @@ def recovered(tiny, tmp_path_factory) -> tuple[Path, Plan, Plan]:
     out = root / "plan.json"
     heal = HealSettings(samples=4, length=32)
     model = load_model(tiny)
-    windows = heal.windows(tiny, model)
+    windows = heal.windows(tiny)
     healed = heal_plan(tiny, plan, heal, root / "plan.repairs.safetensors", model=model, windows=windows)
     settings = RecoverySettings(steps=12, **SMALL)
     result = recover_plan(tiny, healed, settings, weights_path_for(out), model=model, windows=windows)

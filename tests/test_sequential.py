@@ -161,3 +161,16 @@ def test_torch_runtime_asks_the_same_windows_twice(tiny_gguf):
     for a, b, c in zip(first, again, served, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
+
+
+def test_heal_fit_equals_whole_model_smollm2(smollm2_gguf, smollm2_scored, smollm2_model):
+    """The heal fit a layer at a time from the Q4_1 GGUF equals the loaded model's (the default fold with
+    drift, the kept layers' refits, and fitted maps of the linearized layers), on a plan with every action
+    (form linear on every family: test_families)."""
+    from gatenorm.heal.fit import HealSettings
+    from tests.test_families import assert_heal_fit_equal
+
+    ckpt, scores = smollm2_scored
+    plan = mixed_plan(ckpt, SMOLLM2_MIXED_ACTIONS, SMOLLM2_MIXED_ALPHAS, scores)
+    windows = np.random.default_rng(9).integers(3, 2000, size=(4, 24))
+    assert_heal_fit_equal(smollm2_gguf, smollm2_model, plan, windows, HealSettings())

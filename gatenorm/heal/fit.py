@@ -14,8 +14,11 @@ ridge least squares of what the plan removes, in one of two forms (`HealSettings
 
 The fit is sequential: the layers run one at a time over every window, and each repair is fitted on the
 inputs that the layers below produce with their own repairs and pruning already in place, so later repairs
-correct what earlier ones left. Accumulation is float64 (``X^T X`` and ``X^T Y``: ``d x d`` matrices for
-a map, ``d_ff x d_ff`` and ``d_ff x d`` for a fold: 1.3 GB at a 7B model's 11008 x 4096). The only
+correct what earlier ones left. It runs on the layer-sequential engine (`gatenorm.sequential`): each
+decoder layer is read from the checkpoint when the fit reaches it and freed after (a loaded model is
+accepted too, e.g. by the study, which holds one anyway). Accumulation is float64 (``X^T X`` and
+``X^T Y``: ``d x d`` matrices for a map, ``d_ff x d_ff`` and ``d_ff x d`` for a fold: 1.3 GB at a 7B
+model's 11008 x 4096). The only
 activations held are the windows' hidden states, ``samples x length x d`` float32 (8192 tokens of a 7B
 model's 4096 channels: 134 MB; a few at a time: the healed and the unpruned stream, the inputs and outputs
 of the layer folded into), and that layer's down projection inputs (its ``d_ff`` channels: 360 MB), kept so
@@ -28,8 +31,6 @@ large-norm stream, whose errors the next norm scales down, do not dominate the f
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,8 +47,8 @@ from gatenorm.errors import GatenormError
 from gatenorm.heal.forms import HEALED_ACTIONS, HealForm, mapped_layers
 from gatenorm.heal.store import LinearRepair, healed, save_repairs
 from gatenorm.methods.calibration import SYNTHETIC, Calibration, direct_layer_inputs
+from gatenorm.methods.synthetic import sampler_id
 from gatenorm.plan import Healing, LayerAction, Plan
-from gatenorm.validate.text import WIKI_HELDOUT
 
 
 class CalibrationText(BaseModel):
@@ -68,17 +69,15 @@ class CalibrationText(BaseModel):
     def calibration(self) -> Calibration:
         return Calibration(self.calib, self.samples, self.length)
 
-    def windows(self, model_path: str | Path, model: nn.Module) -> np.ndarray:
-        """The calibration windows of `model_path` (`model`, its float32 model, generates synthetic text)."""
+    def windows(self, model_path: str | Path, log: Callable[[str], None] = lambda _: None) -> np.ndarray:
+        """The calibration windows of `model_path` (synthetic text: sampled from it by llama.cpp)."""
         from gatenorm.apply import load_tokenizer
 
-        return self.calibration().windows(load_tokenizer(model_path), model, self.seed)
+        return self.calibration().windows(load_tokenizer(model_path), model_path, self.seed, log)
 
     def calib_id(self) -> str:
         """The calibration source as a plan records it: a name, or ``file:<sha256>`` of a text file."""
-        if self.calib in (SYNTHETIC, WIKI_HELDOUT):
-            return self.calib
-        return "file:" + hashlib.sha256(Path(self.calib).read_bytes()).hexdigest()
+        return self.calibration().source_id()
 
 
 class HealSettings(CalibrationText):
@@ -148,34 +147,84 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def _layer0_inputs(model: nn.Module, ids: torch.Tensor, batch: int) -> torch.Tensor:
-    """The hidden states entering decoder layer 0 (embeddings, scaled as the family does), [n, T, d]."""
-    arch = get_architecture(model.config.model_type)
-    first = arch.decoder_layers(model)[0]
-    captured: list[torch.Tensor] = []
+class _LoadedLayers:
+    """The decoder layers of a loaded transformers model, called directly (`direct_layer_inputs`)."""
 
-    def hook(_module, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach().float())
-        raise _Stop
+    def __init__(self, model: nn.Module, windows: np.ndarray, batch: int):
+        self.model, self.batch = model, batch
+        self.arch = get_architecture(model.config.model_type)
+        self.layers = self.arch.decoder_layers(model)
+        self.n_layers = len(self.layers)
+        ids = torch.from_numpy(np.ascontiguousarray(windows))
+        self.masks, self.kwargs = direct_layer_inputs(model, ids)
+        self.ids = ids
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(ids), batch):
-                with contextlib.suppress(_Stop):
-                    model.model(input_ids=ids[start : start + batch], use_cache=False)
-    finally:
-        handle.remove()
-    return torch.cat(captured)
+    def inputs(self) -> torch.Tensor:
+        """The hidden states entering decoder layer 0 (embeddings, scaled as the family does), [n, T, d]."""
+        first = self.layers[0]
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, args, kwargs):
+            captured.append((args[0] if args else kwargs["hidden_states"]).detach().float())
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(self.ids), self.batch):
+                    with contextlib.suppress(_Stop):
+                        self.model.model(input_ids=self.ids[start : start + self.batch], use_cache=False)
+        finally:
+            handle.remove()
+        return torch.cat(captured)
+
+    def layer(self, i: int) -> nn.Module:
+        return self.layers[i]
+
+    def release(self, i: int) -> None:
+        """Loaded layers stay."""
+
+    def call(self, step: nn.Module, i: int, at: int, h: torch.Tensor):
+        """`step` (in place of layer `i`) on hidden states `h` of the windows from `at` on."""
+        return step(h, attention_mask=self.masks[i], **self.kwargs[i])
+
+
+class _SequentialLayers:
+    """The decoder layers of a `gatenorm.sequential.SequentialModel`: each built when the fit reaches it and
+    freed after, called with the arguments the model's own forward hands it."""
+
+    def __init__(self, model, windows: np.ndarray, batch: int):
+        self.model, self.batch, self.arch, self.n_layers = model, batch, model.arch, model.n_layers
+        self.state = model.embed(windows, batch)
+
+    def inputs(self) -> torch.Tensor:
+        hidden, self.state.hidden = self.state.hidden, torch.empty(0)
+        return hidden
+
+    def layer(self, i: int) -> nn.Module:
+        return self.model.build(i)
+
+    def release(self, i: int) -> None:
+        self.model.release(i)
+
+    def call(self, step: nn.Module, i: int, at: int, h: torch.Tensor):
+        args, kwargs = self.state.calls[at // self.batch][i]
+        return step(h, *args, **kwargs)
 
 
 def _solve(xtx: torch.Tensor, xty: torch.Tensor, bias: bool, ridge: float) -> LinearRepair:
-    """W (and b) minimizing ||Y - X W^T - b||^2 + lam ||W||^2, lam = ridge * mean diag(X^T X)."""
+    """W (and b) minimizing ||Y - X W^T - b||^2 + lam ||W||^2, lam = ridge * mean diag(X^T X). The ridge
+    is added to `xtx`'s diagonal in place and taken back exactly after (a fold's ``d_ff x d_ff`` moments
+    are 1 GB at 7B: no copy beyond the solver's own)."""
     d = xtx.shape[0] - int(bias)
-    lam = ridge * float(torch.diagonal(xtx)[:d].mean())
-    reg = torch.zeros_like(xtx)
-    reg[range(d), range(d)] = lam  # the bias is not shrunk
-    solution = torch.linalg.solve(xtx + reg, xty)  # [d (+1), d_out]
+    diagonal = torch.diagonal(xtx)[:d]  # the bias is not shrunk
+    lam = ridge * float(diagonal.mean())
+    saved = diagonal.clone()
+    diagonal.add_(lam)
+    try:
+        solution = torch.linalg.solve(xtx, xty)  # [d (+1), d_out]
+    finally:
+        diagonal.copy_(saved)
     weight = solution[:d].T.contiguous().float()
     return LinearRepair(weight, solution[d].float().contiguous() if bias else None)
 
@@ -189,15 +238,17 @@ class Fitted:
 
 
 def fit_repairs(
-    model: nn.Module,
+    model,
     plan: Plan,
     windows: np.ndarray,
     settings: HealSettings,
     batch: int = 4,
     progress: Callable[[int, int], None] | None = None,
 ) -> Fitted:
-    """The repairs of every changed layer of `plan`, fitted on the unpruned `model` (float32, which it
-    leaves unchanged) over `windows` [n, T]; `progress(done, total)` after each layer.
+    """The repairs of every changed layer of `plan`, fitted on the unpruned `model` (a
+    `gatenorm.sequential.SequentialModel`, each layer built when the fit reaches it and freed after, or a
+    loaded float32 transformers model, left unchanged) over `windows` [n, T]; `progress(done, total)` after
+    each layer.
 
     Form ``linear``: each changed layer gets a fitted map. Form ``fold``: what a dropped attention or
     block adds is folded into the down projection of the closest layer below whose MLP runs (only removed
@@ -206,17 +257,17 @@ def fit_repairs(
     the gap to the unpruned model's hidden states; the kept layer right above a changed one is refitted on
     that share of the gap alone (``refit_kept``). A linearized layer and a changed layer with no MLP below
     get a fitted map."""
-    arch = get_architecture(model.config.model_type)
-    layers = arch.decoder_layers(model)
-    if len(layers) != plan.source.n_layers:
-        raise GatenormError(f"plan is for {plan.source.n_layers} layers, model has {len(layers)}")
+    ids = np.ascontiguousarray(windows)
+    loaded = isinstance(model, nn.Module)
+    source = _LoadedLayers(model, ids, batch) if loaded else _SequentialLayers(model, ids, batch)
+    arch = source.arch
+    if source.n_layers != plan.source.n_layers:
+        raise GatenormError(f"plan is for {plan.source.n_layers} layers, model has {source.n_layers}")
     if settings.form == "fold" and (why := arch.fold_refusal()):
         raise GatenormError(f"--heal-form fold: {why}; use --heal-form linear")
-    ids = torch.from_numpy(np.ascontiguousarray(windows))
     if ids.shape[1] <= settings.skip_first:
         raise GatenormError(f"calibration windows of {ids.shape[1]} tokens leave nothing to fit")
-    masks, kwargs = direct_layer_inputs(model, ids)
-    hidden = _layer0_inputs(model, ids, batch)
+    hidden = source.inputs()
     # fold with drift: the unpruned model's hidden states (`orig`, entering layer i) run alongside, up to
     # the layer above the last changed one; below the first change they are `hidden` itself
     last = max(plan.changed, default=-2) + 1 if settings.tracks_drift else -1
@@ -228,18 +279,18 @@ def fit_repairs(
     below: _Feeder | None = None  # the closest layer below whose MLP runs (only removed blocks between)
 
     def run(step: nn.Module, inputs: torch.Tensor, i: int) -> torch.Tensor:
-        return _run(step, inputs, masks[i], kwargs[i], batch)
+        return _run(source, step, inputs, i)
 
     def feeder(i: int, step: nn.Module, inputs: torch.Tensor) -> _Feeder:
-        return _Feeder(arch, i, step, inputs, masks[i], kwargs[i], batch, settings)
+        return _Feeder(source, i, step, inputs, settings)
 
     for i, lp in enumerate(plan.layers):
-        layer = layers[i]
+        layer = source.layer(i)
         step = layer
         if i in folded:  # into the MLP below
 
             def lost(out, at, block=HEALED_ACTIONS[lp.action], layer=layer, i=i, orig=orig):
-                update = _lost_update(arch, layer, block, out, masks[i], kwargs[i])
+                update = _lost_update(source, layer, i, block, out, at)
                 if orig is None:
                     return update
                 return update + settings.drift * (orig[at : at + len(out)] - out)
@@ -249,7 +300,7 @@ def fit_repairs(
         elif i in mapped:
             block = HEALED_ACTIONS[lp.action]
             x_y = (
-                _lost_output(arch, layer, block, hidden[at : at + batch], masks[i], kwargs[i])
+                _lost_output(source, layer, i, block, hidden[at : at + batch], at)
                 for at in range(0, len(hidden), batch)
             )
             repair = _solve(*_moments(x_y, settings.skip_first, settings.bias), settings.ridge)
@@ -281,6 +332,8 @@ def fit_repairs(
             if below is not None and below.refitted:
                 fitted.refits[below.layer] = below.down_weight()
             below = current
+        del step, layer
+        source.release(i)
         if progress is not None:
             progress(i + 1, len(plan.layers))
     if below is not None and below.refitted:
@@ -294,31 +347,34 @@ class _Feeder:
     activation kept beyond the hidden states: 360 MB for 8192 tokens of a 7B model), their ``Z^T Z`` and
     the step's outputs are kept from the first pass, so each refit needs no further pass of the step (a
     refit adds ``s D z`` to the outputs) and later refits (more removed layers folding into it) reuse the
-    moments. Each token's row is weighed by ``1 / rms(out)^rms_power``, from the step's first outputs."""
+    moments. Each token's row is weighed by ``1 / rms(out)^rms_power``, from the step's first outputs.
+    The step runs once, at once (its layer may be freed after): the refitted down projection is kept as a
+    weight of its own (the model stays unchanged)."""
 
-    def __init__(self, arch, layer: int, step: nn.Module, inputs, mask, kwargs, batch: int, settings):
-        self.arch, self.layer, self.step, self.inputs = arch, layer, step, inputs
-        self.mask, self.kwargs, self.batch, self.settings = mask, kwargs, batch, settings
-        self.z: torch.Tensor | None = None
-        self.out: torch.Tensor | None = None
+    def __init__(self, source, layer: int, step: nn.Module, inputs: torch.Tensor, settings):
+        self.arch, self.layer, self.batch, self.settings = source.arch, layer, source.batch, settings
+        self.scale = (
+            step.residual_scale if isinstance(step, AttentionFreeLayer) else self.arch.residual_scale(step)
+        )
+        seen: list[torch.Tensor] = []
+        down = self.arch.down_projection(step)
+        handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].float()))
+        try:
+            self.out = _run(source, step, inputs, layer)
+        finally:
+            handle.remove()
+        self.z = torch.cat(seen)
+        self.stock = down.weight.detach().float()  # the model's own: never changed in place
+        self.down: torch.Tensor | None = None  # the refitted down projection's weight
         self.gram: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None  # [n, T, 1], per token
-        self.refitted = False
-        self.scale = (
-            step.residual_scale if isinstance(step, AttentionFreeLayer) else arch.residual_scale(step)
-        )
+
+    @property
+    def refitted(self) -> bool:
+        return self.down is not None
 
     def outputs(self) -> torch.Tensor:
         """The step's outputs over its inputs (as refitted so far)."""
-        if self.out is None:
-            seen: list[torch.Tensor] = []
-            down = self.arch.down_projection(self.step)
-            handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].float()))
-            try:
-                self.out = _run(self.step, self.inputs, self.mask, self.kwargs, self.batch)
-            finally:
-                handle.remove()
-            self.z = torch.cat(seen)
         return self.out
 
     def refit(self, target) -> torch.Tensor:
@@ -328,17 +384,14 @@ class _Feeder:
         if self.gram is None:
             ms = out.double().square().mean(-1, keepdim=True).clamp_min(1e-30)
             self.weight = ms.pow(-self.settings.rms_power / 2).float()
-            self.gram = sum(_gram(wz, z[:, skip:]) for _, wz, z in self._batches())
-        xty = sum(
-            _gram(wz, target(o, at)[:, skip:] / self.scale)
+            self.gram = _gram((wz, z[:, skip:]) for _, wz, z in self._batches())
+        xty = _gram(
+            (wz, target(o, at)[:, skip:] / self.scale)
             for (at, wz, _), o in zip(self._batches(), out.split(self.batch), strict=True)
         )
         delta = _solve(self.gram, xty, False, self.settings.fold_ridge).weight
-        if not self.refitted:
-            self.step, self.refitted = copy.deepcopy(self.step), True  # the model stays unchanged
-        down = self.arch.down_projection(self.step)
         with torch.no_grad():
-            down.weight += delta.to(down.weight.dtype)
+            self.down = (self.stock if self.down is None else self.down) + delta
             self.out = out + self.scale * torch.cat(
                 [nn.functional.linear(z, delta) for z in self.z.split(self.batch)]
             )
@@ -357,51 +410,60 @@ class _Feeder:
             yield at, z[:, skip:] * w[:, skip:], z
 
     def down_weight(self) -> torch.Tensor:
-        return self.arch.down_projection(self.step).weight.detach().float().clone()
+        return self.down.clone()
 
 
-def _run(step: nn.Module, inputs: torch.Tensor, mask, kwargs: dict, batch: int) -> torch.Tensor:
-    """`step`'s float32 outputs over `inputs` [n, T, d], `batch` windows at a time."""
+def _run(source, step: nn.Module, inputs: torch.Tensor, i: int) -> torch.Tensor:
+    """`step`'s float32 outputs (in place of layer `i`) over `inputs` [n, T, d], a batch at a time."""
     with torch.inference_mode():
         return torch.cat(
-            [_first(step(h, attention_mask=mask, **kwargs)).float() for h in inputs.split(batch)]
+            [
+                _first(source.call(step, i, at, h)).float()
+                for at, h in zip(range(0, len(inputs), source.batch), inputs.split(source.batch), strict=True)
+            ]
         )
 
 
-def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``X^T Y`` in float64 over the positions of [b, T, .] tensors."""
-    return x.reshape(-1, x.shape[-1]).double().T @ y.reshape(-1, y.shape[-1]).double()
+def _gram(pairs, total: torch.Tensor | None = None) -> torch.Tensor:
+    """``X^T Y`` in float64 over the positions of the [b, T, .] tensor pairs (x, y), added to `total` in
+    place (``addmm_``: no ``d_ff x d_ff`` temporary per batch; a fold's moments are 1.6 GB at 8B)."""
+    for x, y in pairs:
+        x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+        total = x.T @ y if total is None else total.addmm_(x.T, y)
+    return total
 
 
 def _moments(pairs, skip: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``X^T X`` and ``X^T Y`` (float64) over batches of (inputs, targets) [b, T, .], their first `skip`
     positions left out; with `bias` a column of ones joins X."""
-    xtx = xty = 0
+    xtx = xty = None
     for x, y in pairs:
         x, y = x[:, skip:], y[:, skip:]
         if bias:
             x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-        xtx, xty = xtx + _gram(x, x), xty + _gram(x, y)
+        xtx, xty = _gram([(x, x)], xtx), _gram([(x, y)], xty)
     return xtx, xty, bias
 
 
-def _lost_update(arch, layer: nn.Module, block: bool, h: torch.Tensor, mask, kwargs) -> torch.Tensor:
-    """What `layer`'s attention (or, `block`, the whole block) adds to the residual stream on `h`."""
+def _lost_update(source, layer: nn.Module, i: int, block: bool, h: torch.Tensor, at: int) -> torch.Tensor:
+    """What `layer` (decoder layer `i`)'s attention (or, `block`, the whole block) adds to the residual
+    stream on `h`, the hidden states of the windows from `at` on."""
     if block:
         with torch.inference_mode():
-            return _first(layer(h, attention_mask=mask, **kwargs)).float() - h
-    _, output = _lost_output(arch, layer, False, h, mask, kwargs)
-    return arch.attention_update(arch.layer_parts(layer), output)
+            return _first(source.call(layer, i, at, h)).float() - h
+    _, output = _lost_output(source, layer, i, False, h, at)
+    return source.arch.attention_update(source.arch.layer_parts(layer), output)
 
 
-def _lost_output(arch, layer: nn.Module, block: bool, h: torch.Tensor, mask: torch.Tensor, kwargs: dict):
-    """(normed input, what the plan removes) of `layer` on hidden states `h`: the attention module's input
-    and output, or (block) the input norm's output and the block's update."""
-    parts = arch.layer_parts(layer)
+def _lost_output(source, layer: nn.Module, i: int, block: bool, h: torch.Tensor, at: int):
+    """(normed input, what the plan removes) of `layer` (decoder layer `i`) on hidden states `h` of the
+    windows from `at` on: the attention module's input and output, or (block) the input norm's output and
+    the block's update."""
+    parts = source.arch.layer_parts(layer)
     with torch.inference_mode():
         if block:
             normed = h if parts.attention_norm is None else parts.attention_norm(h)
-            return normed, _first(layer(h, attention_mask=mask, **kwargs)).float() - h
+            return normed, _first(source.call(layer, i, at, h)).float() - h
         seen: dict[str, torch.Tensor] = {}
 
         def before(_module, args, kw):
@@ -417,7 +479,7 @@ def _lost_output(arch, layer: nn.Module, block: bool, h: torch.Tensor, mask: tor
         ]
         try:
             with contextlib.suppress(_Stop):
-                layer(h, attention_mask=mask, **kwargs)
+                source.call(layer, i, at, h)
         finally:
             for handle in handles:
                 handle.remove()
@@ -430,30 +492,32 @@ def heal_plan(
     settings: HealSettings,
     weights: Path,
     log: Callable[[str], None] = lambda _: None,
-    model: nn.Module | None = None,
+    model=None,
     windows: np.ndarray | None = None,
 ) -> Plan:
-    """`plan` healed: repairs fitted on `model_path`'s own model, their weights written to `weights`
-    (atomically) and recorded, with their hashes and the calibration, in the returned plan.
+    """`plan` healed: repairs fitted on `model_path`'s own model, a layer at a time
+    (`gatenorm.sequential`), their weights written to `weights` (atomically) and recorded, with their hashes
+    and the calibration, in the returned plan.
 
-    `model` (loaded from `model_path`, float32, left unchanged) and `windows` (``settings``' calibration
-    windows of it) are reused when given, e.g. to heal many plans of one model; the recorded seconds are
-    then the fit's alone (without the generation of the windows)."""
-    from gatenorm.apply import load_model
+    `model` (a `SequentialModel` of `model_path`, or its loaded float32 transformers model, left unchanged)
+    and `windows` (``settings``' calibration windows of it) are reused when given, e.g. to heal many plans
+    of one model; the recorded seconds are then the fit's alone (without the sampling of the windows). A
+    deci GGUF (layers already without attention) is refused by the engine."""
+    from gatenorm.sequential import SequentialModel
 
     if plan.healing is not None:
         raise GatenormError("the plan is already healed")
     if not plan.changed:
         raise GatenormError("the plan changes no layer: nothing to heal")
     if model is None:
-        model = load_model(model_path)
+        model = SequentialModel(model_path)
     if getattr(model.config, "gatenorm_fixed", None):
         raise GatenormError(
             f"--heal on {model_path}: its layers without attention are not run by the calibration passes yet"
         )
     start = time.perf_counter()
     if windows is None:
-        windows = settings.windows(model_path, model)
+        windows = settings.windows(model_path, log)
     n, t = windows.shape
     log(f"healing {len(plan.changed)} layers on {n} x {t} {settings.calib} tokens")
     fitted = fit_repairs(model, plan, windows, settings)
@@ -472,6 +536,7 @@ def heal_plan(
         refit_kept=settings.tracks_drift and settings.refit_kept,
         rms_power=settings.rms_power if fold else None,
         sequential=settings.sequential,
+        generator=sampler_id() if settings.calib == SYNTHETIC else None,
         seconds=seconds,
         weights=str(Path(weights).absolute()),
     )

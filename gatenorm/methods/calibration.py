@@ -1,10 +1,12 @@
 """Calibration for the data-driven methods: held-out text windows, or text the model generates itself
-(``synthetic``: no data at all), and per-layer statistics read by hooks on each decoder layer (one pass, no
-copy of the model or of its activations): on a loaded transformers model, or a layer at a time on the
-layer-sequential engine (`gatenorm.sequential`), which the methods use; HARP's tail runner likewise."""
+(``synthetic``: no data at all, sampled by llama.cpp: `gatenorm.methods.synthetic`), and per-layer
+statistics read by hooks on each decoder layer (one pass, no copy of the model or of its activations): on a
+loaded transformers model, or a layer at a time on the layer-sequential engine (`gatenorm.sequential`),
+which the methods use; HARP's tail runner likewise."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +17,10 @@ from torch import nn
 
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
+from gatenorm.plan import CalibrationRecord
 from gatenorm.validate.text import WIKI_HELDOUT, hf_bos_id, hf_tokenize, token_windows
 
-#: Calibration source: text sampled from the model itself (`generated_windows`), no external data.
+#: Calibration source: text sampled from the model itself (`gatenorm.methods.synthetic`), no external data.
 SYNTHETIC = "synthetic"
 
 
@@ -42,48 +45,44 @@ class Calibration:
                 f"--calib-samples {self.samples} / --calib-len {self.length}: need >= 1 sample of >= 8 tokens"
             )
 
-    def windows(self, tokenizer, model: nn.Module | None = None, seed: int = 0) -> np.ndarray:
-        """Token ids [samples, length] of the text, BOS first when the tokenizer adds one (`model` and
-        `seed` generate the ``synthetic`` text)."""
+    def source_id(self) -> str:
+        """The source as a plan records it: a name, or ``file:<sha256>`` of a text file."""
+        if self.source in (WIKI_HELDOUT, SYNTHETIC):
+            return self.source
+        return "file:" + hashlib.sha256(Path(self.source).read_bytes()).hexdigest()
+
+    def record(self, seed: int) -> CalibrationRecord:
+        """What a plan records of this calibration (`seed`: of the synthetic text)."""
+        from gatenorm.methods.synthetic import sampler_id
+
+        synthetic = self.source == SYNTHETIC
+        return CalibrationRecord(
+            source=self.source_id(),
+            samples=self.samples,
+            length=self.length,
+            seed=seed if synthetic else None,
+            generator=sampler_id() if synthetic else None,
+        )
+
+    def windows(
+        self,
+        tokenizer,
+        model_path: str | Path | None = None,
+        seed: int = 0,
+        log: Callable[[str], None] = lambda _: None,
+    ) -> np.ndarray:
+        """Token ids [samples, length] of the text, BOS first when the tokenizer adds one (the
+        ``synthetic`` text is sampled from `model_path` with `seed`: `gatenorm.methods.synthetic`)."""
+        from gatenorm.methods.synthetic import synthetic_windows
+
         bos = hf_bos_id(tokenizer)
         if self.source == SYNTHETIC:
-            if model is None:
+            if model_path is None:
                 raise GatenormError("synthetic calibration text needs the model that generates it")
-            return generated_windows(model, tokenizer, self.samples, self.length, bos, seed)
+            return synthetic_windows(model_path, tokenizer, self.samples, self.length, bos, seed, log)
         return token_windows(
             self.source, hf_tokenize(tokenizer), self.length, self.samples * self.length, bos
         )
-
-
-def generated_windows(
-    model: nn.Module, tokenizer, samples: int, length: int, bos: int | None, seed: int = 0
-) -> np.ndarray:
-    """`samples` windows of `length` tokens sampled from `model` itself (LLM-QAT's data-free calibration):
-    BOS (if the model uses one), a uniformly drawn non-special token, then ancestral sampling at temperature
-    1 with end-of-sequence suppressed, so that every window is full length. Seeded: same seed, same text."""
-    special = set(tokenizer.all_special_ids)
-    allowed = torch.tensor([i for i in range(model.config.vocab_size) if i not in special])
-    generator = torch.Generator().manual_seed(seed)
-    first = allowed[torch.randint(len(allowed), (samples, 1), generator=generator)]
-    prefix = first if bos is None else torch.cat([torch.full((samples, 1), bos), first], dim=1)
-    new = length - prefix.shape[1]
-    if new < 1:
-        return prefix[:, :length].numpy()
-    eos = tokenizer.eos_token_id
-    torch.manual_seed(seed)  # generate() samples from the global generator
-    with torch.inference_mode():
-        out = model.generate(
-            prefix,
-            attention_mask=torch.ones_like(prefix),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            pad_token_id=eos if eos is not None else 0,
-        )
-    return np.ascontiguousarray(out.numpy())
 
 
 @dataclass

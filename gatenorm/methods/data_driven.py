@@ -11,7 +11,6 @@ import functools
 import numpy as np
 
 from gatenorm.methods.calibration import (
-    SYNTHETIC,
     LayerStatistics,
     SequentialTailRunner,
     sequential_layer_statistics,
@@ -25,14 +24,10 @@ from gatenorm.sequential import SequentialModel
 
 
 def _windows(ckpt: Checkpoint, options: MethodOptions) -> np.ndarray:
-    """The calibration windows; synthetic text is sampled from the whole model, loaded for that alone."""
-    from gatenorm.apply import load_model, load_tokenizer
+    """The calibration windows (synthetic text: sampled by llama.cpp, `gatenorm.methods.synthetic`)."""
+    from gatenorm.apply import load_tokenizer
 
-    tokenizer = load_tokenizer(ckpt.path)
-    if options.calib.source == SYNTHETIC:
-        windows = options.calib.windows(tokenizer, load_model(ckpt.path), options.seed)
-    else:
-        windows = options.calib.windows(tokenizer)
+    windows = options.calib.windows(load_tokenizer(ckpt.path), ckpt.path, options.seed, options.log)
     options.log(
         f"calibration: {windows.shape[0]} windows of {windows.shape[1]} tokens from {options.calib.source}"
     )

@@ -9,7 +9,7 @@ The layer is linearized when that buys less damage per saved FLOP, (1 - alpha) /
 alpha > 1 - c_lin / c_drop (about 0.3 for SmolLM2 at a 256-token context), else its attention is dropped.
 
 The mixed-synthetic plan (gatenorm's, no data but forward passes): calibrate on text sampled from the model
-itself (`gatenorm.methods.calibration.generated_windows`), measure per layer the damage of dropping its
+itself (by llama.cpp: `gatenorm.methods.synthetic`), measure per layer the damage of dropping its
 attention, 1 - cos(X + A, X), of linearizing it at the least-squares alpha, 1 - cos(X + A, X + alpha L),
 and of dropping the whole block, 1 - cos(block in, block out), and rank the layers by the smallest damage
 per saved FLOP (cost model), taking the action that achieves it.

@@ -135,7 +135,10 @@ def make_method_plan(
     missing = [i for i in chosen if actions[i] is LayerAction.LINEARIZE and i not in ranking.alphas]
     if missing:
         raise GatenormError(f"{name}: no alpha for layers {missing}; rank with a larger budget")
-    return plan_from_actions(ckpt, ranking.scores, actions, ranking.alphas, name)
+    plan = plan_from_actions(ckpt, ranking.scores, actions, ranking.alphas, name)
+    spec = method_spec(method)
+    calib = (options.calib or spec.default_calib) if (spec.data or spec.default_calib) else None
+    return plan if calib is None else plan.model_copy(update={"calibration": calib.record(options.seed)})
 
 
 def score_checkpoint(ckpt: Checkpoint, method: str, seed: int = 0) -> LayerScores:

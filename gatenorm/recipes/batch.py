@@ -20,17 +20,19 @@ from exporters.targets import TARGETS, target_spec
 from gatenorm import __version__
 from gatenorm.errors import GatenormError
 from gatenorm.heal.fit import HealSettings
-from gatenorm.io import atomic_write_text
+from gatenorm.io import atomic_write_text, content_sha256
 from gatenorm.methods import MethodSettings, Ranking, make_method_plan, method_spec, rank_layers
 from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
 from gatenorm.recipes.schema import MethodEntry, Recipe, TargetBase, Validation
-from gatenorm.recipes.sources import ResolvedSource, content_sha256, resolve_source
+from gatenorm.recipes.sources import ResolvedSource, resolve_source
 from gatenorm.recover.settings import RecoverySettings
 
 if TYPE_CHECKING:
     import numpy as np
-    from torch import nn
+    from torch.nn import Module
+
+    from gatenorm.sequential import SequentialModel
 
 KEY_SCHEMA = 1
 #: The folder of the plan cache where healed plans and their repair weights are kept, by content key.
@@ -285,30 +287,41 @@ def _cached_plans(path: Path) -> dict[str, ResolvedBudget] | None:
 
 
 class _HealInputs:
-    """One source's float32 model and calibration windows, made on first use and shared by every plan of
-    it that a run heals (its budgets and methods): one model load and one text generation per calibration,
-    not one per healed plan."""
+    """One source's layer-sequential model and calibration windows, made on first use and shared by every
+    plan of it that a run heals (its budgets and methods): one sampling of the text per calibration, not
+    one per healed plan."""
 
     def __init__(self, source: ResolvedSource, log: Callable[[str], None]):
         self.source, self.log = source, log
-        self.model: nn.Module | None = None
+        self.model: SequentialModel | None = None
+        self.whole: Module | None = None  # loaded only for a recovery
         self.windows: dict[tuple, np.ndarray] = {}
 
-    def get(self, settings: HealSettings | RecoverySettings) -> tuple[nn.Module, np.ndarray]:
-        """(the model, `settings`' calibration windows of it)."""
+    def get(self, settings: HealSettings | RecoverySettings) -> tuple[SequentialModel | Module, np.ndarray]:
+        """(the model: its `SequentialModel` for healing, the whole float32 model for a recovery's training;
+        `settings`' calibration windows of it)."""
         from gatenorm.apply import load_model
+        from gatenorm.sequential import SequentialModel
+
+        if isinstance(settings, RecoverySettings):
+            if self.whole is None:
+                self.whole = load_model(self.source.path)
+            return self.whole, self.windows_of(settings)
 
         if self.model is None:
-            self.model = load_model(self.source.path)
+            self.model = SequentialModel(self.source.path)
+        return self.model, self.windows_of(settings)
+
+    def windows_of(self, settings: HealSettings | RecoverySettings) -> np.ndarray:
         key = (settings.calib_id(), settings.samples, settings.length, settings.seed)
         if key not in self.windows:
             start = time.perf_counter()
-            self.windows[key] = windows = settings.windows(self.source.path, self.model)
+            self.windows[key] = windows = settings.windows(self.source.path, self.log)
             self.log(
                 f"{self.source.name}: {windows.shape[0]} x {windows.shape[1]} {settings.calib} calibration "
                 f"tokens in {time.perf_counter() - start:.0f} s, for every plan healed on them"
             )
-        return self.model, self.windows[key]
+        return self.windows[key]
 
 
 def _healed_plan(

@@ -57,7 +57,7 @@ def files_of(path: Path) -> list[Path]:
 
 def describe_files(root: Path, path: Path) -> dict[str, dict]:
     """size, mtime and sha256 of each file of `path`, keyed by its path relative to `root`."""
-    from gatenorm.recipes.sources import file_sha256
+    from gatenorm.io import file_sha256
 
     out = {}
     for f in files_of(path):

@@ -8,12 +8,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from gatenorm import __version__
-from gatenorm.io import atomic_write_text
+from gatenorm.io import atomic_write_text, file_sha256
 from gatenorm.recipes.batch import BatchPlan, Variant
 from gatenorm.recipes.build import BUILD_RECORD, VariantResult, read_record, read_report
 from gatenorm.recipes.card import healing_text
 from gatenorm.recipes.plots import plot_layer_scores, plot_quality, plot_speed_quality
-from gatenorm.recipes.sources import file_sha256
 from gatenorm.validate.metrics import METRICS, Metric
 from gatenorm.validate.result import Bench
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from gatenorm.errors import GatenormError
 from gatenorm.hub import HubId, fetch, parse_hub_id
+from gatenorm.io import content_sha256
 from gatenorm.models import SHIPPED_MODELS, LocatedModel, locate_model
 from gatenorm.plan import HubSource
 from gatenorm.recipes.schema import ModelEntry
@@ -27,25 +27,6 @@ class ResolvedSource:
     @property
     def is_gguf(self) -> bool:
         return self.path.is_file()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of one file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def content_sha256(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (relative names and their sha256, in name order)."""
-    if path.is_file():
-        return file_sha256(path)
-    digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
-    return digest.hexdigest()
 
 
 def default_name(entry: ModelEntry) -> str:

@@ -326,7 +326,7 @@ def recover_plan(
         raise GatenormError(f"--recover on {model_path}: a deci file's pruned layers cannot be trained yet")
     start = time.perf_counter()
     if windows is None:
-        windows = settings.windows(model_path, model)
+        windows = settings.windows(model_path, log)
     n, t = windows.shape
     log(
         f"recovering: {settings.steps} steps of {settings.batch} x {t} tokens from {n} {settings.calib} "
@@ -383,16 +383,14 @@ def heal_and_recover(
 
     if recovery is not None:
         check_fits(model_path, recovery)  # before the healing's work
-    model = load_model(model_path)
-    windows = None
+    model = load_model(model_path) if recovery is not None else None  # healing reads a layer at a time
     same = (
         healing is not None
         and recovery is not None
         and (healing.calib, healing.samples, healing.length, healing.seed)
         == (recovery.calib, recovery.samples, recovery.length, recovery.seed)
     )
-    if same:
-        windows = healing.windows(model_path, model)
+    windows = healing.windows(model_path, log) if same else None
     if healing is not None:
         plan = heal_plan(model_path, plan, healing, heal_weights, log, model, windows)
     if recovery is not None:

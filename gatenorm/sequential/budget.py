@@ -13,7 +13,9 @@ from gatenorm.sequential.memory import (
     MemorySettings,
     ModelSize,
     check_memory,
+    heal_pass,
     layer_pass,
+    llama_sampling,
     whole_model,
 )
 
@@ -41,8 +43,10 @@ def plan_steps(
     if (spec.data or spec.default_calib is not None) and calib is not None:
         tokens = calib.samples * calib.length
         if calib.source == SYNTHETIC:
-            steps.append(whole_model(size, "sampling synthetic calibration text (the whole float32 model)",
-                                     tokens, per_token_passes=True))  # fmt: skip
+            gguf = ckpt.format == "gguf"
+            steps.append(
+                llama_sampling(size, "sampling synthetic calibration text in llama.cpp", tokens, gguf)
+            )
         if method == "harp":
             held = min(needed or ckpt.shape.n_layers - 1, ckpt.shape.n_layers - 1)
             steps.append(
@@ -51,7 +55,7 @@ def plan_steps(
         else:
             steps.append(layer_pass(size, "calibration statistics, a layer at a time", tokens))
     if heal_tokens is not None:
-        steps.append(whole_model(size, "healing (the whole float32 model)", heal_tokens))
+        steps.append(heal_pass(size, "healing, a layer at a time", heal_tokens))
     return steps
 
 

@@ -2,8 +2,9 @@
 table alone, and the refusal (one line, before anything is loaded) of one that cannot fit `--max-memory`.
 
 The figures are estimates: a layer-at-a-time pass holds one layer's float32 weights (and the dequantized
-copy it is made from), the LM head and the windows' hidden states; a whole-model step (synthetic text
-generation, healing, zero-shot tasks in PyTorch) holds every weight in float32.
+copy it is made from), the LM head and the windows' hidden states; a whole-model step (zero-shot tasks
+in PyTorch) holds every weight in float32; llama.cpp sampling synthetic text maps the GGUF (an HF folder's
+temporary F16 one) and holds its KV cache.
 """
 
 from __future__ import annotations
@@ -125,6 +126,15 @@ def whole_model(size: ModelSize, what: str, tokens: int = 0, per_token_passes: b
     return Estimate(what, BASE_BYTES + 4.0 * size.params * 1.1, seconds)
 
 
+def llama_sampling(size: ModelSize, what: str, tokens: int, gguf: bool) -> Estimate:
+    """llama.cpp sampling `tokens` one step at a time from the GGUF (`gguf`), else from a temporary F16 GGUF
+    of the HF folder: the file mapped, its KV cache (`gatenorm.methods.synthetic.KV_BUDGET` at most), a
+    float32 vocabulary row per window."""
+    mapped = size.file_bytes if gguf else 2.0 * size.params
+    seconds = mapped / READ_BYTES_PER_S + 2.0 * size.params * tokens / FLOPS_PER_S
+    return Estimate(what, BASE_BYTES + mapped + 0.5 * GIB, seconds)
+
+
 def layer_pass(
     size: ModelSize, what: str, tokens: int, held_layers: int = 1, hidden_copies: int = 2
 ) -> Estimate:
@@ -134,6 +144,18 @@ def layer_pass(
     hidden = 4.0 * tokens * size.d_model * hidden_copies
     seconds = size.file_bytes / READ_BYTES_PER_S + 2.0 * size.params * tokens / FLOPS_PER_S
     return Estimate(what, BASE_BYTES + weights + hidden, seconds)
+
+
+def heal_pass(size: ModelSize, what: str, tokens: int) -> Estimate:
+    """The heal fit a layer at a time over `tokens`: a layer-at-a-time pass holding four hidden states (the
+    healed and the unpruned stream, a folded layer's inputs and outputs), a refitted down projection, and
+    a fold's float64 moments of the MLP's ``d_ff`` inputs (``d_ff x d_ff``, twice while solving) with
+    those inputs themselves (float32)."""
+    d = size.d_model
+    d_ff = max((size.layer_params - 3 * d * d) // (3 * d), d)
+    step = layer_pass(size, what, tokens, held_layers=1, hidden_copies=4)
+    moments = 8.0 * (2 * d_ff * d_ff + d_ff * d) + 4.0 * tokens * d_ff + 4.0 * d * d_ff
+    return Estimate(what, step.peak + moments, step.seconds * 2)
 
 
 def check_memory(

@@ -450,7 +450,7 @@ def _heal_run(args, cache: Cache, ckpt, name: str, settings: HealSettings, zeros
     tokenizer = load_tokenizer(ckpt.path)
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    calib = settings.calibration().windows(tokenizer, base, settings.seed)
+    calib = settings.calibration().windows(tokenizer, ckpt.path, settings.seed)
     calib_seconds = time.perf_counter() - start
     section["calibration"] = {
         "settings": stamp,

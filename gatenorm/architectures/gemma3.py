@@ -25,7 +25,13 @@ class Gemma3(Gemma2):
 
     @classmethod
     def rotary_module(cls, model: nn.Module, attention: nn.Module) -> nn.Module | None:
-        return model.model.rotary_emb_local if attention.is_sliding else model.model.rotary_emb
+        if transformers_major() < 5:
+            return model.model.rotary_emb_local if attention.is_sliding else model.model.rotary_emb
+        # transformers 5: one rotary module with a table per layer type, picked by an argument
+        rotary = model.model.rotary_emb
+        typed = rotary.__dict__.setdefault("gatenorm_typed", {})  # one stable wrapper per type
+        kind = "sliding_attention" if attention.is_sliding else "full_attention"
+        return typed.setdefault(kind, _TypedRotary(rotary, kind))
 
     @classmethod
     def layer_kwargs(cls, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> list[dict]:
@@ -40,3 +46,15 @@ class Gemma3(Gemma2):
         types = model.config.layer_types
         tables = {t: model.model.rotary_emb(hidden, positions, t) for t in set(types)}
         return [{"position_embeddings": tables[types[i]]} for i in range(n)]
+
+
+class _TypedRotary(nn.Module):
+    """transformers 5's Gemma-3 rotary module for one layer type, called as a plain rotary module."""
+
+    def __init__(self, rotary: nn.Module, layer_type: str):
+        super().__init__()
+        self.__dict__["rotary"] = rotary  # not a submodule: the wrapper owns nothing
+        self.layer_type = layer_type
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor):
+        return self.rotary(x, positions, self.layer_type)

@@ -260,7 +260,7 @@ def train(
     first = min(layers_at)
     masks, kwargs = direct_layer_inputs(teacher, ids)  # made in inference mode: cloned for autograd
     masks = [m.to(device) for m in masks]
-    kwargs = {k: _clone(v) for k, v in kwargs.items()}
+    kwargs = [{k: _clone(v) for k, v in layer.items()} for layer in kwargs]
     hidden = _inputs_of(student, first, ids, settings.batch)
     params = [p for a in adapters.values() for p in (a.a, a.b)]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
@@ -277,7 +277,7 @@ def train(
             rows = order[step * settings.batch : (step + 1) * settings.batch]
             h = hidden[rows.to(device)]
             for i in range(first, len(layers)):
-                out = layers[i](h, attention_mask=masks[i], **kwargs)
+                out = layers[i](h, attention_mask=masks[i], **kwargs[i])
                 h = out[0] if isinstance(out, tuple) else out
             loss = cache.kl(rows, arch.logits(student, h))
             optimizer.zero_grad(set_to_none=True)

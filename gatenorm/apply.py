@@ -94,16 +94,13 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     with quiet_transformers(), _fast_gguf_merges():
         if path.is_file() and path.suffix == ".gguf":
-            # transformers has no 'deci' config: name the host family (`gatenorm.deci_model`)
-            ckpt = open_checkpoint(path)
-            config = {}
-            if ckpt.arch.name == "deci":
-                from transformers import AutoConfig
+            if open_checkpoint(path).arch.name == "deci":
+                # transformers has no 'deci' model type to pick a tokenizer class by: the file's own
+                # vocabulary in the generic fast tokenizer (what AutoTokenizer gives its host family too)
+                from transformers import PreTrainedTokenizerFast
 
-                from gatenorm.deci_model import host_family
-
-                config = {"config": AutoConfig.for_model(host_family(ckpt))}
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **config)
+                return PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return AutoTokenizer.from_pretrained(path if path.is_dir() else path.parent)
 
 

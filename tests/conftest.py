@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.utils import logging as hf_logging
 
 from gatenorm.models import smollm2, tiny
+
+#: the set-up's own output (transformers 5's save_pretrained shows a progress bar) stays off what tests read
+hf_logging.disable_progress_bar()
 
 TINY_LLAMA = dict(
     hidden_size=64,

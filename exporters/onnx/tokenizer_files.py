@@ -5,7 +5,8 @@ other readers: for a byte-level BPE vocabulary (``tokenizer.ggml.model`` gpt2) i
 ``Sequence[ByteFallback, Fuse, Replace, ByteLevel]`` (onnxruntime-genai's tokenizer then maps every
 ``Ġ``-initial token to -1 and decodes ``Ġ``/``Ċ`` literally), it names BOS as EOS and turns on BOS where the
 GGUF's ``tokenizer.ggml.add_bos_token`` is false. Here a byte-level vocabulary gets the plain ``ByteLevel``
-decoder and post-processor (and no byte fallback) of a GPT-2 tokenizer, and special tokens and
+decoder and a post-processor that adds no BOS where the GGUF adds none (``ByteLevel``; transformers 5 writes
+it as a template of the text alone), and no byte fallback, of a GPT-2 tokenizer, and special tokens and
 ``add_bos_token`` are taken from the GGUF's own keys. The chat template is written inside
 ``tokenizer_config.json`` (transformers.js does not read ``chat_template.jinja``).
 """

@@ -158,3 +158,32 @@ def test_the_report_keeps_its_hand_written_regions(study):
     (docs / "study.md").write_text(f"{begin}\nnever closed\n")
     with pytest.raises(GatenormError, match="'reading' is not closed"):
         main([*args, "--docs", str(docs), "--stages", "report"])
+
+
+def test_study_quality_on_the_engine_equals_the_whole_model(smollm2_gguf, smollm2_model):
+    """The study's quality stages run on the layer-sequential engine (reference and plans in one pass): the
+    same PPL, KLD and top-1 as the whole float32 model with the plan applied."""
+    import copy
+
+    import numpy as np
+
+    from gatenorm.apply import apply_plan
+    from gatenorm.readers import open_checkpoint
+    from gatenorm.sequential import SequentialModel
+    from gatenorm.study.run import engine_qualities, logits_of, quality_of
+    from tests.conftest import mixed_plan
+
+    ckpt = open_checkpoint(smollm2_gguf)
+    plans = [
+        mixed_plan(ckpt, {20: "drop-attention", 25: "linearize"}, {25: 0.4}),
+        mixed_plan(ckpt, {9: "drop-block", 28: "drop-attention"}, {}),
+    ]
+    windows = np.random.default_rng(0).integers(1, 40000, size=(2, 48)).astype(np.int64)
+    ref, got = engine_qualities(SequentialModel(ckpt), windows, plans)
+    whole_ref = logits_of(smollm2_model, windows)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(ref, whole_ref, strict=True)) < 1e-3
+    for plan, q in zip(plans, got, strict=True):
+        expected = quality_of(apply_plan(copy.deepcopy(smollm2_model), plan), windows, whole_ref)
+        assert q.keys() == expected.keys() and q["tokens"] == expected["tokens"] == 2 * 47
+        for name in ("ppl", "kld", "top1", "ppl_ref"):
+            assert q[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), name

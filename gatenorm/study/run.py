@@ -246,10 +246,10 @@ def logits_of(model, windows: np.ndarray) -> list[np.ndarray]:
         ]
 
 
-def quality_of(model, windows: np.ndarray, ref: list[np.ndarray]) -> dict:
-    """PPL, KLD and top-1 agreement (keyed by their metric names, `gatenorm.validate.metrics`) of `model`
-    against the reference logits `ref` on `windows`."""
-    a = compare_logits(ref, logits_of(model, windows), windows, first=0)
+def quality_from(ref: list[np.ndarray], logits, windows: np.ndarray) -> dict:
+    """PPL, KLD and top-1 agreement (keyed by their metric names, `gatenorm.validate.metrics`) of the
+    candidate `logits` (per window) against the reference logits `ref` on `windows`."""
+    a = compare_logits(ref, logits, windows, first=0)
     ppl, kld, top1 = (METRICS[name].read(a) for name in ("ppl", "kld", "top1"))
     return {
         "ppl": ppl,
@@ -261,24 +261,47 @@ def quality_of(model, windows: np.ndarray, ref: list[np.ndarray]) -> dict:
     }
 
 
+def quality_of(model, windows: np.ndarray, ref: list[np.ndarray]) -> dict:
+    """`quality_from` of a whole model (a recovery's student, whose merged weights the engine's plans do
+    not carry)."""
+    return quality_from(ref, logits_of(model, windows), windows)
+
+
+#: plans per layer-at-a-time pass: their hidden states are held together (8 x 256 x 576 float32 = 4.7 MB
+#: each on SmolLM2), and the cache is saved after each pass
+PASS_PLANS = 16
+
+
+def engine_qualities(engine, windows: np.ndarray, plans: list[Plan]) -> tuple[list[np.ndarray], list[dict]]:
+    """(the unpruned model's logits, `quality_from` of each plan) on `windows`, computed on the
+    layer-sequential engine (`gatenorm.sequential.SequentialModel.forward_many`): the reference and every
+    plan in one pass that reads each layer's weights once, the LM head read once."""
+    states = engine.forward_many(windows, [None, *plans])
+    with engine.head():
+        ref = list(engine.window_logits(states[0].hidden, 0))
+        return ref, [quality_from(ref, engine.window_logits(s.hidden, 0), windows) for s in states[1:]]
+
+
 def stage_quality(args, cache: Cache, ckpt) -> None:
-    from gatenorm.apply import apply_plan, load_model, load_tokenizer
+    from gatenorm.apply import load_tokenizer
+    from gatenorm.sequential import SequentialModel
 
     section = cache.section("quality")
     todo = {k: p for k, p in plans(args, cache, ckpt).items() if f"{k[0]}/{k[1]}" not in section}
     if not todo:
         return
-    base = load_model(ckpt.path)
+    engine = SequentialModel(ckpt)
     windows = eval_windows(args, load_tokenizer(ckpt.path))
-    ref = logits_of(base, windows)
-    for (name, b), plan in todo.items():
-        start = time.perf_counter()
-        model = apply_plan(copy.deepcopy(base), plan)
-        section[f"{name}/{b}"] = q = quality_of(model, windows, ref)
-        took = time.perf_counter() - start
-        log(f"quality: {name} budget {b}: PPL {q['ppl']:.2f} KLD {q['kld']:.4f} ({took:.0f} s)")
+    items = list(todo.items())
+    for start in range(0, len(items), PASS_PLANS):
+        chunk = items[start : start + PASS_PLANS]
+        began = time.perf_counter()
+        _, qualities = engine_qualities(engine, windows, [plan for _, plan in chunk])
+        took = (time.perf_counter() - began) / len(chunk)
+        for ((name, b), _), q in zip(chunk, qualities, strict=True):
+            section[f"{name}/{b}"] = q
+            log(f"quality: {name} budget {b}: PPL {q['ppl']:.2f} KLD {q['kld']:.4f} ({took:.0f} s each)")
         cache.save()
-        del model
 
 
 def stage_speed(args, cache: Cache, ckpt) -> None:
@@ -422,7 +445,8 @@ def stage_heal(args, cache: Cache, ckpt) -> None:
 
 
 def _heal_run(args, cache: Cache, ckpt, name: str, settings: HealSettings, zeroshot: bool) -> None:
-    from gatenorm.apply import apply_plan, load_model, load_tokenizer
+    from gatenorm.apply import apply_plan, load_tokenizer
+    from gatenorm.sequential import SequentialModel
     from gatenorm.validate.runtimes import TorchRuntime
 
     section = cache.section(name)
@@ -446,7 +470,7 @@ def _heal_run(args, cache: Cache, ckpt, name: str, settings: HealSettings, zeros
     if not missing:
         return
     start = time.perf_counter()
-    base = load_model(ckpt.path)
+    engine = SequentialModel(ckpt)
     tokenizer = load_tokenizer(ckpt.path)
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -460,14 +484,11 @@ def _heal_run(args, cache: Cache, ckpt, name: str, settings: HealSettings, zeros
         "load": os.getloadavg()[0],
     }
     start = time.perf_counter()
-    with torch.inference_mode():
-        for row in range(0, len(calib), 4):
-            base.model(input_ids=torch.from_numpy(calib[row : row + 4]), use_cache=False)
+    engine.forward(calib)  # a layer at a time: the reads of the weights are in it
     section["calibration"]["forward_seconds"] = time.perf_counter() - start  # the 7B generation estimate
     log(f"{name}: {calib.shape[0]} x {calib.shape[1]} {settings.calib} tokens in {calib_seconds:.0f} s")
     cache.save()
     windows = eval_windows(args, tokenizer)
-    ref = logits_of(base, windows)
     folder = tempfile.TemporaryDirectory() if args.heal_dir is None else None
     where = Path(folder.name if folder else args.heal_dir)
     where.mkdir(parents=True, exist_ok=True)
@@ -479,7 +500,7 @@ def _heal_run(args, cache: Cache, ckpt, name: str, settings: HealSettings, zeros
             key = f"{method}/{b}"
             stem = f"{prefix}{method}-{b}"
             healed_plan = heal_plan(
-                ckpt.path, plan, settings, where / f"{stem}.repairs.safetensors", log, base, calib
+                ckpt.path, plan, settings, where / f"{stem}.repairs.safetensors", log, engine, calib
             )
             healed_plan.save(where / f"{stem}.json")
             healed_plans[method, b] = healed_plan
@@ -494,11 +515,9 @@ def _heal_run(args, cache: Cache, ckpt, name: str, settings: HealSettings, zeros
                 refitted=healed_plan.refitted,
                 plan=healed_plan.describe(),
             )
-            entry["quality"] = q = quality_of(apply_plan(copy.deepcopy(base), healed_plan), windows, ref)
-            if key not in cache.section("quality"):
-                cache.section("quality")[key] = quality_of(
-                    apply_plan(copy.deepcopy(base), plan), windows, ref
-                )
+            _, (q, unhealed) = engine_qualities(engine, windows, [healed_plan, plan])
+            entry["quality"] = q
+            cache.section("quality").setdefault(key, unhealed)
             u = cache.section("quality")[key]
             log(
                 f"{name}: {key}: fit {healed_plan.healing.seconds:.1f} s, "

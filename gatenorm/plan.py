@@ -195,6 +195,8 @@ class Recovery(BaseModel):
     calib: str
     samples: int = Field(ge=1)
     length: int = Field(ge=2)
+    #: what sampled the synthetic text (``llama.cpp (llama-cpp-python <version>)``; None: data)
+    generator: str | None = None
     #: the teacher's distribution as cached: its top-k tokens and the rest as one bucket (None: in full)
     top_k: int | None = Field(None, ge=1)
     #: KL(teacher || student) per token, before the first step and over the last steps

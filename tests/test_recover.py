@@ -22,6 +22,7 @@ from gatenorm.apply import apply_plan, load_model
 from gatenorm.cli import main
 from gatenorm.errors import GatenormError
 from gatenorm.heal.fit import HealSettings, heal_plan
+from gatenorm.methods.synthetic import sampler_id
 from gatenorm.plan import Plan
 from gatenorm.readers import open_checkpoint
 from gatenorm.recover.lora import LoraLinear
@@ -66,6 +67,7 @@ def test_recovery_lowers_its_loss_and_records_what_it_trained(recovered):
         r.layers == [1, 3, 5] and r.targets == list(ATTENTION) and (r.rank, r.alpha, r.steps) == (8, 16.0, 12)
     )
     assert r.calib == "synthetic" and (r.samples, r.length) == (4, 32) and r.top_k is None  # 25 MiB in full
+    assert r.generator == sampler_id()  # the text is the model's own, sampled by llama.cpp
     assert r.loss < 0.8 * r.initial_loss, (r.initial_loss, r.loss)
     assert sorted(r.tensors) == sorted(
         f"model.layers.{i}.self_attn.{t}.weight" for i in (1, 3, 5) for t in ATTENTION

@@ -26,7 +26,8 @@ from torch import nn
 from gatenorm.architectures import get_architecture
 from gatenorm.errors import GatenormError
 from gatenorm.heal.fit import HealSettings, heal_plan
-from gatenorm.methods.calibration import direct_layer_inputs
+from gatenorm.methods.calibration import SYNTHETIC, direct_layer_inputs
+from gatenorm.methods.synthetic import sampler_id
 from gatenorm.plan import LayerAction, Plan, Recovery
 from gatenorm.recover.lora import attach
 from gatenorm.recover.settings import RecoverySettings
@@ -351,6 +352,7 @@ def recover_plan(
         calib=settings.calib_id(),
         samples=n,
         length=t,
+        generator=sampler_id() if settings.calib == SYNTHETIC else None,
         top_k=trained.top_k,
         initial_loss=trained.initial_loss,
         loss=trained.loss,

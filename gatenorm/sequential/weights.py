@@ -17,8 +17,8 @@ from torch import nn
 
 from gatenorm.errors import GatenormError
 from gatenorm.plan import Plan
-from gatenorm.quiet import quiet_transformers
 from gatenorm.readers import Checkpoint
+from gatenorm.readers.hf_gguf import parsed_gguf
 from gatenorm.recover.store import load_overrides
 
 
@@ -43,11 +43,9 @@ class CheckpointTensors:
             TENSOR_PROCESSORS,
             TensorProcessor,
             get_gguf_hf_weights_map,
-            load_gguf_checkpoint,
         )
 
-        with quiet_transformers():
-            parsed = load_gguf_checkpoint(self.ckpt.path, return_tensors=False)
+        parsed = parsed_gguf(self.ckpt.path)
         architecture = self.ckpt.reader.fields["general.architecture"].contents()
         self._parsed = parsed
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(

@@ -43,12 +43,17 @@ def tokenizer_key(fields: dict[str, ScannedField], generic: bool) -> str:
 
 def _load(entry: Path, generic: bool):
     """The tokenizer stored in `entry`, or None when it is missing, altered or does not load."""
+    from tokenizers import Tokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
         if (entry / DIGEST).read_text().strip() != content_sha256(entry):
             return None
-        return (PreTrainedTokenizerFast if generic else AutoTokenizer).from_pretrained(entry)
+        # the backend as converted: a class's own __init__ would rebuild it from the vocabulary with the
+        # pre-tokenizer of its hub checkpoints (Qwen2Tokenizer's regex), not the one the GGUF load gives
+        backend = Tokenizer.from_file(str(entry / "tokenizer.json"))
+        loader = PreTrainedTokenizerFast if generic else AutoTokenizer
+        return loader.from_pretrained(entry, tokenizer_object=backend)
     except Exception:  # whatever a damaged entry makes transformers raise: rebuilt
         return None
 

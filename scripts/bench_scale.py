@@ -78,7 +78,9 @@ def _commands(
         ("plan harp (wiki-heldout)",
          f"plan {model} -m harp --calib wiki-heldout {calib} --drop 2 -o {stem}-harp.json", tokens),
         ("plan mixed-synthetic",
-         f"plan {model} -m mixed-synthetic {calib} --drop {drop} -o {stem}-mixed.json", tokens),
+         # --calib synthetic: without it the method's default calibration (8 x 256) ignores {calib}
+         f"plan {model} -m mixed-synthetic --calib synthetic {calib} --drop {drop} -o {stem}-mixed.json",
+         tokens),
         ("plan --heal (synthetic)", f"plan {model} --drop {drop} {heal} -o {stem}-healed.json", 2 * tokens),
         ("validate torch --candidate-plan",
          f"validate {model} {model} --runtime torch --candidate-plan {stem}-cosine.json --tasks none "

@@ -83,7 +83,8 @@ class CheckpointTensors:
         result = self._processor.process(
             weights=weights, name=source, tensor_key_mapping=self._mapping, parsed_parameters=self._parsed
         )
-        return torch.from_numpy(np.copy(result.weights))
+        # `value` is this read's own memory (dequantized, or the bytes read): no copy unless reordered
+        return torch.from_numpy(np.ascontiguousarray(result.weights))
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop-1 of a vocabulary table (embedding or LM head), float32."""

@@ -19,10 +19,12 @@ from gatenorm.architectures.layers import (  # noqa: F401  (re-exported: the pru
     LinearBlockLayer,
 )
 from gatenorm.errors import GatenormError
+from gatenorm.gguf_tokenizer import cached_tokenizer
 from gatenorm.heal.store import load_refits, load_repairs
 from gatenorm.plan import LayerAction, LayerPlan, Plan
 from gatenorm.quiet import quiet_transformers
 from gatenorm.readers import open_checkpoint
+from gatenorm.readers.hf_gguf import shared_gguf_parse
 from gatenorm.recover.store import load_overrides
 
 
@@ -43,7 +45,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     attention = ckpt.arch.hf_attn_implementation
     options = {"dtype": dtype} | ({"attn_implementation": attention} if attention else {})
-    with quiet_transformers():
+    with quiet_transformers(), shared_gguf_parse():
         if ckpt.format == "gguf":
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **options)
         else:
@@ -88,19 +90,25 @@ def _fast_gguf_merges() -> Iterator[None]:
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer stored with a model: the HF folder's files, or the GGUF's vocabulary."""
+    """The tokenizer stored with a model: the HF folder's files, or the GGUF's vocabulary (converted once per
+    model: `gatenorm.gguf_tokenizer`)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
-    with quiet_transformers(), _fast_gguf_merges():
+    with quiet_transformers(), _fast_gguf_merges(), shared_gguf_parse():
         if path.is_file() and path.suffix == ".gguf":
-            if open_checkpoint(path).arch.name == "deci":
-                # transformers has no 'deci' model type to pick a tokenizer class by: the file's own
-                # vocabulary in the generic fast tokenizer (what AutoTokenizer gives its host family too)
+            ckpt = open_checkpoint(path)
+            # transformers has no 'deci' model type to pick a tokenizer class by: the file's own
+            # vocabulary in the generic fast tokenizer (what AutoTokenizer gives its host family too)
+            generic = ckpt.arch.name == "deci"
+
+            def convert():
                 from transformers import PreTrainedTokenizerFast
 
-                return PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                loader = PreTrainedTokenizerFast if generic else AutoTokenizer
+                return loader.from_pretrained(path.parent, gguf_file=path.name)
+
+            return cached_tokenizer(path, ckpt.reader.fields, generic, convert)
         return AutoTokenizer.from_pretrained(path if path.is_dir() else path.parent)
 
 

@@ -225,6 +225,15 @@ def read_text_file(path: Path, what: str = "text file") -> str:
         raise GatenormError(f"{path} is not UTF-8 text (byte {e.start})") from None
 
 
+def cache_dir() -> Path:
+    """The user cache folder of gatenorm: ``$GATENORM_CACHE``, else ``$XDG_CACHE_HOME/gatenorm``, else
+    ``~/.cache/gatenorm``."""
+    if root := os.environ.get("GATENORM_CACHE"):
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gatenorm"
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     """sha256 of one file, read in 4 MiB chunks."""
     digest = hashlib.sha256()

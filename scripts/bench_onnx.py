@@ -319,6 +319,8 @@ def hf_copy(gguf: Path, out: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if getattr(loaded.config, "quantization_config", None) is not None:  # transformers 5 records the GGUF
+        del loaded.config.quantization_config  # the copy is plain float32: the builder refuses "gguf"
     fresh = AutoModelForCausalLM.from_config(loaded.config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.save_pretrained(out)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from gatenorm.errors import GatenormError
-from gatenorm.io import atomic_path, content_sha256, scratch_file
+from gatenorm.io import atomic_path, cache_dir, content_sha256, scratch_file
 
 #: Bumped when the sampling rules change: older cached windows are then not reused.
 SAMPLER_SCHEMA = 1
@@ -39,14 +39,6 @@ def sampler_id() -> str:
     import llama_cpp
 
     return f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
-
-
-def cache_dir() -> Path:
-    """The user cache folder of gatenorm."""
-    if root := os.environ.get("GATENORM_CACHE"):
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gatenorm"
 
 
 @contextlib.contextmanager

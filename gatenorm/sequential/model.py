@@ -29,6 +29,7 @@ from gatenorm.errors import GatenormError
 from gatenorm.plan import LayerAction, LayerPlan, Plan
 from gatenorm.quiet import quiet_transformers
 from gatenorm.readers import Checkpoint, open_checkpoint
+from gatenorm.readers.hf_gguf import shared_gguf_parse
 from gatenorm.sequential.weights import CheckpointTensors, materialize, release
 
 #: glibc's mallopt parameter of the size above which an allocation gets its own mapping.
@@ -99,7 +100,7 @@ class Windows:
 def _config(ckpt: Checkpoint):
     from transformers import AutoConfig
 
-    with quiet_transformers():
+    with quiet_transformers(), shared_gguf_parse():
         if ckpt.format == "gguf":
             return AutoConfig.from_pretrained(ckpt.path.parent, gguf_file=ckpt.path.name)
         return AutoConfig.from_pretrained(ckpt.path)

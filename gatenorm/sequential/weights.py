@@ -17,8 +17,8 @@ from torch import nn
 
 from gatenorm.errors import GatenormError
 from gatenorm.plan import Plan
-from gatenorm.quiet import quiet_transformers
 from gatenorm.readers import Checkpoint
+from gatenorm.readers.hf_gguf import parsed_gguf
 from gatenorm.recover.store import load_overrides
 
 
@@ -43,11 +43,9 @@ class CheckpointTensors:
             TENSOR_PROCESSORS,
             TensorProcessor,
             get_gguf_hf_weights_map,
-            load_gguf_checkpoint,
         )
 
-        with quiet_transformers():
-            parsed = load_gguf_checkpoint(self.ckpt.path, return_tensors=False)
+        parsed = parsed_gguf(self.ckpt.path)
         architecture = self.ckpt.reader.fields["general.architecture"].contents()
         self._parsed = parsed
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(
@@ -85,7 +83,8 @@ class CheckpointTensors:
         result = self._processor.process(
             weights=weights, name=source, tensor_key_mapping=self._mapping, parsed_parameters=self._parsed
         )
-        return torch.from_numpy(np.copy(result.weights))
+        # `value` is this read's own memory (dequantized, or the bytes read): no copy unless reordered
+        return torch.from_numpy(np.ascontiguousarray(result.weights))
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop-1 of a vocabulary table (embedding or LM head), float32."""

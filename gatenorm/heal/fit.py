@@ -45,6 +45,7 @@ from gatenorm.architectures import get_architecture
 from gatenorm.architectures.layers import AttentionFreeLayer
 from gatenorm.errors import GatenormError
 from gatenorm.heal.forms import HEALED_ACTIONS, HealForm, mapped_layers
+from gatenorm.heal.solve import RidgeSolver
 from gatenorm.heal.store import LinearRepair, healed, save_repairs
 from gatenorm.methods.calibration import SYNTHETIC, Calibration, direct_layer_inputs
 from gatenorm.methods.synthetic import sampler_id
@@ -213,18 +214,13 @@ class _SequentialLayers:
 
 
 def _solve(xtx: torch.Tensor, xty: torch.Tensor, bias: bool, ridge: float) -> LinearRepair:
-    """W (and b) minimizing ||Y - X W^T - b||^2 + lam ||W||^2, lam = ridge * mean diag(X^T X). The ridge
-    is added to `xtx`'s diagonal in place and taken back exactly after (a fold's ``d_ff x d_ff`` moments
-    are 1 GB at 7B: no copy beyond the solver's own)."""
-    d = xtx.shape[0] - int(bias)
-    diagonal = torch.diagonal(xtx)[:d]  # the bias is not shrunk
-    lam = ridge * float(diagonal.mean())
-    saved = diagonal.clone()
-    diagonal.add_(lam)
-    try:
-        solution = torch.linalg.solve(xtx, xty)  # [d (+1), d_out]
-    finally:
-        diagonal.copy_(saved)
+    """W (and b) minimizing ||Y - X W^T - b||^2 + lam ||W||^2, lam = ridge * mean diag(X^T X) (`RidgeSolver`:
+    `xtx` and `xty` are overwritten)."""
+    return _repair(RidgeSolver(xtx, ridge, bias).solve(xty), xtx.shape[0] - int(bias), bias)
+
+
+def _repair(solution: torch.Tensor, d: int, bias: bool) -> LinearRepair:
+    """The fitted map (and bias) of a least-squares solution [d (+1), d_out]."""
     weight = solution[:d].T.contiguous().float()
     return LinearRepair(weight, solution[d].float().contiguous() if bias else None)
 
@@ -344,12 +340,13 @@ def fit_repairs(
 class _Feeder:
     """A layer's step over its inputs, as a fold sees it: the MLP whose down projection absorbs what
     removed layers above it added. The down projection's inputs ``z`` ([n, T, d_ff] float32, the one
-    activation kept beyond the hidden states: 360 MB for 8192 tokens of a 7B model), their ``Z^T Z`` and
-    the step's outputs are kept from the first pass, so each refit needs no further pass of the step (a
-    refit adds ``s D z`` to the outputs) and later refits (more removed layers folding into it) reuse the
-    moments. Each token's row is weighed by ``1 / rms(out)^rms_power``, from the step's first outputs.
-    The step runs once, at once (its layer may be freed after): the refitted down projection is kept as a
-    weight of its own (the model stays unchanged)."""
+    activation kept beyond the hidden states: 360 MB for 8192 tokens of a 7B model), the Cholesky factor
+    of their ridged ``Z^T Z`` (`RidgeSolver`, in the moments' own storage) and the step's outputs are kept
+    from the first pass, so each refit needs no further pass of the step (a refit adds ``s D z`` to the
+    outputs) and later refits (more removed layers folding into it) reuse the factor. Each token's row is
+    weighed by ``1 / rms(out)^rms_power``, from the step's first outputs. The step runs once, at once
+    (its layer may be freed after): the refitted down projection is kept as a weight of its own (the
+    model stays unchanged)."""
 
     def __init__(self, source, layer: int, step: nn.Module, inputs: torch.Tensor, settings):
         self.arch, self.layer, self.batch, self.settings = source.arch, layer, source.batch, settings
@@ -366,7 +363,7 @@ class _Feeder:
         self.z = torch.cat(seen)
         self.stock = down.weight.detach().float()  # the model's own: never changed in place
         self.down: torch.Tensor | None = None  # the refitted down projection's weight
-        self.gram: torch.Tensor | None = None
+        self.solver: RidgeSolver | None = None  # of the moments of the weighed inputs, factored in place
         self.weight: torch.Tensor | None = None  # [n, T, 1], per token
 
     @property
@@ -381,15 +378,19 @@ class _Feeder:
         """Add to the step's down projection the ridge least-squares map from its inputs to
         ``target(out, at)`` (what the outputs ``out`` from window ``at`` on should gain); the new outputs."""
         out, skip = self.outputs(), self.settings.skip_first
-        if self.gram is None:
+        if self.solver is None:
             ms = out.double().square().mean(-1, keepdim=True).clamp_min(1e-30)
             self.weight = ms.pow(-self.settings.rms_power / 2).float()
-            self.gram = _gram((wz, z[:, skip:]) for _, wz, z in self._batches())
-        xty = _gram(
-            (wz, target(o, at)[:, skip:] / self.scale)
+            gram = _gram((wz, z[:, skip:]) for _, wz, z in self._batches())
+            self.solver = RidgeSolver(gram, self.settings.fold_ridge)
+        # (X^T Y)^T summed as Y^T X: its transpose, the solver's right-hand side, is column-major, which
+        # the triangular solves overwrite without a copy
+        yx = _gram(
+            (target(o, at)[:, skip:] / self.scale, wz)
             for (at, wz, _), o in zip(self._batches(), out.split(self.batch), strict=True)
         )
-        delta = _solve(self.gram, xty, False, self.settings.fold_ridge).weight
+        delta = _repair(self.solver.solve(yx.T), self.z.shape[-1], False).weight
+        del yx
         with torch.no_grad():
             self.down = (self.stock if self.down is None else self.down) + delta
             self.out = out + self.scale * torch.cat(

@@ -537,7 +537,7 @@ def heal_plan(
         refit_kept=settings.tracks_drift and settings.refit_kept,
         rms_power=settings.rms_power if fold else None,
         sequential=settings.sequential,
-        generator=sampler_id() if settings.calib == SYNTHETIC else None,
+        generator=sampler_id(model_path) if settings.calib == SYNTHETIC else None,
         seconds=seconds,
         weights=str(Path(weights).absolute()),
     )

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from gatenorm.architectures.layers import AttentionFreeLayer
 from gatenorm.errors import GatenormError
 from gatenorm.heal.forms import HEALED_ACTIONS, HealForm, mapped_layers
 from gatenorm.heal.solve import RidgeSolver
+from gatenorm.heal.spill import SpilledTensors
 from gatenorm.heal.store import LinearRepair, healed, save_repairs
 from gatenorm.methods.calibration import SYNTHETIC, Calibration, direct_layer_inputs
 from gatenorm.methods.synthetic import sampler_id
@@ -227,10 +228,11 @@ def _repair(solution: torch.Tensor, d: int, bias: bool) -> LinearRepair:
 
 @dataclass
 class Fitted:
-    """What `fit_repairs` fitted: layer -> fitted map, layer -> refitted down projection weight."""
+    """What `fit_repairs` fitted: layer -> fitted map, layer -> refitted down projection weight (in memory,
+    or in files: `SpilledTensors`)."""
 
     repairs: dict[int, LinearRepair] = field(default_factory=dict)
-    refits: dict[int, torch.Tensor] = field(default_factory=dict)
+    refits: MutableMapping[int, torch.Tensor] = field(default_factory=dict)
 
 
 def fit_repairs(
@@ -240,6 +242,7 @@ def fit_repairs(
     settings: HealSettings,
     batch: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    spill: Path | None = None,
 ) -> Fitted:
     """The repairs of every changed layer of `plan`, fitted on the unpruned `model` (a
     `gatenorm.sequential.SequentialModel`, each layer built when the fit reaches it and freed after, or a
@@ -252,7 +255,8 @@ def fit_repairs(
     the down projection's ``d_ff`` inputs rather than on its ``d`` outputs, its target plus ``drift`` times
     the gap to the unpruned model's hidden states; the kept layer right above a changed one is refitted on
     that share of the gap alone (``refit_kept``). A linearized layer and a changed layer with no MLP below
-    get a fitted map."""
+    get a fitted map. With `spill` (a folder), each refitted down projection is kept in a file there
+    while the fit goes on, not in memory (`SpilledTensors`)."""
     ids = np.ascontiguousarray(windows)
     loaded = isinstance(model, nn.Module)
     source = _LoadedLayers(model, ids, batch) if loaded else _SequentialLayers(model, ids, batch)
@@ -268,7 +272,7 @@ def fit_repairs(
     # the layer above the last changed one; below the first change they are `hidden` itself
     last = max(plan.changed, default=-2) + 1 if settings.tracks_drift else -1
     orig = hidden if last >= 0 else None
-    fitted = Fitted()
+    fitted = Fitted() if spill is None else Fitted(refits=SpilledTensors(spill))
     actions = [lp.action for lp in plan.layers]
     mapped = mapped_layers(actions, settings.form)
     folded = {i for i, a in enumerate(actions) if a in HEALED_ACTIONS and i not in mapped}
@@ -326,14 +330,14 @@ def fit_repairs(
             # a newer MLP below (None unless the layer above folds into it) or, a block's fitted map
             # between, none: no later layer folds into `below`
             if below is not None and below.refitted:
-                fitted.refits[below.layer] = below.down_weight()
+                fitted.refits[below.layer] = below.down
             below = current
         del step, layer
         source.release(i)
         if progress is not None:
             progress(i + 1, len(plan.layers))
     if below is not None and below.refitted:
-        fitted.refits[below.layer] = below.down_weight()
+        fitted.refits[below.layer] = below.down
     return fitted
 
 
@@ -409,9 +413,6 @@ class _Feeder:
             strict=True,
         ):
             yield at, z[:, skip:] * w[:, skip:], z
-
-    def down_weight(self) -> torch.Tensor:
-        return self.down.clone()
 
 
 def _run(source, step: nn.Module, inputs: torch.Tensor, i: int) -> torch.Tensor:
@@ -521,7 +522,7 @@ def heal_plan(
         windows = settings.windows(model_path, log)
     n, t = windows.shape
     log(f"healing {len(plan.changed)} layers on {n} x {t} {settings.calib} tokens")
-    fitted = fit_repairs(model, plan, windows, settings)
+    fitted = fit_repairs(model, plan, windows, settings, spill=Path(weights).absolute().parent)
     seconds = time.perf_counter() - start
     save_repairs(weights, fitted.repairs, fitted.refits)
     fold = settings.form == "fold"

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,42 +68,46 @@ def weights_path_for(plan_path: Path) -> Path:
 
 
 def save_repairs(
-    path: Path, repairs: dict[int, LinearRepair], refits: dict[int, torch.Tensor] | None = None
+    path: Path, repairs: dict[int, LinearRepair], refits: Mapping[int, torch.Tensor] | None = None
 ) -> None:
-    """Write `repairs` (layer -> fitted map) and `refits` (layer -> down projection weight) to the
-    safetensors file `path`, atomically."""
-    tensors: list[tuple[str, torch.Tensor]] = []
+    """Write `repairs` (layer -> fitted map) and `refits` (layer -> down projection weight; read one at a
+    time, e.g. from `gatenorm.heal.spill.SpilledTensors`) to the safetensors file `path`, atomically."""
+    tensors: dict[str, Callable[[], torch.Tensor]] = {}
     for layer, repair in sorted(repairs.items()):
-        tensors.append((f"blk.{layer}.weight", repair.weight))
+        tensors[f"blk.{layer}.weight"] = lambda repair=repair: repair.weight
         if repair.bias is not None:
-            tensors.append((f"blk.{layer}.bias", repair.bias))
-    tensors += [(f"blk.{layer}.ffn_down", weight) for layer, weight in sorted((refits or {}).items())]
+            tensors[f"blk.{layer}.bias"] = lambda repair=repair: repair.bias
+    for layer in sorted(refits or {}):
+        tensors[f"blk.{layer}.ffn_down"] = lambda layer=layer: refits[layer]
     with atomic_path(Path(path)) as tmp:
         _write_float32_safetensors(tmp, tensors, {"format": "pt", "gatenorm": "repairs"})
 
 
-def _write_float32_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metadata: dict) -> None:
-    """A safetensors file of float32 `tensors`, written one tensor at a time (safetensors' own writer
-    holds a bytes copy of every tensor at once: 2 GB for eight refitted 8B down projections)."""
+def _write_float32_safetensors(
+    path: Path, tensors: dict[str, Callable[[], torch.Tensor]], metadata: dict
+) -> None:
+    """A safetensors file of the float32 tensors `tensors` give, one held at a time (safetensors' own
+    writer holds a bytes copy of every tensor at once: 2 GB for eight refitted 8B down projections)."""
     header: dict = {"__metadata__": metadata}
     offset = 0
-    for name, tensor in tensors:
-        size = 4 * tensor.numel()
-        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+    for name, get in tensors.items():
+        shape = list(get().shape)
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
-        for _, tensor in tensors:
-            f.write(_le_bytes(tensor))
+        for get in tensors.values():
+            f.write(_le_bytes(get()))
 
 
 def healed(
     plan: Plan,
     repairs: dict[int, LinearRepair],
     healing: Healing,
-    refits: dict[int, torch.Tensor] | None = None,
+    refits: Mapping[int, torch.Tensor] | None = None,
 ) -> Plan:
     """`plan` with `repairs` and `refits` recorded on their layers and `healing` (whose weights file holds
     them)."""

@@ -1,10 +1,19 @@
-"""The heal fit's ridge solver: the ridged moments factored in their own storage, solved as LU would."""
+"""What keeps the heal fit's memory down: the ridged moments factored in their own storage (solved as LU
+would), the refitted down projections kept in files while the fit runs, the weights file written one
+tensor at a time."""
 
+import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from gatenorm.errors import GatenormError
+from gatenorm.heal.fit import HealSettings, fit_repairs
 from gatenorm.heal.solve import RidgeSolver, cholesky_in_place
+from gatenorm.heal.spill import SpilledTensors
+from gatenorm.heal.store import LinearRepair, save_repairs
+from gatenorm.readers import open_checkpoint
+from tests.conftest import make_tiny_model, mixed_plan
 
 
 def _moments(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
@@ -54,3 +63,30 @@ def test_moments_that_are_not_positive_definite_are_one_line():
     xtx[3, 3] = -3.0  # the mean diagonal stays positive: a ridge is added, the matrix stays indefinite
     with pytest.raises(GatenormError, match="not positive definite"):
         RidgeSolver(xtx, 0.1)
+
+
+def test_spilled_refits_equal_the_fit_in_memory_and_leave_nothing_behind(tmp_path):
+    """With a spill folder the fit's refitted down projections live in files (read back equal to the fit
+    held in memory); the files go with the mapping; the weights file written one tensor at a time reads
+    back through safetensors."""
+    folder = tmp_path / "tiny"
+    model = make_tiny_model(folder, num_hidden_layers=4)
+    ckpt = open_checkpoint(folder)
+    windows = np.random.default_rng(2).integers(0, 128, (4, 16))
+    plan = mixed_plan(ckpt, {1: "drop-block", 2: "drop-attention"}, {})
+    settings = HealSettings(fold_ridge=0.01)
+    held = fit_repairs(model, plan, windows, settings)
+    spilled = fit_repairs(model, plan, windows, settings, spill=tmp_path / "out")
+    assert isinstance(spilled.refits, SpilledTensors) and set(spilled.refits) == set(held.refits) == {0, 3}
+    assert len(list((tmp_path / "out").glob(".gatenorm-refits-*/*.f32"))) == 2
+    for layer, weight in held.refits.items():
+        assert torch.equal(spilled.refits[layer], weight)
+    repair = LinearRepair(torch.randn(6, 5), torch.randn(6))
+    save_repairs(tmp_path / "w.safetensors", {2: repair}, spilled.refits)
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "gatenorm": "repairs"}
+        assert torch.equal(f.get_tensor("blk.2.weight"), repair.weight)
+        assert torch.equal(f.get_tensor("blk.2.bias"), repair.bias)
+        assert torch.equal(f.get_tensor("blk.3.ffn_down"), held.refits[3])
+    del spilled
+    assert not list((tmp_path / "out").iterdir())

@@ -76,6 +76,7 @@ def _commands(
     recipe.write_text(RECIPE.format(model=model, samples=samples, length=length, tokens=tokens, drop=drop))
     cmds = [
         ("score", f"score {model}", 0),
+        ("plan (weights only)", f"plan {model} --drop {drop} -o {stem}-weights.json", 0),
         ("plan attention-cosine (wiki-heldout)",
          f"plan {model} -m attention-cosine --calib wiki-heldout {calib} --drop {drop} -o {stem}-cosine.json",
          tokens),
@@ -87,9 +88,9 @@ def _commands(
          tokens),
         ("plan --heal (synthetic)", f"plan {model} --drop {drop} {heal} -o {stem}-healed.json", 2 * tokens),
         ("validate torch --candidate-plan",
-         f"validate {model} {model} --runtime torch --candidate-plan {stem}-cosine.json --tasks none "
+         f"validate {model} {model} --runtime torch --candidate-plan {stem}-weights.json --tasks none "
          f"--ctx {length} --max-tokens {tokens}", 2 * tokens),
-        ("export --to gguf", f"export {model} --plan {stem}-cosine.json --to gguf -o {stem}-cut.gguf", 0),
+        ("export --to gguf", f"export {model} --plan {stem}-weights.json --to gguf -o {stem}-cut.gguf", 0),
         ("export --to gguf --heal",
          f"export {model} --drop {drop} {heal} --to gguf -o {stem}-healed.gguf", 2 * tokens),
         ("validate llama.cpp (source vs healed)",

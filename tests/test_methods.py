@@ -390,6 +390,63 @@ def test_synthetic_text_of_an_hf_folder_and_the_plan_records_it(tokenizer_dir, m
     assert wiki.calibration.source == WIKI_HELDOUT and wiki.calibration.generator is None
 
 
+def _tiny_gemma2(tokenizer_dir, tmp_path):
+    """A tiny Gemma-2 HF folder with an untied LM head (transformers 5's): llama.cpp cannot host it."""
+    from tests.conftest import tiny_hf
+    from tests.test_families import FAMILIES
+
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return tiny_hf(tmp_path / "gemma2", tokenizer_dir, "gemma2", **ids, **FAMILIES["gemma2"])
+
+
+def test_synthetic_text_where_llama_cpp_cannot_host_the_folder(tokenizer_dir, monkeypatch, tmp_path):
+    """A folder llama.cpp cannot run is sampled by transformers with llama.cpp's rules: BOS, a uniform
+    first token, softmax at temperature 1 without end-of-generation or special tokens, each window from its
+    own seeded generator (the cached steps give the tokens a full forward per step gives); cached, and the
+    plan records transformers as the generator."""
+    from gatenorm.apply import load_model, load_tokenizer
+    from gatenorm.methods import synthetic
+
+    folder = _tiny_gemma2(tokenizer_dir, tmp_path)
+    assert "lm_head" in synthetic.llama_cpp_refusal(folder)
+    monkeypatch.setenv("GATENORM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(synthetic, "llama_windows", lambda *a: pytest.fail("llama.cpp cannot host it"))
+    tokenizer = load_tokenizer(folder)
+    windows = Calibration(SYNTHETIC, samples=3, length=10).windows(tokenizer, folder, seed=4)
+    bos = 1 if windows[0, 0] == 1 else None
+    assert windows.shape == (3, 10) and (bos is None or (windows[:, 0] == bos).all())
+    banned = synthetic._banned(tokenizer, open_checkpoint(folder).config)
+    assert 2 in banned and not np.isin(windows[:, 1 + (bos is not None) :], banned).any()
+    model, first = load_model(folder), 1 + (bos is not None)
+    for s, row in enumerate(windows):  # a full forward per step, no cache: the same tokens
+        rng, ids = np.random.default_rng((4, s)), list(row[:first])
+        with torch.no_grad():
+            while len(ids) < 10:
+                logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1].float().numpy()
+                ids.append(synthetic._sample_token(logits, banned, rng))
+        assert ids == row.tolist()
+    monkeypatch.setattr(synthetic, "torch_windows", lambda *a: pytest.fail("not read from the cache"))
+    again = Calibration(SYNTHETIC, samples=3, length=10).windows(tokenizer, folder, seed=4)
+    assert (again == windows).all()
+    options = MethodOptions(calib=Calibration(SYNTHETIC, 3, 10), seed=4)
+    plan = make_method_plan(open_checkpoint(folder), "mixed-synthetic", 1, options=options)
+    assert plan.calibration.generator.startswith("transformers ")
+
+
+def test_transformers_sampling_is_refused_above_max_memory(tokenizer_dir, tmp_path):
+    """The transformers sampler loads the whole model: its step is estimated as such and a model that does
+    not fit `--max-memory` is refused in one line before anything is loaded."""
+    from gatenorm.sequential.budget import check, plan_steps
+    from gatenorm.sequential.memory import MemorySettings
+
+    ckpt = open_checkpoint(_tiny_gemma2(tokenizer_dir, tmp_path))
+    steps = plan_steps(ckpt, "mixed-synthetic", Calibration(SYNTHETIC, 2, 16), 1, None)
+    assert "with transformers (whole float32 model)" in steps[0].what
+    with pytest.raises(GatenormError, match=r"sampling synthetic .* transformers.*--calib wiki-heldout") as e:
+        check(ckpt, steps, MemorySettings(max_memory=0.01), lambda _: None)
+    assert "\n" not in str(e.value)
+
+
 def test_mixed_synthetic_beats_gate_norm_on_smollm2(smollm2_ckpt, smollm2_model):
     """The data-free plan from self-generated text loses far less than Gate-Norm's at the same estimated
     speedup (KLD on Wikipedia text; the study measures about 0.5 against 2.5 at 1.1x), mixing dropped

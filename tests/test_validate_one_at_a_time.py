@@ -130,3 +130,30 @@ def test_torch_validation_reads_each_layer_once(smollm2_gguf, smollm2_scored, tm
     apart = compare_logits(*logits, windows, first)
     assert report.agreement.kld_mean == pytest.approx(apart.kld_mean, rel=1e-6) and apart.kld_mean > 0
     assert report.agreement.top1 == apart.top1
+
+
+def test_llama_cpp_loads_the_weights_without_a_repacked_copy(smollm2_gguf, monkeypatch):
+    """llama.cpp's repacked copy of the weights (its CPU "extra" buffers: as large as a Q4_K file, beside the
+    mapped file) is off for validation and for sampling synthetic text; llama-cpp-python's default is left
+    as it was."""
+    import llama_cpp
+
+    from gatenorm.methods import synthetic
+
+    runtime = LlamaCppRuntime(smollm2_gguf, threads=1, n_ctx=64)
+    try:
+        assert runtime.llm.model_params.use_extra_bufts is False
+    finally:
+        runtime.close()
+    assert llama_cpp.llama_model_default_params().use_extra_bufts is True
+    seen: list[bool] = []
+    load = llama_cpp.llama_model_load_from_file
+
+    def loaded(path, params):
+        seen.append(params.use_extra_bufts)
+        return load(path, params)
+
+    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file", loaded)
+    _, kv_bytes = synthetic._gguf_facts(smollm2_gguf)
+    synthetic.llama_windows(smollm2_gguf, np.array([[5], [6]]), 4, 0, kv_bytes)
+    assert seen == [False]

@@ -84,9 +84,11 @@ def _add_vocab(writer: gguf.GGUFWriter, folder: Path, n_vocab: int) -> None:
     )
 
 
-def _add_hparams(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, file_type: gguf.LlamaFileType) -> int:
+def _add_hparams(
+    writer: gguf.GGUFWriter, ckpt: HFCheckpoint, file_type: gguf.LlamaFileType, name: str | None = None
+) -> int:
     config, shape, spec = ckpt.config, ckpt.shape, gguf_family(ckpt.arch)
-    writer.add_name(ckpt.path.name)
+    writer.add_name(name or ckpt.path.name)
     writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
     writer.add_embedding_length(shape.d_model)
     writer.add_block_count(shape.n_layers)
@@ -123,8 +125,9 @@ def _add_hparams(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, file_type: gguf.Ll
     return n_vocab
 
 
-def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
-    """Write the HF checkpoint as an unpruned GGUF of its own architecture at `out`.
+def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep", name: str | None = None) -> None:
+    """Write the HF checkpoint as an unpruned GGUF of its own architecture at `out`, named `name` (default:
+    the folder's name).
 
     `dtype` is F32, F16, BF16, or ``keep`` (the safetensors type of the weights); 1-D tensors (norms,
     biases) are always F32.
@@ -163,7 +166,7 @@ def hf_to_gguf(ckpt: HFCheckpoint, out: Path, dtype: str = "keep") -> None:
 
     writer = gguf.GGUFWriter(out, arch.gguf_arch)
     try:
-        n_vocab = _add_hparams(writer, ckpt, file_type)
+        n_vocab = _add_hparams(writer, ckpt, file_type, name)
         _add_vocab(writer, ckpt.path, n_vocab)
         for _, gguf_name, _, kind, dims in tensors:
             ggml_type, _, np_type = _GGML_TYPES[kind]

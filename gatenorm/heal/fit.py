@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,8 @@ from gatenorm.architectures import get_architecture
 from gatenorm.architectures.layers import AttentionFreeLayer
 from gatenorm.errors import GatenormError
 from gatenorm.heal.forms import HEALED_ACTIONS, HealForm, mapped_layers
+from gatenorm.heal.solve import RidgeSolver
+from gatenorm.heal.spill import SpilledTensors
 from gatenorm.heal.store import LinearRepair, healed, save_repairs
 from gatenorm.methods.calibration import SYNTHETIC, Calibration, direct_layer_inputs
 from gatenorm.methods.synthetic import sampler_id
@@ -213,28 +215,24 @@ class _SequentialLayers:
 
 
 def _solve(xtx: torch.Tensor, xty: torch.Tensor, bias: bool, ridge: float) -> LinearRepair:
-    """W (and b) minimizing ||Y - X W^T - b||^2 + lam ||W||^2, lam = ridge * mean diag(X^T X). The ridge
-    is added to `xtx`'s diagonal in place and taken back exactly after (a fold's ``d_ff x d_ff`` moments
-    are 1 GB at 7B: no copy beyond the solver's own)."""
-    d = xtx.shape[0] - int(bias)
-    diagonal = torch.diagonal(xtx)[:d]  # the bias is not shrunk
-    lam = ridge * float(diagonal.mean())
-    saved = diagonal.clone()
-    diagonal.add_(lam)
-    try:
-        solution = torch.linalg.solve(xtx, xty)  # [d (+1), d_out]
-    finally:
-        diagonal.copy_(saved)
+    """W (and b) minimizing ||Y - X W^T - b||^2 + lam ||W||^2, lam = ridge * mean diag(X^T X) (`RidgeSolver`:
+    `xtx` and `xty` are overwritten)."""
+    return _repair(RidgeSolver(xtx, ridge, bias).solve(xty), xtx.shape[0] - int(bias), bias)
+
+
+def _repair(solution: torch.Tensor, d: int, bias: bool) -> LinearRepair:
+    """The fitted map (and bias) of a least-squares solution [d (+1), d_out]."""
     weight = solution[:d].T.contiguous().float()
     return LinearRepair(weight, solution[d].float().contiguous() if bias else None)
 
 
 @dataclass
 class Fitted:
-    """What `fit_repairs` fitted: layer -> fitted map, layer -> refitted down projection weight."""
+    """What `fit_repairs` fitted: layer -> fitted map, layer -> refitted down projection weight (in memory,
+    or in files: `SpilledTensors`)."""
 
     repairs: dict[int, LinearRepair] = field(default_factory=dict)
-    refits: dict[int, torch.Tensor] = field(default_factory=dict)
+    refits: MutableMapping[int, torch.Tensor] = field(default_factory=dict)
 
 
 def fit_repairs(
@@ -244,6 +242,7 @@ def fit_repairs(
     settings: HealSettings,
     batch: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    spill: Path | None = None,
 ) -> Fitted:
     """The repairs of every changed layer of `plan`, fitted on the unpruned `model` (a
     `gatenorm.sequential.SequentialModel`, each layer built when the fit reaches it and freed after, or a
@@ -256,7 +255,8 @@ def fit_repairs(
     the down projection's ``d_ff`` inputs rather than on its ``d`` outputs, its target plus ``drift`` times
     the gap to the unpruned model's hidden states; the kept layer right above a changed one is refitted on
     that share of the gap alone (``refit_kept``). A linearized layer and a changed layer with no MLP below
-    get a fitted map."""
+    get a fitted map. With `spill` (a folder), each refitted down projection is kept in a file there
+    while the fit goes on, not in memory (`SpilledTensors`)."""
     ids = np.ascontiguousarray(windows)
     loaded = isinstance(model, nn.Module)
     source = _LoadedLayers(model, ids, batch) if loaded else _SequentialLayers(model, ids, batch)
@@ -272,7 +272,7 @@ def fit_repairs(
     # the layer above the last changed one; below the first change they are `hidden` itself
     last = max(plan.changed, default=-2) + 1 if settings.tracks_drift else -1
     orig = hidden if last >= 0 else None
-    fitted = Fitted()
+    fitted = Fitted() if spill is None else Fitted(refits=SpilledTensors(spill))
     actions = [lp.action for lp in plan.layers]
     mapped = mapped_layers(actions, settings.form)
     folded = {i for i, a in enumerate(actions) if a in HEALED_ACTIONS and i not in mapped}
@@ -330,26 +330,27 @@ def fit_repairs(
             # a newer MLP below (None unless the layer above folds into it) or, a block's fitted map
             # between, none: no later layer folds into `below`
             if below is not None and below.refitted:
-                fitted.refits[below.layer] = below.down_weight()
+                fitted.refits[below.layer] = below.down
             below = current
         del step, layer
         source.release(i)
         if progress is not None:
             progress(i + 1, len(plan.layers))
     if below is not None and below.refitted:
-        fitted.refits[below.layer] = below.down_weight()
+        fitted.refits[below.layer] = below.down
     return fitted
 
 
 class _Feeder:
     """A layer's step over its inputs, as a fold sees it: the MLP whose down projection absorbs what
     removed layers above it added. The down projection's inputs ``z`` ([n, T, d_ff] float32, the one
-    activation kept beyond the hidden states: 360 MB for 8192 tokens of a 7B model), their ``Z^T Z`` and
-    the step's outputs are kept from the first pass, so each refit needs no further pass of the step (a
-    refit adds ``s D z`` to the outputs) and later refits (more removed layers folding into it) reuse the
-    moments. Each token's row is weighed by ``1 / rms(out)^rms_power``, from the step's first outputs.
-    The step runs once, at once (its layer may be freed after): the refitted down projection is kept as a
-    weight of its own (the model stays unchanged)."""
+    activation kept beyond the hidden states: 360 MB for 8192 tokens of a 7B model), the Cholesky factor
+    of their ridged ``Z^T Z`` (`RidgeSolver`, in the moments' own storage) and the step's outputs are kept
+    from the first pass, so each refit needs no further pass of the step (a refit adds ``s D z`` to the
+    outputs) and later refits (more removed layers folding into it) reuse the factor. Each token's row is
+    weighed by ``1 / rms(out)^rms_power``, from the step's first outputs. The step runs once, at once
+    (its layer may be freed after): the refitted down projection is kept as a weight of its own (the
+    model stays unchanged)."""
 
     def __init__(self, source, layer: int, step: nn.Module, inputs: torch.Tensor, settings):
         self.arch, self.layer, self.batch, self.settings = source.arch, layer, source.batch, settings
@@ -366,7 +367,7 @@ class _Feeder:
         self.z = torch.cat(seen)
         self.stock = down.weight.detach().float()  # the model's own: never changed in place
         self.down: torch.Tensor | None = None  # the refitted down projection's weight
-        self.gram: torch.Tensor | None = None
+        self.solver: RidgeSolver | None = None  # of the moments of the weighed inputs, factored in place
         self.weight: torch.Tensor | None = None  # [n, T, 1], per token
 
     @property
@@ -381,15 +382,19 @@ class _Feeder:
         """Add to the step's down projection the ridge least-squares map from its inputs to
         ``target(out, at)`` (what the outputs ``out`` from window ``at`` on should gain); the new outputs."""
         out, skip = self.outputs(), self.settings.skip_first
-        if self.gram is None:
+        if self.solver is None:
             ms = out.double().square().mean(-1, keepdim=True).clamp_min(1e-30)
             self.weight = ms.pow(-self.settings.rms_power / 2).float()
-            self.gram = _gram((wz, z[:, skip:]) for _, wz, z in self._batches())
-        xty = _gram(
-            (wz, target(o, at)[:, skip:] / self.scale)
+            gram = _gram((wz, z[:, skip:]) for _, wz, z in self._batches())
+            self.solver = RidgeSolver(gram, self.settings.fold_ridge)
+        # (X^T Y)^T summed as Y^T X: its transpose, the solver's right-hand side, is column-major, which
+        # the triangular solves overwrite without a copy
+        yx = _gram(
+            (target(o, at)[:, skip:] / self.scale, wz)
             for (at, wz, _), o in zip(self._batches(), out.split(self.batch), strict=True)
         )
-        delta = _solve(self.gram, xty, False, self.settings.fold_ridge).weight
+        delta = _repair(self.solver.solve(yx.T), self.z.shape[-1], False).weight
+        del yx
         with torch.no_grad():
             self.down = (self.stock if self.down is None else self.down) + delta
             self.out = out + self.scale * torch.cat(
@@ -408,9 +413,6 @@ class _Feeder:
             strict=True,
         ):
             yield at, z[:, skip:] * w[:, skip:], z
-
-    def down_weight(self) -> torch.Tensor:
-        return self.down.clone()
 
 
 def _run(source, step: nn.Module, inputs: torch.Tensor, i: int) -> torch.Tensor:
@@ -520,7 +522,7 @@ def heal_plan(
         windows = settings.windows(model_path, log)
     n, t = windows.shape
     log(f"healing {len(plan.changed)} layers on {n} x {t} {settings.calib} tokens")
-    fitted = fit_repairs(model, plan, windows, settings)
+    fitted = fit_repairs(model, plan, windows, settings, spill=Path(weights).absolute().parent)
     seconds = time.perf_counter() - start
     save_repairs(weights, fitted.repairs, fitted.refits)
     fold = settings.form == "fold"
@@ -536,7 +538,7 @@ def heal_plan(
         refit_kept=settings.tracks_drift and settings.refit_kept,
         rms_power=settings.rms_power if fold else None,
         sequential=settings.sequential,
-        generator=sampler_id() if settings.calib == SYNTHETIC else None,
+        generator=sampler_id(model_path) if settings.calib == SYNTHETIC else None,
         seconds=seconds,
         weights=str(Path(weights).absolute()),
     )

@@ -10,14 +10,18 @@ refused.
 from __future__ import annotations
 
 import hashlib
-import os
+import json
+import math
+import struct
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gatenorm.errors import GatenormError
-from gatenorm.io import _umask, atomic_path
+from gatenorm.io import atomic_path
 from gatenorm.plan import HEALED_SCHEMA_VERSION, PLAN_SCHEMA_VERSION, Healing, Plan, Refit, Repair
 
 #: the suffix of a plan's weights file (``plan.json`` -> ``plan.repairs.safetensors``)
@@ -49,8 +53,12 @@ def refit_record(weight: torch.Tensor) -> Refit:
     return Refit(shape=(int(out), int(inp)), sha256=LinearRepair(weight).sha256())
 
 
-def _le_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+def _le_bytes(t: torch.Tensor) -> memoryview:
+    """`t`'s float32 bytes, little endian, C order (no copy of a contiguous float32 tensor here)."""
+    values = t.detach().to(torch.float32).contiguous().numpy()
+    if values.dtype.byteorder == ">" or (values.dtype.byteorder == "=" and sys.byteorder == "big"):
+        values = values.astype("<f4")
+    return memoryview(values).cast("B")
 
 
 def weights_path_for(plan_path: Path) -> Path:
@@ -60,29 +68,46 @@ def weights_path_for(plan_path: Path) -> Path:
 
 
 def save_repairs(
-    path: Path, repairs: dict[int, LinearRepair], refits: dict[int, torch.Tensor] | None = None
+    path: Path, repairs: dict[int, LinearRepair], refits: Mapping[int, torch.Tensor] | None = None
 ) -> None:
-    """Write `repairs` (layer -> fitted map) and `refits` (layer -> down projection weight) to the
-    safetensors file `path`, atomically."""
-    from safetensors.torch import save_file
-
-    tensors = {}
+    """Write `repairs` (layer -> fitted map) and `refits` (layer -> down projection weight; read one at a
+    time, e.g. from `gatenorm.heal.spill.SpilledTensors`) to the safetensors file `path`, atomically."""
+    tensors: dict[str, Callable[[], torch.Tensor]] = {}
     for layer, repair in sorted(repairs.items()):
-        tensors[f"blk.{layer}.weight"] = repair.weight.detach().to(torch.float32).contiguous()
+        tensors[f"blk.{layer}.weight"] = lambda repair=repair: repair.weight
         if repair.bias is not None:
-            tensors[f"blk.{layer}.bias"] = repair.bias.detach().to(torch.float32).contiguous()
-    for layer, weight in sorted((refits or {}).items()):
-        tensors[f"blk.{layer}.ffn_down"] = weight.detach().to(torch.float32).contiguous()
+            tensors[f"blk.{layer}.bias"] = lambda repair=repair: repair.bias
+    for layer in sorted(refits or {}):
+        tensors[f"blk.{layer}.ffn_down"] = lambda layer=layer: refits[layer]
     with atomic_path(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "gatenorm": "repairs"})
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes a new, private file: a normal file's mode
+        _write_float32_safetensors(tmp, tensors, {"format": "pt", "gatenorm": "repairs"})
+
+
+def _write_float32_safetensors(
+    path: Path, tensors: dict[str, Callable[[], torch.Tensor]], metadata: dict
+) -> None:
+    """A safetensors file of the float32 tensors `tensors` give, one held at a time (safetensors' own
+    writer holds a bytes copy of every tensor at once: 2 GB for eight refitted 8B down projections)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, get in tensors.items():
+        shape = list(get().shape)
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for get in tensors.values():
+            f.write(_le_bytes(get()))
 
 
 def healed(
     plan: Plan,
     repairs: dict[int, LinearRepair],
     healing: Healing,
-    refits: dict[int, torch.Tensor] | None = None,
+    refits: Mapping[int, torch.Tensor] | None = None,
 ) -> Plan:
     """`plan` with `repairs` and `refits` recorded on their layers and `healing` (whose weights file holds
     them)."""

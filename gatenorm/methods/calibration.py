@@ -51,8 +51,9 @@ class Calibration:
             return self.source
         return "file:" + hashlib.sha256(Path(self.source).read_bytes()).hexdigest()
 
-    def record(self, seed: int) -> CalibrationRecord:
-        """What a plan records of this calibration (`seed`: of the synthetic text)."""
+    def record(self, seed: int, model_path: str | Path | None = None) -> CalibrationRecord:
+        """What a plan records of this calibration (`seed`: of the synthetic text, sampled from
+        `model_path`)."""
         from gatenorm.methods.synthetic import sampler_id
 
         synthetic = self.source == SYNTHETIC
@@ -61,7 +62,7 @@ class Calibration:
             samples=self.samples,
             length=self.length,
             seed=seed if synthetic else None,
-            generator=sampler_id() if synthetic else None,
+            generator=sampler_id(model_path) if synthetic else None,
         )
 
     def windows(

@@ -138,7 +138,11 @@ def make_method_plan(
     plan = plan_from_actions(ckpt, ranking.scores, actions, ranking.alphas, name)
     spec = method_spec(method)
     calib = (options.calib or spec.default_calib) if (spec.data or spec.default_calib) else None
-    return plan if calib is None else plan.model_copy(update={"calibration": calib.record(options.seed)})
+    return (
+        plan
+        if calib is None
+        else plan.model_copy(update={"calibration": calib.record(options.seed, ckpt.path)})
+    )
 
 
 def score_checkpoint(ckpt: Checkpoint, method: str, seed: int = 0) -> LayerScores:

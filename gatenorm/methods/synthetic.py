@@ -2,11 +2,17 @@
 calibration), cached per model content and settings.
 
 llama.cpp runs the GGUF (an HF folder is first written to a temporary F16 GGUF by gatenorm's own writer,
-`exporters.gguf.from_hf`), several sequences in one ``llama_batch`` (one sequence id each), so each step
-reads the weights once for all of them. The rules: BOS (when the tokenizer puts one first), a uniformly
-drawn non-special token, then plain softmax sampling at temperature 1 (no top-k / top-p) with every
-end-of-generation token suppressed, so that every window is full length. Each window draws from its own
-generator seeded by (seed, window index): same seed, same text, however the windows are grouped.
+`exporters.gguf.from_hf`, under a neutral name: llama.cpp keys vocabulary fixes on the model's name, e.g.
+a Phi-3's special tokens, which a folder named ``phi3`` with another vocabulary lacks), several sequences
+in one ``llama_batch`` (one sequence id each), so each step reads the weights once for all of them. An HF
+folder whose family llama.cpp's graph cannot run as written (`llama_cpp_refusal`: a Gemma-2 with an
+untied LM head) is sampled by transformers instead, the whole float32 model loaded (`torch_windows`;
+small models: `gatenorm.sequential.budget` refuses one that does not fit `--max-memory`).
+
+The rules: BOS (when the tokenizer puts one first), a uniformly drawn non-special token, then plain
+softmax sampling at temperature 1 (no top-k / top-p) with every end-of-generation token suppressed, so
+that every window is full length. Each window draws from its own generator seeded by (seed, window
+index): same seed, same text, however the windows are grouped.
 
 The windows are stored under the user cache (``$GATENORM_CACHE``, else ``$XDG_CACHE_HOME/gatenorm``, else
 ``~/.cache/gatenorm``) in ``synthetic/<key>.npy``, `key` the sha256 of the model's content, the settings
@@ -27,18 +33,38 @@ import numpy as np
 
 from gatenorm.errors import GatenormError
 from gatenorm.io import atomic_path, cache_dir, content_sha256, scratch_file
+from gatenorm.llamacpp import model_params
 
 #: Bumped when the sampling rules change: older cached windows are then not reused.
 SAMPLER_SCHEMA = 1
 #: llama.cpp's KV cache is kept under this many bytes: the windows are sampled in groups that fit.
 KV_BUDGET = 512 << 20
+#: general.name of the temporary GGUF of an HF folder (llama.cpp matches model names, e.g. "phi3").
+SAMPLING_NAME = "gatenorm-synthetic-text"
 
 
-def sampler_id() -> str:
-    """The generator a plan records: ``llama.cpp (llama-cpp-python <version>)``."""
+def sampler_id(model_path: str | Path | None = None) -> str:
+    """The generator a plan records of `model_path`'s text: ``llama.cpp (llama-cpp-python <version>)``, or
+    ``transformers <version> (float32 PyTorch)`` where llama.cpp cannot host it (`llama_cpp_refusal`)."""
+    if model_path is not None and llama_cpp_refusal(Path(model_path)):
+        import transformers
+
+        return f"transformers {transformers.__version__} (float32 PyTorch)"
     import llama_cpp
 
     return f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+
+
+def llama_cpp_refusal(model_path: Path) -> str | None:
+    """Why llama.cpp cannot sample `model_path` (None: it can): a GGUF it runs as is; an HF folder as
+    gatenorm's writer makes a GGUF of it (its family's GGUF spec, `hf_refusal`)."""
+    from exporters.gguf.families import gguf_family
+    from gatenorm.readers import open_checkpoint
+
+    if model_path.is_file():
+        return None
+    ckpt = open_checkpoint(model_path)
+    return gguf_family(ckpt.arch).hf_refusal(ckpt)
 
 
 @contextlib.contextmanager
@@ -73,8 +99,7 @@ class _LlamaSampler:
 
         self.ll = ll
         ll.llama_backend_init()
-        params = ll.llama_model_default_params()
-        self.model = ll.llama_model_load_from_file(str(gguf).encode(), params)
+        self.model = ll.llama_model_load_from_file(str(gguf).encode(), model_params())
         if not self.model:
             raise GatenormError(f"llama.cpp cannot load {gguf} to sample synthetic calibration text")
         self.vocab = ll.llama_model_get_vocab(self.model)
@@ -182,6 +207,53 @@ def llama_windows(
     return out
 
 
+def torch_windows(
+    model_path: Path,
+    prefixes: np.ndarray,
+    length: int,
+    seed: int,
+    eog: np.ndarray,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Windows [n, length] sampled by transformers from the whole float32 model of `model_path`, with
+    `llama_windows`' rules (each window continues ``prefixes[s]`` with tokens drawn by
+    ``np.random.default_rng((seed, s))``, `eog` ids suppressed), all windows in one batch, its KV cache
+    reused from step to step."""
+    import torch
+
+    from gatenorm.apply import load_model
+    from gatenorm.quiet import quiet_transformers
+
+    n, first = prefixes.shape
+    out = np.zeros((n, length), dtype=np.int64)
+    out[:, :first] = prefixes[:, :length]
+    if first >= length:
+        return out
+    rngs = [np.random.default_rng((seed, s)) for s in range(n)]
+    model = load_model(model_path)
+    with torch.inference_mode(), quiet_transformers():
+        result = model(input_ids=torch.from_numpy(out[:, :first]), use_cache=True, logits_to_keep=1)
+        for pos in range(first, length):
+            logits = result.logits[:, -1].float().numpy()
+            out[:, pos] = [_sample_token(logits[s], eog, rngs[s]) for s in range(n)]
+            if pos + 1 < length:
+                step = torch.from_numpy(out[:, pos : pos + 1])
+                result = model(input_ids=step, past_key_values=result.past_key_values, use_cache=True)
+            if progress is not None:
+                progress(pos + 1 - first, length - first)
+    return out
+
+
+def _banned(tokenizer, config: dict) -> np.ndarray:
+    """What transformers' sampling suppresses: the config's end-of-sequence ids and every special token of
+    the tokenizer (llama.cpp's end-of-generation set also counts control tokens found by their text)."""
+    eos = config.get("eos_token_id")
+    ids = set(tokenizer.all_special_ids) | set(
+        eos if isinstance(eos, list) else [eos] if eos is not None else []
+    )
+    return np.array(sorted(ids), dtype=int)
+
+
 def _prefixes(tokenizer, n_vocab: int, samples: int, bos: int | None, seed: int) -> np.ndarray:
     """Per window: BOS (if any) and a first token drawn uniformly from the non-special ids."""
     special = set(tokenizer.all_special_ids)
@@ -200,7 +272,7 @@ def _as_gguf(model_path: Path, beside: Path) -> Iterator[Path]:
         yield model_path
         return
     with scratch_file(beside, "f16") as tmp:
-        hf_to_gguf(open_checkpoint(model_path), tmp, "F16")
+        hf_to_gguf(open_checkpoint(model_path), tmp, "F16", name=SAMPLING_NAME)
         yield tmp
 
 
@@ -230,7 +302,10 @@ def synthetic_windows(
     cache when the same model, settings and sampler made them before."""
     import llama_cpp
 
+    from gatenorm.readers import open_checkpoint
+
     model_path = Path(model_path)
+    reason = llama_cpp_refusal(model_path)
     key = hashlib.sha256(
         json.dumps(
             {
@@ -240,7 +315,7 @@ def synthetic_windows(
                 "length": length,
                 "bos": bos,
                 "seed": seed,
-                "sampler": llama_cpp.__version__,
+                "sampler": llama_cpp.__version__ if reason is None else sampler_id(model_path),
             },
             sort_keys=True,
         ).encode()
@@ -250,12 +325,19 @@ def synthetic_windows(
         windows = np.load(stored)
         if windows.shape == (samples, length):
             return windows
-    log(f"sampling {samples} x {length} synthetic calibration tokens with llama.cpp")
     stored.parent.mkdir(parents=True, exist_ok=True)
-    with _as_gguf(model_path, stored) as gguf, _bar("sampling synthetic text") as progress:
-        n_vocab, kv_bytes = _gguf_facts(gguf)
-        prefixes = _prefixes(tokenizer, n_vocab, samples, bos, seed)
-        windows = llama_windows(gguf, prefixes, length, seed, kv_bytes, progress)
+    if reason is not None:
+        log(f"sampling {samples} x {length} synthetic calibration tokens with transformers ({reason})")
+        with _bar("sampling synthetic text") as progress:
+            config = open_checkpoint(model_path).config
+            prefixes = _prefixes(tokenizer, int(config["vocab_size"]), samples, bos, seed)
+            windows = torch_windows(model_path, prefixes, length, seed, _banned(tokenizer, config), progress)
+    else:
+        log(f"sampling {samples} x {length} synthetic calibration tokens with llama.cpp")
+        with _as_gguf(model_path, stored) as gguf, _bar("sampling synthetic text") as progress:
+            n_vocab, kv_bytes = _gguf_facts(gguf)
+            prefixes = _prefixes(tokenizer, n_vocab, samples, bos, seed)
+            windows = llama_windows(gguf, prefixes, length, seed, kv_bytes, progress)
     with atomic_path(stored) as tmp, tmp.open("wb") as f:
         np.save(f, windows)
     return windows

@@ -352,7 +352,7 @@ def recover_plan(
         calib=settings.calib_id(),
         samples=n,
         length=t,
-        generator=sampler_id() if settings.calib == SYNTHETIC else None,
+        generator=sampler_id(model_path) if settings.calib == SYNTHETIC else None,
         top_k=trained.top_k,
         initial_loss=trained.initial_loss,
         loss=trained.loss,

@@ -43,10 +43,7 @@ def plan_steps(
     if (spec.data or spec.default_calib is not None) and calib is not None:
         tokens = calib.samples * calib.length
         if calib.source == SYNTHETIC:
-            gguf = ckpt.format == "gguf"
-            steps.append(
-                llama_sampling(size, "sampling synthetic calibration text in llama.cpp", tokens, gguf)
-            )
+            steps.append(synthetic_sampling(ckpt, size, tokens))
         if method == "harp":
             held = min(needed or ckpt.shape.n_layers - 1, ckpt.shape.n_layers - 1)
             steps.append(
@@ -57,6 +54,18 @@ def plan_steps(
     if heal_tokens is not None:
         steps.append(heal_pass(size, "healing, a layer at a time", heal_tokens))
     return steps
+
+
+def synthetic_sampling(ckpt: Checkpoint, size: ModelSize, tokens: int) -> Estimate:
+    """Sampling `tokens` of synthetic text: in llama.cpp, or where it cannot host the checkpoint with
+    transformers, the whole float32 model loaded (`gatenorm.methods.synthetic`)."""
+    from gatenorm.methods.synthetic import llama_cpp_refusal
+
+    if llama_cpp_refusal(ckpt.path):
+        what = "sampling synthetic calibration text with transformers (whole float32 model)"
+        return whole_model(size, what, tokens, per_token_passes=True)
+    gguf = ckpt.format == "gguf"
+    return llama_sampling(size, "sampling synthetic calibration text in llama.cpp", tokens, gguf)
 
 
 def validate_steps(ckpt: Checkpoint, tokens: int, whole: bool, plans: int) -> list[Estimate]:

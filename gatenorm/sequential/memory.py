@@ -149,12 +149,12 @@ def layer_pass(
 def heal_pass(size: ModelSize, what: str, tokens: int) -> Estimate:
     """The heal fit a layer at a time over `tokens`: a layer-at-a-time pass holding four hidden states (the
     healed and the unpruned stream, a folded layer's inputs and outputs), a refitted down projection, and
-    a fold's float64 moments of the MLP's ``d_ff`` inputs (``d_ff x d_ff``, twice while solving) with
-    those inputs themselves (float32)."""
+    a fold's float64 moments of the MLP's ``d_ff`` inputs (``d_ff x d_ff``, factored in their own storage:
+    `gatenorm.heal.solve`) and their right-hand side, with those inputs themselves (float32)."""
     d = size.d_model
     d_ff = max((size.layer_params - 3 * d * d) // (3 * d), d)
     step = layer_pass(size, what, tokens, held_layers=1, hidden_copies=4)
-    moments = 8.0 * (2 * d_ff * d_ff + d_ff * d) + 4.0 * tokens * d_ff + 4.0 * d * d_ff
+    moments = 8.0 * (d_ff * d_ff + d_ff * d) + 4.0 * tokens * d_ff + 4.0 * d * d_ff
     return Estimate(what, step.peak + moments, step.seconds * 2)
 
 

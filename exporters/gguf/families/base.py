@@ -67,6 +67,11 @@ class GgufFamily:
     def __init__(self, arch: type[Architecture]):
         self.arch = arch
 
+    def hf_refusal(self, ckpt) -> str | None:
+        """Why llama.cpp's graph cannot run this HF checkpoint as `exporters.gguf.from_hf` writes it (None:
+        it can)."""
+        return None if self.from_hf else f"gatenorm's HF->GGUF writer does not write {self.arch.name}"
+
     def value(self, fields, key: str, default=None):
         """The value of the source GGUF's key ``{arch}.<key>`` (`default` where it has none)."""
         field = fields.get(f"{self.arch.gguf_arch}.{key}")

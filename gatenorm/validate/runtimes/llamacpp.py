@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from gatenorm.errors import GatenormError
+from gatenorm.llamacpp import weights_in_place
 from gatenorm.readers.gguf_file import is_gguf
 from gatenorm.validate.runtimes.base import (
     DEFAULT,
@@ -47,16 +48,17 @@ class LlamaCppRuntime:
         self.path = path
         self.n_ctx = n_ctx
         try:
-            self.llm = Llama(
-                str(path),
-                n_ctx=n_ctx,
-                n_batch=min(n_ctx, 512),
-                logits_all=True,
-                n_threads=threads,
-                n_threads_batch=threads,
-                flash_attn=flash_attn,
-                verbose=False,
-            )
+            with weights_in_place():
+                self.llm = Llama(
+                    str(path),
+                    n_ctx=n_ctx,
+                    n_batch=min(n_ctx, 512),
+                    logits_all=True,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    flash_attn=flash_attn,
+                    verbose=False,
+                )
         except ValueError as e:
             raise GatenormError(f"llama.cpp cannot load {path}: {e}") from None
         self.vocab_size = int(self.llm.n_vocab())

@@ -5,7 +5,8 @@ buffer of interleaved rows when the model loads: a second, anonymous copy of the
 beside the mapped file (a 4.2 GiB Llama-3-8B-shaped Q4_K file: 8.3 GiB resident instead of 4.2). gatenorm
 turns that off (``use_extra_bufts``), so sampling synthetic text and validating in llama.cpp hold about
 the file's size, as the laptop-scale targets ask (docs/scale.md); the matmuls then run on the stored
-layout, which is slower where the repacked kernels apply.
+layout, which is slower where the repacked kernels apply. Timings (`gatenorm.validate.bench`) load the
+model as stock llama.cpp does, repacked: the speed users get.
 """
 
 from __future__ import annotations

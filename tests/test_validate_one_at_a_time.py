@@ -157,3 +157,22 @@ def test_llama_cpp_loads_the_weights_without_a_repacked_copy(smollm2_gguf, monke
     _, kv_bytes = synthetic._gguf_facts(smollm2_gguf)
     synthetic.llama_windows(smollm2_gguf, np.array([[5], [6]]), 4, 0, kv_bytes)
     assert seen == [False]
+
+
+def test_llama_cpp_times_as_users_run_it_and_validates_without_the_repacked_copy(smollm2_gguf, monkeypatch):
+    """Quality runs load a GGUF without llama.cpp's repacked copy of its weights (about the file's size
+    resident); timings load it as stock llama.cpp does, repacked, for the speed users get."""
+    import llama_cpp.llama as high
+
+    seen = []
+    init = high.Llama.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(high.llama_cpp.llama_model_default_params().use_extra_bufts)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(high.Llama, "__init__", spy)
+    for timing in (False, True):
+        open_runtime(model_spec(smollm2_gguf), n_ctx=64, timing=timing).close()
+    assert seen == [False, True]
+    assert high.llama_cpp.llama_model_default_params().use_extra_bufts  # stock again after the load

@@ -79,7 +79,7 @@ def peak_rss_bytes() -> int:
 def _worker(conn, spec: ModelSpec, threads: int, n_ctx: int, flash_attn: bool) -> None:
     """Serve timing commands for one model until told to stop; reply with ('ok', value) or ('error', msg)."""
     try:
-        runtime = open_runtime(spec, threads=threads, n_ctx=n_ctx, flash_attn=flash_attn)
+        runtime = open_runtime(spec, threads=threads, n_ctx=n_ctx, flash_attn=flash_attn, timing=True)
         conn.send(("ok", getattr(runtime, "max_context", None)))
         while True:
             cmd, *args = conn.recv()

@@ -255,9 +255,12 @@ def model_spec(model: str, runtime: str | None = None, plan: Path | None = None)
     return ModelSpec(path, name, plan)
 
 
-def open_runtime(spec: ModelSpec, threads: int = 2, n_ctx: int = 2048, flash_attn: bool = True) -> Runtime:
-    """Load the model of `spec` in its runtime (`flash_attn`: llama.cpp only)."""
+def open_runtime(
+    spec: ModelSpec, threads: int = 2, n_ctx: int = 2048, flash_attn: bool = True, timing: bool = False
+) -> Runtime:
+    """Load the model of `spec` in its runtime (`flash_attn`: llama.cpp only). With `timing`, exactly as
+    the runtime's users load it, whatever that costs in memory (llama.cpp: its repacked weights)."""
     threads = threads or os.cpu_count() or 1
     return RUNTIMES[spec.runtime](
-        spec.path, plan=spec.plan, threads=threads, n_ctx=n_ctx, flash_attn=flash_attn
+        spec.path, plan=spec.plan, threads=threads, n_ctx=n_ctx, flash_attn=flash_attn, timing=timing
     )

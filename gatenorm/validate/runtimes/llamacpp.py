@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,7 +40,17 @@ class LlamaCppRuntime:
     def refusal(cls, path: Path) -> str | None:
         return None if path.is_file() else f"llama.cpp runs GGUF files; {path} is a folder"
 
-    def __init__(self, path: Path, threads: int = 2, n_ctx: int = 2048, flash_attn: bool = True, **_: object):
+    def __init__(
+        self,
+        path: Path,
+        threads: int = 2,
+        n_ctx: int = 2048,
+        flash_attn: bool = True,
+        timing: bool = False,
+        **_: object,
+    ):
+        """`timing`: loaded as stock llama.cpp loads it, its repacked copy of the weights included (the speed
+        users get); else without that copy (`gatenorm.llamacpp`: about the file's size resident)."""
         from llama_cpp import Llama
 
         from gatenorm.readers.gguf_check import check_gguf
@@ -48,7 +59,7 @@ class LlamaCppRuntime:
         self.path = path
         self.n_ctx = n_ctx
         try:
-            with weights_in_place():
+            with contextlib.nullcontext() if timing else weights_in_place():
                 self.llm = Llama(
                     str(path),
                     n_ctx=n_ctx,

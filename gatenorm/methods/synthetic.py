@@ -46,7 +46,12 @@ SAMPLING_NAME = "gatenorm-synthetic-text"
 def sampler_id(model_path: str | Path | None = None) -> str:
     """The generator a plan records of `model_path`'s text: ``llama.cpp (llama-cpp-python <version>)``, or
     ``transformers <version> (float32 PyTorch)`` where llama.cpp cannot host it (`llama_cpp_refusal`)."""
-    if model_path is not None and llama_cpp_refusal(Path(model_path)):
+    return _sampler_name(model_path is not None and llama_cpp_refusal(Path(model_path)) is not None)
+
+
+def _sampler_name(refused: bool) -> str:
+    """`sampler_id` once it is known whether llama.cpp refuses the model."""
+    if refused:
         import transformers
 
         return f"transformers {transformers.__version__} (float32 PyTorch)"
@@ -315,7 +320,7 @@ def synthetic_windows(
                 "length": length,
                 "bos": bos,
                 "seed": seed,
-                "sampler": llama_cpp.__version__ if reason is None else sampler_id(model_path),
+                "sampler": llama_cpp.__version__ if reason is None else _sampler_name(True),
             },
             sort_keys=True,
         ).encode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -82,11 +83,8 @@ def _fast_gguf_merges() -> Iterator[None]:
             dict_ = {**dict_, "tokens": _Vocabulary(dict_["tokens"])}
         init(self, dict_)
 
-    skeleton.__init__ = fast_init
-    try:
+    with mock.patch.object(skeleton, "__init__", fast_init):
         yield
-    finally:
-        skeleton.__init__ = init
 
 
 def load_tokenizer(path: str | Path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from unittest import mock
 
 
 def model_params():
@@ -35,9 +36,5 @@ def weights_in_place() -> Iterator[None]:
 
     bindings = high_level.llama_cpp
     stock = bindings.llama_model_default_params
-
-    bindings.llama_model_default_params = lambda: _without_repack(stock())
-    try:
+    with mock.patch.object(bindings, "llama_model_default_params", lambda: _without_repack(stock())):
         yield
-    finally:
-        bindings.llama_model_default_params = stock

@@ -32,7 +32,7 @@ from gatenorm.models import resolve_model
 from gatenorm.readers import open_checkpoint
 from gatenorm.recover.settings import RecoverySettings
 from gatenorm.recover.train import recover_plan
-from gatenorm.study.run import eval_windows, logits_of, quality_of, ranking_from_cache
+from gatenorm.study.run import eval_windows, logits_of, quality_of, ranking_from_cache, windows_sha256
 
 
 def main() -> None:
@@ -60,6 +60,7 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     base = load_model(path)
     windows = eval_windows(ev, load_tokenizer(path))
+    measured_on = windows_sha256(windows)
     ref = logits_of(base, windows)
     start = time.perf_counter()
     calib = heal.windows(path)
@@ -79,8 +80,8 @@ def main() -> None:
             if any(r["settings"] == stamp for r in runs["runs"]):
                 continue
             plan = make_method_plan(ckpt, method, b, options=MethodOptions(ctx=ctx), ranking=ranking)
-            if runs.get("eval_windows") != n_eval:
-                runs.update(eval_windows=n_eval, runs=[])
+            if runs.get("eval_windows_sha256") != measured_on:  # other windows: measured again
+                runs.update(eval_windows=n_eval, eval_windows_sha256=measured_on, runs=[])
                 runs.pop("unhealed", None)
                 runs.pop("healed", None)
             if "unhealed" not in runs:

@@ -187,3 +187,44 @@ def test_study_quality_on_the_engine_equals_the_whole_model(smollm2_gguf, smollm
         assert q.keys() == expected.keys() and q["tokens"] == expected["tokens"] == 2 * 47
         for name in ("ppl", "kld", "top1", "ppl_ref"):
             assert q[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), name
+
+
+def test_measures_on_other_evaluation_windows_are_redone(study, tmp_path):
+    """The results JSON records the evaluation windows' sha256: KLD / PPL measured on other windows (a
+    tokenizer that now adds no BOS, other text) are measured again, healed ones refitted; the same windows
+    resume."""
+    _, data = study
+    args = [*SMALL, "--methods", METHODS, "--heal-methods", METHODS, "--cache", str(tmp_path / "r.json"),
+            "--stages", "quality", "--heal"]  # fmt: skip
+    for recorded, redone in ((data["eval_windows_sha256"], False), ("0" * 64, True)):
+        stale = json.loads(json.dumps(data))
+        stale["eval_windows_sha256"] = recorded
+        stale["quality"]["gate-norm/1"]["kld"] = stale["heal"]["gate-norm/1"]["quality"]["kld"] = 123.0
+        (tmp_path / "r.json").write_text(json.dumps(stale))
+        main(args)
+        again = json.loads((tmp_path / "r.json").read_text())
+        assert again["eval_windows_sha256"] == data["eval_windows_sha256"]
+        for kld in (again["quality"]["gate-norm/1"]["kld"], again["heal"]["gate-norm/1"]["quality"]["kld"]):
+            assert (kld != 123.0) is redone
+
+
+def test_evaluation_and_calibration_windows_agree_on_bos(smollm2_gguf, tiny_gguf):
+    """The study's evaluation windows start with BOS exactly where its calibration windows (and `validate`)
+    do: where the tokenizer adds one (SmolLM2's GGUF says it adds none; transformers 4 added <|im_start|>)."""
+    import argparse
+
+    from gatenorm.apply import load_tokenizer
+    from gatenorm.methods.calibration import Calibration
+    from gatenorm.study.run import eval_windows
+    from gatenorm.validate.text import WIKI_HELDOUT, hf_bos_id
+
+    for path in (smollm2_gguf, tiny_gguf):
+        tokenizer = load_tokenizer(path)
+        bos = hf_bos_id(tokenizer)
+        evaluated = eval_windows(argparse.Namespace(eval_windows=4, eval_len=32), tokenizer)
+        calibrated = Calibration(WIKI_HELDOUT, 4, 32).windows(tokenizer)
+        for windows in (evaluated, calibrated):
+            if bos is None:  # a window starts mid-text, never with the BOS token throughout
+                assert not (windows[:, 0] == tokenizer.bos_token_id).all()
+            else:
+                assert (windows[:, 0] == bos).all()

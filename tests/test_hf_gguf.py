@@ -5,9 +5,11 @@ damaged cache entry rebuilt."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import OrderedDict
 
+import gguf
 import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
@@ -83,6 +85,7 @@ def test_config_and_tensor_map_equal_the_unshared_ones(fresh, monkeypatch, famil
     assert _config(engine.ckpt).to_dict() == stock.to_dict()
     unshared_parse = lambda p: hf.load_gguf_checkpoint(str(p), return_tensors=False)  # noqa: E731
     monkeypatch.setattr(weights, "parsed_gguf", unshared_parse)
+    monkeypatch.setattr(weights, "shared_gguf_parse", contextlib.nullcontext)  # stock name maps too
     unshared = weights.CheckpointTensors(engine.ckpt, engine.skeleton)
     assert engine.tensors.names == unshared.names and engine.tensors._mapping == unshared._mapping
     name = "model.layers.0.self_attn.q_proj.weight"  # q rows reordered by the tensor processor
@@ -90,19 +93,28 @@ def test_config_and_tensor_map_equal_the_unshared_ones(fresh, monkeypatch, famil
 
 
 def test_one_metadata_parse_for_config_tensors_tokenizer_and_model(fresh, monkeypatch, smollm2_gguf):
-    calls = []
+    calls, name_maps = [], []
     original = hf.load_gguf_checkpoint
 
     def counted(path, return_tensors=False, **kwargs):
         calls.append(return_tensors)
         return original(path, return_tensors, **kwargs)
 
+    build = gguf.TensorNameMap.__init__
+
+    def counted_build(self, *args, **kwargs):
+        name_maps.append(args)
+        build(self, *args, **kwargs)
+
     monkeypatch.setattr(hf, "load_gguf_checkpoint", counted)
+    monkeypatch.setattr(gguf.TensorNameMap, "__init__", counted_build)
     SequentialModel(smollm2_gguf)  # config + tensor map
     load_tokenizer(smollm2_gguf)  # converted (empty cache): the model type from the config
     load_model(smollm2_gguf)  # config, then the tensors
     assert calls.count(False) == 1
     assert calls.count(True) <= 1  # transformers' own read of the tensors, if it makes one
+    # gguf-py's name map once per tensor mapping (the engine's, the model loader's), not once per module
+    assert 1 <= len(name_maps) <= 2, len(name_maps)
 
 
 @pytest.mark.parametrize("label", ["smollm2", "qwen3", "deci"])

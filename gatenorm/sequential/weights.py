@@ -9,10 +9,7 @@ values are those `gatenorm.apply.load_model` loads.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -21,7 +18,7 @@ from torch import nn
 from gatenorm.errors import GatenormError
 from gatenorm.plan import Plan
 from gatenorm.readers import Checkpoint
-from gatenorm.readers.hf_gguf import parsed_gguf
+from gatenorm.readers.hf_gguf import parsed_gguf, shared_gguf_parse
 from gatenorm.recover.store import load_overrides
 
 
@@ -58,7 +55,7 @@ class CheckpointTensors:
         extra = (
             (self._processor,) if "processor" in inspect.signature(get_gguf_hf_weights_map).parameters else ()
         )
-        with _one_name_map():
+        with shared_gguf_parse():
             self._mapping = get_gguf_hf_weights_map(skeleton, *extra)
         self.names = {hf: name for name, hf in self._mapping.items() if self.ckpt.has_tensor(name)}
 
@@ -99,21 +96,6 @@ class CheckpointTensors:
     def rows(self, name: str) -> int:
         """Rows of a vocabulary table."""
         return self.ckpt.rows(self.source(name))
-
-
-@contextlib.contextmanager
-def _one_name_map() -> Iterator[None]:
-    """gguf-py's `get_tensor_name_map` built once per (architecture, blocks) in the block: transformers'
-    `get_gguf_hf_weights_map` recurses over the model's modules and builds the same map in each (423 times
-    for a 32-layer llama: 16 s of an 8B-shaped `plan` on 2 loaded cores)."""
-    import gguf
-
-    stock = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(stock)
-    try:
-        yield
-    finally:
-        gguf.get_tensor_name_map = stock
 
 
 def materialize(module: nn.Module, prefix: str, tensors: CheckpointTensors) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import re
@@ -39,7 +40,14 @@ from gatenorm.study.common import combo, heal_run_section, study_methods
 from gatenorm.study.report import write_report
 from gatenorm.validate.agreement import compare_logits
 from gatenorm.validate.metrics import METRICS
-from gatenorm.validate.text import WIKI_HELDOUT, hf_tokenize, token_windows, wiki_articles, window_chars
+from gatenorm.validate.text import (
+    WIKI_HELDOUT,
+    hf_bos_id,
+    hf_tokenize,
+    token_windows,
+    wiki_articles,
+    window_chars,
+)
 from gatenorm.validate.zeroshot import DEFAULT_TASKS
 
 #: Every registered method the study takes (`MethodSpec.in_study`), when the module is imported.
@@ -213,9 +221,29 @@ def plans(args, cache: Cache, ckpt) -> dict[tuple[str, int], Plan]:
 
 
 def eval_windows(args, tokenizer) -> np.ndarray:
-    bos = tokenizer.bos_token_id  # always first: the windows docs/study.md was measured on
+    """The evaluation windows: BOS first where the tokenizer adds one (the GGUF's ``add_bos_token``, as
+    `validate` and every calibration text do; SmolLM2's file adds none)."""
     tokens = args.eval_windows * args.eval_len
-    return token_windows("wiki", hf_tokenize(tokenizer), args.eval_len, tokens, bos)
+    return token_windows("wiki", hf_tokenize(tokenizer), args.eval_len, tokens, hf_bos_id(tokenizer))
+
+
+def windows_sha256(windows: np.ndarray) -> str:
+    """sha256 of token windows (their int64 ids, row by row)."""
+    return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes()).hexdigest()
+
+
+def drop_other_windows(cache: Cache, windows: np.ndarray) -> None:
+    """Forget the KLD / PPL measured on other evaluation windows than `windows` (the quality section, the
+    heal runs' healed qualities: refitted and measured again)."""
+    digest = windows_sha256(windows)
+    if cache.data.get("eval_windows_sha256") == digest:
+        return
+    cache.data.pop("quality", None)
+    for name, section in cache.data.items():
+        if name.split(":")[0] == heal_run_section():  # heal, heal:<calib>
+            for entry in section.values():
+                entry.pop("quality", None)
+    cache.data["eval_windows_sha256"] = digest
 
 
 def check_disjoint(args) -> dict:
@@ -644,6 +672,9 @@ def main(argv: list[str] | None = None) -> None:
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("stages",)
     }
     cache.data["settings"] = {**settings, "text_split": check_disjoint(args)}
+    from gatenorm.apply import load_tokenizer
+
+    drop_other_windows(cache, eval_windows(args, load_tokenizer(ckpt.path)))
     stages = [s for s in args.stages.split(",") if s] + (["heal"] if args.heal else [])
     unknown = set(stages) - set(STAGES) - {"report"}
     if unknown:

@@ -32,7 +32,8 @@ from gatenorm.models import resolve_model
 from gatenorm.readers import open_checkpoint
 from gatenorm.recover.settings import RecoverySettings
 from gatenorm.recover.train import recover_plan
-from gatenorm.study.run import eval_windows, logits_of, quality_of, ranking_from_cache, windows_sha256
+from gatenorm.study.run import eval_windows, logits_of, quality_of, ranking_from_cache
+from gatenorm.validate.text import windows_sha256
 
 
 def main() -> None:

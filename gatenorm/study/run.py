@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import re
@@ -47,6 +46,7 @@ from gatenorm.validate.text import (
     token_windows,
     wiki_articles,
     window_chars,
+    windows_sha256,
 )
 from gatenorm.validate.zeroshot import DEFAULT_TASKS
 
@@ -225,11 +225,6 @@ def eval_windows(args, tokenizer) -> np.ndarray:
     `validate` and every calibration text do; SmolLM2's file adds none)."""
     tokens = args.eval_windows * args.eval_len
     return token_windows("wiki", hf_tokenize(tokenizer), args.eval_len, tokens, hf_bos_id(tokenizer))
-
-
-def windows_sha256(windows: np.ndarray) -> str:
-    """sha256 of token windows (their int64 ids, row by row)."""
-    return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes()).hexdigest()
 
 
 def drop_other_windows(cache: Cache, windows: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,12 @@ def load_text(source: str, max_chars: int | None = None) -> str:
 def window_chars(max_tokens: int | None, ctx: int) -> int | None:
     """Characters `token_windows` reads for a budget of `max_tokens` tokens (~4 per token, with a margin)."""
     return None if max_tokens is None else 6 * max_tokens + 6 * ctx
+
+
+def windows_sha256(windows: np.ndarray) -> str:
+    """sha256 of token windows: their ids (int64) and their shape."""
+    ids = np.ascontiguousarray(windows, dtype=np.int64)
+    return hashlib.sha256(ids.tobytes() + repr(ids.shape).encode()).hexdigest()
 
 
 def token_windows(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from gatenorm.validate.runtimes.base import (
     continuation_scores,
     register_runtime,
 )
+from gatenorm.validate.text import windows_sha256
 
 #: open torch runtimes: one layer-at-a-time pass serves every one of the same checkpoint
 _OPEN: weakref.WeakSet = weakref.WeakSet()
@@ -39,10 +39,6 @@ def _engine(ckpt, plan: Plan | None) -> SequentialModel:
     if engine is None:
         engine = _ENGINES[key] = SequentialModel(ckpt, plan if recovered else None)
     return engine
-
-
-def _key(windows: np.ndarray) -> bytes:
-    return hashlib.sha256(np.ascontiguousarray(windows).tobytes() + repr(windows.shape).encode()).digest()
 
 
 @register_runtime
@@ -79,8 +75,8 @@ class TorchRuntime(BatchLogitsRuntime):
         #: the rest (zero-shot, retrieval, latency) use the whole model, loaded on first use
         self.engine = None if ckpt.arch.name == "deci" else _engine(ckpt, self.plan)
         self._model = None
-        self._final: dict[bytes, object] = {}  # windows -> last hidden states a shared pass left here
-        self._served: set[bytes] = set()
+        self._final: dict[str, object] = {}  # windows -> last hidden states a shared pass left here
+        self._served: set[str] = set()
         self.tokenizer = load_tokenizer(path)
         config = self.engine.config if self.engine is not None else self.model.config
         self.vocab_size = self.engine.vocab_size if self.engine is not None else self._whole_vocab()
@@ -114,7 +110,7 @@ class TorchRuntime(BatchLogitsRuntime):
         if self.engine is None or self._model is not None:
             yield from super().window_logits(windows, first)
             return
-        key = _key(windows)
+        key = windows_sha256(windows)
         if key not in self._final:
             peers = [self] + [rt for rt in _OPEN if rt is not self and rt._waits_for(self, key)]
             states = self.engine.forward_many(windows, [rt.plan for rt in peers])
@@ -132,7 +128,7 @@ class TorchRuntime(BatchLogitsRuntime):
         _OPEN.add(other)
         return other
 
-    def _waits_for(self, other: TorchRuntime, key: bytes) -> bool:
+    def _waits_for(self, other: TorchRuntime, key: str) -> bool:
         """Whether a pass of `other` over windows `key` should serve this runtime too: same engine, not
         switched to the whole model, and not served these windows yet."""
         return (
